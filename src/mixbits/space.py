@@ -13,6 +13,7 @@ import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType
 
 from torch import nn
 
@@ -31,9 +32,10 @@ def quantizable_layers(model: nn.Module) -> list[str]:
 
 
 def _check_bits(values: Iterable[int], what: str) -> tuple[int, ...]:
+    values = list(values)
     bits = tuple(sorted({int(b) for b in values}))
     if not bits or any(b < 2 or b > 8 for b in bits):
-        raise MixbitsError(f"{what} must be integers in 2..8, got {list(values)}; e.g. [2, 3, 4, 5, 6]")
+        raise MixbitsError(f"{what} must be integers in 2..8, got {values}; e.g. [2, 3, 4, 5, 6]")
     return bits
 
 
@@ -55,9 +57,15 @@ class SearchSpace:
         object.__setattr__(self, "a_bits", _check_bits(self.a_bits, "activation bit candidates"))
         unknown = [n for n in self.fixed if n not in self.layers]
         if unknown:
-            raise MixbitsError(f"fixed layers {unknown} are not quantized layers of the model; known: {list(self.layers)}")
+            raise MixbitsError(
+                f"fixed layers {unknown} are not quantized layers of the model; known: {list(self.layers)}")
         for name, (w, a) in self.fixed.items():
             _check_bits((w, a), f"fixed bits of layer {name!r}")
+        object.__setattr__(self, "layers", tuple(self.layers))
+        object.__setattr__(self, "fixed", MappingProxyType({n: (int(w), int(a)) for n, (w, a) in self.fixed.items()}))
+
+    def __hash__(self) -> int:
+        return hash((self.layers, self.w_bits, self.a_bits, tuple(self.fixed.items())))
 
     @classmethod
     def from_model(
@@ -77,6 +85,8 @@ class SearchSpace:
         if not names:
             raise MixbitsError(f"{type(model).__name__} has no nn.Conv2d or nn.Linear layer to quantize")
         names = [n for n in names if not _matches_any(n, exclude)]
+        if not names:
+            raise MixbitsError(f"exclude={list(exclude)} leaves no layer to quantize; exclude fewer layers")
         if fixed == "first_last":
             fixed_names = [names[0], names[-1]] if len(names) > 1 else [names[0]]
         elif fixed == "none":
@@ -84,6 +94,10 @@ class SearchSpace:
         elif isinstance(fixed, str):
             raise MixbitsError(f"fixed={fixed!r} is not understood; use 'first_last', 'none' or a list of layer names")
         else:
+            fixed = list(fixed)
+            unmatched = [p for p in fixed if not any(_matches(n, p) for n in names)]
+            if unmatched:
+                raise MixbitsError(f"fixed layers {unmatched} match no quantized layer; known: {', '.join(names)}")
             fixed_names = [n for n in names if _matches_any(n, fixed)]
         return cls(tuple(names), tuple(w_bits), tuple(a_bits), {n: tuple(fixed_bits) for n in fixed_names})
 
@@ -137,7 +151,8 @@ class Policy:
     bits: Mapping[str, Bits]
 
     def __post_init__(self):
-        object.__setattr__(self, "bits", {n: (int(w), int(a)) for n, (w, a) in self.bits.items()})
+        bits = {n: (int(w), int(a)) for n, (w, a) in self.bits.items()}
+        object.__setattr__(self, "bits", MappingProxyType(bits))
 
     # construction -------------------------------------------------------------------------------
     @classmethod
@@ -157,7 +172,8 @@ class Policy:
             if not key.startswith("re:"):
                 space.require_layer(key)
             elif not any(_matches(n, key) for n in space.searchable):
-                raise MixbitsError(f"override pattern {key!r} matches no searchable layer; layers: {list(space.searchable)}")
+                raise MixbitsError(
+                    f"override pattern {key!r} matches no searchable layer; layers: {list(space.searchable)}")
         bits: dict[str, Bits] = {}
         for name in space.layers:
             if name in space.fixed:
@@ -224,7 +240,8 @@ class Policy:
     @classmethod
     def from_dict(cls, d: Mapping) -> Policy:
         if not isinstance(d, Mapping) or d.get("format") != POLICY_FORMAT or not isinstance(d.get("layers"), Mapping):
-            raise MixbitsError(f"not a mixbits policy: expected a JSON object with format {POLICY_FORMAT!r} and 'layers'")
+            raise MixbitsError(
+                f"not a mixbits policy: expected a JSON object with format {POLICY_FORMAT!r} and 'layers'")
         try:
             return cls({n: (v["w"], v["a"]) for n, v in d["layers"].items()})
         except (KeyError, TypeError, ValueError) as e:
@@ -239,7 +256,8 @@ class Policy:
     def load(cls, path: str | os.PathLike) -> Policy:
         path = Path(path)
         if not path.is_file():
-            raise MixbitsError(f"policy file {str(path)!r} does not exist; write one with `mixbits search` or Policy.save")
+            raise MixbitsError(
+                f"policy file {str(path)!r} does not exist; write one with `mixbits search` or Policy.save")
         try:
             return cls.from_dict(json.loads(path.read_text()))
         except json.JSONDecodeError as e:
@@ -250,7 +268,7 @@ class Policy:
         return " ".join(f"{n}:{w}/{a}" for n, (w, a) in self.bits.items())
 
 
-_UNIFORM = re.compile(r"uniform:(?:w?(\d)(?:a(\d))?|(\d)/(\d))$", re.IGNORECASE)
+_UNIFORM = re.compile(r"uniform:(?:w?(\d+)(?:a(\d+))?|(\d+)/(\d+))$", re.IGNORECASE)
 
 
 def parse_policy(spec: str | os.PathLike, space: SearchSpace) -> Policy:
