@@ -1,0 +1,158 @@
+"""Drop-in quantized layers: `QConv2d` and `QLinear`.
+
+Each subclasses its float layer (same arguments, same ``weight``/``bias`` names, so float checkpoints
+load unchanged) and *holds* two quantizers: ``w_quant`` for the weight and ``a_quant`` for the input
+activation. Search methods drive a layer through four calls and never touch its internals:
+
+- ``set_bits(w, a)``: run at fixed bits (QAT, one-shot sampling, evaluation of a policy);
+- ``set_sampler(fn)``: ``fn() -> (w, a)`` is asked at every forward (per-call stochastic bits);
+- ``set_mixture(w_probs, a_probs)``: the composite convolution of differentiable search: the
+  probability-weighted sum of the quantized weights convolved once with the probability-weighted
+  sum of the quantized inputs (EdMIPS). Because convolution is bilinear this equals the sum over all
+  (w, a) candidate branches weighted by p_w·p_a, at the cost of one convolution;
+- ``bits``: the fixed bits currently set.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..errors import MixbitsError
+from .quantizer import LsqQuantizer
+
+BitsSampler = Callable[[], tuple[int, int]]
+
+
+class QuantLayer:
+    """The interface shared by the quantized layers (mixed into QConv2d and QLinear)."""
+
+    w_quant: LsqQuantizer
+    a_quant: LsqQuantizer
+
+    def _init_quant_state(self) -> None:
+        self._sampler: BitsSampler | None = None
+        self._w_probs: Tensor | None = None
+        self._a_probs: Tensor | None = None
+
+    @property
+    def bits(self) -> tuple[int, int]:
+        return self.w_quant.bits, self.a_quant.bits
+
+    @property
+    def candidates(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        return self.w_quant.candidates, self.a_quant.candidates
+
+    def set_bits(self, w: int, a: int) -> None:
+        """Fixed bit-widths from now on; clears any sampler or mixture."""
+        self.w_quant.index(w), self.a_quant.index(a)  # validate both before changing anything
+        self.w_quant.bits, self.a_quant.bits = int(w), int(a)
+        self._init_quant_state()
+
+    def set_sampler(self, sampler: BitsSampler | None) -> None:
+        """Ask ``sampler()`` for (w, a) at every forward; None returns to the fixed bits."""
+        self._init_quant_state()
+        self._sampler = sampler
+
+    def set_mixture(self, w_probs: Tensor | None, a_probs: Tensor | None) -> None:
+        """Mix candidates with these weights (one per candidate, may carry grad); None = the fixed bits."""
+        self._init_quant_state()
+        self._w_probs, self._a_probs = w_probs, a_probs
+
+    @property
+    def mode(self) -> str:
+        if self._sampler is not None:
+            return "sampled"
+        return "mixture" if self._w_probs is not None or self._a_probs is not None else "fixed"
+
+    def quantized_weight(self) -> Tensor:
+        if self._w_probs is not None:
+            return self.w_quant.mix(self.weight, self._w_probs)
+        return self.w_quant(self.weight)
+
+    def quantized_input(self, x: Tensor) -> Tensor:
+        if self._a_probs is not None:
+            return self.a_quant.mix(x, self._a_probs)
+        return self.a_quant(x)
+
+    def _apply_sampler(self) -> None:
+        if self._sampler is not None:
+            w, a = self._sampler()
+            self.w_quant.bits, self.a_quant.bits = int(w), int(a)
+
+    def quant_repr(self) -> str:
+        return f"w_bits={self.w_quant.bits}, a_bits={self.a_quant.bits}, mode={self.mode}"
+
+
+def _quantizers(weight: Tensor, w_bits: Sequence[int], a_bits: Sequence[int], per_channel: bool):
+    channels = weight.shape[0] if per_channel else 1
+    return LsqQuantizer(w_bits, signed=True, channels=channels), LsqQuantizer(a_bits, signed=None)
+
+
+class QConv2d(QuantLayer, nn.Conv2d):
+    """``nn.Conv2d`` with LSQ weight and input quantizers (grouped and depthwise convs included)."""
+
+    def __init__(self, *args, w_bits: Sequence[int] = (8,), a_bits: Sequence[int] = (8,), per_channel: bool = False,
+                 **kwargs):
+        super().__init__(*args, **kwargs)
+        self.w_quant, self.a_quant = _quantizers(self.weight, w_bits, a_bits, per_channel)
+        self.w_quant.to(self.weight.device)
+        self.a_quant.to(self.weight.device)
+        self._init_quant_state()
+
+    @classmethod
+    def from_float(cls, conv: nn.Conv2d, w_bits, a_bits, per_channel: bool = False) -> QConv2d:
+        q = cls(conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride, padding=conv.padding,
+                dilation=conv.dilation, groups=conv.groups, bias=conv.bias is not None, padding_mode=conv.padding_mode,
+                device=conv.weight.device, dtype=conv.weight.dtype, w_bits=w_bits, a_bits=a_bits,
+                per_channel=per_channel)
+        q.weight, q.bias = conv.weight, conv.bias  # share the float parameters: no copy, same state-dict keys
+        q.train(conv.training)
+        return q
+
+    def forward(self, x: Tensor) -> Tensor:
+        self._apply_sampler()
+        return self._conv_forward(self.quantized_input(x), self.quantized_weight(), self.bias)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, {self.quant_repr()}"
+
+
+class QLinear(QuantLayer, nn.Linear):
+    """``nn.Linear`` with LSQ weight and input quantizers."""
+
+    def __init__(self, *args, w_bits: Sequence[int] = (8,), a_bits: Sequence[int] = (8,), per_channel: bool = False,
+                 **kwargs):
+        super().__init__(*args, **kwargs)
+        self.w_quant, self.a_quant = _quantizers(self.weight, w_bits, a_bits, per_channel)
+        self.w_quant.to(self.weight.device)
+        self.a_quant.to(self.weight.device)
+        self._init_quant_state()
+
+    @classmethod
+    def from_float(cls, linear: nn.Linear, w_bits, a_bits, per_channel: bool = False) -> QLinear:
+        q = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, device=linear.weight.device,
+                dtype=linear.weight.dtype, w_bits=w_bits, a_bits=a_bits, per_channel=per_channel)
+        q.weight, q.bias = linear.weight, linear.bias
+        q.train(linear.training)
+        return q
+
+    def forward(self, x: Tensor) -> Tensor:
+        self._apply_sampler()
+        return F.linear(self.quantized_input(x), self.quantized_weight(), self.bias)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, {self.quant_repr()}"
+
+
+def quantized_class(module: nn.Module) -> type[QuantLayer]:
+    """The quantized counterpart of a float layer, or a MixbitsError naming what is supported."""
+    if isinstance(module, QuantLayer):
+        raise MixbitsError(f"{type(module).__name__} is already quantized")
+    if type(module) is nn.Conv2d:
+        return QConv2d
+    if type(module) is nn.Linear:
+        return QLinear
+    raise MixbitsError(f"cannot quantize {type(module).__name__}; supported: nn.Conv2d, nn.Linear")

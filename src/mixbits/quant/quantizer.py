@@ -1,0 +1,132 @@
+"""`LsqQuantizer`: one tensor's fake-quantizer, with one learnable step size per candidate bit-width.
+
+The current bit-width is runtime state (``quantizer.bits``), so a single latent tensor can run at any
+candidate (weight sharing), and ``mix`` returns a probability-weighted sum over candidates
+(differentiable search). Each bit-width keeps its own step (seed 002 and EdMIPS), so training one
+bit-width never disturbs another's scale.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import MixbitsError
+from .lsq import lsq_quantize
+
+_UNKNOWN, _UNSIGNED, _SIGNED = -1, 0, 1
+
+
+def integer_range(bits: int, signed: bool) -> tuple[int, int]:
+    """The integer levels of a b-bit code: [-2^(b-1), 2^(b-1)-1] signed, [0, 2^b-1] unsigned."""
+    return (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1)
+
+
+class LsqQuantizer(nn.Module):
+    """Fake-quantizer over ``candidates`` bit-widths.
+
+    Args:
+        candidates: the bit-widths this tensor may run at.
+        signed: True for weights; None lets the first data seen decide (activations after a ReLU
+            are unsigned, others signed).
+        channels: >1 for per-channel steps along ``channel_dim`` (weights: output channels).
+    Every candidate's step is initialised from the first data seen (LSQ: 2·mean|x|/sqrt(q_max)), or
+    again from the next input after ``init_all_next`` is set (``calibrate``); the ``initialized``
+    buffer makes this survive checkpoints.
+    """
+
+    def __init__(self, candidates: Sequence[int], signed: bool | None = None, channels: int = 1, channel_dim: int = 0):
+        super().__init__()
+        self.candidates = tuple(sorted({int(b) for b in candidates}))
+        if not self.candidates or min(self.candidates) < 2 or max(self.candidates) > 8:
+            raise MixbitsError(f"quantizer bit-widths must be in 2..8, got {list(candidates)}")
+        self.channel_dim = channel_dim
+        self.steps = nn.Parameter(torch.ones(len(self.candidates), channels))
+        self.register_buffer("initialized", torch.zeros(len(self.candidates), dtype=torch.bool))
+        self.register_buffer("sign_mode", torch.tensor(_UNKNOWN if signed is None else int(signed), dtype=torch.int8))
+        self.bits: int = self.candidates[-1]
+        self.init_all_next = False  # set by calibrate(): initialise every candidate from the next input
+
+    # bit-widths --------------------------------------------------------------------------------
+    def index(self, bits: int) -> int:
+        try:
+            return self.candidates.index(int(bits))
+        except ValueError:
+            raise MixbitsError(f"bit-width {bits} is not a candidate of this quantizer; expected one of "
+                               f"{list(self.candidates)}") from None
+
+    @property
+    def signed(self) -> bool:
+        if int(self.sign_mode) == _UNKNOWN:
+            raise MixbitsError("quantizer sign is unknown until it has seen data; run calibrate(model, batch) first")
+        return bool(int(self.sign_mode))
+
+    def step(self, bits: int, ndim: int) -> Tensor:
+        """The step of ``bits`` shaped to broadcast against a tensor of ``ndim`` dimensions."""
+        step = self.steps[self.index(bits)]
+        if step.numel() == 1:
+            return step
+        shape = [1] * ndim
+        shape[self.channel_dim] = step.numel()
+        return step.view(shape)
+
+    # initialisation ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def _init_steps(self, x: Tensor, indices: Sequence[int]) -> None:
+        if int(self.sign_mode) == _UNKNOWN:
+            self.sign_mode.fill_(_SIGNED if bool((x < 0).any()) else _UNSIGNED)
+        mean_abs = self._mean_abs(x)
+        for i in indices:
+            _, qmax = integer_range(self.candidates[i], self.signed)
+            self.steps[i].copy_((2 * mean_abs / math.sqrt(qmax)).clamp_min(1e-8))
+            self.initialized[i] = True
+
+    def _mean_abs(self, x: Tensor) -> Tensor:
+        if self.steps.shape[1] == 1:
+            return x.detach().abs().mean().reshape(1)
+        dims = [d for d in range(x.dim()) if d != self.channel_dim]
+        return x.detach().abs().mean(dim=dims)
+
+    # forward ----------------------------------------------------------------------------------------
+    def quantize(self, x: Tensor, bits: int) -> Tensor:
+        self.index(bits)
+        if self.init_all_next:
+            self._init_steps(x, range(len(self.candidates)))
+            self.init_all_next = False
+        elif not bool(self.initialized.all()):
+            # All at once: changing the steps in place later would break graphs already using them.
+            self._init_steps(x, [i for i, done in enumerate(self.initialized.tolist()) if not done])
+        qmin, qmax = integer_range(bits, self.signed)
+        per_step = x.numel() // self.steps.shape[1]
+        grad_scale = 1.0 / math.sqrt(per_step * qmax)
+        return lsq_quantize(x, self.step(bits, x.dim()), qmin, qmax, grad_scale)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.quantize(x, self.bits)
+
+    def mix(self, x: Tensor, probs: Tensor) -> Tensor:
+        """Σ_b probs[b] · Q_b(x) over the candidates (probs: one weight per candidate, may carry grad)."""
+        if probs.shape != (len(self.candidates),):
+            raise MixbitsError(f"mixture weights must have shape ({len(self.candidates)},) for candidates "
+                               f"{list(self.candidates)}, got {tuple(probs.shape)}")
+        out = None
+        for p, bits in zip(probs, self.candidates, strict=True):
+            term = p * self.quantize(x, bits)
+            out = term if out is None else out + term
+        return out
+
+    @torch.no_grad()
+    def integers(self, x: Tensor, bits: int | None = None) -> tuple[Tensor, Tensor]:
+        """(integer codes as int32, step) of ``x`` at ``bits``: what an exporter stores."""
+        bits = self.bits if bits is None else bits
+        qmin, qmax = integer_range(bits, self.signed)
+        step = self.step(bits, x.dim())
+        return torch.clamp(torch.round(x / step), qmin, qmax).to(torch.int32), step.detach().clone()
+
+    def extra_repr(self) -> str:
+        sign = {_UNKNOWN: "?", _UNSIGNED: "unsigned", _SIGNED: "signed"}[int(self.sign_mode)]
+        per = "per-channel" if self.steps.shape[1] > 1 else "per-tensor"
+        return f"bits={self.bits}, candidates={list(self.candidates)}, {sign}, {per}"

@@ -1,0 +1,232 @@
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from mixbits import MixbitsError, Policy, SearchSpace
+from mixbits.quant import (
+    LsqQuantizer,
+    QConv2d,
+    QLinear,
+    apply_policy,
+    calibrate,
+    current_policy,
+    integer_range,
+    lsq_quantize,
+    lsq_reference,
+    quant_layers,
+    quantize_model,
+    set_fused,
+    space_of,
+)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def _grads(fn, x, step, qmin, qmax, g):
+    x = x.clone().requires_grad_()
+    step = step.clone().requires_grad_()
+    out = fn(x, step, qmin, qmax, g)
+    out.backward(torch.linspace(-1, 1, out.numel()).reshape(out.shape))
+    return out.detach(), x.grad, step.grad
+
+
+@pytest.mark.parametrize("bits,signed", [(2, True), (3, False), (4, True), (8, False)])
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_fast_lsq_matches_autograd_reference(bits, signed, per_channel):
+    x = torch.randn(6, 4, 5, 5) * 2
+    step = torch.rand(6, 1, 1, 1) * 0.5 + 0.1 if per_channel else torch.tensor([0.3])
+    qmin, qmax = integer_range(bits, signed)
+    fast = _grads(lsq_quantize, x, step, qmin, qmax, 0.05)
+    ref = _grads(lsq_reference, x, step, qmin, qmax, 0.05)
+    for a, b in zip(fast, ref, strict=True):
+        assert a.shape == b.shape
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_lsq_output_lies_on_the_grid_and_in_range():
+    x = torch.randn(1000) * 3
+    out = lsq_quantize(x, torch.tensor([0.25]), -4, 3, 1.0)
+    levels = out / 0.25
+    assert torch.equal(levels, levels.round())
+    assert levels.min() == -4 and levels.max() == 3
+    # straight-through: gradient 1 inside the range, 0 where clipped
+    x.requires_grad_()
+    lsq_quantize(x, torch.tensor([0.25]), -4, 3, 1.0).sum().backward()
+    inside = (x / 0.25 >= -4) & (x / 0.25 <= 3)
+    assert torch.equal(x.grad, inside.float())
+
+
+def test_fused_kernels_match_eager():
+    x = torch.randn(4, 3, 8, 8)
+    step = torch.tensor([0.2])
+    eager = _grads(lsq_quantize, x, step, -8, 7, 0.1)
+    set_fused(True)
+    try:
+        fused = _grads(lsq_quantize, x, step, -8, 7, 0.1)
+    finally:
+        set_fused(False)
+    for a, b in zip(eager, fused, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_quantizer_init_sign_and_per_bit_steps():
+    q = LsqQuantizer([2, 4], signed=None)
+    x = torch.rand(10, 20)  # non-negative: an activation after ReLU
+    q.quantize(x, 4)
+    assert not q.signed
+    assert q.initialized.tolist() == [True, True]
+    torch.testing.assert_close(q.steps[0], (2 * x.abs().mean() / math.sqrt(3)).reshape(1))
+    torch.testing.assert_close(q.steps[1], (2 * x.abs().mean() / math.sqrt(15)).reshape(1))
+    # 2-bit training never moves the 4-bit step
+    q.quantize(x, 2).sum().backward()
+    assert q.steps.grad[1].abs().sum() == 0 and q.steps.grad[0].abs().sum() > 0
+    with pytest.raises(MixbitsError, match="expected one of \\[2, 4\\]"):
+        q.quantize(x, 3)
+
+
+def test_signed_inferred_from_negative_inputs():
+    q = LsqQuantizer([4])
+    q(torch.randn(100))
+    assert q.signed
+
+
+def test_per_channel_steps_follow_each_channel():
+    w = torch.randn(3, 4, 3, 3) * torch.tensor([0.1, 1.0, 10.0]).view(3, 1, 1, 1)
+    q = LsqQuantizer([4], signed=True, channels=3)
+    q(w)
+    steps = q.steps[0]
+    assert steps[0] < steps[1] < steps[2]
+    torch.testing.assert_close(steps, 2 * w.abs().mean(dim=(1, 2, 3)) / math.sqrt(7))
+
+
+def test_mixture_is_probability_weighted_sum_with_grad_to_probs():
+    q = LsqQuantizer([2, 3, 4], signed=True)
+    x = torch.randn(50)
+    probs = torch.tensor([0.2, 0.3, 0.5], requires_grad=True)
+    out = q.mix(x, probs)
+    expected = sum(p * q.quantize(x, b) for p, b in zip(probs.detach(), [2, 3, 4], strict=True))
+    torch.testing.assert_close(out, expected)
+    out.sum().backward()
+    assert probs.grad is not None and probs.grad.abs().sum() > 0
+    with pytest.raises(MixbitsError, match="shape \\(3,\\)"):
+        q.mix(x, torch.ones(2))
+
+
+@pytest.mark.parametrize("groups", [1, 2, 8])
+def test_qconv_is_conv_of_quantized_input_and_weight(groups):
+    conv = nn.Conv2d(8, 8, 3, padding=1, groups=groups)
+    qconv = QConv2d.from_float(conv, (2, 8), (2, 8))
+    x = torch.randn(2, 8, 6, 6)
+    calibrate(nn.Sequential(qconv), x)
+    assert qconv.weight is conv.weight  # parameters shared, not copied
+    errors = {}
+    for bits in (2, 8):
+        qconv.set_bits(bits, bits)
+        wq = lsq_reference(conv.weight, qconv.w_quant.step(bits, 4), *integer_range(bits, True), 1.0)
+        xq = lsq_reference(x, qconv.a_quant.step(bits, 4), *integer_range(bits, True), 1.0)
+        expected = nn.functional.conv2d(xq, wq, conv.bias, padding=1, groups=groups)
+        torch.testing.assert_close(qconv(x), expected)
+        errors[bits] = (qconv(x) - conv(x)).abs().mean()
+    assert errors[8] < errors[2] / 4
+
+
+def test_composite_convolution_equals_sum_over_candidate_branches():
+    conv = QConv2d(4, 6, 3, padding=1, w_bits=(2, 3, 4), a_bits=(2, 4))
+    x = torch.randn(2, 4, 7, 7)
+    calibrate(nn.Sequential(conv), x)
+    pw = torch.tensor([0.1, 0.6, 0.3])
+    pa = torch.tensor([0.7, 0.3])
+    conv.set_mixture(pw, pa)
+    mixed = conv(x)
+    branches = 0
+    for i, wb in enumerate((2, 3, 4)):
+        for j, ab in enumerate((2, 4)):
+            conv.set_bits(wb, ab)
+            branches = branches + pw[i] * pa[j] * conv(x)
+    torch.testing.assert_close(mixed, branches, rtol=1e-4, atol=1e-5)
+
+
+def test_sampler_is_asked_at_every_forward():
+    lin = QLinear(5, 3, w_bits=(2, 4), a_bits=(2, 4))
+    calibrate(nn.Sequential(lin), torch.randn(4, 5))
+    choices = iter([(2, 4), (4, 2)])
+    seen = []
+
+    def sampler():
+        bits = next(choices)
+        seen.append(bits)
+        return bits
+
+    lin.set_sampler(sampler)
+    lin(torch.randn(4, 5))
+    assert lin.bits == (2, 4)
+    lin(torch.randn(4, 5))
+    assert lin.bits == (4, 2) and seen == [(2, 4), (4, 2)]
+    lin.set_bits(2, 2)
+    assert lin.mode == "fixed"
+
+
+def _tiny():
+    return nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3, groups=4), nn.ReLU(),
+                         nn.Flatten(), nn.Linear(4 * 4 * 4, 3))
+
+
+def test_quantize_model_keeps_names_and_leaves_the_original_alone():
+    model = _tiny()
+    space = SearchSpace.from_model(model, w_bits=(2, 4), a_bits=(4, 8))
+    qmodel = quantize_model(model, space)
+    assert list(quant_layers(qmodel)) == ["0", "2", "5"]
+    assert not any(isinstance(m, QConv2d) for m in model.modules())
+    assert quant_layers(qmodel)["0"].candidates == ((8,), (8,))  # first and last fixed at 8/8
+    assert quant_layers(qmodel)["2"].candidates == ((2, 4), (4, 8))
+    assert space_of(qmodel) == space
+    # float weights load into the quantized model's float keys unchanged
+    fp_keys = set(model.state_dict())
+    assert fp_keys <= set(qmodel.state_dict())
+
+
+def test_apply_policy_and_calibrate_every_candidate():
+    model = _tiny()
+    space = SearchSpace.from_model(model, w_bits=(2, 4), a_bits=(4, 8))
+    qmodel = quantize_model(model, space)
+    calibrate(qmodel, torch.randn(3, 1, 8, 8))
+    for layer in quant_layers(qmodel).values():
+        assert layer.w_quant.initialized.all() and layer.a_quant.initialized.all()
+    assert not quant_layers(qmodel)["2"].a_quant.signed  # after a ReLU
+    policy = Policy.from_rules(space, default=(4, 8), overrides={"2": (2, 4)})
+    apply_policy(qmodel, policy)
+    assert current_policy(qmodel) == policy
+    out = qmodel(torch.randn(3, 1, 8, 8))
+    assert out.shape == (3, 3) and torch.isfinite(out).all()
+
+
+def test_bad_bits_change_nothing():
+    layer = QConv2d(2, 2, 1, w_bits=(2, 4), a_bits=(2, 4))
+    layer.set_bits(2, 2)
+    with pytest.raises(MixbitsError, match="not a candidate"):
+        layer.set_bits(4, 3)
+    assert layer.bits == (2, 2)
+    model = _tiny()
+    qmodel = quantize_model(model, SearchSpace.from_model(model))
+    with pytest.raises(MixbitsError, match="unknown layers \\['nope'\\]"):
+        apply_policy(qmodel, Policy({**{n: (8, 8) for n in quant_layers(qmodel)}, "nope": (4, 4)}))
+    with pytest.raises(MixbitsError, match="quantize_model"):
+        apply_policy(model, Policy({"0": (8, 8)}))
+
+
+def test_training_a_quantized_model_reaches_every_step_and_weight():
+    model = _tiny()
+    space = SearchSpace.from_model(model, w_bits=(2, 3), a_bits=(2, 3))
+    qmodel = quantize_model(model, space)
+    x = torch.randn(5, 1, 8, 8)
+    calibrate(qmodel, x)
+    layer = quant_layers(qmodel)["2"]
+    layer.set_mixture(torch.tensor([0.5, 0.5]), torch.tensor([0.25, 0.75]))
+    qmodel(x).square().sum().backward()
+    assert layer.w_quant.steps.grad.abs().min() > 0 and layer.a_quant.steps.grad.abs().min() > 0
+    assert all(p.grad is not None for p in qmodel.parameters())
