@@ -27,9 +27,8 @@ class Registry:
 
     def get(self, name: str) -> Callable[..., Any]:
         if name not in self._items:
-            raise MixbitsError(
-                f"unknown {self.kind} {name!r}; expected one of: {', '.join(self.names())}.{did_you_mean(name, self._items)}"
-            )
+            hint = did_you_mean(name, self._items)
+            raise MixbitsError(f"unknown {self.kind} {name!r}; expected one of: {', '.join(self.names())}.{hint}")
         return self._items[name]
 
     def names(self) -> list[str]:

@@ -1,0 +1,290 @@
+"""The one training loop every search method runs on.
+
+A method changes what happens per batch through an *objective* (which may run several forward and
+backward passes itself, e.g. sampled policies with gradient accumulation) and acts at fixed points
+through *hooks* (architecture updates after each weight step, weight-decay fixes after backward,
+bit-width schedules at epoch starts). The loop owns everything else: optimiser and per-step lr schedule,
+finiteness checks, progress, metrics.jsonl, and checkpoints that resume bit-identically on CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from ..errors import MixbitsError
+from ..utils import atomic_write_text, seed_everything
+from .checkpoint import CHECKPOINT, open_run, restore_training, save_checkpoint, training_payload
+from .distill import kd_loss
+from .evaluate import evaluate
+from .optim import TrainConfig, build_optimizer, build_scheduler, param_groups
+
+METRICS = "metrics.jsonl"
+
+
+@dataclass
+class StepOutput:
+    """What an objective returns for one batch."""
+
+    loss: torch.Tensor  # scalar; if it requires grad the loop calls backward(), else the objective already did
+    logits: torch.Tensor | None = None  # for train top-1 (None = skip)
+    metrics: dict[str, float] = field(default_factory=dict)  # floats or 0-dim tensors, averaged over the epoch
+
+
+@dataclass
+class TrainState:
+    """Everything an objective or hook may read or change while training."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    cfg: TrainConfig
+    device: torch.device
+    epoch: int = 0  # current epoch (0-based); equals cfg.epochs once training is done
+    step: int = 0  # optimiser steps done
+    steps_per_epoch: int = 0
+    teacher: nn.Module | None = None
+    generator: torch.Generator = field(default_factory=torch.Generator)  # for methods' sampling; checkpointed
+    run_dir: Path | None = None
+    extra: dict = field(default_factory=dict)  # saved as the checkpoint's "extra" (weights-only types)
+
+    @property
+    def lr(self) -> float:
+        return float(self.optimizer.param_groups[0]["lr"])
+
+
+Objective = Callable[[TrainState, torch.Tensor, torch.Tensor], StepOutput]
+
+
+def supervised_objective(state: TrainState, x: torch.Tensor, y: torch.Tensor) -> StepOutput:
+    """Cross-entropy (with label smoothing), mixed with distillation from ``state.teacher`` if kd_alpha > 0."""
+    cfg = state.cfg
+    logits = state.model(x)
+    ce = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
+    if state.teacher is None or cfg.kd_alpha == 0:
+        return StepOutput(ce, logits)
+    if state.teacher.training:
+        state.teacher.eval()
+    with torch.no_grad():
+        teacher_logits = state.teacher(x)
+    kd = kd_loss(logits, teacher_logits, cfg.kd_temperature)
+    loss = (1 - cfg.kd_alpha) * ce + cfg.kd_alpha * kd
+    return StepOutput(loss, logits, {"ce": ce.detach(), "kd": kd.detach()})
+
+
+class Hook:
+    """Extension points; every method is a no-op, override what you need."""
+
+    def on_train_start(self, state: TrainState) -> None: ...
+
+    def on_epoch_start(self, state: TrainState) -> None: ...
+
+    def after_backward(self, state: TrainState) -> None:
+        """Gradients are in ``.grad``; called before clipping and ``optimizer.step``."""
+
+    def after_step(self, state: TrainState) -> None:
+        """Called after ``optimizer.step`` and ``scheduler.step``."""
+
+    def on_epoch_end(self, state: TrainState, metrics: dict) -> None:
+        """May add entries to ``metrics`` (they are logged and checkpointed)."""
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+@dataclass
+class TrainResult:
+    state: TrainState
+    history: list[dict]  # one metrics dict per finished epoch
+
+
+def fit(model: nn.Module, train_loader, cfg: TrainConfig, *, val_loader=None,
+        objective: Objective = supervised_objective, hooks: Sequence[Hook] = (), teacher: nn.Module | None = None,
+        run_dir=None, resume: bool = False, device="cpu", params=None, extra_state: dict | None = None,
+        progress: bool | None = None, is_main_process: bool = True) -> TrainResult:
+    """Train ``model`` for ``cfg.epochs`` epochs; with ``run_dir``, log metrics and checkpoint (and resume)."""
+    cfg.check()
+    hooks = list(hooks)
+    run_dir = Path(run_dir) if run_dir is not None else None
+    saved = open_run(run_dir, resume)
+    generator = seed_everything(cfg.seed) if saved is None else torch.Generator()
+    device = torch.device(device)
+    model.to(device)
+    if teacher is not None:
+        teacher.to(device).eval()
+    steps_per_epoch = _steps_per_epoch(train_loader)
+    optimizer = build_optimizer(params if params is not None else param_groups(model, cfg.weight_decay), cfg)
+    state = TrainState(model, optimizer, build_scheduler(optimizer, cfg, steps_per_epoch), cfg, device,
+                       steps_per_epoch=steps_per_epoch, teacher=teacher, generator=generator, run_dir=run_dir,
+                       extra=dict(extra_state or {}))
+    history = restore_training(state, hooks, saved, run_dir / CHECKPOINT) if saved is not None else []
+    writes = run_dir is not None and is_main_process
+    if writes:  # never keep metric lines from after the checkpoint we start from
+        _write_metrics(run_dir, history)
+    if state.epoch >= cfg.epochs:
+        return TrainResult(state, history)
+
+    show = is_main_process and (progress if progress is not None else sys.stderr.isatty())
+    last_checkpoint = run_dir / CHECKPOINT if saved is not None else None
+    for hook in hooks:
+        hook.on_train_start(state)
+    for epoch in range(state.epoch, cfg.epochs):
+        state.epoch = epoch
+        started = time.perf_counter()
+        metrics = _train_epoch(state, train_loader, objective, hooks, show, last_checkpoint)
+        val = evaluate(model, val_loader, device) if val_loader is not None else {}
+        metrics = {"epoch": epoch + 1, "step": state.step, "lr": state.lr, **metrics,
+                   "val_loss": val.get("loss"), "val_top1": val.get("top1"),
+                   "seconds": time.perf_counter() - started}
+        for hook in hooks:
+            hook.on_epoch_end(state, metrics)
+        history.append(_plain(metrics))
+        if show:
+            tqdm.write(_summary(history[-1], cfg.epochs))
+        if writes:
+            _write_metrics(run_dir, history)
+            if (epoch + 1) % cfg.checkpoint_every == 0 or epoch + 1 == cfg.epochs:
+                last_checkpoint = run_dir / CHECKPOINT
+                save_checkpoint(last_checkpoint, training_payload(state, hooks, history))
+    state.epoch = cfg.epochs
+    return TrainResult(state, history)
+
+
+def _train_epoch(state: TrainState, loader, objective: Objective, hooks: list[Hook], show: bool,
+                 last_checkpoint: Path | None) -> dict:
+    """One pass over ``loader``; returns train_loss, train_top1 and the objective's averaged metrics."""
+    cfg, optimizer = state.cfg, state.optimizer
+    state.model.train()
+    _set_epoch(loader, state.epoch)
+    for hook in hooks:
+        hook.on_epoch_start(state)
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    running = _Running(state.device)
+    with tqdm(loader, total=state.steps_per_epoch, desc=f"epoch {state.epoch + 1}/{cfg.epochs}", disable=not show,
+              leave=False, dynamic_ncols=True) as bar:
+        for batch, (x, y) in enumerate(bar):
+            x, y = x.to(state.device, non_blocking=True), y.to(state.device, non_blocking=True)
+            optimizer.zero_grad(set_to_none=True)
+            out = objective(state, x, y)
+            if isinstance(out, torch.Tensor):
+                out = StepOutput(out)
+            loss = out.loss.detach().float().item()
+            if not math.isfinite(loss):
+                raise _non_finite(state, loss, batch, last_checkpoint)
+            if out.loss.requires_grad:
+                out.loss.backward()
+            for hook in hooks:
+                hook.after_backward(state)
+            if cfg.grad_clip is not None:
+                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            optimizer.step()
+            state.scheduler.step()
+            state.step += 1
+            for hook in hooks:
+                hook.after_step(state)
+            running.update(loss, out, y)
+            if show:
+                bar.set_postfix(running.postfix(), refresh=False)
+    return running.summary()
+
+
+class _Running:
+    """Epoch averages of loss, top-1 and objective metrics, kept on the device to avoid per-step syncs."""
+
+    def __init__(self, device: torch.device):
+        self.loss_sum, self.samples, self.counted = 0.0, 0, 0
+        self.correct = torch.zeros((), dtype=torch.int64, device=device)
+        self.metrics: dict[str, list] = {}
+
+    def update(self, loss: float, out: StepOutput, y: torch.Tensor) -> None:
+        n = y.shape[0]
+        self.loss_sum += loss * n
+        self.samples += n
+        if out.logits is not None and y.ndim == 1 and out.logits.shape[0] == n:
+            self.correct += (out.logits.detach().argmax(dim=-1) == y).sum()
+            self.counted += n
+        for name, value in out.metrics.items():
+            value = value.detach().float() if isinstance(value, torch.Tensor) else float(value)
+            total = self.metrics.setdefault(name, [0.0, 0])
+            total[0], total[1] = total[0] + value, total[1] + 1
+
+    def postfix(self) -> dict:
+        post = {"loss": f"{self.loss_sum / max(1, self.samples):.4f}"}
+        if self.counted:
+            post["acc"] = f"{100.0 * self.correct.item() / self.counted:.2f}"
+        return post
+
+    def summary(self) -> dict:
+        out = {"train_loss": self.loss_sum / max(1, self.samples),
+               "train_top1": 100.0 * self.correct.item() / self.counted if self.counted else None}
+        for name, (total, count) in self.metrics.items():
+            # An objective metric never overwrites a standard key.
+            out[name if name not in _STANDARD else f"train_{name}"] = float(total) / count
+        return out
+
+
+_STANDARD = {"epoch", "step", "lr", "train_loss", "train_top1", "val_loss", "val_top1", "seconds"}
+
+
+def _non_finite(state: TrainState, loss: float, batch: int, last_checkpoint: Path | None) -> MixbitsError:
+    return MixbitsError(
+        f"training loss is {loss} at epoch {state.epoch + 1}/{state.cfg.epochs}, step {state.step + 1} "
+        f"(batch {batch + 1} of the epoch); last good checkpoint: {last_checkpoint or 'none yet'}. "
+        f"Lower the learning rate (train.lr is {state.cfg.lr}) or set train.grad_clip."
+    )
+
+
+def _steps_per_epoch(loader) -> int:
+    try:
+        n = len(loader)
+    except TypeError:
+        raise MixbitsError(f"the training loader ({type(loader).__name__}) has no len(); the lr schedule is "
+                           "per step, so use a loader with a known number of batches") from None
+    if n <= 0:
+        raise MixbitsError("the training loader yields no batches; check the dataset path and batch size")
+    return n
+
+
+def _set_epoch(loader, epoch: int) -> None:
+    """Make the data order depend only on (seed, epoch), which makes resumed runs reproduce."""
+    for obj in (loader, getattr(loader, "sampler", None)):
+        if hasattr(obj, "set_epoch"):
+            obj.set_epoch(epoch)
+            return
+
+
+def _plain(metrics: dict) -> dict:
+    """Metric values as Python scalars, so they go into JSON and weights-only checkpoints."""
+    out = {}
+    for k, v in metrics.items():
+        if isinstance(v, (torch.Tensor, np.generic)):
+            v = v.item()
+        out[str(k)] = v
+    return out
+
+
+def _write_metrics(run_dir: Path, history: list[dict]) -> None:
+    # Rewriting the whole (small) file atomically means a kill never leaves half a line.
+    atomic_write_text(run_dir / METRICS, "".join(json.dumps(m) + "\n" for m in history))
+
+
+def _summary(m: dict, epochs: int) -> str:
+    parts = [f"epoch {m['epoch']}/{epochs}", f"loss {m['train_loss']:.4f}"]
+    if m.get("train_top1") is not None:
+        parts.append(f"top1 {m['train_top1']:.2f}")
+    if m.get("val_top1") is not None:
+        parts.append(f"val_loss {m['val_loss']:.4f} val_top1 {m['val_top1']:.2f}")
+    return "  ".join(parts + [f"{m['seconds']:.1f}s"])
