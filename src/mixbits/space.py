@@ -22,6 +22,7 @@ from .errors import MixbitsError, did_you_mean
 DEFAULT_BITS = (2, 3, 4, 5, 6)
 FIXED_BITS = (8, 8)
 POLICY_FORMAT = "mixbits.policy/1"
+MAX_LISTED = 8  # problems listed in one error message before "... and N more"
 
 Bits = tuple[int, int]  # (weight bits, activation bits)
 
@@ -230,7 +231,9 @@ class Policy:
             if a not in a_ok:
                 problems.append(f"layer {name!r}: activation bits {a} not allowed, expected one of {list(a_ok)}")
         if problems:
-            raise MixbitsError("policy does not fit the search space:\n  " + "\n  ".join(problems))
+            shown = problems[:MAX_LISTED] + ([f"... and {len(problems) - MAX_LISTED} more"]
+                                             if len(problems) > MAX_LISTED else [])
+            raise MixbitsError("policy does not fit the search space:\n  " + "\n  ".join(shown))
         return self
 
     # I/O ----------------------------------------------------------------------------------------
@@ -280,5 +283,8 @@ def parse_policy(spec: str | os.PathLike, space: SearchSpace) -> Policy:
             raise MixbitsError(f"policy {text!r} is not understood; expected uniform:4, uniform:w4a8 or uniform:4/8")
         w = int(m.group(1) or m.group(3))
         a = int(m.group(2) or m.group(4) or w)
+        for bits, what in ((w, space.w_bits), (a, space.a_bits)):
+            if bits not in what:
+                raise MixbitsError(f"policy {text!r}: {bits} bits is not a candidate; expected one of {list(what)}")
         return Policy.uniform(space, w, a)
     return Policy.load(text).validate(space)

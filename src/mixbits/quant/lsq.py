@@ -51,9 +51,20 @@ def _backward_reduced(grad, x, step, qmin, qmax, dims: tuple[int, ...]):
     return grad_x, elems.sum(dim=dims, keepdim=True)
 
 
+# Below this many elements (weights, small activations) launching a compiled kernel is not worth it.
+FUSED_MIN_NUMEL = 1 << 15
+
+
+def _use_fused(x: Tensor) -> bool:
+    # Inside a compiled model the whole graph is fused already; nested compiled kernels would break it.
+    return _FUSED["enabled"] and x.numel() >= FUSED_MIN_NUMEL and not torch.compiler.is_compiling()
+
+
 def _kernels():
     """Compiled forward/backward, built once; bounds are tensors so one graph serves every bit-width."""
     if _FUSED["kernels"] is None:
+        # One graph per (rank, per-tensor or per-channel step) pair; the default limit of 8 is too tight.
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
         compile_ = torch.compile(dynamic=True, fullgraph=True)
         _FUSED["kernels"] = (compile_(_forward), compile_(_backward_reduced))
     return _FUSED["kernels"]
@@ -76,14 +87,21 @@ def _reduce_dims(x: Tensor, step: Tensor) -> tuple[int, ...]:
 
 
 class _LsqFunction(torch.autograd.Function):
+    """Quantizes with row ``row`` of a (candidates x channels) step table, viewed as ``shape``.
+
+    Taking the whole table rather than a slice of it keeps the backward to one small write into the
+    table's gradient, instead of autograd's select/view backward (several allocations per call).
+    """
+
     @staticmethod
-    def forward(ctx, x, step, qmin: float, qmax: float, grad_scale: float):
+    def forward(ctx, x, steps, row: int, shape: tuple[int, ...], qmin: float, qmax: float, grad_scale: float):
+        step = steps[row].view(shape)
         lo, hi = _bounds(qmin, qmax, x.device)
-        ctx.save_for_backward(x, step)
-        ctx.bounds, ctx.grad_scale = (lo, hi), grad_scale
-        if _FUSED["enabled"]:
-            try:
-                return _kernels()[0](x, step, lo, hi)
+        ctx.save_for_backward(x, steps)
+        ctx.row, ctx.shape, ctx.bounds, ctx.grad_scale = row, shape, (lo, hi), grad_scale
+        if _use_fused(x):
+            try:  # detached: the kernels see plain tensors, never Parameters (which would force a recompile)
+                return _kernels()[0](x.detach(), step.detach(), lo, hi)
             except Exception as e:  # no compiler, unsupported backend: stay correct, just slower
                 warnings.warn(f"fused LSQ kernels unavailable ({type(e).__name__}: {e}); using eager ops", stacklevel=2)
                 set_fused(False)
@@ -92,20 +110,28 @@ class _LsqFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        x, step = ctx.saved_tensors
+        x, steps = ctx.saved_tensors
+        step = steps[ctx.row].view(ctx.shape)
         lo, hi = ctx.bounds
         dims = _reduce_dims(x, step)
-        if _FUSED["enabled"]:
-            grad_x, grad_step = _kernels()[1](grad, x, step, lo, hi, dims)
+        if _use_fused(x):
+            grad_x, grad_step = _kernels()[1](grad.detach(), x.detach(), step.detach(), lo, hi, dims)
         else:
             grad_x, grad_step = _backward_reduced(grad, x, step, lo, hi, dims)
-        grad_step = grad_step.reshape(step.shape) * ctx.grad_scale
-        return grad_x, grad_step, None, None, None
+        grad_steps = torch.zeros_like(steps)
+        grad_steps[ctx.row] = grad_step.reshape(-1) * ctx.grad_scale
+        return grad_x, grad_steps, None, None, None, None, None
+
+
+def lsq_quantize_row(x: Tensor, steps: Tensor, row: int, shape: tuple[int, ...], qmin: int, qmax: int,
+                     grad_scale: float) -> Tensor:
+    """Fake-quantize ``x`` with ``steps[row].view(shape)`` (the quantizers' per-bit step table)."""
+    return _LsqFunction.apply(x, steps, row, tuple(shape), float(qmin), float(qmax), float(grad_scale))
 
 
 def lsq_quantize(x: Tensor, step: Tensor, qmin: int, qmax: int, grad_scale: float) -> Tensor:
     """Fake-quantize ``x`` with learnable ``step`` (broadcastable to x: per-tensor or per-channel)."""
-    return _LsqFunction.apply(x, step, float(qmin), float(qmax), float(grad_scale))
+    return lsq_quantize_row(x, step.reshape(1, -1), 0, tuple(step.shape), qmin, qmax, grad_scale)
 
 
 def lsq_reference(x: Tensor, step: Tensor, qmin: int, qmax: int, grad_scale: float) -> Tensor:

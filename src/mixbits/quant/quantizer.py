@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import MixbitsError
-from .lsq import lsq_quantize
+from .lsq import lsq_quantize_row
 
 _UNKNOWN, _UNSIGNED, _SIGNED = -1, 0, 1
 
@@ -49,6 +49,16 @@ class LsqQuantizer(nn.Module):
         self.register_buffer("sign_mode", torch.tensor(_UNKNOWN if signed is None else int(signed), dtype=torch.int8))
         self.bits: int = self.candidates[-1]
         self.init_all_next = False  # set by calibrate(): initialise every candidate from the next input
+        # Python mirrors of the buffers, so the forward needs no tensor-to-Python sync per call;
+        # refreshed after every state-dict load.
+        self._ready = False
+        self._signed: bool | None = signed
+        self.register_load_state_dict_post_hook(lambda module, _: module._refresh_cache())
+
+    def _refresh_cache(self) -> None:
+        self._ready = bool(self.initialized.all())
+        mode = int(self.sign_mode)
+        self._signed = None if mode == _UNKNOWN else bool(mode)
 
     # bit-widths --------------------------------------------------------------------------------
     def index(self, bits: int) -> int:
@@ -60,18 +70,21 @@ class LsqQuantizer(nn.Module):
 
     @property
     def signed(self) -> bool:
-        if int(self.sign_mode) == _UNKNOWN:
+        if self._signed is None:
             raise MixbitsError("quantizer sign is unknown until it has seen data; run calibrate(model, batch) first")
-        return bool(int(self.sign_mode))
+        return self._signed
 
     def step(self, bits: int, ndim: int) -> Tensor:
         """The step of ``bits`` shaped to broadcast against a tensor of ``ndim`` dimensions."""
-        step = self.steps[self.index(bits)]
-        if step.numel() == 1:
-            return step
+        return self.steps[self.index(bits)].view(self._step_shape(ndim))
+
+    def _step_shape(self, ndim: int) -> tuple[int, ...]:
+        channels = self.steps.shape[1]
+        if channels == 1:
+            return (1,)
         shape = [1] * ndim
-        shape[self.channel_dim] = step.numel()
-        return step.view(shape)
+        shape[self.channel_dim] = channels
+        return tuple(shape)
 
     # initialisation ------------------------------------------------------------------------------
     @torch.no_grad()
@@ -80,9 +93,10 @@ class LsqQuantizer(nn.Module):
             self.sign_mode.fill_(_SIGNED if bool((x < 0).any()) else _UNSIGNED)
         mean_abs = self._mean_abs(x)
         for i in indices:
-            _, qmax = integer_range(self.candidates[i], self.signed)
+            _, qmax = integer_range(self.candidates[i], bool(int(self.sign_mode)))
             self.steps[i].copy_((2 * mean_abs / math.sqrt(qmax)).clamp_min(1e-8))
             self.initialized[i] = True
+        self._refresh_cache()
 
     def _mean_abs(self, x: Tensor) -> Tensor:
         if self.steps.shape[1] == 1:
@@ -92,17 +106,17 @@ class LsqQuantizer(nn.Module):
 
     # forward ----------------------------------------------------------------------------------------
     def quantize(self, x: Tensor, bits: int) -> Tensor:
-        self.index(bits)
+        row = self.index(bits)
         if self.init_all_next:
             self._init_steps(x, range(len(self.candidates)))
             self.init_all_next = False
-        elif not bool(self.initialized.all()):
+        elif not self._ready:
             # All at once: changing the steps in place later would break graphs already using them.
             self._init_steps(x, [i for i, done in enumerate(self.initialized.tolist()) if not done])
         qmin, qmax = integer_range(bits, self.signed)
         per_step = x.numel() // self.steps.shape[1]
         grad_scale = 1.0 / math.sqrt(per_step * qmax)
-        return lsq_quantize(x, self.step(bits, x.dim()), qmin, qmax, grad_scale)
+        return lsq_quantize_row(x, self.steps, row, self._step_shape(x.dim()), qmin, qmax, grad_scale)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.quantize(x, self.bits)

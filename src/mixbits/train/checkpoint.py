@@ -22,7 +22,7 @@ if TYPE_CHECKING:  # the loop imports this module
 
 FORMAT = "mixbits.checkpoint/1"
 CHECKPOINT = "checkpoint.pt"  # inside a run directory
-_RESUME_IGNORES = {"checkpoint_every"}  # config fields that may change between a run and its resume
+_RESUME_IGNORES = {"checkpoint_every", "compile"}  # config fields that may change between a run and its resume
 _PLAIN = (str, int, float, bool, type(None), torch.Tensor, torch.dtype, torch.device, torch.Size)
 _SHOWN = 10  # entries listed per kind of mismatch
 

@@ -123,6 +123,8 @@ def fit(model: nn.Module, train_loader, cfg: TrainConfig, *, val_loader=None,
     generator = seed_everything(cfg.seed) if saved is None else torch.Generator()
     device = torch.device(device)
     model.to(device)
+    if cfg.compile:
+        model.compile()  # in place: state-dict keys and checkpoints stay those of the plain module
     if teacher is not None:
         teacher.to(device).eval()
     steps_per_epoch = _steps_per_epoch(train_loader)

@@ -31,6 +31,7 @@ class TrainConfig:
     grad_clip: float | None = None
     seed: int = 0
     checkpoint_every: int = 1  # epochs between checkpoints
+    compile: bool = False  # torch.compile the model (fixed-policy training; bit-width changes would recompile)
 
     def problems(self, prefix: str = "train") -> list[str]:
         """Every bad field as ``"train.lr: must be > 0, got -1"``; empty when the config is usable."""
@@ -54,6 +55,7 @@ class TrainConfig:
             ("seed", _is_int(self.seed) and self.seed >= 0, "must be a whole number >= 0"),
             ("checkpoint_every", _is_int(self.checkpoint_every) and self.checkpoint_every >= 1,
              "must be a whole number >= 1"),
+            ("compile", isinstance(self.compile, bool), "must be true or false"),
         ]
         out = []
         for name, ok, expectation in rules:

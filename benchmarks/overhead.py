@@ -1,0 +1,127 @@
+"""Cost of quantization in training: one step of ResNet-20 (batch 128) as a ratio to the FP32 step.
+
+    python benchmarks/overhead.py [--batch 128] [--pairs 20] [--fused/--no-fused]
+
+Each variant is one entry of VARIANTS (a search method adds its row there). Time is the median ratio
+of interleaved steps in one process; memory is the ratio of bytes autograd saves for backward
+(on a GPU: peak allocated memory), which is what grows with quantizers on the activation path.
+Two modes: eager (the quantizers' own fused kernels), and whole-model torch.compile (`train.compile`),
+each against FP32 run the same way.
+Writes benchmarks/results/overhead.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import markdown_table, ratio, write_result  # noqa: E402
+
+from mixbits import Policy, SearchSpace  # noqa: E402
+from mixbits.models import create  # noqa: E402
+from mixbits.quant import apply_policy, calibrate, quantize_model, set_fused  # noqa: E402
+
+
+def fp32(model: nn.Module, x: torch.Tensor) -> nn.Module:
+    return model
+
+
+def uniform_w4a4(model: nn.Module, x: torch.Tensor) -> nn.Module:
+    space = SearchSpace.from_model(model)
+    qmodel = quantize_model(model, space)
+    calibrate(qmodel, x)
+    return apply_policy(qmodel, Policy.uniform(space, 4))
+
+
+# name -> builder(float model, sample batch) -> model to train; FP32 must stay first (the base).
+VARIANTS: dict[str, Callable[[nn.Module, torch.Tensor], nn.Module]] = {"fp32": fp32, "uniform W4A4": uniform_w4a4}
+
+
+def make_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Callable[[], None]:
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    model.train()
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+
+    return step
+
+
+def saved_bytes(step_model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> int:
+    """Bytes autograd keeps for backward in one forward (or peak CUDA memory on a GPU)."""
+    if x.is_cuda:
+        torch.cuda.reset_peak_memory_stats()
+        make_step(step_model, x, y)()
+        return torch.cuda.max_memory_allocated()
+    total = 0
+    seen = set()
+
+    def pack(t):
+        nonlocal total
+        key = (t.untyped_storage().data_ptr(), t.dtype)
+        if key not in seen:
+            seen.add(key)
+            total += t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        nn.functional.cross_entropy(step_model(x), y).backward()
+    return total
+
+
+def measure_mode(args, x, y, compiled: bool) -> list[dict]:
+    """Every variant against FP32, all models run the same way (eager or whole-model compiled)."""
+    models = {name: build(create(args.model, 10, 1).to(args.device), x) for name, build in VARIANTS.items()}
+    if compiled:
+        for model in models.values():
+            model.compile()
+    steps = {name: make_step(m, x, y) for name, m in models.items()}
+    base_name = next(iter(VARIANTS))
+    base_mem = saved_bytes(models[base_name], x, y)
+    mode = "compiled" if compiled else "eager"
+    rows = []
+    for name in VARIANTS:
+        r = ratio(steps[base_name], steps[name], pairs=args.pairs)
+        mem = saved_bytes(models[name], x, y)
+        rows.append({"variant": name, "mode": mode, "time ratio": r["ratio"],
+                     "IQR": f"{r['iqr'][0]:.2f}-{r['iqr'][1]:.2f}", "step ms": r["other_ms"],
+                     "memory ratio": mem / base_mem, "raw": r})
+        print(f"{mode} {name}: {r['ratio']:.3f}x (IQR {r['iqr'][0]:.3f}-{r['iqr'][1]:.3f}), "
+              f"memory {mem / base_mem:.2f}x", flush=True)
+    return rows
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--pairs", type=int, default=20)
+    p.add_argument("--model", default="resnet20")
+    p.add_argument("--fused", action=argparse.BooleanOptionalAction, default=True,
+                   help="compiled single-pass quantizer kernels in eager mode (default: on)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
+                   help="also measure whole-model torch.compile, FP32 compiled as the base (default: on)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = p.parse_args(argv)
+    torch.manual_seed(0)
+    set_fused(args.fused)
+    x = torch.randn(args.batch, 1, 28, 28, device=args.device)
+    y = torch.randint(0, 10, (args.batch,), device=args.device)
+    rows = measure_mode(args, x, y, compiled=False)
+    if args.compile:
+        rows += measure_mode(args, x, y, compiled=True)
+    table = markdown_table(rows, ["variant", "mode", "time ratio", "IQR", "step ms", "memory ratio"])
+    print(f"\n{args.model}, batch {args.batch}, {args.device}, {torch.get_num_threads()} threads, "
+          f"fused quantizer kernels={args.fused}\n\n{table}")
+    write_result("overhead", {"args": vars(args), "rows": rows, "table": table})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,44 @@
+"""Arguments shared by the commands that run a configured job (train, and later search)."""
+
+from __future__ import annotations
+
+import argparse
+
+from ..config import RunConfig, load_config, shipped_configs
+
+
+def add_config_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("configuration (later flags override earlier sources: defaults < --config < flags)")
+    g.add_argument("--config", help="YAML config file, or the name of a shipped one (see `mixbits list configs`)")
+    g.add_argument("--model", help="registered model name (model.name)")
+    g.add_argument("--data", help="dataset name (data.name): fashion-mnist, cifar10, cifar100, imagefolder")
+    g.add_argument("--data-dir", help="dataset directory (data.root)")
+    g.add_argument("--epochs", type=int, help="training epochs (train.epochs)")
+    g.add_argument("--lr", type=float, help="peak learning rate (train.lr)")
+    g.add_argument("--batch-size", type=int, help="training batch size (data.batch_size)")
+    g.add_argument("--policy", help="train at this policy: uniform:4, uniform:w4a8 or a policy JSON (quant.policy)")
+    g.add_argument("--init", help="start from this float checkpoint or run directory (init)")
+    g.add_argument("--out", help="run directory (out)")
+    g.add_argument("--device", help="cpu, cuda or cuda:N (device)")
+    g.add_argument("--seed", type=int, help="random seed (train.seed)")
+    g.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="any setting, e.g. --set train.weight_decay=1e-4 --set model.kwargs.width=0.5 (repeatable)")
+
+
+_FLAGS = {"model": "model.name", "data": "data.name", "data_dir": "data.root", "epochs": "train.epochs",
+          "lr": "train.lr", "batch_size": "data.batch_size", "policy": "quant.policy", "init": "init",
+          "out": "out", "device": "device", "seed": "train.seed"}
+
+
+def config_from_args(args) -> RunConfig:
+    path = args.config
+    if path and path in shipped_configs():
+        path = shipped_configs()[path]
+    overrides = [f"{key}={_yaml(getattr(args, flag))}" for flag, key in _FLAGS.items()
+                 if getattr(args, flag, None) is not None]
+    return load_config(path, overrides + list(args.set))
+
+
+def _yaml(value) -> str:
+    # Strings are quoted so that e.g. a run directory named "1e3" stays a string.
+    return repr(value) if isinstance(value, str) else str(value)

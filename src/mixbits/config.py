@@ -1,0 +1,181 @@
+"""Run configuration: dataclass sections, YAML load/save, ``key=value`` overrides, whole-config validation.
+
+A run config has one section per area — ``model``, ``data``, ``train``, ``quant`` — plus a few top-level
+fields. Each section's dataclass lives beside the code it configures and reports its own problems;
+``validate`` gathers every problem of every section and raises them together, before anything runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .data import DataConfig
+from .errors import MixbitsError, did_you_mean
+from .space import DEFAULT_BITS, FIXED_BITS
+from .train import TrainConfig
+from .utils import atomic_write_text
+
+
+@dataclass
+class ModelConfig:
+    """Which registered model to build; ``kwargs`` go to its factory (e.g. ``width``, ``shortcut``)."""
+
+    name: str = "resnet20"
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def problems(self, prefix: str = "model") -> list[str]:
+        from .models import MODELS
+
+        out = []
+        if self.name not in MODELS:
+            out.append(f"{prefix}.name: unknown model {self.name!r}; expected one of: {', '.join(MODELS.names())}."
+                       f"{did_you_mean(self.name, MODELS.names())}")
+        if not isinstance(self.kwargs, dict):
+            out.append(f"{prefix}.kwargs: must be a mapping, got {self.kwargs!r}")
+        return out
+
+
+@dataclass
+class QuantConfig:
+    """The search space and, for training, the policy to train at."""
+
+    w_bits: list[int] = field(default_factory=lambda: list(DEFAULT_BITS))  # candidate weight bit-widths
+    a_bits: list[int] = field(default_factory=lambda: list(DEFAULT_BITS))  # candidate activation bit-widths
+    fixed: str | list[str] = "first_last"  # layers kept at fixed_bits: "first_last", "none", or names/re: patterns
+    fixed_bits: list[int] = field(default_factory=lambda: list(FIXED_BITS))
+    per_channel: bool = False  # per-output-channel weight steps
+    policy: str | None = None  # "uniform:4", "uniform:w4a8" or a policy JSON path; null = float training
+    fused: bool = True  # compiled single-pass quantizer kernels (falls back to eager ops if compiling fails)
+
+    def problems(self, prefix: str = "quant") -> list[str]:
+        out = []
+        for name in ("w_bits", "a_bits"):
+            bits = getattr(self, name)
+            if not isinstance(bits, list) or not bits or not all(_is_int(b) and 2 <= b <= 8 for b in bits):
+                out.append(f"{prefix}.{name}: must be a non-empty list of integers in 2..8, got {bits!r}")
+        fb = self.fixed_bits
+        if not isinstance(fb, list) or len(fb) != 2 or not all(_is_int(b) and 2 <= b <= 8 for b in fb):
+            out.append(f"{prefix}.fixed_bits: must be [weight_bits, activation_bits] in 2..8, got {fb!r}")
+        if not (self.fixed in ("first_last", "none") or isinstance(self.fixed, list)):
+            out.append(f"{prefix}.fixed: must be 'first_last', 'none' or a list of layer names, got {self.fixed!r}")
+        for name in ("per_channel", "fused"):
+            if not isinstance(getattr(self, name), bool):
+                out.append(f"{prefix}.{name}: must be true or false, got {getattr(self, name)!r}")
+        policy = self.policy
+        if policy is not None and not (isinstance(policy, str) and (policy.startswith("uniform:") or
+                                                                    Path(policy).is_file())):
+            out.append(f"{prefix}.policy: must be uniform:<bits> (e.g. uniform:4, uniform:w4a8) or an existing "
+                       f"policy JSON file, got {policy!r}")
+        return out
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    quant: QuantConfig = field(default_factory=QuantConfig)
+    out: str = "runs/train"  # run directory: checkpoint.pt, metrics.jsonl, config.yaml, result.json
+    init: str | None = None  # checkpoint (file or run directory) whose weights start this run
+    device: str = "cpu"
+
+    def problems(self) -> list[str]:
+        out = []
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if dataclasses.is_dataclass(value):
+                out.extend(value.problems(f.name))
+        if not isinstance(self.out, str) or not self.out:
+            out.append(f"out: must be a directory path, got {self.out!r}")
+        if self.init is not None and not Path(str(self.init)).exists():
+            out.append(f"init: checkpoint {self.init!r} does not exist; give a checkpoint.pt or a run directory")
+        if not isinstance(self.device, str) or self.device.split(":")[0] not in ("cpu", "cuda", "mps"):
+            out.append(f"device: must be cpu, cuda, cuda:N or mps, got {self.device!r}")
+        return out
+
+    def validate(self) -> RunConfig:
+        problems = self.problems()
+        if problems:
+            raise MixbitsError(f"invalid configuration ({len(problems)} problem{'s' * (len(problems) > 1)}):\n  "
+                               + "\n  ".join(problems))
+        return self
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def save(self, path: str | os.PathLike) -> None:
+        atomic_write_text(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _merge(target, values: dict, where: str, problems: list[str]) -> None:
+    """Set dataclass fields from a mapping, recursing into sections; unknown keys become problems."""
+    known = {f.name: f for f in fields(target)}
+    for key, value in values.items():
+        if key not in known:
+            problems.append(f"{where}{key}: unknown setting; expected one of: {', '.join(known)}."
+                            f"{did_you_mean(key, known)}")
+            continue
+        current = getattr(target, key)
+        if dataclasses.is_dataclass(current) and isinstance(value, dict):
+            _merge(current, value, f"{where}{key}.", problems)
+        elif dataclasses.is_dataclass(current):
+            problems.append(f"{where}{key}: must be a mapping of settings, got {value!r}")
+        else:
+            setattr(target, key, value)
+
+
+def parse_override(text: str) -> dict:
+    """``train.lr=0.05`` -> {"train": {"lr": 0.05}}; the value is read as YAML (numbers, lists, null)."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise MixbitsError(f"override {text!r} is not key=value; e.g. train.epochs=3 or quant.w_bits=[2,4]")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as e:
+        raise MixbitsError(f"override {text!r}: the value is not valid YAML ({e})") from None
+    out: dict = {}
+    node = out
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = value
+    return out
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = (),
+                validate: bool = True) -> RunConfig:
+    """Defaults, then the YAML file, then each ``key=value`` override; every problem reported at once."""
+    cfg = RunConfig()
+    problems: list[str] = []
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise MixbitsError(f"config file {str(path)!r} does not exist; see `mixbits list configs`")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise MixbitsError(f"config file {str(path)!r} is not valid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise MixbitsError(f"config file {str(path)!r} must hold a mapping of sections, got {type(data).__name__}")
+        _merge(cfg, data, "", problems)
+    for text in overrides:
+        _merge(cfg, parse_override(text), "", problems)
+    if problems:
+        raise MixbitsError("invalid configuration:\n  " + "\n  ".join(problems + cfg.problems()))
+    return cfg.validate() if validate else cfg
+
+
+def shipped_configs() -> dict[str, Path]:
+    """name -> path of the YAML recipes shipped with mixbits."""
+    root = Path(__file__).parent / "configs"
+    return {p.stem: p for p in sorted(root.glob("*.yaml"))}

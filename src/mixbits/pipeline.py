@@ -1,0 +1,118 @@
+"""Building blocks every command shares: a model from its config, a quantized model from a policy, and
+any trained model rebuilt from its checkpoint alone.
+
+A checkpoint's ``extra`` holds a *model card*: the model factory and its arguments, the search space,
+the policy and the quantizer options. That is all ``load_trained`` needs, so ``mixbits eval`` or an
+exporter never has to be told how a run was configured.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .config import ModelConfig, QuantConfig
+from .errors import MixbitsError
+from .models import create
+from .quant import apply_policy, calibrate, quantize_model
+from .space import Policy, SearchSpace, parse_policy
+from .train import load_checkpoint, load_model_state
+
+
+@dataclass
+class ModelCard:
+    """How to rebuild a model: the factory, its arguments, and (if quantized) the space and policy."""
+
+    name: str
+    num_classes: int
+    in_chans: int
+    kwargs: dict
+    input_shape: tuple[int, int, int]
+    space: SearchSpace | None = None
+    policy: Policy | None = None
+    per_channel: bool = False
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "num_classes": self.num_classes, "in_chans": self.in_chans, "kwargs": self.kwargs,
+                "input_shape": list(self.input_shape), "per_channel": self.per_channel,
+                "space": self.space.to_dict() if self.space else None,
+                "policy": self.policy.to_dict() if self.policy else None}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ModelCard:
+        return cls(d["name"], d["num_classes"], d["in_chans"], dict(d["kwargs"]), tuple(d["input_shape"]),
+                   SearchSpace.from_dict(d["space"]) if d.get("space") else None,
+                   Policy.from_dict(d["policy"]) if d.get("policy") else None, bool(d.get("per_channel", False)))
+
+    def float_model(self) -> nn.Module:
+        return create(self.name, num_classes=self.num_classes, in_chans=self.in_chans, **self.kwargs)
+
+
+def float_card(cfg: ModelConfig, num_classes: int, in_chans: int, image_size: tuple[int, int]) -> ModelCard:
+    return ModelCard(cfg.name, num_classes, in_chans, dict(cfg.kwargs), (in_chans, *image_size))
+
+
+def search_space(model: nn.Module, quant: QuantConfig) -> SearchSpace:
+    fixed = quant.fixed if isinstance(quant.fixed, str) else list(quant.fixed)
+    return SearchSpace.from_model(model, quant.w_bits, quant.a_bits, fixed, tuple(quant.fixed_bits))
+
+
+def training_space(model: nn.Module, quant: QuantConfig, policy_spec: str) -> tuple[SearchSpace, Policy]:
+    """The policy to train, and the narrowest space holding it (one step size per bit-width it uses).
+
+    Any bit-width in 2..8 may be trained (uniform:8 included), whatever the search candidates are.
+    """
+    wide = SearchSpace.from_model(model, range(2, 9), range(2, 9), _fixed(quant), tuple(quant.fixed_bits))
+    policy = parse_policy(policy_spec, wide)
+    searchable = [policy[n] for n in wide.searchable] or [tuple(quant.fixed_bits)]
+    space = SearchSpace(wide.layers, tuple(w for w, _ in searchable), tuple(a for _, a in searchable), wide.fixed)
+    return space, policy.validate(space)
+
+
+def _fixed(quant: QuantConfig):
+    return quant.fixed if isinstance(quant.fixed, str) else list(quant.fixed)
+
+
+def quantized_model(card: ModelCard, float_model: nn.Module, calibration: torch.Tensor | None) -> nn.Module:
+    """``float_model`` quantized to the card's space, calibrated on one batch and set to its policy."""
+    if card.space is None:
+        return float_model
+    model = quantize_model(float_model, card.space, per_channel=card.per_channel, inplace=True)
+    if calibration is not None:
+        calibrate(model, calibration)
+    if card.policy is not None:
+        apply_policy(model, card.policy)
+    return model
+
+
+def resolve_checkpoint(path: str | os.PathLike) -> Path:
+    """A checkpoint file, or the checkpoint.pt inside a run directory."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "checkpoint.pt"
+    if not path.is_file():
+        raise MixbitsError(f"no checkpoint at {str(path)!r}; give a checkpoint.pt or the run directory holding one")
+    return path
+
+
+def read_card(saved: dict, source: Path) -> ModelCard:
+    card = saved.get("extra", {}).get("model_card")
+    if not isinstance(card, dict):
+        raise MixbitsError(f"{source} holds no model card; it was not written by `mixbits train` or `mixbits search`")
+    return ModelCard.from_dict(card)
+
+
+def load_trained(path: str | os.PathLike, device: str = "cpu") -> tuple[nn.Module, ModelCard, dict]:
+    """(model with trained weights, its card, the raw checkpoint) from a checkpoint file or run directory."""
+    source = resolve_checkpoint(path)
+    saved = load_checkpoint(source)
+    card = read_card(saved, source)
+    model = quantized_model(card, card.float_model(), calibration=None)
+    load_model_state(model, saved["model"], str(source))
+    if card.policy is not None:
+        apply_policy(model, card.policy)
+    return model.to(device), card, saved
