@@ -6,11 +6,12 @@ import argparse
 import sys
 
 from . import __version__
-from .commands import cost, demo, evaluate, listing, train
+from .commands import cost, demo, evaluate, listing, search, train
 from .errors import MixbitsError
 
 COMMANDS = {
     "train": (train, "train a float model, or a quantized one at a policy (QAT)"),
+    "search": (search, "find a policy per budget with a search method, then fine-tune each"),
     "eval": (evaluate, "evaluate a trained run on the test split"),
     "cost": (cost, "per-layer cost table (MACs, params, bits, BitOPs) of a model under a policy"),
     "list": (listing, "list models, datasets and shipped configs"),

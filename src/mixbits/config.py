@@ -76,11 +76,44 @@ class QuantConfig:
 
 
 @dataclass
+class SearchConfig:
+    """Which search method, under which budget(s), and how long to fine-tune what it finds."""
+
+    method: str = "uniform"  # see `mixbits list methods`
+    budget: str = "bitops<=uniform:4"  # one or several budgets, e.g. "bitops<=uniform:2,uniform:3,uniform:4"
+    options: dict[str, Any] = field(default_factory=dict)  # the method's own options
+    finetune_epochs: int | None = None  # epochs of QAT per found policy; null = train.epochs, 0 = none
+    latency_table: str | None = None  # JSON latency table, for latency budgets
+
+    def problems(self, prefix: str = "search") -> list[str]:
+        from .budget import parse_budgets
+        from .search import SEARCHERS
+
+        out = []
+        if self.method not in SEARCHERS:
+            out.append(f"{prefix}.method: unknown search method {self.method!r}; expected one of: "
+                       f"{', '.join(SEARCHERS.names())}.{did_you_mean(self.method, SEARCHERS.names())}")
+        try:
+            parse_budgets(self.budget)
+        except MixbitsError as e:
+            out.append(f"{prefix}.budget: {e}")
+        if not isinstance(self.options, dict):
+            out.append(f"{prefix}.options: must be a mapping of the method's options, got {self.options!r}")
+        if self.finetune_epochs is not None and (not _is_int(self.finetune_epochs) or self.finetune_epochs < 0):
+            out.append(f"{prefix}.finetune_epochs: must be a whole number >= 0 or null, got {self.finetune_epochs!r}")
+        if self.latency_table is not None and not Path(str(self.latency_table)).is_file():
+            out.append(f"{prefix}.latency_table: file {self.latency_table!r} does not exist; write one with "
+                       f"`mixbits lut`")
+        return out
+
+
+@dataclass
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     quant: QuantConfig = field(default_factory=QuantConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)
     out: str = "runs/train"  # run directory: checkpoint.pt, metrics.jsonl, config.yaml, result.json
     init: str | None = None  # checkpoint (file or run directory) whose weights start this run
     device: str = "cpu"

@@ -1,4 +1,4 @@
-"""`mixbits list [models|datasets|configs]`: what can be named on the command line."""
+"""`mixbits list [models|datasets|methods|configs]`: what can be named on the command line."""
 
 from __future__ import annotations
 
@@ -7,8 +7,9 @@ import argparse
 from ..config import shipped_configs
 from ..data import DATASETS
 from ..models import MODELS
+from ..search import SEARCHERS
 
-KINDS = ("models", "datasets", "configs")
+KINDS = ("models", "datasets", "methods", "configs")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -28,6 +29,8 @@ def _entries(kind: str) -> dict[str, str]:
         return MODELS.describe()
     if kind == "datasets":
         return DATASETS.describe()
+    if kind == "methods":
+        return SEARCHERS.describe()
     return {name: _first_comment(path) for name, path in shipped_configs().items()}
 
 

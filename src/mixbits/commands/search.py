@@ -1,0 +1,128 @@
+"""`mixbits search`: find a policy per budget with a search method, then fine-tune each through QAT.
+
+    mixbits search --method hawq --init runs/fp --budget "bitops<=uniform:2,uniform:3,uniform:4" --out runs/hawq
+    mixbits search --method random --init runs/fp --budget "bitops<=uniform:3;size<=80KB" --finetune-epochs 3
+
+Writes to --out: search.json (method, budgets, policies, trace, seconds), front.json (every evaluated
+point), policies/budget<i>.json, finetune/budget<i>/ (a `mixbits train` run per policy) and
+result.json (one row per budget). Every budget is checked for feasibility before anything runs; a
+re-run with --resume reuses a finished search and resumes unfinished fine-tuning runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from ..budget import check_feasible, parse_budgets
+from ..config import RunConfig
+from ..cost import LatencyTable, average_bits, bitops, profile, size_bytes
+from ..data import build_loaders
+from ..errors import MixbitsError
+from ..pipeline import float_card, resolve_checkpoint, search_space
+from ..quant import calibrate, quantize_model, set_fused
+from ..search import SearchContext, run_searcher
+from ..space import Policy
+from ..train import load_checkpoint, load_model_state
+from ..utils import atomic_write_text, seed_everything
+from .common import add_config_arguments, config_from_args
+from .train import train
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_config_arguments(p)
+    g = p.add_argument_group("search")
+    g.add_argument("--method", help="search method (search.method), see `mixbits list methods`")
+    g.add_argument("--budget", help="budget(s) (search.budget), e.g. 'bitops<=uniform:2,uniform:3,uniform:4'")
+    g.add_argument("--finetune-epochs", type=int, help="QAT epochs per found policy (search.finetune_epochs)")
+    g.add_argument("--latency-table", help="latency table JSON for latency budgets (search.latency_table)")
+    p.add_argument("--resume", action="store_true", help="reuse a finished search and resume fine-tuning runs")
+
+
+def run(args) -> int:
+    overrides = {"method": "search.method", "budget": "search.budget", "finetune_epochs": "search.finetune_epochs",
+                 "latency_table": "search.latency_table"}
+    args.set = [f"{key}={getattr(args, flag)!r}" if isinstance(getattr(args, flag), str)
+                else f"{key}={getattr(args, flag)}" for flag, key in overrides.items()
+                if getattr(args, flag) is not None] + list(args.set)
+    rows = search(config_from_args(args), resume=args.resume)
+    print(json.dumps(rows, indent=2))
+    return 0
+
+
+def search(cfg: RunConfig, resume: bool = False, progress: bool | None = None) -> list[dict]:
+    """Search, then fine-tune each found policy; returns one summary row per budget."""
+    cfg.validate()
+    if cfg.init is None:
+        raise MixbitsError("search needs a trained float model to start from: pass --init FLOAT_RUN "
+                           "(train one with `mixbits train`)")
+    out = Path(cfg.out)
+    if (out / "search.json").exists() and not resume:
+        raise MixbitsError(f"{str(out)!r} already holds a search; pass --resume to reuse it or choose another --out")
+    set_fused(cfg.quant.fused)
+    seed_everything(cfg.train.seed)
+    train_loader, val_loader, _, train_set = build_loaders(cfg.data, cfg.train.seed)
+    card = float_card(cfg.model, train_set.num_classes, train_set.in_chans, train_set.image_size)
+    float_model = card.float_model()
+    source = resolve_checkpoint(cfg.init)
+    load_model_state(float_model, load_checkpoint(source)["model"], str(source))
+    float_model.to(cfg.device).eval()
+    space = search_space(float_model, cfg.quant)
+    stats = profile(float_model, card.input_shape)
+    latency = LatencyTable.load(cfg.search.latency_table) if cfg.search.latency_table else None
+    budgets = parse_budgets(cfg.search.budget)
+    for budget in budgets:
+        check_feasible(budget, stats, space, latency)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg.save(out / "config.yaml")
+    result = _load_or_search(cfg, out, resume, SearchContext(
+        model=_quantized(float_model, space, cfg, next(iter(train_loader))[0]), space=space, stats=stats,
+        budgets=budgets, train_loader=train_loader, val_loader=val_loader, options=dict(cfg.search.options),
+        float_model=float_model, latency=latency, run_dir=out, device=torch.device(cfg.device),
+        seed=cfg.train.seed, progress=progress))
+    rows = [_finetune(cfg, out, i, budget, Policy.from_dict(p), stats, result, resume, progress)
+            for i, (budget, p) in enumerate(zip(result["budgets"], result["policies"], strict=True))]
+    atomic_write_text(out / "result.json", json.dumps(rows, indent=2) + "\n")
+    return rows
+
+
+def _quantized(float_model, space, cfg: RunConfig, batch: torch.Tensor):
+    model = quantize_model(float_model, space, per_channel=cfg.quant.per_channel)
+    calibrate(model, batch)
+    return model
+
+
+def _load_or_search(cfg: RunConfig, out: Path, resume: bool, ctx: SearchContext) -> dict:
+    path = out / "search.json"
+    if resume and path.is_file():
+        return json.loads(path.read_text())
+    result = run_searcher(cfg.search.method, ctx).to_dict()
+    atomic_write_text(out / "front.json", json.dumps(result.pop("front"), indent=1) + "\n")
+    for i, policy in enumerate(result["policies"]):
+        Policy.from_dict(policy).save(out / "policies" / f"budget{i}.json")
+    atomic_write_text(path, json.dumps(result, indent=1) + "\n")
+    return result
+
+
+def _finetune(cfg: RunConfig, out: Path, i: int, budget: str, policy: Policy, stats, result: dict,
+              resume: bool, progress) -> dict:
+    epochs = cfg.train.epochs if cfg.search.finetune_epochs is None else cfg.search.finetune_epochs
+    w_avg, a_avg = average_bits(stats, policy)
+    row = {"method": cfg.search.method, "budget": budget, "bitops": bitops(stats, policy),
+           "size_bytes": size_bytes(stats, policy), "avg_w_bits": w_avg, "avg_a_bits": a_avg,
+           "search_seconds": result["seconds"], "policy": policy.describe(), "seed": cfg.train.seed}
+    if epochs == 0:
+        return {**row, "test_top1": None, "train_seconds": 0.0}
+    run = copy.deepcopy(cfg)
+    run.out = str(out / "finetune" / f"budget{i}")
+    run.quant.policy = str(out / "policies" / f"budget{i}.json")
+    run.train.epochs = epochs
+    started = time.perf_counter()
+    resumed = resume and (Path(run.out) / "checkpoint.pt").exists()
+    trained = train(run, resume=resumed, progress=progress).result
+    return {**row, "test_top1": trained["test_top1"], "train_seconds": time.perf_counter() - started}

@@ -1,0 +1,8 @@
+"""Bit-width search methods: each registers itself in SEARCHERS (one file per method, one line here)."""
+
+from . import hawq, random_search, uniform  # noqa: F401  (registration)
+from .base import SEARCHERS, SearchContext, SearchResult, run_searcher
+from .evaluator import PolicyEvaluator
+from .ilp import solve_choice
+
+__all__ = ["SEARCHERS", "PolicyEvaluator", "SearchContext", "SearchResult", "run_searcher", "solve_choice"]

@@ -1,0 +1,104 @@
+"""What every search method takes and returns.
+
+A searcher is one function registered in ``SEARCHERS``: ``searcher(ctx: SearchContext) -> SearchResult``.
+The context holds the quantized model (built over the space, calibrated, from the float weights), the
+cost statistics, the budgets, the data and the method's options; the result holds one policy per
+budget, the trace of the search and every evaluated point (the front). Fine-tuning the policies is
+not the searcher's job: ``mixbits search`` does it through the shared train loop.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..budget import Budget
+from ..cost import LatencyTable, ModelStats, bitops, size_bits
+from ..errors import MixbitsError, did_you_mean
+from ..registry import Registry
+from ..space import Policy, SearchSpace
+
+SEARCHERS = Registry("search method")
+
+
+@dataclass
+class SearchContext:
+    model: nn.Module  # quantized over ``space``, calibrated, float weights loaded
+    space: SearchSpace
+    stats: ModelStats
+    budgets: list[Budget]
+    train_loader: Any
+    val_loader: Any
+    options: dict = field(default_factory=dict)
+    float_model: nn.Module | None = None  # the float model the quantized one was built from (eval mode)
+    latency: LatencyTable | None = None
+    run_dir: Path | None = None
+    device: torch.device = torch.device("cpu")
+    seed: int = 0
+    progress: bool | None = None
+
+    def cost(self, policy: Policy) -> dict[str, float]:
+        """The policy's BitOPs, size in bits and (with a table) latency."""
+        out = {"bitops": float(bitops(self.stats, policy)), "size": float(size_bits(self.stats, policy))}
+        if self.latency is not None:
+            out["latency"] = self.latency.cost(policy)
+        return out
+
+    def fits(self, policy: Policy, budget: Budget) -> bool:
+        return budget.satisfied(self.stats, policy, self.space, self.latency)
+
+
+@dataclass
+class SearchResult:
+    method: str
+    budgets: list[Budget]
+    policies: list[Policy]  # one per budget, in the same order
+    trace: list[dict] = field(default_factory=list)  # what the search did, step by step
+    front: list[dict] = field(default_factory=list)  # every evaluated point: policy, cost, score
+    seconds: float = 0.0
+    retraining_free: bool = False  # True when the policies are usable without fine-tuning
+    info: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {"method": self.method, "budgets": [b.text for b in self.budgets],
+                "policies": [p.to_dict() for p in self.policies], "trace": self.trace, "front": self.front,
+                "seconds": self.seconds, "retraining_free": self.retraining_free, "info": self.info}
+
+
+def method_options(cls, options: dict, method: str):
+    """Build a method's options dataclass from a mapping; unknown keys are an error naming the valid ones."""
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = [k for k in options if k not in names]
+    if unknown:
+        hint = did_you_mean(unknown[0], names)
+        raise MixbitsError(f"unknown option(s) {unknown} for search method {method!r}; valid: {names}.{hint}")
+    return cls(**options)
+
+
+def run_searcher(name: str, ctx: SearchContext) -> SearchResult:
+    """Look the method up, run it, time it, and check every returned policy against its budget."""
+    searcher = SEARCHERS.get(name)
+    start = time.perf_counter()
+    result = searcher(ctx)
+    result.seconds = time.perf_counter() - start
+    for budget, policy in zip(result.budgets, result.policies, strict=True):
+        policy.validate(ctx.space)
+        if not ctx.fits(policy, budget):  # a searcher bug, never the user's: say so loudly
+            raise RuntimeError(f"{name} returned a policy over its budget {budget}: {ctx.cost(policy)}")
+    return result
+
+
+def cheapest_fitting_uniform(ctx: SearchContext, budget: Budget) -> Policy | None:
+    """The highest uniform W{b}A{b} over the space's shared candidates that fits, or None."""
+    shared = sorted(set(ctx.space.w_bits) & set(ctx.space.a_bits), reverse=True)
+    for bits in shared:
+        policy = Policy.uniform(ctx.space, bits)
+        if ctx.fits(policy, budget):
+            return policy
+    return None

@@ -1,0 +1,33 @@
+"""Shared fixtures: one tiny float run and one uniform-W4A4 run of small_cnn, trained once per test session."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+# Settings every CLI run in the tests shares: small_cnn, 1 epoch on 512 images, eager quantizers (no compiler).
+TINY_RUN = ["--model", "small_cnn", "--epochs", "1", "--set", "data.max_train_samples=512",
+            "--set", "quant.fused=false"]
+
+
+@pytest.fixture(scope="session")
+def tiny_fp_run(tmp_path_factory) -> SimpleNamespace:
+    """A finished float run (``mixbits train``); ``argv`` re-creates it given ``--out``. Treat it as read-only."""
+    from mixbits.__main__ import main
+
+    out = tmp_path_factory.mktemp("runs") / "fp"
+    assert main(["train", *TINY_RUN, "--out", str(out)]) == 0
+    return SimpleNamespace(dir=out, argv=["train", *TINY_RUN])
+
+
+@pytest.fixture(scope="session")
+def tiny_q_run(tiny_fp_run) -> SimpleNamespace:
+    """A finished uniform:4 QAT run started from ``tiny_fp_run``. Treat it as read-only."""
+    from mixbits.__main__ import main
+
+    out = Path(tiny_fp_run.dir).parent / "w4a4"
+    argv = ["train", *TINY_RUN, "--policy", "uniform:4", "--init", str(tiny_fp_run.dir), "--lr", "0.01"]
+    assert main([*argv, "--out", str(out)]) == 0
+    return SimpleNamespace(dir=out, argv=argv)

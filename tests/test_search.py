@@ -1,0 +1,147 @@
+import itertools
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from mixbits import MixbitsError, Policy, SearchSpace
+from mixbits.budget import parse_budget, parse_budgets
+from mixbits.cost import bitops, profile
+from mixbits.quant import calibrate, quantize_model
+from mixbits.search import SEARCHERS, PolicyEvaluator, SearchContext, run_searcher, solve_choice
+from mixbits.search.hutchinson import hessian_traces
+
+
+def _net():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+                         nn.Conv2d(4, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(),
+                         nn.Conv2d(6, 6, 3, padding=1), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 3))
+
+
+def _batches(n=3, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return [(torch.randn(16, 1, 8, 8, generator=gen), torch.randint(0, 3, (16,), generator=gen)) for _ in range(n)]
+
+
+def _context(budgets, options=None, w_bits=(2, 4, 6), a_bits=(2, 4, 6)):
+    model = _net()
+    space = SearchSpace.from_model(model, w_bits, a_bits)
+    qmodel = quantize_model(model, space)
+    batches = _batches()
+    calibrate(qmodel, batches[0][0])
+    return SearchContext(model=qmodel, space=space, stats=profile(model, (1, 8, 8)), budgets=budgets,
+                         train_loader=batches, val_loader=_batches(seed=1), options=options or {},
+                         float_model=model.eval())
+
+
+def test_integer_program_finds_the_brute_force_optimum():
+    rng = np.random.default_rng(0)
+    n_layers, n_cands = 5, 4
+    scores = rng.random((n_layers, n_cands))
+    bitops_cost = rng.integers(1, 20, (n_layers, n_cands)).astype(float)
+    size_cost = rng.integers(1, 20, (n_layers, n_cands)).astype(float)
+    limits = {"bitops": 40.0, "size": 45.0}
+    best, best_choice = np.inf, None
+    for choice in itertools.product(range(n_cands), repeat=n_layers):
+        rows = np.arange(n_layers)
+        if bitops_cost[rows, choice].sum() <= 40 and size_cost[rows, choice].sum() <= 45:
+            if scores[rows, choice].sum() < best:
+                best, best_choice = scores[rows, choice].sum(), choice
+    choice = solve_choice(scores, {"bitops": bitops_cost, "size": size_cost}, limits)
+    assert tuple(choice) == best_choice
+    with pytest.raises(MixbitsError, match="no per-layer choice meets"):
+        solve_choice(scores, {"bitops": bitops_cost}, {"bitops": 1.0})
+
+
+def _check_estimate(estimate: float, hessian: torch.Tensor, probes: int) -> None:
+    """Rademacher Hutchinson is unbiased with per-probe variance 2·Σ_{i≠j} H_ij²: allow 4 standard errors."""
+    off_diagonal = hessian - torch.diag(torch.diag(hessian))
+    stderr = float((2 * off_diagonal.square().sum() / probes).sqrt())
+    assert abs(estimate - float(hessian.trace())) <= 4 * stderr + 1e-6
+
+
+def test_hutchinson_traces_match_the_exact_hessian_traces():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))
+    x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+    probes = 100
+    traces = hessian_traces(model, [(x, y)], ["0", "2"], probes=probes, activations=True)
+    for name in ("0", "2"):
+        weight = dict(model.named_modules())[name].weight
+
+        def loss_of(w, weight=weight):
+            params = {n: (w if p is weight else p) for n, p in model.named_parameters()}
+            return nn.functional.cross_entropy(torch.func.functional_call(model, params, (x,)), y)
+
+        hessian = torch.autograd.functional.hessian(loss_of, weight.detach()).reshape(weight.numel(), -1)
+        _check_estimate(traces[name]["weight"], hessian, probes)
+    # the input of layer "2" is tanh(layer0(x)); its Hessian is that of the loss as a function of it
+    hidden = torch.tanh(model[0](x)).detach()
+    act_hessian = torch.autograd.functional.hessian(lambda a: nn.functional.cross_entropy(model[2](a), y), hidden)
+    _check_estimate(traces["2"]["act"], act_hessian.reshape(hidden.numel(), -1), probes)
+    assert traces["0"]["act"] == 0.0  # the network input carries no gradient: no activation term
+
+
+def test_every_searcher_returns_one_policy_per_budget_within_it():
+    budgets = parse_budgets("bitops<=uniform:2,uniform:4,uniform:6")
+    for method in SEARCHERS.names():
+        options = {"samples": 6, "eval_batches": 1, "bn_batches": 1} if method == "random" else {}
+        if method == "hawq":
+            options = {"probes": 2, "batches": 1}
+        ctx = _context(budgets, options)
+        result = run_searcher(method, ctx)
+        assert len(result.policies) == 3
+        for budget, policy in zip(budgets, result.policies, strict=True):
+            assert budget.satisfied(ctx.stats, policy, ctx.space)
+        # a looser budget never gets a cheaper-or-equal policy with worse bits everywhere
+        assert bitops(ctx.stats, result.policies[0]) <= bitops(ctx.stats, result.policies[2])
+
+
+def test_uniform_search_takes_the_highest_uniform_bits_that_fit():
+    ctx = _context(parse_budgets("bitops<=uniform:5"))
+    result = run_searcher("uniform", ctx)
+    assert result.policies[0] == Policy.uniform(ctx.space, 4)
+
+
+def test_hawq_spends_bits_where_the_sensitivity_is():
+    ctx = _context([parse_budget("bitops<=uniform:4")], {"probes": 4, "batches": 2})
+    result = run_searcher("hawq", ctx)
+    sens = {row["layer"]: row["sensitivity"] for row in result.front}
+    # the chosen policy's total sensitivity is no worse than uniform W4A4's, which also fits
+    chosen = sum(sens[n][f"w{w}a{a}"] for n, (w, a) in result.policies[0].bits.items() if n in sens)
+    uniform = sum(s["w4a4"] for s in sens.values())
+    assert chosen <= uniform + 1e-12
+    for s in sens.values():  # more bits never increases the estimated loss
+        assert s["w6a6"] <= s["w4a4"] <= s["w2a2"]
+
+
+def test_random_search_is_deterministic_and_keeps_the_best_score():
+    budgets = [parse_budget("bitops<=uniform:4")]
+    opts = {"samples": 5, "eval_batches": 1, "bn_batches": 1}
+    first = run_searcher("random", _context(budgets, opts))
+    second = run_searcher("random", _context(budgets, opts))
+    assert first.policies == second.policies
+    losses = [p["loss"] for p in first.front]
+    best = first.front[int(np.argmin(losses))]
+    assert Policy.from_dict(best["policy"]) == first.policies[0]
+
+
+def test_unknown_method_and_option_are_clear_errors():
+    ctx = _context([parse_budget("bitops<=uniform:4")], {"samplez": 3})
+    with pytest.raises(MixbitsError, match="unknown option.*samplez.*Did you mean 'samples'"):
+        run_searcher("random", ctx)
+    with pytest.raises(MixbitsError, match="unknown search method 'hawk'.*hawq"):
+        run_searcher("hawk", ctx)
+
+
+def test_policy_evaluator_caches_and_restores_nothing_it_should_not():
+    ctx = _context([parse_budget("bitops<=uniform:4")])
+    evaluator = PolicyEvaluator(ctx.model, ctx.val_loader, ctx.train_loader, eval_batches=2, bn_batches=1)
+    policy = Policy.uniform(ctx.space, 2)
+    first = evaluator(policy)
+    again = evaluator(policy)
+    assert first == again and evaluator.evaluations == 1 and evaluator.calls == 2
+    assert evaluator(Policy.uniform(ctx.space, 6))["loss"] != first["loss"]
