@@ -62,7 +62,7 @@ def test_lsq_output_lies_on_the_grid_and_in_range():
 
 
 def test_fused_kernels_match_eager():
-    x = torch.randn(4, 3, 8, 8)
+    x = torch.randn(16, 32, 8, 8)  # large enough for the fused path
     step = torch.tensor([0.2])
     eager = _grads(lsq_quantize, x, step, -8, 7, 0.1)
     set_fused(True)
