@@ -39,8 +39,19 @@ def uniform_w4a4(model: nn.Module, x: torch.Tensor) -> nn.Module:
     return apply_policy(qmodel, Policy.uniform(space, 4))
 
 
+def mixed_policy(model: nn.Module, x: torch.Tensor) -> nn.Module:
+    """A random per-layer W2-6/A2-6 policy: the fine-tuning step of every searched (uniform, hawq, random) policy."""
+    space = SearchSpace.from_model(model)
+    gen = torch.Generator().manual_seed(0)
+    overrides = {n: tuple(int(b) for b in torch.randint(2, 7, (2,), generator=gen)) for n in space.searchable}
+    qmodel = quantize_model(model, space)
+    calibrate(qmodel, x)
+    return apply_policy(qmodel, Policy.from_rules(space, (4, 4), overrides))
+
+
 # name -> builder(float model, sample batch) -> model to train; FP32 must stay first (the base).
-VARIANTS: dict[str, Callable[[nn.Module, torch.Tensor], nn.Module]] = {"fp32": fp32, "uniform W4A4": uniform_w4a4}
+VARIANTS: dict[str, Callable[[nn.Module, torch.Tensor], nn.Module]] = {
+    "fp32": fp32, "uniform W4A4": uniform_w4a4, "mixed W2-6/A2-6 (searched policies' QAT)": mixed_policy}
 
 
 def make_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Callable[[], None]:
