@@ -3,14 +3,13 @@
 import json
 
 import pytest
+from conftest import TINY_RUN
 
 from mixbits import Policy, SearchSpace
 from mixbits.__main__ import main
 from mixbits.budget import parse_budgets
 from mixbits.cost import profile
 from mixbits.models import create
-
-from conftest import TINY_RUN
 
 BUDGETS = "bitops<=uniform:3,uniform:5"
 

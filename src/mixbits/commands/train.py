@@ -2,13 +2,20 @@
 
     mixbits train --model resnet20 --epochs 10 --out runs/fp
     mixbits train --policy uniform:4 --init runs/fp --epochs 5 --out runs/w4a4
+
+Data-parallel on N processes (data.batch_size is then PER PROCESS; see docs/distributed.md):
+
+    torchrun --standalone --nproc_per_node 8 -m mixbits train --device cuda --out runs/fp ...
+
+SIGTERM stops training at the next step boundary with exit status 143, keeping the last checkpoint.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import dataclass
+import sys
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -19,7 +26,20 @@ from ..data import build_loaders
 from ..errors import MixbitsError
 from ..pipeline import ModelCard, float_card, load_trained, quantized_model, resolve_checkpoint, training_space
 from ..quant import set_fused
-from ..train import evaluate, fit, load_checkpoint, load_model_state
+from ..train import (
+    DistContext,
+    Stopped,
+    barrier,
+    broadcast_module_state,
+    broadcast_object,
+    evaluate,
+    fit,
+    init_from_env,
+    load_checkpoint,
+    load_model_state,
+    stop_on_signals,
+    wrap_ddp,
+)
 from ..utils import atomic_write_text, seed_everything
 from .common import add_config_arguments, config_from_args
 
@@ -33,39 +53,85 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 class TrainOutcome:
     run_dir: Path
     result: dict
+    rank: int = 0  # this process's rank in a distributed run (only rank 0 prints and writes)
 
 
 def run(args) -> int:
-    outcome = train(config_from_args(args), resume=args.resume)
-    print(json.dumps(outcome.result, indent=2))
+    with stop_on_signals():
+        try:
+            outcome = train(config_from_args(args), resume=args.resume)
+        except Stopped as e:
+            print(f"mixbits train: {e}; the last checkpoint is kept, continue with --resume", file=sys.stderr)
+            return e.exit_code
+    if outcome.rank == 0:
+        print(json.dumps(outcome.result, indent=2))
     return 0
 
 
 def train(cfg: RunConfig, resume: bool = False, progress: bool | None = None) -> TrainOutcome:
-    """Train as ``cfg`` says; writes config.yaml, checkpoint.pt, metrics.jsonl and result.json to cfg.out."""
+    """Train as ``cfg`` says; writes config.yaml, checkpoint.pt, metrics.jsonl and result.json to cfg.out.
+
+    Under torchrun (WORLD_SIZE > 1) every process trains its slice of each global batch in
+    DistributedDataParallel and rank 0 alone writes; every process returns the same result.
+    """
     cfg.validate()
+    ctx = init_from_env(cfg.device)
+    try:
+        outcome = _train(cfg, ctx, resume, progress)
+        barrier()  # no rank tears the group down while another is still receiving
+    finally:
+        ctx.cleanup()
+    return outcome
+
+
+def _train(cfg: RunConfig, ctx: DistContext, resume: bool, progress: bool | None) -> TrainOutcome:
     run_dir = Path(cfg.out)
     if (run_dir / "checkpoint.pt").exists() and not resume:
         raise MixbitsError(f"run directory {str(run_dir)!r} already holds a checkpoint; pass --resume to continue "
                            f"it or choose another --out")
     set_fused(cfg.quant.fused)
     seed_everything(cfg.train.seed)
-    train_loader, val_loader, test_loader, train_set = build_loaders(cfg.data, cfg.train.seed)
+    train_loader, val_loader, test_loader, train_set, global_loader = _loaders(cfg, ctx)
     card = float_card(cfg.model, train_set.num_classes, train_set.in_chans, train_set.image_size)
     model = card.float_model()
     teacher = _start_weights(model, cfg, card)
     if cfg.quant.policy:
         card.space, card.policy = training_space(model, cfg.quant, cfg.quant.policy)
         card.per_channel = cfg.quant.per_channel
-        model = quantized_model(card, model, calibration=next(iter(train_loader))[0])
-    model.to(cfg.device)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    cfg.save(run_dir / "config.yaml")
-    fit(model, train_loader, cfg.train, val_loader=val_loader, teacher=teacher, run_dir=run_dir, resume=resume,
-        device=cfg.device, extra_state={"model_card": card.to_dict()}, progress=progress)
-    result = {"run_dir": str(run_dir), **_summary(model, card, test_loader, cfg.device)}
-    atomic_write_text(run_dir / "result.json", json.dumps(result, indent=2) + "\n")
-    return TrainOutcome(run_dir, result)
+        model = quantized_model(card, model, calibration=next(iter(global_loader))[0])
+    model.to(ctx.device)
+    broadcast_module_state(model)  # every rank starts from rank 0's weights, steps and signs
+    main = ctx.is_main()
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    if main and not resume:  # a resumed run keeps its config.yaml until fit() has accepted the settings
+        cfg.save(run_dir / "config.yaml")
+    fit(wrap_ddp(model, ctx), train_loader, cfg.train, val_loader=val_loader, teacher=teacher, run_dir=run_dir,
+        resume=resume, device=ctx.device, extra_state={"model_card": card.to_dict()}, progress=progress,
+        is_main_process=main)
+    result = None
+    if main:  # the plain module on one process: exact, and no collective inside the forward
+        if resume:
+            cfg.save(run_dir / "config.yaml")
+        result = {"run_dir": str(run_dir), **_summary(model, card, test_loader, ctx.device)}
+        atomic_write_text(run_dir / "result.json", json.dumps(result, indent=2) + "\n")
+    return TrainOutcome(run_dir, broadcast_object(result), ctx.rank)
+
+
+def _loaders(cfg: RunConfig, ctx: DistContext):
+    """(train loader of this rank, val, test, train dataset, loader of whole global batches).
+
+    Validation, test and the quantizer calibration batch (the first global batch) are what one process
+    with batch data.batch_size x world size would see, so a distributed run matches that process.
+    """
+    seed = cfg.train.seed
+    if not ctx.distributed:
+        train_loader, val_loader, test_loader, train_set = build_loaders(cfg.data, seed)
+        return train_loader, val_loader, test_loader, train_set, train_loader
+    rank_train = build_loaders(cfg.data, seed, ctx.rank, ctx.world_size)[0]
+    global_data = replace(cfg.data, batch_size=cfg.data.batch_size * ctx.world_size)
+    global_train, val_loader, test_loader, train_set = build_loaders(global_data, seed)
+    return rank_train, val_loader, test_loader, train_set, global_train
 
 
 def _start_weights(model: torch.nn.Module, cfg: RunConfig, card: ModelCard) -> torch.nn.Module | None:

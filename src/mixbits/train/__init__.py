@@ -1,23 +1,51 @@
-"""The shared training loop, its optimiser/schedule, checkpoints, distillation, BN recalibration, evaluation."""
+"""The shared training loop, its optimiser/schedule, checkpoints, distillation, BN recalibration, evaluation,
+and data-parallel (torch.distributed) helpers."""
 
 from .bn import recalibrate_bn
 from .checkpoint import load_checkpoint, load_model_state, rng_state, save_checkpoint, set_rng_state
 from .distill import kd_loss
+from .distributed import (
+    DistContext,
+    all_reduce_mean,
+    barrier,
+    broadcast_module_state,
+    broadcast_object,
+    init_from_env,
+    unwrap,
+    wrap_ddp,
+)
 from .evaluate import evaluate
-from .loop import Hook, Objective, StepOutput, TrainResult, TrainState, fit, supervised_objective
+from .loop import (
+    Hook,
+    Objective,
+    StepOutput,
+    Stopped,
+    TrainResult,
+    TrainState,
+    fit,
+    stop_on_signals,
+    supervised_objective,
+)
 from .optim import TrainConfig, build_optimizer, build_scheduler, lr_factor, param_groups
 
 __all__ = [
+    "DistContext",
     "Hook",
     "Objective",
     "StepOutput",
+    "Stopped",
     "TrainConfig",
     "TrainResult",
     "TrainState",
+    "all_reduce_mean",
+    "barrier",
+    "broadcast_module_state",
+    "broadcast_object",
     "build_optimizer",
     "build_scheduler",
     "evaluate",
     "fit",
+    "init_from_env",
     "kd_loss",
     "load_checkpoint",
     "load_model_state",
@@ -27,5 +55,8 @@ __all__ = [
     "rng_state",
     "save_checkpoint",
     "set_rng_state",
+    "stop_on_signals",
     "supervised_objective",
+    "unwrap",
+    "wrap_ddp",
 ]

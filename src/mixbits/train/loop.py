@@ -5,15 +5,22 @@ backward passes itself, e.g. sampled policies with gradient accumulation) and ac
 through *hooks* (architecture updates after each weight step, weight-decay fixes after backward,
 bit-width schedules at epoch starts). The loop owns everything else: optimiser and per-step lr schedule,
 finiteness checks, progress, metrics.jsonl, and checkpoints that resume bit-identically on CPU.
+
+Under DistributedDataParallel (pass the wrapped model) every rank runs ``fit`` in lockstep: the
+checkpoint holds the plain module, metrics are reduced over ranks so every rank sees the same numbers,
+and a non-finite loss or a stop request on any rank stops all of them at the same step.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import signal
 import sys
+import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,6 +34,7 @@ from ..errors import MixbitsError
 from ..utils import atomic_write_text, seed_everything
 from .checkpoint import CHECKPOINT, open_run, restore_training, save_checkpoint, training_payload
 from .distill import kd_loss
+from .distributed import all_reduce_sum, broadcast_object, is_distributed, is_main, unwrap
 from .evaluate import evaluate
 from .optim import TrainConfig, build_optimizer, build_scheduler, param_groups
 
@@ -62,6 +70,11 @@ class TrainState:
     @property
     def lr(self) -> float:
         return float(self.optimizer.param_groups[0]["lr"])
+
+    @property
+    def module(self) -> nn.Module:
+        """The plain model: ``model`` without its DistributedDataParallel wrapper, if any."""
+        return unwrap(self.model)
 
 
 Objective = Callable[[TrainState, torch.Tensor, torch.Tensor], StepOutput]
@@ -115,7 +128,11 @@ def fit(model: nn.Module, train_loader, cfg: TrainConfig, *, val_loader=None,
         objective: Objective = supervised_objective, hooks: Sequence[Hook] = (), teacher: nn.Module | None = None,
         run_dir=None, resume: bool = False, device="cpu", params=None, extra_state: dict | None = None,
         progress: bool | None = None, is_main_process: bool = True) -> TrainResult:
-    """Train ``model`` for ``cfg.epochs`` epochs; with ``run_dir``, log metrics and checkpoint (and resume)."""
+    """Train ``model`` for ``cfg.epochs`` epochs; with ``run_dir``, log metrics and checkpoint (and resume).
+
+    ``model`` may be wrapped in DistributedDataParallel: then every rank calls ``fit`` with its own slice of
+    the data, only ``is_main_process`` writes, and every rank resumes from the same checkpoint file.
+    """
     cfg.check()
     hooks = list(hooks)
     run_dir = Path(run_dir) if run_dir is not None else None
@@ -123,16 +140,18 @@ def fit(model: nn.Module, train_loader, cfg: TrainConfig, *, val_loader=None,
     generator = seed_everything(cfg.seed) if saved is None else torch.Generator()
     device = torch.device(device)
     model.to(device)
+    module = unwrap(model)  # what checkpoints hold and parameter-group names refer to
     if cfg.compile:
         model.compile()  # in place: state-dict keys and checkpoints stay those of the plain module
     if teacher is not None:
         teacher.to(device).eval()
     steps_per_epoch = _steps_per_epoch(train_loader)
-    optimizer = build_optimizer(params if params is not None else param_groups(model, cfg.weight_decay), cfg)
-    state = TrainState(model, optimizer, build_scheduler(optimizer, cfg, steps_per_epoch), cfg, device,
+    optimizer = build_optimizer(params if params is not None else param_groups(module, cfg.weight_decay), cfg)
+    state = TrainState(module, optimizer, build_scheduler(optimizer, cfg, steps_per_epoch), cfg, device,
                        steps_per_epoch=steps_per_epoch, teacher=teacher, generator=generator, run_dir=run_dir,
                        extra=dict(extra_state or {}))
     history = restore_training(state, hooks, saved, run_dir / CHECKPOINT) if saved is not None else []
+    state.model = model  # restored as the plain module, trained through the wrapper
     writes = run_dir is not None and is_main_process
     if writes:  # never keep metric lines from after the checkpoint we start from
         _write_metrics(run_dir, history)
@@ -143,26 +162,46 @@ def fit(model: nn.Module, train_loader, cfg: TrainConfig, *, val_loader=None,
     last_checkpoint = run_dir / CHECKPOINT if saved is not None else None
     for hook in hooks:
         hook.on_train_start(state)
-    for epoch in range(state.epoch, cfg.epochs):
-        state.epoch = epoch
-        started = time.perf_counter()
-        metrics = _train_epoch(state, train_loader, objective, hooks, show, last_checkpoint)
-        val = evaluate(model, val_loader, device) if val_loader is not None else {}
-        metrics = {"epoch": epoch + 1, "step": state.step, "lr": state.lr, **metrics,
-                   "val_loss": val.get("loss"), "val_top1": val.get("top1"),
-                   "seconds": time.perf_counter() - started}
-        for hook in hooks:
-            hook.on_epoch_end(state, metrics)
-        history.append(_plain(metrics))
-        if show:
-            tqdm.write(_summary(history[-1], cfg.epochs))
-        if writes:
-            _write_metrics(run_dir, history)
-            if (epoch + 1) % cfg.checkpoint_every == 0 or epoch + 1 == cfg.epochs:
-                last_checkpoint = run_dir / CHECKPOINT
-                save_checkpoint(last_checkpoint, training_payload(state, hooks, history))
+    with _stops_deferred():
+        for epoch in range(state.epoch, cfg.epochs):
+            state.epoch = epoch
+            started = time.perf_counter()
+            metrics = _train_epoch(state, train_loader, objective, hooks, show, last_checkpoint)
+            val = _validate(state, val_loader)
+            metrics = {"epoch": epoch + 1, "step": state.step, "lr": state.lr, **metrics,
+                       "val_loss": val.get("loss"), "val_top1": val.get("top1"),
+                       "seconds": time.perf_counter() - started}
+            for hook in hooks:
+                hook.on_epoch_end(state, metrics)
+            history.append(_plain(metrics))
+            if show:
+                tqdm.write(_summary(history[-1], cfg.epochs))
+            if writes:
+                _write_metrics(run_dir, history)
+                if (epoch + 1) % cfg.checkpoint_every == 0 or epoch + 1 == cfg.epochs:
+                    last_checkpoint = run_dir / CHECKPOINT
+                    save_checkpoint(last_checkpoint, _payload(state, hooks, history))
+            if _agree(state.device, _stop_pending())[0]:
+                raise Stopped(_STOP["signum"])
     state.epoch = cfg.epochs
     return TrainResult(state, history)
+
+
+def _validate(state: TrainState, val_loader) -> dict:
+    """Validation metrics, the same on every rank: rank 0 evaluates the plain module and shares the result.
+
+    Evaluating the unwrapped module on one rank is exact (no padded or duplicated samples) and needs no
+    collective inside the forward.
+    """
+    if val_loader is None:
+        return {}
+    val = evaluate(state.module, val_loader, state.device) if is_main() else None
+    return broadcast_object(val)
+
+
+def _payload(state: TrainState, hooks: list[Hook], history: list[dict]) -> dict:
+    """The checkpoint, with the plain module's weights: a DDP run's checkpoint loads in a single process."""
+    return {**training_payload(state, hooks, history), "model": state.module.state_dict()}
 
 
 def _train_epoch(state: TrainState, loader, objective: Objective, hooks: list[Hook], show: bool,
@@ -184,8 +223,11 @@ def _train_epoch(state: TrainState, loader, objective: Objective, hooks: list[Ho
             if isinstance(out, torch.Tensor):
                 out = StepOutput(out)
             loss = out.loss.detach().float().item()
-            if not math.isfinite(loss):
+            non_finite, stop = _agree(state.device, not math.isfinite(loss), _stop_pending())
+            if non_finite:
                 raise _non_finite(state, loss, batch, last_checkpoint)
+            if stop:
+                raise Stopped(_STOP["signum"])
             if out.loss.requires_grad:
                 out.loss.backward()
             for hook in hooks:
@@ -203,10 +245,22 @@ def _train_epoch(state: TrainState, loader, objective: Objective, hooks: list[Ho
     return running.summary()
 
 
+def _agree(device: torch.device, *flags: bool) -> list[bool]:
+    """Each flag OR-ed over all ranks (one small all-reduce), so that every rank takes the same branch."""
+    if not is_distributed():
+        return list(flags)
+    total = all_reduce_sum(torch.tensor([float(f) for f in flags], device=device))
+    return [v > 0 for v in total.tolist()]
+
+
 class _Running:
-    """Epoch averages of loss, top-1 and objective metrics, kept on the device to avoid per-step syncs."""
+    """Epoch averages of loss, top-1 and objective metrics, kept on the device to avoid per-step syncs.
+
+    Under DDP the epoch's sums are added over ranks, so every rank reports the whole global batch's numbers.
+    """
 
     def __init__(self, device: torch.device):
+        self.device = device
         self.loss_sum, self.samples, self.counted = 0.0, 0, 0
         self.correct = torch.zeros((), dtype=torch.int64, device=device)
         self.metrics: dict[str, list] = {}
@@ -230,11 +284,18 @@ class _Running:
         return post
 
     def summary(self) -> dict:
-        out = {"train_loss": self.loss_sum / max(1, self.samples),
-               "train_top1": 100.0 * self.correct.item() / self.counted if self.counted else None}
-        for name, (total, count) in self.metrics.items():
+        names = sorted(self.metrics)
+        sums = [self.loss_sum, self.samples, self.correct.item(), self.counted]
+        sums += [float(self.metrics[n][0]) for n in names] + [self.metrics[n][1] for n in names]
+        if is_distributed():  # objectives must report the same metric names on every rank
+            sums = all_reduce_sum(torch.tensor(sums, dtype=torch.float64, device=self.device)).tolist()
+        loss_sum, samples, correct, counted = sums[:4]
+        totals, counts = sums[4 : 4 + len(names)], sums[4 + len(names) :]
+        out = {"train_loss": loss_sum / max(1, samples),
+               "train_top1": 100.0 * correct / counted if counted else None}
+        for name, total, count in zip(names, totals, counts, strict=True):
             # An objective metric never overwrites a standard key.
-            out[name if name not in _STANDARD else f"train_{name}"] = float(total) / count
+            out[name if name not in _STANDARD else f"train_{name}"] = total / count
         return out
 
 
@@ -242,8 +303,9 @@ _STANDARD = {"epoch", "step", "lr", "train_loss", "train_top1", "val_loss", "val
 
 
 def _non_finite(state: TrainState, loss: float, batch: int, last_checkpoint: Path | None) -> MixbitsError:
+    what = f"training loss is {loss}" if not math.isfinite(loss) else "training loss is not finite on another rank"
     return MixbitsError(
-        f"training loss is {loss} at epoch {state.epoch + 1}/{state.cfg.epochs}, step {state.step + 1} "
+        f"{what} at epoch {state.epoch + 1}/{state.cfg.epochs}, step {state.step + 1} "
         f"(batch {batch + 1} of the epoch); last good checkpoint: {last_checkpoint or 'none yet'}. "
         f"Lower the learning rate (train.lr is {state.cfg.lr}) or set train.grad_clip."
     )
@@ -290,3 +352,63 @@ def _summary(m: dict, epochs: int) -> str:
     if m.get("val_top1") is not None:
         parts.append(f"val_loss {m['val_loss']:.4f} val_top1 {m['val_top1']:.2f}")
     return "  ".join(parts + [f"{m['seconds']:.1f}s"])
+
+
+# --- stopping on a signal ----------------------------------------------------------------------------------------
+
+_STOP: dict = {"signum": None, "depth": 0}  # a pending stop request; how many fit() calls are running
+
+
+class Stopped(KeyboardInterrupt):
+    """Training was stopped by a signal (see :func:`stop_on_signals`); the last checkpoint is intact."""
+
+    def __init__(self, signum: int | None = None):
+        self.signum = int(signum if signum is not None else signal.SIGTERM)
+        super().__init__(f"stopped by {signal.Signals(self.signum).name}")
+
+    @property
+    def exit_code(self) -> int:
+        """The shell convention for death by this signal (143 for SIGTERM)."""
+        return 128 + self.signum
+
+
+@contextmanager
+def stop_on_signals(signums: Sequence[int] = (signal.SIGTERM,)) -> Iterator[None]:
+    """While active, ``signums`` raise :class:`Stopped` instead of killing the process.
+
+    Inside :func:`fit` the stop waits for the next step boundary (under DDP every rank stops at the same
+    one, so none is left waiting in a collective); elsewhere, or on a second signal, it is immediate.
+    Either way no file is left half-written: checkpoints are replaced atomically. Installs signal
+    handlers, which Python allows only in the main thread: elsewhere it changes nothing.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {s: signal.signal(s, _on_signal) for s in signums}
+    _STOP["signum"] = None
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        _STOP["signum"] = None
+
+
+def _on_signal(signum: int, frame) -> None:
+    if _STOP["depth"] == 0 or _STOP["signum"] is not None:
+        raise Stopped(signum)
+    _STOP["signum"] = signum
+
+
+def _stop_pending() -> bool:
+    return _STOP["signum"] is not None
+
+
+@contextmanager
+def _stops_deferred() -> Iterator[None]:
+    """Mark a running fit(): a signal then only sets the request that the step loop checks."""
+    _STOP["depth"] += 1
+    try:
+        yield
+    finally:
+        _STOP["depth"] -= 1
