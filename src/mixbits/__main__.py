@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from . import __version__
-from .commands import cost, demo, evaluate, listing, search, train
+from .commands import cost, demo, evaluate, export, listing, lut, report, search, train
 from .errors import MixbitsError
 
 COMMANDS = {
@@ -14,7 +14,10 @@ COMMANDS = {
     "search": (search, "find a policy per budget with a search method, then fine-tune each"),
     "eval": (evaluate, "evaluate a trained run on the test split"),
     "cost": (cost, "per-layer cost table (MACs, params, bits, BitOPs) of a model under a policy"),
-    "list": (listing, "list models, datasets and shipped configs"),
+    "report": (report, "Markdown and plots for a run or a benchmark result"),
+    "export": (export, "export a quantized run: QDQ ONNX, packed integer weights, checked against PyTorch"),
+    "lut": (lut, "measure a per-layer latency table on this machine"),
+    "list": (listing, "list models, datasets, search methods and shipped configs"),
     "demo": (demo, "Fashion-MNIST end to end in a few minutes: float, uniform QAT, cost table"),
 }
 

@@ -1,0 +1,155 @@
+"""Export fidelity: ONNX Runtime against PyTorch on the Fashion-MNIST test set, and packed bytes on disk
+against the size the cost model predicts.
+
+    python benchmarks/export.py [--run RUN_DIR] [--samples 10000] [--opset N]
+
+ResNet-20 at uniform W2A2, W3A3, W4A4 and one mixed policy (layer1 at W6A6, layer2 at W3A5, layer3
+at W2A2; first and last layer at 8 bits) is exported to QDQ ONNX and to the packed format. For each:
+max |ONNX Runtime - PyTorch| over the test set, the samples whose logits differ by more than 1e-3 of
+the largest logit, each layer alone on PyTorch's own inputs, top-1 agreement, and packed weight bytes
+against ``size_bits(stats, policy) / 8``.
+
+Weights: with --run, a trained run (a float run is quantized at each policy with calibrated steps; a
+quantized run also contributes its own trained policy). Without it, random weights with BatchNorm
+statistics from 2,048 training images and, per policy, a least-squares linear head fitted to the
+quantized model's features on 5,000 training images (so the logits carry real margins; nothing else
+is trained). Writes benchmarks/results/export.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import markdown_table, write_result  # noqa: E402
+
+from mixbits import Policy, SearchSpace  # noqa: E402
+from mixbits.data import DataConfig, build_loaders  # noqa: E402
+from mixbits.export import export_onnx, pack_model  # noqa: E402
+from mixbits.models import create  # noqa: E402
+from mixbits.pipeline import load_trained  # noqa: E402
+from mixbits.quant import apply_policy, calibrate, quantize_model  # noqa: E402
+
+SHAPE = (1, 28, 28)
+COLUMNS = ["policy", "max_abs_diff", "rel_diff", "differing", "layer_rel_diff", "agreement_%", "top1_torch",
+           "top1_onnx", "onnx_KB", "packed_params_B", "predicted_B", "file_B"]
+
+
+def _take(loader, n: int) -> torch.Tensor:
+    xs, ys, left = [], [], n
+    for x, y in loader:
+        xs.append(x[:left])
+        ys.append(y[:left])
+        left -= xs[-1].shape[0]
+        if left <= 0:
+            break
+    return torch.cat(xs), torch.cat(ys)
+
+
+@torch.no_grad()
+def random_model(train_loader) -> nn.Module:
+    """Random ResNet-20 with BatchNorm statistics from 2,048 training images."""
+    torch.manual_seed(0)
+    model = create("resnet20", num_classes=10, in_chans=1).train()
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.momentum = None  # cumulative average over the batches below
+    for chunk in _take(train_loader, 2048)[0].split(256):
+        model(chunk)
+    return model.eval()
+
+
+@torch.no_grad()
+def fit_head(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> None:
+    """Least-squares linear head on the (quantized) model's own features, so its logits carry real margins."""
+    feats = []
+    hook = model.fc.register_forward_hook(lambda m, i, o: feats.append(i[0]))
+    for chunk in x.split(500):
+        model(chunk)
+    hook.remove()
+    phi = torch.cat([torch.cat(feats), torch.ones(len(x), 1)], 1).double()
+    gram = phi.T @ phi
+    ridge = 1e-3 * gram.trace() / len(gram) * torch.eye(len(gram), dtype=gram.dtype)
+    w = torch.linalg.solve(gram + ridge, phi.T @ (nn.functional.one_hot(y, 10).double() * 10 - 5))
+    model.fc.weight.copy_(w[:-1].T.float())
+    model.fc.bias.copy_(w[-1].float())
+
+
+def policies(space: SearchSpace) -> dict[str, Policy]:
+    mixed = Policy.from_rules(space, (4, 4), {r"re:layer1\..*": (6, 6), r"re:layer2\..*": (3, 5),
+                                              r"re:layer3\..*": (2, 2)})
+    return {"uniform W2A2": Policy.uniform(space, 2), "uniform W3A3": Policy.uniform(space, 3),
+            "uniform W4A4": Policy.uniform(space, 4), "mixed 6/6,3/5,2/2": mixed}
+
+
+def models_to_export(args, train_loader) -> tuple[str, dict[str, nn.Module]]:
+    calib = _take(train_loader, 256)[0]
+    if args.run:
+        trained, card, _ = load_trained(args.run)
+        base = card.float_model()
+        state = {k: v for k, v in trained.state_dict().items() if "w_quant." not in k and "a_quant." not in k}
+        base.load_state_dict(state)
+        extra = {"the run's own (trained)": trained.eval()} if card.policy is not None else {}
+        kind = "quantized" if extra else "float"
+        source = (f"trained {kind} run {args.run} ({card.name}); the policies below quantize its float weights with "
+                  "calibrated steps (no QAT)")
+    else:
+        base, extra = random_model(train_loader), {}
+        source = ("random weights (not trained): BatchNorm statistics from training images, calibrated steps, and a "
+                  "least-squares head fitted to each quantized model's features on 5,000 training images")
+    space = SearchSpace.from_model(base)
+    out, head_data = dict(extra), None if args.run else _take(train_loader, 5000)
+    for name, policy in policies(space).items():
+        model = apply_policy(quantize_model(copy.deepcopy(base), space), policy)
+        calibrate(model, calib)
+        if head_data is not None:
+            fit_head(model.eval(), *head_data)
+            calibrate(model, calib)  # the new head's weight step
+        out[name] = model.eval()
+    return source, out
+
+
+def measure(name: str, model: nn.Module, test_loader, samples: int, opset, tmp: Path) -> dict:
+    x, y = _take(test_loader, samples)
+    start = time.perf_counter()
+    batches = list(zip(x.split(500), y.split(500), strict=True))
+    onnx = export_onnx(model, SHAPE, tmp / "model.onnx", opset=opset, check_inputs=batches, max_mismatch=1.0,
+                       min_agreement=0.0)
+    packed = pack_model(model, tmp / "model.mxb", input_shape=SHAPE)
+    c = onnx.check
+    print(f"  {name}: {time.perf_counter() - start:.0f} s", flush=True)
+    return {"policy": name, "max_abs_diff": c["max_abs_diff"], "rel_diff": c["rel_diff"],
+            "differing": f"{c['differing_samples']}/{c['samples']}", "layer_rel_diff": c["layer_max_rel_diff"],
+            "agreement_%": round(c["top1_agreement"], 2), "top1_torch": round(c["top1_torch"], 2),
+            "top1_onnx": round(c["top1_onnx"], 2), "onnx_KB": round(onnx.bytes / 1e3, 1),
+            "packed_params_B": packed.param_bytes, "predicted_B": packed.predicted_bytes,
+            "file_B": packed.file_bytes, "opset": onnx.opset, "types": onnx.layers, "packed": packed.to_dict()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--run", help="trained run directory or checkpoint (default: random weights)")
+    parser.add_argument("--samples", type=int, default=10000, help="test images compared (default: all 10,000)")
+    parser.add_argument("--opset", type=int, help="ONNX opset (default: the highest onnxruntime runs)")
+    parser.add_argument("--data-dir", help="Fashion-MNIST directory (default: the Debian package's)")
+    args = parser.parse_args()
+    train_loader, _, test_loader, _ = build_loaders(DataConfig(root=args.data_dir, eval_batch_size=500), 0)
+    source, models = models_to_export(args, train_loader)
+    print(f"weights: {source}", flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        rows = [measure(name, m, test_loader, args.samples, args.opset, Path(tmp)) for name, m in models.items()]
+    print(markdown_table(rows, COLUMNS))
+    path = write_result("export", {"model": "resnet20", "weights": source, "samples": args.samples, "rows": rows})
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,157 @@
+"""Latency lookup tables measured on this machine, in the ``mixbits.latency/1`` format budgets read.
+
+Every (layer, w, a) the search space allows is timed on its own: the layer's QDQ subgraph, exactly
+as ``export_onnx`` writes it (input QuantizeLinear/DequantizeLinear, integer weight and its
+DequantizeLinear, Conv or Gemm), with the layer's real shapes at batch 1, run by onnxruntime. The
+weights are random codes: timing does not depend on their values. ``runtime="torch"`` times the
+fake-quant PyTorch layer instead (what training and evaluation pay, not a deployment figure).
+
+A table only says what this runtime does here: onnxruntime's CPU kernels compute in 8 bits or in
+float whatever the bit-width, so below 8 bits the entries differ by noise and by narrow-type
+(de)quantization overhead rather than by arithmetic savings.
+"""
+
+from __future__ import annotations
+
+import itertools
+import platform
+import statistics
+import time
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..cost import LatencyTable, profile
+from ..errors import MixbitsError, did_you_mean
+from ..quant import integer_range, quant_layers, space_of
+from ..quant.layers import QuantLayer, quantized_class
+from ..space import SearchSpace
+
+RUNTIMES = ("onnxruntime", "torch")
+
+
+def _median_ms(fn: Callable[[], object], repeats: int, warmup: int) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return 1e3 * statistics.median(times)
+
+
+def _resolve(model, space: SearchSpace | None, input_shape) -> tuple[nn.Module, SearchSpace, tuple[int, ...]]:
+    """(model, space, input shape) from a ModelCard or a model plus the arguments."""
+    from ..pipeline import ModelCard
+
+    if isinstance(model, ModelCard):
+        input_shape = input_shape if input_shape is not None else model.input_shape
+        space = space if space is not None else model.space
+        model = model.float_model()
+    if space is None and quant_layers(model):
+        space = space_of(model)
+    if space is None:
+        raise MixbitsError("no search space to measure: pass space=SearchSpace.from_model(model) or a quantized model")
+    if input_shape is None:
+        raise MixbitsError("input_shape (C, H, W) is needed to give every layer its real shapes, e.g. (1, 28, 28)")
+    return model, space, tuple(int(s) for s in input_shape)
+
+
+def _input_signed(module: nn.Module, name: str, space: SearchSpace) -> bool:
+    """The layer's own input sign when it is calibrated; else signed for the first layer (normalised images)."""
+    if isinstance(module, QuantLayer) and module.a_quant._signed is not None:
+        return module.a_quant.signed
+    return name == space.layers[0]
+
+
+def _synthetic_spec(name: str, module: nn.Module, w: int, a: int, signed: bool, rank: int):
+    from .onnx_export import LayerSpec, _conv_attrs
+
+    qmin, qmax = integer_range(w, True)
+    codes = np.random.default_rng(0).integers(qmin, qmax + 1, size=tuple(module.weight.shape), dtype=np.int32)
+    bias = None if module.bias is None else module.bias.detach().float().cpu().numpy()
+    conv = isinstance(module, nn.Conv2d)
+    return LayerSpec(name, "conv" if conv else "linear", codes, np.full(1, 0.01, np.float32), np.float32(0.05),
+                     signed, w, a, bias, _conv_attrs(module) if conv else {}, in_ranks=(rank,))
+
+
+def _onnx_timer(name, module, space, in_shape, opset: int, threads: int | None):
+    from .onnx_export import choose_types, layer_model, session
+
+    signed = _input_signed(module, name, space)
+    x = np.random.default_rng(1).standard_normal((1, *in_shape)).astype(np.float32)
+
+    def timer(w: int, a: int, repeats: int, warmup: int) -> float:
+        spec = _synthetic_spec(name, module, w, a, signed, x.ndim)
+        proto = layer_model(spec, choose_types(spec, opset), opset, x.shape)
+        sess = session(proto.SerializeToString(), threads)
+        return _median_ms(lambda: sess.run(None, {"x": x}), repeats, warmup)
+
+    return timer
+
+
+def _float_twin(m: nn.Module) -> nn.Module:
+    """A fresh float layer of the same shape (the given one may be quantized already)."""
+    if isinstance(m, nn.Conv2d):
+        return nn.Conv2d(m.in_channels, m.out_channels, m.kernel_size, stride=m.stride, padding=m.padding,
+                         dilation=m.dilation, groups=m.groups, bias=m.bias is not None, padding_mode=m.padding_mode)
+    return nn.Linear(m.in_features, m.out_features, bias=m.bias is not None)
+
+
+def _torch_timer(name, module, space, in_shape):
+    x = torch.randn(1, *in_shape)
+
+    def timer(w: int, a: int, repeats: int, warmup: int) -> float:
+        twin = _float_twin(module)
+        layer = quantized_class(twin).from_float(twin, [w], [a]).eval()
+        with torch.inference_mode():
+            return _median_ms(lambda: layer(x), repeats, max(warmup, 1))  # the first call initialises the steps
+
+    return timer
+
+
+def _device(runtime: str, threads: int | None) -> str:
+    cpu = platform.processor() or platform.machine() or "cpu"
+    if runtime == "torch":
+        return f"{cpu}, torch {torch.__version__} fake-quant, {torch.get_num_threads()} threads"
+    import onnxruntime as ort
+
+    return f"{cpu}, onnxruntime {ort.__version__} CPUExecutionProvider, {threads or 'default'} threads"
+
+
+def measure_latency_table(model, space: SearchSpace | None = None, input_shape=None, runtime: str = "onnxruntime",
+                          repeats: int = 10, warmup: int = 2, threads: int | None = None, opset: int | None = None,
+                          progress: Callable[[str], None] | None = None) -> LatencyTable:
+    """Time every layer of ``space`` at every (w, a) it may take; returns the table (in ms, batch 1).
+
+    ``model`` is a ModelCard (its float model, space and input shape) or a model, float or quantized
+    (its own space when ``space`` is None). Each entry is the median of ``repeats`` runs after
+    ``warmup`` runs; ``progress`` is called with each layer's name as it starts.
+    """
+    if runtime not in RUNTIMES:
+        raise MixbitsError(f"unknown runtime {runtime!r}{did_you_mean(runtime, RUNTIMES)}; use one of {RUNTIMES}")
+    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1 or warmup < 0:
+        raise MixbitsError(f"repeats must be an integer >= 1 and warmup >= 0, got {repeats!r} and {warmup!r}")
+    model, space, input_shape = _resolve(model, space, input_shape)
+    stats = profile(model, input_shape)
+    modules = dict(model.named_modules())
+    if runtime == "onnxruntime":
+        from .onnx_export import resolve_opset
+
+        opset = resolve_opset(opset)
+    layers = {}
+    for name in space.layers:
+        if name not in stats.layers or not stats.layers[name].in_shape:
+            raise MixbitsError(f"layer {name!r} of the space is not a Conv2d/Linear the forward pass reaches"
+                               f"{did_you_mean(name, stats.layers)}")
+        if progress:
+            progress(name)
+        in_shape = stats.layers[name].in_shape
+        timer = (_onnx_timer(name, modules[name], space, in_shape, opset, threads) if runtime == "onnxruntime"
+                 else _torch_timer(name, modules[name], space, in_shape))
+        layers[name] = {LatencyTable.key(w, a): round(timer(w, a, repeats, warmup), 6)
+                        for w, a in itertools.product(*space.candidates(name))}
+    return LatencyTable(layers, "ms", _device(runtime, threads))
