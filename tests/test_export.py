@@ -165,15 +165,8 @@ def test_latency_table_drives_a_budget(tmp_path):
     assert budget.satisfied(stats, Policy.uniform(space, 4), space, loaded)
 
 
-@pytest.fixture(scope="module")
-def trained_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("export") / "w4a4"
-    assert main(["train", "--model", "small_cnn", "--epochs", "1", "--set", "data.max_train_samples=512",
-                 "--set", "quant.fused=false", "--policy", "uniform:4", "--out", str(out)]) == 0
-    return out
-
-
-def test_cli_export_writes_checked_files(trained_run, tmp_path, capsys):
+def test_cli_export_writes_checked_files(tiny_q_run, tmp_path, capsys):
+    trained_run = tiny_q_run.dir  # shared with other tests: read only, everything is written under tmp_path
     out = tmp_path / "exported"
     assert main(["export", str(trained_run), "--out", str(out), "--check-samples", "1000"]) == 0
     assert {p.name for p in out.iterdir()} == {"model.onnx", "model.mxb", "policy.json", "export_report.json"}
@@ -191,7 +184,8 @@ def test_cli_export_writes_checked_files(trained_run, tmp_path, capsys):
         assert torch.equal(loaded(x), model.eval()(x))
 
 
-def test_cli_lut_and_bad_input(trained_run, tmp_path, capsys):
+def test_cli_lut_and_bad_input(tiny_q_run, tmp_path, capsys):
+    trained_run = tiny_q_run.dir  # read only, as above
     lut = tmp_path / "lut.json"
     assert main(["lut", str(trained_run), "--out", str(lut), "--bits", "2,4", "--repeats", "1", "--warmup", "0",
                  "--threads", "1"]) == 0

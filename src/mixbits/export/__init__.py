@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from .packing import PackReport, load_packed, pack_bits, pack_model, packed_size, read_packed, unpack_bits
 
-_ONNX_NAMES = {"ExportReport": "onnx_export", "check_onnx": "onnx_export", "export_onnx": "onnx_export",
+_ONNX_NAMES = {"ExportReport": "onnx_export", "check_onnx": "check", "export_onnx": "onnx_export",
                "measure_latency_table": "latency"}
 
 

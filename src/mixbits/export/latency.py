@@ -68,7 +68,7 @@ def _input_signed(module: nn.Module, name: str, space: SearchSpace) -> bool:
 
 
 def _synthetic_spec(name: str, module: nn.Module, w: int, a: int, signed: bool, rank: int):
-    from .onnx_export import LayerSpec, _conv_attrs
+    from .qdq import LayerSpec, _conv_attrs
 
     qmin, qmax = integer_range(w, True)
     codes = np.random.default_rng(0).integers(qmin, qmax + 1, size=tuple(module.weight.shape), dtype=np.int32)
@@ -79,7 +79,7 @@ def _synthetic_spec(name: str, module: nn.Module, w: int, a: int, signed: bool, 
 
 
 def _onnx_timer(name, module, space, in_shape, opset: int, threads: int | None):
-    from .onnx_export import choose_types, layer_model, session
+    from .qdq import choose_types, layer_model, session
 
     signed = _input_signed(module, name, space)
     x = np.random.default_rng(1).standard_normal((1, *in_shape)).astype(np.float32)
@@ -139,7 +139,7 @@ def measure_latency_table(model, space: SearchSpace | None = None, input_shape=N
     stats = profile(model, input_shape)
     modules = dict(model.named_modules())
     if runtime == "onnxruntime":
-        from .onnx_export import resolve_opset
+        from .qdq import resolve_opset
 
         opset = resolve_opset(opset)
     layers = {}

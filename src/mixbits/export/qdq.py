@@ -1,0 +1,261 @@
+"""One quantized layer as QDQ ONNX nodes, and which integer types and opsets the installed onnxruntime runs.
+
+Each layer's subgraph is built from the integers and scales PyTorch computes (``layer_spec``); its types
+are the narrowest the opset has that onnxruntime actually runs, found by running a probe graph of the
+layer's form once (``choose_types``), else int8/uint8 with a Clip to the layer's range.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import TensorProto, helper, numpy_helper
+from torch import nn
+
+from ..errors import MixbitsError
+from ..quant import integer_range
+from .packing import pack_bits
+
+OPSETS = (25, 21, 13)  # tried in this order when no opset is given
+# Integer types by width, and the opset that introduced each narrow one.
+SIGNED = {8: TensorProto.INT8, 4: TensorProto.INT4, 2: TensorProto.INT2}
+UNSIGNED = {8: TensorProto.UINT8, 4: TensorProto.UINT4, 2: TensorProto.UINT2}
+SINCE = {8: 10, 4: 21, 2: 25}
+WIDTH = {t: w for table in (SIGNED, UNSIGNED) for w, t in table.items()}
+
+
+# one quantized layer as QDQ nodes -----------------------------------------------------------------
+@dataclass
+class LayerSpec:
+    """Everything the QDQ subgraph of one layer needs, as numpy values."""
+
+    name: str
+    kind: str  # "conv" | "linear"
+    codes: np.ndarray  # integer weight codes
+    w_scale: np.ndarray  # float32: one value, or one per output channel
+    a_scale: np.float32
+    a_signed: bool
+    w_bits: int
+    a_bits: int
+    bias: np.ndarray | None = None
+    conv: dict = field(default_factory=dict)  # Conv attributes
+    per_channel: bool = False
+    in_ranks: tuple[int, ...] = ()  # ranks of the inputs it was called with (Linear: 2 uses Gemm)
+
+
+def _conv_attrs(conv: nn.Conv2d) -> dict:
+    kernel, dilation = list(conv.kernel_size), list(conv.dilation)
+    if conv.padding_mode != "zeros" or conv.padding == "valid":
+        pads = [0, 0, 0, 0]  # non-zero padding modes are applied before the layer (see onnx_export._Stub)
+    elif conv.padding == "same":  # torch puts the odd pixel at the end
+        total = [d * (k - 1) for d, k in zip(dilation, kernel, strict=True)]
+        pads = [t // 2 for t in total] + [t - t // 2 for t in total]
+    else:
+        pads = list(conv.padding) * 2
+    return {"kernel_shape": kernel, "strides": list(conv.stride), "pads": pads, "dilations": dilation,
+            "group": conv.groups}
+
+
+def layer_spec(name: str, layer) -> LayerSpec:
+    """The integers and scales of a quantized layer at its fixed bits (what PyTorch computes with)."""
+    if layer.mode != "fixed":
+        raise MixbitsError(f"layer {name!r} is in {layer.mode} mode; set fixed bits with apply_policy before export")
+    w_bits, a_bits = layer.bits
+    for quant, bits, what in ((layer.w_quant, w_bits, "weight"), (layer.a_quant, a_bits, "input")):
+        if not bool(quant.initialized[quant.index(bits)]):
+            raise MixbitsError(f"layer {name!r}: the {what} step of {bits} bits is uncalibrated; run "
+                               "calibrate(model, batch) or train the model first")
+    codes, step = layer.w_quant.integers(layer.weight, w_bits)
+    conv = isinstance(layer, nn.Conv2d)
+    bias = None if layer.bias is None else layer.bias.detach().float().cpu().numpy()
+    return LayerSpec(name, "conv" if conv else "linear", codes.cpu().numpy(),
+                     step.float().cpu().numpy().reshape(-1), np.float32(layer.a_quant.step(a_bits, 1).item()),
+                     layer.a_quant.signed, w_bits, a_bits, bias, _conv_attrs(layer) if conv else {},
+                     layer.w_quant.steps.shape[1] > 1, (4,) if conv else (2,))
+
+
+@dataclass(frozen=True)
+class QTypes:
+    """ONNX integer types of one layer: weight codes, input codes, whether a Clip narrows the input, and
+    the input zero point (128 when a signed input is carried as uint8, for runtimes that need it)."""
+
+    weight: int
+    act: int
+    clip: bool
+    zero_point: int = 0
+
+    def describe(self) -> dict:
+        name = TensorProto.DataType.Name
+        return {"weight_type": name(self.weight).lower(), "act_type": name(self.act).lower(), "clip": self.clip,
+                "zero_point": self.zero_point}
+
+
+def _narrowest(bits: int, table: dict, opset: int, exact: bool) -> int:
+    """The narrowest type of ``table`` holding ``bits`` (exactly ``bits`` wide if ``exact``) at ``opset``."""
+    for width in (2, 4, 8):
+        if (width == bits or (not exact and width > bits) or width == 8) and opset >= SINCE[width]:
+            return table[width]
+    raise AssertionError("unreachable: 8-bit types exist at every opset")
+
+
+def choose_types(spec: LayerSpec, opset: int) -> QTypes:
+    """Narrow types where the opset has them and onnxruntime runs them, else int8/uint8 with a Clip.
+
+    Weights need no Clip (their codes are in range already), so any type at least as wide works.
+    An input type must be exactly ``a_bits`` wide, or int8/uint8 followed by a Clip to the narrower range.
+    """
+    act_table = SIGNED if spec.a_signed else UNSIGNED
+    w_type = _narrowest(spec.w_bits, SIGNED, opset, exact=False)
+    a_type = _narrowest(spec.a_bits, act_table, opset, exact=True)
+    tries = [QTypes(w, a, spec.a_bits < WIDTH[a]) for w in (w_type, SIGNED[8]) for a in (a_type, act_table[8])]
+    if spec.a_signed:  # the same levels, shifted: some onnxruntime fusions only take uint8 inputs
+        tries += [QTypes(w, UNSIGNED[8], spec.a_bits < 8, 128) for w in (w_type, SIGNED[8])]
+    for types in dict.fromkeys(tries):
+        if _runs(spec, types, opset):
+            return types
+    raise MixbitsError(f"onnxruntime {ort.__version__} runs no QDQ form of layer {spec.name!r} at opset {opset}; "
+                       f"try --opset 13")
+
+
+def _int_tensor(name: str, values: np.ndarray, dtype: int):
+    if WIDTH[dtype] == 8:
+        return numpy_helper.from_array(values.astype(np.int8 if dtype == TensorProto.INT8 else np.uint8), name)
+    width = WIDTH[dtype]  # ONNX packs narrow types like pack_bits: element 0 in the lowest bits
+    raw = pack_bits(values.astype(np.int64).reshape(-1) & ((1 << width) - 1), width)
+    return helper.make_tensor(name, dtype, list(values.shape), raw, raw=True)
+
+
+def _scalar(name: str, value, dtype: int):
+    return helper.make_tensor(name, dtype, [], [int(value)])
+
+
+def _weight_inits(spec: LayerSpec, types: QTypes) -> list:
+    n = spec.name
+    zeros = np.zeros(spec.w_scale.shape if spec.per_channel else (), np.int64)
+    scale = spec.w_scale if spec.per_channel else spec.w_scale.reshape(())
+    inits = [_int_tensor(f"{n}.weight_int", spec.codes, types.weight),
+             numpy_helper.from_array(scale.astype(np.float32), f"{n}.weight_scale"),
+             _int_tensor(f"{n}.weight_zero_point", zeros, types.weight)]
+    if spec.bias is not None:
+        inits.append(numpy_helper.from_array(spec.bias.astype(np.float32), f"{n}.bias"))
+    return inits
+
+
+def _input_inits(spec: LayerSpec, types: QTypes) -> list:
+    n = spec.name
+    zp = types.zero_point
+    inits = [numpy_helper.from_array(np.array(spec.a_scale, np.float32), f"{n}.input_scale"),
+             _scalar(f"{n}.input_zero_point", zp, types.act)]
+    if types.clip:
+        lo, hi = integer_range(spec.a_bits, spec.a_signed)
+        inits += [_scalar(f"{n}.input_min", lo + zp, types.act), _scalar(f"{n}.input_max", hi + zp, types.act)]
+    return inits
+
+
+def layer_nodes(spec: LayerSpec, x: str, y: str, types: QTypes) -> tuple[list, list]:
+    """(nodes, initializers) computing ``y`` from ``x`` like the quantized layer; node names derive from ``y``."""
+    n, node = spec.name, helper.make_node
+    codes = f"{y}/input_int"
+    nodes = [node("QuantizeLinear", [x, f"{n}.input_scale", f"{n}.input_zero_point"], [codes], name=f"{y}/Quantize")]
+    if types.clip:
+        nodes.append(node("Clip", [codes, f"{n}.input_min", f"{n}.input_max"], [f"{y}/input_clip"], name=f"{y}/Clip"))
+        codes = f"{y}/input_clip"
+    nodes.append(node("DequantizeLinear", [codes, f"{n}.input_scale", f"{n}.input_zero_point"], [f"{y}/input_dq"],
+                      name=f"{y}/DequantizeInput"))
+    axis = {"axis": 0} if spec.per_channel else {}
+    nodes.append(node("DequantizeLinear", [f"{n}.weight_int", f"{n}.weight_scale", f"{n}.weight_zero_point"],
+                      [f"{y}/weight_dq"], name=f"{y}/DequantizeWeight", **axis))
+    bias = [f"{n}.bias"] if spec.bias is not None else []
+    xd, wd = f"{y}/input_dq", f"{y}/weight_dq"
+    if spec.kind == "conv":
+        nodes.append(node("Conv", [xd, wd, *bias], [y], name=f"{y}/Conv", **spec.conv))
+    elif max(spec.in_ranks or (2,)) <= 2:
+        nodes.append(node("Gemm", [xd, wd, *bias], [y], name=f"{y}/Gemm", transB=1))
+    else:  # inputs of rank > 2 (tokens): MatMul with the transposed weight, then the bias
+        mm = f"{y}/matmul" if bias else y
+        nodes += [node("Transpose", [wd], [f"{y}/weight_t"], name=f"{y}/Transpose", perm=[1, 0]),
+                  node("MatMul", [xd, f"{y}/weight_t"], [mm], name=f"{y}/MatMul")]
+        if bias:
+            nodes.append(node("Add", [mm, *bias], [y], name=f"{y}/Add"))
+    return nodes, _input_inits(spec, types) + _weight_inits(spec, types)
+
+
+def layer_model(spec: LayerSpec, types: QTypes, opset: int, in_shape) -> onnx.ModelProto:
+    """A graph holding only this layer, input ``x`` of shape ``in_shape`` (batch included)."""
+    nodes, inits = layer_nodes(spec, "x", "y", types)
+    graph = helper.make_graph(nodes, spec.name or "layer", [helper.make_tensor_value_info("x", 1, list(in_shape))],
+                              [helper.make_tensor_value_info("y", 1, None)], inits)
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    set_opset(proto, opset)
+    return proto
+
+
+def set_opset(proto, opset: int) -> None:
+    """Declare the standard domain at ``opset`` only (the placeholder domain is gone) and a matching IR version."""
+    del proto.opset_import[:]
+    proto.opset_import.append(helper.make_opsetid("", opset))
+    proto.ir_version = max(7, helper.find_min_ir_version_for(list(proto.opset_import)))
+
+
+def session(data: bytes, threads: int | None = None) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.log_severity_level = 3  # errors only: shape-mismatch notices on dynamic batches are expected
+    if threads:
+        options.intra_op_num_threads = int(threads)
+    return ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+
+
+_RUNS: dict[tuple, bool] = {}
+
+
+def _form(spec: LayerSpec) -> tuple:
+    """What decides whether onnxruntime runs a layer's QDQ graph: its kind and attributes, not its values."""
+    conv = tuple((k, tuple(v) if isinstance(v, list) else v) for k, v in sorted(spec.conv.items()))
+    return (spec.kind, spec.in_ranks, spec.per_channel, spec.codes.shape, conv, spec.bias is not None,
+            spec.a_signed, spec.a_bits)
+
+
+def _probe_input(spec: LayerSpec) -> tuple[int, ...]:
+    if spec.kind == "linear":
+        return (1,) * (max(max(spec.in_ranks or (2,)), 2) - 1) + (spec.codes.shape[1],)
+    size = max(d * (k - 1) + 1 for d, k in zip(spec.conv["dilations"], spec.conv["kernel_shape"], strict=True))
+    return (1, spec.codes.shape[1] * spec.conv["group"], size, size)
+
+
+def _runs(spec: LayerSpec, types: QTypes, opset: int) -> bool:
+    """Whether the installed onnxruntime loads and runs this layer's form with these types (asked once per form)."""
+    key = (_form(spec), types, opset)
+    if key not in _RUNS:
+        probe = replace(spec, codes=np.zeros_like(spec.codes), w_scale=np.ones_like(spec.w_scale))
+        x = np.zeros(_probe_input(spec), np.float32)
+        try:
+            session(layer_model(probe, types, opset, x.shape).SerializeToString()).run(None, {"x": x})
+            _RUNS[key] = True
+        except Exception:  # noqa: BLE001 - any failure means "not supported here"
+            _RUNS[key] = False
+    return _RUNS[key]
+
+
+def _opset_runs(opset: int) -> bool:
+    conv = nn.Conv2d(2, 2, 1)
+    spec = LayerSpec("probe", "conv", np.zeros((2, 2, 1, 1), np.int32), np.ones(1, np.float32), np.float32(1),
+                     False, 8, 7, None, _conv_attrs(conv), in_ranks=(4,))
+    return _runs(spec, QTypes(SIGNED[8], UNSIGNED[8], True), opset)
+
+
+def resolve_opset(opset: int | None) -> int:
+    """The given opset after checking onnxruntime runs QDQ graphs at it, or the highest of OPSETS that runs."""
+    if opset is None:
+        for candidate in OPSETS:
+            if candidate <= onnx.defs.onnx_opset_version() and _opset_runs(candidate):
+                return candidate
+        raise MixbitsError(f"onnxruntime {ort.__version__} runs none of opsets {OPSETS}; upgrade onnxruntime")
+    if isinstance(opset, bool) or not isinstance(opset, int) or not 13 <= opset <= onnx.defs.onnx_opset_version():
+        raise MixbitsError(f"opset must be an integer in 13..{onnx.defs.onnx_opset_version()}, got {opset!r}; "
+                           "21 stores 4-bit codes as int4, 25 also 2-bit codes as int2, 13 uses int8 everywhere")
+    if not _opset_runs(opset):
+        raise MixbitsError(f"onnxruntime {ort.__version__} cannot run opset {opset}; try 21 or 13")
+    return opset
