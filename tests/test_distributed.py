@@ -115,6 +115,40 @@ def test_torchrun_two_ranks_train_as_one_process_with_the_global_batch(tmp_path)
     assert ddp_stdout.count('"test_top1"') == 1  # one result printed, by rank 0
 
 
+@pytest.mark.skipif(not TORCHRUN.exists(), reason="needs torchrun beside the Python interpreter")
+def test_torchrun_search_chooses_on_rank_0_and_fine_tunes_as_one_process(tmp_path):
+    data_dir = write_fashion_mnist(tmp_path / "data", n_train=600, n_test=100)
+    launcher = tmp_path / "launch.py"
+    launcher.write_text(LAUNCHER)
+    common = ["--model", "tiny_convnet", "--data-dir", str(data_dir), "--set", "quant.fused=false",
+              "--set", "data.augment=false"]
+    fp = tmp_path / "fp"
+    finish(start([sys.executable, str(launcher), "train", *common, "--epochs", "1", "--out", str(fp)],
+                 tmp_path / "w0"))
+    search = [str(launcher), "search", *common, "--method", "random", "--init", str(fp), "--budget",
+              "bitops<=uniform:3,uniform:4", "--finetune-epochs", "1", "--lr", "0.01",
+              "--set", "search.options={samples: 4, eval_batches: 1, bn_batches: 1}"]
+    single_out, ddp_out = tmp_path / "single", tmp_path / "ddp"
+    single = start([sys.executable, *search, "--batch-size", str(2 * PER_RANK_BATCH), "--out", str(single_out)],
+                   tmp_path / "w1")
+    ddp = start([str(TORCHRUN), "--standalone", "--nproc_per_node", "2", *search,
+                 "--batch-size", str(PER_RANK_BATCH), "--out", str(ddp_out)], tmp_path / "w2")
+    finish(single)
+    ddp_stdout = finish(ddp)
+
+    want, got = (json.loads((d / "search.json").read_text()) for d in (single_out, ddp_out))
+    assert got["policies"] == want["policies"]  # rank 0 searched on the global batch, as the single process did
+    for i in range(2):
+        single_ckpt, ddp_ckpt = (torch.load(d / "finetune" / f"budget{i}" / "checkpoint.pt", weights_only=True)
+                                 for d in (single_out, ddp_out))
+        for name, tensor in single_ckpt["model"].items():
+            torch.testing.assert_close(ddp_ckpt["model"][name], tensor, rtol=1e-5, atol=1e-6, msg=name)
+    single_rows, ddp_rows = (json.loads((d / "result.json").read_text()) for d in (single_out, ddp_out))
+    assert [r["test_top1"] for r in ddp_rows] == [r["test_top1"] for r in single_rows]
+    assert sorted(p.name for p in (tmp_path / "w2").iterdir()) == ["rank0"]  # rank 1 wrote nothing
+    assert ddp_stdout.count('"search_seconds"') == 2  # one row per budget, printed once, by rank 0
+
+
 # --- the collectives, on two processes joined by a FileStore -----------------------------------------------------
 
 

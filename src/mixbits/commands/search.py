@@ -3,6 +3,11 @@
     mixbits search --method hawq --init runs/fp --budget "bitops<=uniform:2,uniform:3,uniform:4" --out runs/hawq
     mixbits search --method random --init runs/fp --budget "bitops<=uniform:3;size<=80KB" --finetune-epochs 3
 
+Under torchrun the search runs on rank 0 (with the global batch), its result is broadcast, and every
+rank fine-tunes the found policies data-parallel (see docs/distributed.md):
+
+    torchrun --standalone --nproc_per_node 8 -m mixbits search --device cuda --method hawq --init runs/fp ...
+
 Writes to --out: search.json (method, budgets, policies, trace, seconds), front.json (every evaluated
 point), policies/budget<i>.json, finetune/budget<i>/ (a `mixbits train` run per policy) and
 result.json (one row per budget). Every budget is checked for feasibility before anything runs; a
@@ -14,7 +19,9 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -28,7 +35,16 @@ from ..pipeline import float_card, resolve_checkpoint, search_space
 from ..quant import calibrate, quantize_model, set_fused
 from ..search import SearchContext, run_searcher
 from ..space import Policy
-from ..train import load_checkpoint, load_model_state
+from ..train import (
+    Stopped,
+    barrier,
+    broadcast_object,
+    init_from_env,
+    launch_rank,
+    load_checkpoint,
+    load_model_state,
+    stop_on_signals,
+)
 from ..utils import atomic_write_text, seed_everything
 from .common import add_config_arguments, config_from_args
 from .train import train
@@ -50,14 +66,36 @@ def run(args) -> int:
     args.set = [f"{key}={getattr(args, flag)!r}" if isinstance(getattr(args, flag), str)
                 else f"{key}={getattr(args, flag)}" for flag, key in overrides.items()
                 if getattr(args, flag) is not None] + list(args.set)
-    rows = search(config_from_args(args), resume=args.resume)
-    print(json.dumps(rows, indent=2))
+    cfg = config_from_args(args)
+    with stop_on_signals():
+        try:
+            rows = search(cfg, resume=args.resume)
+        except Stopped as e:
+            print(f"mixbits search: {e}; the last checkpoint is kept, continue with --resume", file=sys.stderr)
+            return e.exit_code
+    if launch_rank() == 0:
+        print(json.dumps(rows, indent=2))
     return 0
 
 
 def search(cfg: RunConfig, resume: bool = False, progress: bool | None = None) -> list[dict]:
-    """Search, then fine-tune each found policy; returns one summary row per budget."""
+    """Search, then fine-tune each found policy; returns one summary row per budget.
+
+    Under torchrun (WORLD_SIZE > 1) rank 0 searches alone, on the loaders one process with the global
+    batch would use, and broadcasts the result; every rank then fine-tunes each policy data-parallel.
+    Only rank 0 writes. Every process returns the same rows.
+    """
     cfg.validate()
+    ctx = init_from_env(cfg.device)
+    try:
+        rows = _search(cfg, ctx, resume, progress)
+        barrier()
+    finally:
+        ctx.cleanup()
+    return rows
+
+
+def _search(cfg: RunConfig, dist_ctx, resume: bool, progress: bool | None) -> list[dict]:
     if cfg.init is None:
         raise MixbitsError("search needs a trained float model to start from: pass --init FLOAT_RUN "
                            "(train one with `mixbits train`)")
@@ -66,7 +104,8 @@ def search(cfg: RunConfig, resume: bool = False, progress: bool | None = None) -
         raise MixbitsError(f"{str(out)!r} already holds a search; pass --resume to reuse it or choose another --out")
     set_fused(cfg.quant.fused)
     seed_everything(cfg.train.seed)
-    train_loader, val_loader, _, train_set = build_loaders(cfg.data, cfg.train.seed)
+    global_data = replace(cfg.data, batch_size=cfg.data.batch_size * dist_ctx.world_size)
+    train_loader, val_loader, _, train_set = build_loaders(global_data, cfg.train.seed)
     card = float_card(cfg.model, train_set.num_classes, train_set.in_chans, train_set.image_size)
     float_model = card.float_model()
     source = resolve_checkpoint(cfg.init)
@@ -78,16 +117,20 @@ def search(cfg: RunConfig, resume: bool = False, progress: bool | None = None) -
     budgets = parse_budgets(cfg.search.budget)
     for budget in budgets:
         check_feasible(budget, stats, space, latency)
-    out.mkdir(parents=True, exist_ok=True)
-    cfg.save(out / "config.yaml")
-    result = _load_or_search(cfg, out, resume, SearchContext(
-        model=_quantized(float_model, space, cfg, next(iter(train_loader))[0]), space=space, stats=stats,
-        budgets=budgets, train_loader=train_loader, val_loader=val_loader, options=dict(cfg.search.options),
-        float_model=float_model, latency=latency, run_dir=out, device=torch.device(cfg.device),
-        seed=cfg.train.seed, progress=progress))
+    result = None
+    if dist_ctx.is_main():
+        out.mkdir(parents=True, exist_ok=True)
+        cfg.save(out / "config.yaml")
+        result = _load_or_search(cfg, out, resume, SearchContext(
+            model=_quantized(float_model, space, cfg, next(iter(train_loader))[0]), space=space, stats=stats,
+            budgets=budgets, train_loader=train_loader, val_loader=val_loader, options=dict(cfg.search.options),
+            float_model=float_model, latency=latency, run_dir=out, device=dist_ctx.device,
+            seed=cfg.train.seed, progress=progress))
+    result = broadcast_object(result)
     rows = [_finetune(cfg, out, i, budget, Policy.from_dict(p), stats, result, resume, progress)
             for i, (budget, p) in enumerate(zip(result["budgets"], result["policies"], strict=True))]
-    atomic_write_text(out / "result.json", json.dumps(rows, indent=2) + "\n")
+    if dist_ctx.is_main():
+        atomic_write_text(out / "result.json", json.dumps(rows, indent=2) + "\n")
     return rows
 
 

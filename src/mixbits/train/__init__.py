@@ -11,6 +11,7 @@ from .distributed import (
     broadcast_module_state,
     broadcast_object,
     init_from_env,
+    launch_rank,
     unwrap,
     wrap_ddp,
 )
@@ -47,6 +48,7 @@ __all__ = [
     "fit",
     "init_from_env",
     "kd_loss",
+    "launch_rank",
     "load_checkpoint",
     "load_model_state",
     "lr_factor",

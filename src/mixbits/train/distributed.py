@@ -77,6 +77,11 @@ def init_from_env(device: str | torch.device = "cpu") -> DistContext:
     return DistContext(dist.get_rank(), dist.get_world_size(), local_rank, device, owns)
 
 
+def launch_rank() -> int:
+    """This process's rank as torchrun set it (0 for a plain process), readable with no process group."""
+    return _env_int("RANK", 0)
+
+
 def _env_int(name: str, default: int) -> int:
     value = os.environ.get(name, "")
     try:
