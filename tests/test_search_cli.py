@@ -36,6 +36,8 @@ def test_search_writes_policies_within_budget_and_finetunes_each(hawq_run):
         assert budget.satisfied(stats, policy, space)
         assert (out / "finetune" / f"budget{i}" / "checkpoint.pt").is_file()
         assert rows[i]["policy"] == policy.describe() and 0 <= rows[i]["test_top1"] <= 100
+        epochs = [json.loads(line) for line in (out / "finetune" / f"budget{i}" / "metrics.jsonl").open()]
+        assert rows[i]["train_seconds"] == pytest.approx(sum(m["seconds"] for m in epochs)) and epochs
     assert (out / "hawq_traces.json").is_file() and (out / "front.json").is_file()
 
 
@@ -44,8 +46,11 @@ def test_search_refuses_to_overwrite_and_resumes(hawq_run, capsys):
     before = (out / "search.json").read_bytes()
     assert main([*argv, "--out", str(out)]) == 2
     assert "--resume" in capsys.readouterr().err
+    rows = json.loads((out / "result.json").read_text())
     assert main([*argv, "--out", str(out), "--resume"]) == 0  # reuses the search and the finished fine-tunes
     assert (out / "search.json").read_bytes() == before
+    resumed = json.loads((out / "result.json").read_text())  # the training time of the runs, not of the reload
+    assert [r["train_seconds"] for r in resumed] == pytest.approx([r["train_seconds"] for r in rows])
 
 
 def test_infeasible_budget_fails_before_anything_is_written(tiny_fp_run, tmp_path, capsys):

@@ -106,14 +106,15 @@ def _train(cfg: RunConfig, ctx: DistContext, resume: bool, progress: bool | None
         run_dir.mkdir(parents=True, exist_ok=True)
     if main and not resume:  # a resumed run keeps its config.yaml until fit() has accepted the settings
         cfg.save(run_dir / "config.yaml")
-    fit(wrap_ddp(model, ctx), train_loader, cfg.train, val_loader=val_loader, teacher=teacher, run_dir=run_dir,
-        resume=resume, device=ctx.device, extra_state={"model_card": card.to_dict()}, progress=progress,
-        is_main_process=main)
+    history = fit(wrap_ddp(model, ctx), train_loader, cfg.train, val_loader=val_loader, teacher=teacher,
+                  run_dir=run_dir, resume=resume, device=ctx.device, extra_state={"model_card": card.to_dict()},
+                  progress=progress, is_main_process=main).history
     result = None
     if main:  # the plain module on one process: exact, and no collective inside the forward
         if resume:
             cfg.save(run_dir / "config.yaml")
-        result = {"run_dir": str(run_dir), **_summary(model, card, test_loader, ctx.device)}
+        result = {"run_dir": str(run_dir), **_summary(model, card, test_loader, ctx.device),
+                  "train_seconds": sum(m["seconds"] for m in history)}  # every epoch's, across resumes
         atomic_write_text(run_dir / "result.json", json.dumps(result, indent=2) + "\n")
     return TrainOutcome(run_dir, broadcast_object(result), ctx.rank)
 
