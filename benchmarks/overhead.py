@@ -25,7 +25,8 @@ from common import markdown_table, ratio, write_result  # noqa: E402
 
 from mixbits import Policy, SearchSpace  # noqa: E402
 from mixbits.models import create  # noqa: E402
-from mixbits.quant import apply_policy, calibrate, quantize_model, set_fused  # noqa: E402
+from mixbits.quant import apply_policy, calibrate, quant_layers, quantize_model, set_fused  # noqa: E402
+from mixbits.search.differentiable import ArchParams, apply_mixture, softmax_rows  # noqa: E402
 
 
 def fp32(model: nn.Module, x: torch.Tensor) -> nn.Module:
@@ -49,9 +50,33 @@ def mixed_policy(model: nn.Module, x: torch.Tensor) -> nn.Module:
     return apply_policy(qmodel, Policy.from_rules(space, (4, 4), overrides))
 
 
+class MixtureSearchNet(nn.Module):
+    """The supernet of the differentiable searches (dnas, ssps, dmpq): every searchable layer runs the composite
+    convolution of its W2-6 x A2-6 candidates, mixed by softmax probabilities of learnable logits."""
+
+    def __init__(self, qmodel: nn.Module, space: SearchSpace):
+        super().__init__()
+        self.qmodel, self.arch = qmodel, ArchParams(space.searchable, space.w_bits, space.a_bits)
+        layers = quant_layers(qmodel)
+        self.searchable = [layers[n] for n in space.searchable]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        apply_mixture(self.searchable, self.arch.probs(softmax_rows))
+        return self.qmodel(x)
+
+
+def mixture_search(model: nn.Module, x: torch.Tensor) -> nn.Module:
+    """One single-level weight + architecture step of the differentiable searches."""
+    space = SearchSpace.from_model(model)
+    qmodel = quantize_model(model, space)
+    calibrate(qmodel, x)
+    return MixtureSearchNet(qmodel, space).to(x.device)
+
+
 # name -> builder(float model, sample batch) -> model to train; FP32 must stay first (the base).
 VARIANTS: dict[str, Callable[[nn.Module, torch.Tensor], nn.Module]] = {
-    "fp32": fp32, "uniform W4A4": uniform_w4a4, "mixed W2-6/A2-6 (searched policies' QAT)": mixed_policy}
+    "fp32": fp32, "uniform W4A4": uniform_w4a4, "mixed W2-6/A2-6 (searched policies' QAT)": mixed_policy,
+    "composite mixture (dnas/ssps/dmpq search step)": mixture_search}
 
 
 def make_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Callable[[], None]:

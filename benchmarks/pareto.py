@@ -4,9 +4,12 @@
     python benchmarks/pareto.py --preset full --device cuda --data-dir DIR
 
 Every method searches at the W2A2-, W3A3- and W4A4-equivalent BitOPs budgets and fine-tunes each
-found policy for the same number of epochs through `mixbits search`. Each point records method,
-budget, seed, top-1, BitOPs, size, average bits, search and training seconds and the policy. A new
-method is one more name in --methods (default: all of SEARCHERS). Writes
+found policy for the same number of epochs through `mixbits search`. Searches that train the weights
+(the supernet methods) train for `search_epochs` per budget first; for them the uniform baseline also
+runs at their total epochs (`uniform` rows with that `epochs`), so each is compared at equal training.
+Each point records method, budget, seed, epochs, top-1, BitOPs, size, average bits, search and
+training seconds and the policy. A new method is one more name in --methods (default: all of
+SEARCHERS). Writes
 benchmarks/results/pareto-<preset>.json, pareto-<preset>.md and pareto-<preset>.png.
 """
 
@@ -30,9 +33,11 @@ BUDGETS = "bitops<=uniform:2,uniform:3,uniform:4"
 # quick: ResNet-20 at half width on a 10,000-image subset of the Fashion-MNIST training split; the
 # test split is always the full 10,000 images. full: the whole data set, full width, for a GPU.
 PRESETS = {
-    "quick": {"width": 0.5, "train_samples": 10000, "fp_epochs": 8, "finetune_epochs": 3},
-    "full": {"width": 1.0, "train_samples": None, "fp_epochs": 30, "finetune_epochs": 15},
+    "quick": {"width": 0.5, "train_samples": 10000, "fp_epochs": 8, "finetune_epochs": 3, "search_epochs": 2},
+    "full": {"width": 1.0, "train_samples": None, "fp_epochs": 30, "finetune_epochs": 15, "search_epochs": 10},
 }
+# Methods whose search trains the weights (their `epochs` option): the rest only read the float model.
+TRAINING_SEARCHES = {"dnas", "ssps", "dmpq"}
 
 
 def base_config(args, preset: dict, out: Path, seed: int) -> RunConfig:
@@ -54,17 +59,24 @@ def float_checkpoint(args, preset: dict) -> Path:
     return Path(cfg.out)
 
 
-def run_method(args, preset: dict, fp: Path, method: str, seed: int) -> list[dict]:
-    out = CACHE / f"pareto-{args.preset}" / f"{method}-s{seed}"
+def run_method(args, preset: dict, fp: Path, method: str, seed: int, finetune_epochs: int | None = None) -> list[dict]:
+    """One method at every budget; rows carry `epochs`, all the training the final weights had after the float model."""
+    finetune_epochs = preset["finetune_epochs"] if finetune_epochs is None else finetune_epochs
+    search_epochs = preset["search_epochs"] if method in TRAINING_SEARCHES else 0
+    longer = "" if finetune_epochs == preset["finetune_epochs"] else f"-e{finetune_epochs}"
+    out = CACHE / f"pareto-{args.preset}" / f"{method}{longer}-s{seed}"
     cfg = base_config(args, preset, out, seed)
     cfg.init = str(fp)
     cfg.search.method, cfg.search.budget = method, BUDGETS
-    cfg.search.finetune_epochs = preset["finetune_epochs"]
+    cfg.search.finetune_epochs = finetune_epochs
+    if search_epochs:
+        cfg.search.options = {"epochs": search_epochs}
     cfg.train.lr, cfg.train.weight_decay = 0.01, 1e-4
     rows = search(cfg, resume=(out / "search.json").exists())
     for row in rows:
-        print(f"{method} seed {seed} {row['budget']}: {row['test_top1']:.2f} % at {row['bitops'] / 1e9:.4f} G",
-              flush=True)
+        row["epochs"] = search_epochs + finetune_epochs
+        print(f"{method} seed {seed} {row['budget']} ({row['epochs']} epochs): {row['test_top1']:.2f} % at "
+              f"{row['bitops'] / 1e9:.4f} G", flush=True)
     return rows
 
 
@@ -108,12 +120,15 @@ def main(argv=None) -> None:
         seeds = sorted(set(args.seeds) | ({1} if method in args.extra_seeds_for else set()))
         for seed in seeds:
             rows += run_method(args, preset, fp, method, seed)
+    if "uniform" in args.methods and TRAINING_SEARCHES & set(args.methods):  # uniform at the supernets' total
+        rows += run_method(args, preset, fp, "uniform", 0, preset["search_epochs"] + preset["finetune_epochs"])
     fp_top1 = train_result(fp)
-    columns = ["method", "budget", "seed", "test_top1", "bitops", "size_bytes", "avg_w_bits", "avg_a_bits",
+    columns = ["method", "budget", "seed", "epochs", "test_top1", "bitops", "size_bytes", "avg_w_bits", "avg_a_bits",
                "search_seconds", "train_seconds"]
     table = markdown_table(rows, columns)
     header = (f"preset {args.preset}: {preset}; float model {fp_top1:.2f} % top-1; "
-              f"fine-tune {preset['finetune_epochs']} epochs per policy")
+              f"fine-tune {preset['finetune_epochs']} epochs per policy, after {preset['search_epochs']} search epochs "
+              f"per budget for {', '.join(sorted(TRAINING_SEARCHES & set(args.methods))) or 'no method'}")
     print(f"\n{header}\n\n{table}")
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"pareto-{args.preset}.md").write_text(f"{header}\n\n{table}\n")

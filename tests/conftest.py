@@ -6,6 +6,8 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import torch
+from torch import nn
 
 # Settings every CLI run in the tests shares: small_cnn, 1 epoch on 512 images, eager quantizers (no compiler).
 TINY_RUN = ["--model", "small_cnn", "--epochs", "1", "--set", "data.max_train_samples=512",
@@ -31,3 +33,15 @@ def tiny_q_run(tiny_fp_run) -> SimpleNamespace:
     argv = ["train", *TINY_RUN, "--policy", "uniform:4", "--init", str(tiny_fp_run.dir), "--lr", "0.01"]
     assert main([*argv, "--out", str(out)]) == 0
     return SimpleNamespace(dir=out, argv=argv)
+
+
+def toy_net() -> nn.Sequential:
+    """Three convolutions (two with BatchNorm) and a linear head on 1x8x8 inputs, 3 classes: the searches' toy model.
+
+    Its quantizable layers are named "0", "3", "6" and "10"; the first and the last are fixed by default.
+    """
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+                         nn.Conv2d(4, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(),
+                         nn.Conv2d(6, 6, 3, padding=1), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 3))

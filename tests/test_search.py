@@ -3,6 +3,7 @@ import itertools
 import numpy as np
 import pytest
 import torch
+from conftest import toy_net
 from torch import nn
 
 from mixbits import MixbitsError, Policy, SearchSpace
@@ -13,21 +14,13 @@ from mixbits.search import SEARCHERS, PolicyEvaluator, SearchContext, run_search
 from mixbits.search.hutchinson import hessian_traces
 
 
-def _net():
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
-                         nn.Conv2d(4, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(),
-                         nn.Conv2d(6, 6, 3, padding=1), nn.ReLU(),
-                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 3))
-
-
 def _batches(n=3, seed=0):
     gen = torch.Generator().manual_seed(seed)
     return [(torch.randn(16, 1, 8, 8, generator=gen), torch.randint(0, 3, (16,), generator=gen)) for _ in range(n)]
 
 
 def _context(budgets, options=None, w_bits=(2, 4, 6), a_bits=(2, 4, 6)):
-    model = _net()
+    model = toy_net()
     space = SearchSpace.from_model(model, w_bits, a_bits)
     qmodel = quantize_model(model, space)
     batches = _batches()

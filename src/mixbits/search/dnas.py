@@ -1,0 +1,108 @@
+"""DNAS (Wu et al. 2018): a supernet over per-layer bit-widths with Gumbel-softmax masks and a cost-aware loss.
+
+Follows the paper: each searchable layer's output mixes its (w, a) candidate edges with Gumbel-softmax
+masks m = GumbelSoftmax(θ, τ) drawn every step, τ annealed; the loss is CE · β · (log Cost)^γ with Cost
+the expected cost under m; weights and θ are updated alternately on two splits of the training data;
+at the end several policies are sampled from the learned distribution.
+
+Library choices (options): shared weights with one composite convolution per layer (EdMIPS), which
+equals the sum over the candidate edges because convolution is bilinear; independent w and a masks
+(``joint: true`` for one mask over the pairs); τ from 5.0 multiplied by exp(-0.045) per epoch; an 80/20
+split, SGD for the weights and Adam for θ; β = 0.2, γ = 0.6 (the paper's values are not verified here).
+Cost is measured relative to the budget, Cost = cost_scale · E[cost] / cap (the largest ratio over the
+budget's caps), so the log is positive near the budget; log Cost is floored at 0.01. The paper fine-tunes
+every sampled policy; here the argmax and ``samples`` sampled policies are repaired into the budget and
+scored with ``PolicyEvaluator`` (BatchNorm recalibrated on the supernet's weights, held-out loss), and the
+lowest loss is returned for fine-tuning. Separate weights per edge are not offered: they cost one
+convolution per candidate.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .base import SEARCHERS, SearchContext, SearchResult, method_options
+from .derive import argmax_choice, choice_policy, repair, sample_choice
+from .diff_options import DifferentiableOptions, check_options, is_int, non_negative, positive
+from .differentiable import exponential_temperature, gumbel_softmax, softmax_rows
+from .evaluator import PolicyEvaluator
+from .supernet import BudgetSearch, Derived, MethodSpec, search_each_budget, train_supernet
+
+
+@dataclass
+class DnasOptions(DifferentiableOptions):
+    beta: float = 0.2  # β of CE · β · (log Cost)^γ
+    gamma: float = 0.6  # γ
+    cost_scale: float = 10.0  # Cost at exactly the budget (sets where the log sits)
+    tau_start: float = 5.0  # Gumbel-softmax temperature at epoch 0
+    tau_decay: float = 0.045  # τ = tau_start · exp(-tau_decay · epoch)
+    hard: bool = False  # one-hot masks with straight-through gradients
+    samples: int = 8  # policies sampled from the learned distribution, scored with the argmax policy
+    eval_batches: int = 2  # validation batches per score
+    bn_batches: int = 2  # training batches for BatchNorm recalibration per score
+
+
+@SEARCHERS.register("dnas")
+def dnas_search(ctx: SearchContext) -> SearchResult:
+    """DNAS: Gumbel-softmax supernet, loss CE·β·(log cost)^γ, sampled policies scored under the budget."""
+    opts = method_options(DnasOptions, ctx.options, "dnas")
+    check_options(opts, "dnas", [
+        ("beta", positive(opts.beta), "a number > 0"),
+        ("gamma", non_negative(opts.gamma), "a number >= 0"),
+        ("cost_scale", positive(opts.cost_scale) and opts.cost_scale > 1, "a number > 1"),
+        ("tau_start", positive(opts.tau_start), "a number > 0"),
+        ("tau_decay", non_negative(opts.tau_decay), "a number >= 0"),
+        ("hard", isinstance(opts.hard, bool), "true or false"),
+        ("samples", is_int(opts.samples) and opts.samples >= 0, "a whole number >= 0"),
+        ("eval_batches", is_int(opts.eval_batches) and opts.eval_batches >= 1, "a whole number >= 1"),
+        ("bn_batches", is_int(opts.bn_batches) and opts.bn_batches >= 0, "a whole number >= 0"),
+    ])
+    result = search_each_budget(ctx, "dnas", opts, lambda search: _search_budget(search, opts))
+    result.info["scored_with"] = "PolicyEvaluator (BatchNorm recalibration + held-out loss on the supernet)"
+    return result
+
+
+def dnas_loss(ce: torch.Tensor, ratio: torch.Tensor, opts: DnasOptions) -> torch.Tensor:
+    """CE · β · (log(cost_scale · ratio))^γ, the log floored at 0.01 so the power stays defined."""
+    log_cost = torch.log(opts.cost_scale * ratio).clamp_min(0.01)
+    return ce * opts.beta * log_cost.float() ** opts.gamma
+
+
+def _search_budget(search: BudgetSearch, opts: DnasOptions) -> Derived:
+    arch, ctx = search.arch, search.ctx
+
+    def tau(state) -> float:
+        return exponential_temperature(state.epoch, opts.tau_start, opts.tau_decay)
+
+    def mixing(state):
+        return arch.probs(lambda logits: gumbel_softmax(logits, tau(state), state.generator, opts.hard))
+
+    def arch_loss(state, logits, y, probs):
+        ce = F.cross_entropy(logits, y)
+        ratio = torch.stack(list(search.ratios(probs).values())).max()
+        return dnas_loss(ce, ratio, opts), {"ce": ce.detach(), "cost_over_cap": ratio.detach()}
+
+    def distribution():
+        return arch.probs(softmax_rows)
+
+    history = train_supernet(search, opts, MethodSpec(mixing, arch_loss, distribution,
+                                                      epoch_info=lambda state: {"tau": tau(state)}))
+    with torch.no_grad():
+        pair_probs = distribution().pairs
+    gen = torch.Generator().manual_seed(ctx.seed + search.index)
+    choices = [argmax_choice(pair_probs)] + [sample_choice(pair_probs, gen) for _ in range(opts.samples)]
+    evaluator = PolicyEvaluator(ctx.model, ctx.val_loader, ctx.train_loader, opts.eval_batches, opts.bn_batches,
+                                ctx.device)
+    best, front = None, []
+    for i, choice in enumerate(choices):
+        policy, _ = repair(ctx, arch, choice_policy(ctx, arch, choice), search.budget, pair_probs)
+        score = evaluator(policy)
+        front.append({"budget": search.budget.text, "sample": i, "argmax": i == 0, "policy": policy.to_dict(),
+                      **ctx.cost(policy), **score})
+        if best is None or score["loss"] < best[0]:
+            best = (score["loss"], policy)
+    return Derived(best[1], pair_probs, trace={"epochs": history, "best_loss": best[0],
+                                               "evaluations": evaluator.evaluations}, front=front)

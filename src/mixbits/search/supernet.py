@@ -1,0 +1,241 @@
+"""Training a differentiable supernet through the shared loop, once per budget.
+
+The weights train in ``mixbits.train.fit``; the architecture parameters have their own optimiser, stepped
+by the ``ArchitectureStep`` hook after every weight step: with ``updates: alternating`` on a batch of
+the architecture split (first-order bilevel, as DARTS), with ``updates: single`` from the gradients the
+same loss already left on them. A method supplies a ``MethodSpec`` (how logits become mixing
+probabilities, its loss) and returns a ``Derived`` policy; ``search_each_budget`` does the rest: fresh
+architecture parameters and the same starting weights per budget, repair into the budget, the result.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..budget import Budget
+from ..data import BatchLoader
+from ..data.datasets import split_train_val
+from ..errors import MixbitsError
+from ..quant import QuantLayer, quant_layers
+from ..space import Policy
+from ..train import Hook, StepOutput, TrainConfig, TrainState, fit
+from .base import SearchContext, SearchResult
+from .derive import repair
+from .diff_options import DifferentiableOptions
+from .differentiable import ArchParams, ExpectedCost, LayerProbs, apply_mixture, clear_mixture, cost_ratios
+
+
+@dataclass
+class BudgetSearch:
+    """One budget's search: the model's searchable layers, fresh architecture parameters, the expected cost."""
+
+    ctx: SearchContext
+    arch: ArchParams
+    layers: list[QuantLayer]  # in the order of arch.layers
+    cost: ExpectedCost
+    budget: Budget
+    limits: dict[str, float]
+    index: int  # of the budget in ctx.budgets
+
+    def ratios(self, probs: LayerProbs) -> dict[str, Tensor]:
+        """Expected cost over each cap of the budget."""
+        return cost_ratios(self.cost(probs.pairs), self.limits)
+
+
+ArchLoss = Callable[[TrainState, Tensor, Tensor, LayerProbs], tuple[Tensor, dict]]
+
+
+@dataclass
+class MethodSpec:
+    mixing: Callable[[TrainState], LayerProbs]  # the probabilities of the next forward (may be sampled)
+    arch_loss: ArchLoss  # (state, logits, labels, probs) -> (task loss with cost terms, metrics)
+    distribution: Callable[[], LayerProbs]  # the learned distribution, without sampling noise
+    hooks: list[Hook] = field(default_factory=list)
+    epoch_info: Callable[[TrainState], dict] | None = None  # extra per-epoch trace entries (temperature, ...)
+
+
+@dataclass
+class Derived:
+    policy: Policy  # before repair
+    pair_probs: Tensor  # L×K: repair lowers the layers least sure of their choice first
+    trace: dict = field(default_factory=dict)
+    front: list[dict] = field(default_factory=list)
+
+
+class ArchitectureStep(Hook):
+    """Steps the architecture optimiser after each weight step and keeps a per-epoch trace.
+
+    The trace records the mean gradient norm reaching the lowest-bit candidates' logits (column 0), the
+    mean probability of those candidates and the expected cost over each cap.
+    """
+
+    def __init__(self, search: BudgetSearch, spec: MethodSpec, optimizer: torch.optim.Optimizer, arch_loader=None):
+        self.search, self.spec, self.optimizer, self.arch_loader = search, spec, optimizer, arch_loader
+        self.params = list(search.arch.parameters())
+        self._batches, self._arch_epoch = None, 0
+        self.history: list[dict] = []
+        self._reset()
+
+    def _reset(self) -> None:
+        self._sums: dict[str, Tensor | float] = {}
+        self._count = 0
+
+    def after_step(self, state: TrainState) -> None:
+        if self.arch_loader is not None:
+            x, y = self._next_batch(state.device)
+            probs = self.spec.mixing(state)
+            apply_mixture(self.search.layers, probs)
+            loss, metrics = self.spec.arch_loss(state, state.model(x), y, probs)
+            # Only the architecture gradients: the weights' own update is the loop's business.
+            grads = torch.autograd.grad(loss, self.params, allow_unused=True)
+            for p, g in zip(self.params, grads, strict=True):
+                p.grad = g
+            self._add(metrics)
+        for name, logits in self.search.arch.named_logits().items():
+            if logits.grad is not None:
+                self._add({f"grad_lowest_{name}": logits.grad[:, 0].norm().detach()})
+        self._count += 1
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def _add(self, metrics: dict) -> None:
+        for k, v in metrics.items():
+            v = v.detach() if isinstance(v, Tensor) else v
+            self._sums[k] = self._sums.get(k, 0.0) + v
+
+    def _next_batch(self, device: torch.device):
+        while True:
+            if self._batches is None:
+                if hasattr(self.arch_loader, "set_epoch"):
+                    self.arch_loader.set_epoch(self._arch_epoch)
+                self._batches = iter(self.arch_loader)
+            try:
+                x, y = next(self._batches)
+                return x.to(device), y.to(device)
+            except StopIteration:
+                self._batches, self._arch_epoch = None, self._arch_epoch + 1
+
+    def on_epoch_end(self, state: TrainState, metrics: dict) -> None:
+        with torch.no_grad():
+            probs = self.spec.distribution()
+            ratios = self.search.ratios(probs)
+        entry = {"epoch": state.epoch + 1, **{k: float(v) / max(1, self._count) for k, v in self._sums.items()},
+                 "p_lowest_w": float(probs.w[:, 0].mean()), "p_lowest_a": float(probs.a[:, 0].mean()),
+                 **{f"expected_{m}_over_cap": float(r) for m, r in ratios.items()}}
+        if self.spec.epoch_info is not None:
+            entry.update(self.spec.epoch_info(state))
+        self.history.append(entry)
+        metrics.update({k: v for k, v in entry.items() if k != "epoch"})
+        self._reset()
+
+
+def split_for_architecture(loader, arch_fraction: float, seed: int):
+    """(weight loader, architecture loader): a seeded split of the dataset, or of each epoch's batch positions.
+
+    In-memory loaders split their samples once (a fixed, disjoint split, as DARTS); any other iterable of
+    batches gives every ``1/arch_fraction``-th batch position to the architecture.
+    """
+    if isinstance(loader, BatchLoader) and loader.world_size == 1:
+        weights, arch = split_train_val(loader.dataset, arch_fraction, seed)
+
+        def make(ds, drop_last):
+            return BatchLoader(ds, loader.batch_size, train=True, seed=loader.seed, augment=loader.augment,
+                               drop_last=drop_last)
+
+        return make(weights, loader.drop_last), make(arch, False)
+    n = len(loader)
+    if n < 2:
+        raise MixbitsError(f"alternating updates need at least 2 training batches to split, got {n}; "
+                           "use more data or the option updates: single")
+    n_arch = min(n - 1, max(1, round(n * arch_fraction)))
+    arch_positions = {(k + 1) * n // n_arch - 1 for k in range(n_arch)}
+    return _Positions(loader, set(range(n)) - arch_positions), _Positions(loader, arch_positions, follow=False)
+
+
+class _Positions:
+    """The batches of ``loader`` at fixed positions of each pass."""
+
+    def __init__(self, loader, positions: set[int], follow: bool = True):
+        self.loader, self.positions, self.follow = loader, positions, follow
+
+    def __len__(self) -> int:
+        return len(self.positions)
+
+    def set_epoch(self, epoch: int) -> None:
+        if self.follow and hasattr(self.loader, "set_epoch"):  # only one side may drive the shared loader
+            self.loader.set_epoch(epoch)
+
+    def __iter__(self):
+        return (batch for i, batch in enumerate(self.loader) if i in self.positions)
+
+
+def _arch_optimizer(params, opts: DifferentiableOptions) -> torch.optim.Optimizer:
+    if opts.arch_optimizer == "adam":
+        return torch.optim.Adam(params, lr=opts.arch_lr, betas=(0.5, 0.999), weight_decay=opts.arch_weight_decay)
+    return torch.optim.SGD(params, lr=opts.arch_lr, momentum=0.9, weight_decay=opts.arch_weight_decay)
+
+
+def _objective(search: BudgetSearch, spec: MethodSpec, alternating: bool):
+    def objective(state: TrainState, x: Tensor, y: Tensor) -> StepOutput:
+        probs = spec.mixing(state)
+        apply_mixture(search.layers, probs.detach() if alternating else probs)
+        logits = state.model(x)
+        if alternating:  # the weight step: task loss only; the cost terms do not depend on the weights
+            return StepOutput(F.cross_entropy(logits, y), logits)
+        loss, metrics = spec.arch_loss(state, logits, y, probs)
+        return StepOutput(loss, logits, metrics)
+
+    return objective
+
+
+def train_supernet(search: BudgetSearch, opts: DifferentiableOptions, spec: MethodSpec) -> list[dict]:
+    """Train weights and architecture parameters for ``opts.epochs``; returns the per-epoch trace."""
+    ctx = search.ctx
+    cfg = TrainConfig(epochs=opts.epochs, optimizer=opts.optimizer, lr=opts.lr, momentum=opts.momentum,
+                      weight_decay=opts.weight_decay, seed=ctx.seed)
+    alternating = opts.updates == "alternating"
+    weight_loader, arch_loader = (split_for_architecture(ctx.train_loader, opts.arch_fraction, ctx.seed)
+                                  if alternating else (ctx.train_loader, None))
+    step = ArchitectureStep(search, spec, _arch_optimizer(search.arch.parameters(), opts), arch_loader)
+    try:
+        fit(ctx.model, weight_loader, cfg, objective=_objective(search, spec, alternating),
+            hooks=[step, *spec.hooks], device=ctx.device, progress=ctx.progress)
+    finally:
+        clear_mixture(search.layers)
+    return step.history
+
+
+def search_each_budget(ctx: SearchContext, method: str, opts: DifferentiableOptions,
+                       search_one: Callable[[BudgetSearch], Derived]) -> SearchResult:
+    """Run ``search_one`` per budget from the same starting weights, repair each policy into its budget."""
+    by_name = quant_layers(ctx.model)
+    names = ctx.space.searchable
+    if not names:
+        raise MixbitsError(f"search method {method!r} has nothing to search: every quantized layer is fixed")
+    layers = [by_name[n] for n in names]
+    cost = ExpectedCost(ctx, ArchParams(names, ctx.space.w_bits, ctx.space.a_bits).pairs)
+    start = copy.deepcopy(ctx.model.state_dict())  # every budget starts from these weights; restored at the end
+    policies, trace, front = [], [], []
+    try:
+        for index, budget in enumerate(ctx.budgets):
+            ctx.model.load_state_dict(start)
+            arch = ArchParams(names, ctx.space.w_bits, ctx.space.a_bits, joint=opts.joint).to(ctx.device)
+            search = BudgetSearch(ctx, arch, layers, cost, budget, budget.limits(ctx.stats, ctx.space, ctx.latency),
+                                  index)
+            found = search_one(search)
+            policy, repaired = repair(ctx, arch, found.policy, budget, found.pair_probs)
+            policies.append(policy)
+            trace.append({"budget": budget.text, **found.trace, "derived": found.policy.describe(),
+                          "repair": repaired, "policy": policy.describe(), **ctx.cost(policy)})
+            front.extend(found.front)
+    finally:
+        clear_mixture(layers)
+        ctx.model.load_state_dict(start)
+    return SearchResult(method, list(ctx.budgets), policies, trace=trace, front=front,
+                        info={"options": asdict(opts)})

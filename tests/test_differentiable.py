@@ -1,0 +1,232 @@
+"""The differentiable searches (DNAS, SSPS, DMPQ) and the machinery they share.
+
+The composite convolution itself (mixture == Σ over candidate branches) is covered in test_quant.py.
+"""
+
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+from conftest import toy_net
+from torch import nn
+
+from mixbits import MixbitsError, Policy, SearchSpace
+from mixbits.budget import parse_budget, parse_budgets
+from mixbits.cost import profile
+from mixbits.data import BatchLoader
+from mixbits.data.datasets import ImageDataset
+from mixbits.quant import QConv2d, calibrate, quantize_model
+from mixbits.search import SearchContext, run_searcher
+from mixbits.search.derive import repair
+from mixbits.search.differentiable import (
+    ArchParams,
+    ExpectedCost,
+    LayerProbs,
+    budget_penalty,
+    cost_ratios,
+    decaying_weight,
+    softmax_rows,
+)
+from mixbits.search.dmpq import DecayingSkip
+from mixbits.search.dnas import DnasOptions, dnas_loss
+from mixbits.search.ssps import SequentialFixing, SspsOptions, fixing_steps
+from mixbits.search.supernet import split_for_architecture
+
+BITS = (2, 4, 6)
+# Hand-counted MACs of _net on 1x8x8 inputs: out H·W · C_out · C_in · 3·3 (convs), in · out (linear).
+MACS = {"0": 64 * 4 * 1 * 9, "3": 64 * 6 * 4 * 9, "6": 64 * 6 * 6 * 9, "10": 6 * 3}
+
+
+def _loader(n=96, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    ds = ImageDataset(torch.randint(0, 256, (n, 1, 8, 8), generator=gen, dtype=torch.uint8),
+                      torch.randint(0, 3, (n,), generator=gen), 3, (0.5,), (0.25,), "toy")
+    return BatchLoader(ds, 16, train=True, seed=seed)
+
+
+def _context(budgets, options=None):
+    model = toy_net()
+    space = SearchSpace.from_model(model, BITS, BITS)
+    qmodel = quantize_model(model, space)
+    train = _loader()
+    calibrate(qmodel, next(iter(train))[0])
+    return SearchContext(model=qmodel, space=space, stats=profile(model, (1, 8, 8)), budgets=budgets,
+                         train_loader=train, val_loader=_loader(32, seed=1), options=options or {},
+                         float_model=model.eval())
+
+
+def _arch(ctx, joint=False):
+    return ArchParams(ctx.space.searchable, BITS, BITS, joint=joint)
+
+
+def test_expected_bitops_matches_a_hand_computation():
+    ctx = _context([])
+    arch = _arch(ctx)
+    assert ctx.space.searchable == ("3", "6") and list(ctx.stats.layers) == list(MACS)
+    cost = ExpectedCost(ctx, arch.pairs)
+    pw = torch.tensor([[0.2, 0.3, 0.5], [1.0, 0.0, 0.0]])
+    pa = torch.tensor([[0.6, 0.4, 0.0], [0.1, 0.1, 0.8]])
+    expected = cost(LayerProbs.factored(pw, pa).pairs)["bitops"]
+    mean_bits = lambda p: sum(float(p[i]) * b for i, b in enumerate(BITS))  # noqa: E731
+    by_hand = (MACS["0"] * 64 + MACS["10"] * 64
+               + MACS["3"] * mean_bits(pw[0]) * mean_bits(pa[0]) + MACS["6"] * mean_bits(pw[1]) * mean_bits(pa[1]))
+    assert float(expected) == pytest.approx(by_hand, rel=1e-6)  # float32 probabilities
+    # a one-hot joint distribution costs exactly its policy
+    joint = torch.zeros(2, 9)
+    joint[0, 1 * 3 + 2], joint[1, 0] = 1.0, 1.0  # layer 3 at W4A6, layer 6 at W2A2
+    policy = Policy({"0": (8, 8), "3": (4, 6), "6": (2, 2), "10": (8, 8)})
+    assert float(cost(joint)["bitops"]) == pytest.approx(ctx.cost(policy)["bitops"], rel=1e-12)
+
+
+def test_cost_penalty_gradient_moves_probability_to_cheaper_bits():
+    ctx = _context([])
+    arch = _arch(ctx)
+    cost = ExpectedCost(ctx, arch.pairs)
+    tight = parse_budget("bitops<=uniform:2").limits(ctx.stats, ctx.space)
+    opt = torch.optim.SGD(arch.parameters(), lr=0.5)
+    for _ in range(3):
+        opt.zero_grad()
+        budget_penalty(cost_ratios(cost(arch.probs(softmax_rows).pairs), tight), "hinge").backward()
+        opt.step()
+    probs = arch.probs(softmax_rows)
+    for side in (probs.w, probs.a):  # every layer: strictly more mass on fewer bits
+        assert torch.all(side[:, 0] > side[:, 1]) and torch.all(side[:, 1] > side[:, 2])
+        assert torch.all(side[:, 0] > 1 / 3 + 0.01)
+    # a budget the distribution already meets exerts no pull at all (hinge)
+    loose = parse_budget("bitops<=uniform:8").limits(ctx.stats, ctx.space)
+    arch.zero_grad()
+    budget_penalty(cost_ratios(cost(arch.probs(softmax_rows).pairs), loose), "hinge").backward()
+    assert float(arch.w.grad.abs().sum()) == 0.0
+
+
+def test_dnas_loss_grows_with_cost_and_scales_cross_entropy():
+    opts = DnasOptions()
+    ce = torch.tensor(2.0)
+    low, high = dnas_loss(ce, torch.tensor(0.5), opts), dnas_loss(ce, torch.tensor(2.0), opts)
+    assert float(low) < float(high)
+    expected = 2.0 * opts.beta * math.log(opts.cost_scale * 2.0) ** opts.gamma
+    assert float(high) == pytest.approx(expected, rel=1e-6)
+
+
+def test_sequential_fixing_takes_the_most_certain_layer_and_pins_it():
+    arch = ArchParams(["a", "b", "c"], BITS, BITS)
+    with torch.no_grad():
+        arch.w[1] = torch.tensor([0.0, 0.0, 4.0])  # layer b: almost surely W6, A uniform
+        arch.a[1] = torch.tensor([0.0, 3.0, 0.0])  # ... and A4: the most certain
+        arch.w[2] = torch.tensor([2.0, 0.0, 0.0])  # layer c: fairly sure of W2
+    fixing = SequentialFixing(SimpleNamespace(arch=arch), SspsOptions())
+    fixing.fix_most_certain(step=5)
+    fixing.fix_most_certain(step=9)
+    assert [e["layer"] for e in fixing.order] == ["b", "c"]
+    assert fixing.order[0]["bits"] == [6, 4] and fixing.order[1]["bits"][0] == 2
+    probs = arch.probs(softmax_rows)
+    assert probs.pairs[1, arch.pairs.index((6, 4))] == 1.0  # pinned one-hot
+    (probs.pairs * torch.arange(9.0)).sum().backward()
+    assert arch.w.grad[1].abs().sum() == 0 and arch.a.grad[2].abs().sum() == 0  # decided rows get no gradient
+    assert arch.w.grad[0].abs().sum() > 0  # the undecided layer still does
+    assert fixing_steps(4, 100, 0.3, 0.9) == [30, 50, 70, 90]
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+def test_dmpq_skip_weight_follows_its_schedule(schedule):
+    for p, linear, cosine in [(0.0, 1.0, 1.0), (0.25, 0.75, 0.5 * (1 + math.cos(math.pi / 4))), (0.5, 0.5, 0.5),
+                              (1.0, 0.0, 0.0)]:
+        assert decaying_weight(p, schedule, 1.0) == pytest.approx(linear if schedule == "linear" else cosine)
+    ctx = _context(parse_budgets("bitops<=uniform:4"), {"epochs": 4, "skip_schedule": schedule, "skip_init": 0.8})
+    result = run_searcher("dmpq", ctx)
+    weights = [e["skip_weight"] for e in result.trace[0]["epochs"]]
+    assert weights == pytest.approx([decaying_weight(e / 4, schedule, 0.8) for e in (1, 2, 3, 4)])
+    assert weights[-1] == 0.0
+    assert all(not layer._forward_hooks for layer in ctx.model.modules())  # the skip is gone after the search
+
+
+def test_decaying_skip_adds_the_shortcut_to_the_convolution():
+    conv = QConv2d(4, 6, 3, stride=2, padding=1, w_bits=BITS, a_bits=BITS)
+    x = torch.randn(2, 4, 8, 8)
+    calibrate(nn.Sequential(conv), x)
+    plain = conv(x)
+    skip = DecayingSkip([conv], "linear", 0.5)
+    shortcut = torch.cat([nn.functional.avg_pool2d(x, 2), torch.zeros(2, 2, 4, 4)], dim=1)
+    torch.testing.assert_close(conv(x), plain + 0.5 * shortcut)
+    skip.remove()
+    torch.testing.assert_close(conv(x), plain)
+
+
+def test_repair_lowers_the_least_certain_layer_first():
+    ctx = _context([])
+    arch = _arch(ctx)
+    budget = parse_budget("bitops<=uniform:5")
+    policy = Policy.uniform(ctx.space, 6)
+    pair_probs = torch.full((2, 9), 0.05)
+    pair_probs[0, 8] = 0.9  # layer 3 is sure of W6A6, layer 6 is not
+    fixed, steps = repair(ctx, arch, policy, budget, pair_probs)
+    assert ctx.fits(fixed, budget) and not ctx.fits(policy, budget)
+    assert steps and all(step["layer"] == "6" for step in steps) and fixed["3"] == (6, 6)
+
+
+def test_position_split_is_disjoint_and_covers_every_batch():
+    batches = [(torch.full((2, 1), float(i)), torch.zeros(2, dtype=torch.long)) for i in range(10)]
+    weights, arch = split_for_architecture(batches, 0.2, seed=0)
+    seen_w = [int(x[0, 0]) for x, _ in weights]
+    seen_a = [int(x[0, 0]) for x, _ in arch]
+    assert len(weights) == 8 and len(arch) == 2 and sorted(seen_w + seen_a) == list(range(10))
+    loader_w, loader_a = split_for_architecture(_loader(), 0.25, seed=0)
+    assert len(loader_w.dataset) == 72 and len(loader_a.dataset) == 24
+
+
+CASES = [
+    ("dnas", {"epochs": 2, "samples": 3, "eval_batches": 1, "bn_batches": 1}),
+    ("dnas", {"epochs": 2, "samples": 2, "updates": "single", "joint": True, "hard": True}),
+    ("ssps", {"epochs": 3}),
+    ("ssps", {"epochs": 2, "cell": "sampled", "certainty": "entropy", "updates": "single"}),
+    ("dmpq", {"epochs": 2}),
+    ("dmpq", {"epochs": 2, "regularizer": "l2", "skip_schedule": "linear", "updates": "single", "joint": True}),
+]
+
+
+@pytest.mark.parametrize("method,options", CASES)
+def test_each_method_returns_policies_within_every_budget(method, options):
+    budgets = parse_budgets("bitops<=uniform:3,uniform:5;size<=uniform:4")
+    ctx = _context(budgets, options)
+    before = {k: v.clone() for k, v in ctx.model.state_dict().items()}
+    result = run_searcher(method, ctx)
+    assert len(result.policies) == 2
+    for budget, policy in zip(budgets, result.policies, strict=True):
+        assert ctx.fits(policy, budget)
+    for entry in result.trace:
+        assert len(entry["epochs"]) == options["epochs"]
+        grads = [v for e in entry["epochs"] for k, v in e.items() if k.startswith("grad_lowest_")]
+        assert grads and all(math.isfinite(g) for g in grads)
+    after = ctx.model.state_dict()  # the search leaves the model's weights as it found them
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    if method == "ssps":
+        for entry in result.trace:
+            assert sorted(e["layer"] for e in entry["fixing_order"]) == ["3", "6"]
+            # fixed on schedule during training (one after the first epoch, both by the last), not at the end
+            assert [entry["epochs"][0]["decided"], entry["epochs"][-1]["decided"]] == [1, 2]
+    if method == "dnas":
+        front = [p for p in result.front if p["budget"] == budgets[0].text]
+        best = min(front, key=lambda p: p["loss"])
+        assert Policy.from_dict(best["policy"]) == result.policies[0]
+
+
+def test_dmpq_low_bit_candidates_keep_receiving_gradient_and_runs_are_deterministic():
+    budgets = [parse_budget("bitops<=uniform:4")]
+    first = run_searcher("dmpq", _context(budgets, {"epochs": 3}))
+    second = run_searcher("dmpq", _context(budgets, {"epochs": 3}))
+    assert first.policies == second.policies and first.trace[0]["epochs"] == second.trace[0]["epochs"]
+    for epoch in first.trace[0]["epochs"]:
+        assert epoch["grad_lowest_w"] > 0 and epoch["grad_lowest_a"] > 0
+
+
+def test_bad_options_are_named_with_their_values():
+    ctx = _context(parse_budgets("bitops<=uniform:4"), {"updates": "both", "epochs": 0})
+    with pytest.raises(MixbitsError, match=r"updates: must be one of \['alternating', 'single'\], got 'both'"):
+        run_searcher("dnas", ctx)
+    ctx.options = {"skip_schedule": "step"}
+    with pytest.raises(MixbitsError, match="skip_schedule: must be one of .*got 'step'"):
+        run_searcher("dmpq", ctx)
+    ctx.options = {"fix_start": 0.8, "fix_end": 0.5}
+    with pytest.raises(MixbitsError, match="fix_end: must be a number in \\[fix_start, 1\\], got 0.5"):
+        run_searcher("ssps", ctx)
