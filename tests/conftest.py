@@ -45,3 +45,9 @@ def toy_net() -> nn.Sequential:
                          nn.Conv2d(4, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(),
                          nn.Conv2d(6, 6, 3, padding=1), nn.ReLU(),
                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 3))
+
+
+def toy_batches(n: int = 3, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``n`` seeded batches of 16 random 1x8x8 inputs with labels in 0..2: a loader for toy_net."""
+    gen = torch.Generator().manual_seed(seed)
+    return [(torch.randn(16, 1, 8, 8, generator=gen), torch.randint(0, 3, (16,), generator=gen)) for _ in range(n)]

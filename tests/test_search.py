@@ -3,7 +3,7 @@ import itertools
 import numpy as np
 import pytest
 import torch
-from conftest import toy_net
+from conftest import toy_batches, toy_net
 from torch import nn
 
 from mixbits import MixbitsError, Policy, SearchSpace
@@ -14,19 +14,14 @@ from mixbits.search import SEARCHERS, PolicyEvaluator, SearchContext, run_search
 from mixbits.search.hutchinson import hessian_traces
 
 
-def _batches(n=3, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    return [(torch.randn(16, 1, 8, 8, generator=gen), torch.randint(0, 3, (16,), generator=gen)) for _ in range(n)]
-
-
 def _context(budgets, options=None, w_bits=(2, 4, 6), a_bits=(2, 4, 6)):
     model = toy_net()
     space = SearchSpace.from_model(model, w_bits, a_bits)
     qmodel = quantize_model(model, space)
-    batches = _batches()
+    batches = toy_batches()
     calibrate(qmodel, batches[0][0])
     return SearchContext(model=qmodel, space=space, stats=profile(model, (1, 8, 8)), budgets=budgets,
-                         train_loader=batches, val_loader=_batches(seed=1), options=options or {},
+                         train_loader=batches, val_loader=toy_batches(seed=1), options=options or {},
                          float_model=model.eval())
 
 

@@ -1,0 +1,104 @@
+"""Bidirectional greedy search (seed 002, Eq. 9): walk from a start policy to one that fits a budget.
+
+Inference only and independent of how policies are scored: ``evaluate(policy) -> {"loss": ..}`` may be a
+``PolicyEvaluator`` on a trained supernet or any function (the tests use a known loss table).
+
+Each step builds the neighbours of the current policy (every searchable layer's weight or activation bits
+one candidate down, and with ``bidirectional`` also one up), scores each by
+
+    J_i = L̄(S_i) + λ · C̄(S_i)
+
+with L̄ and C̄ the min-max normalisation over this step's neighbours of the held-out loss and of the cost
+term, and moves to the lowest J (ties: the first neighbour in layer order, down before up, w before a).
+It stops at the first policy that fits (the paper's S* = S^(T) once BitOPs(S^(T)) <= C).
+
+Ours, where the paper says nothing: a move never returns to a policy already on the path (so the walk
+cannot cycle); after ``max_steps`` steps, or when every neighbour is already on the path, the
+walk goes on with descending moves only, which always ends at a fitting policy when the budget is
+feasible.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from tqdm import tqdm
+
+from ..errors import MixbitsError
+from ..space import Policy, SearchSpace
+
+Move = tuple[str, str, int]  # (layer, "w" or "a", +1 up / -1 down)
+
+
+@dataclass
+class GreedyResult:
+    policy: Policy
+    path: list[Policy]  # from the start policy to ``policy``, both included
+    steps: list[dict] = field(default_factory=list)  # per step: the move taken, its loss, cost term and J
+
+
+def neighbours(policy: Policy, space: SearchSpace, bidirectional: bool = True) -> list[tuple[Move, Policy]]:
+    """Every policy one candidate step away on one layer's weight or activation bits."""
+    out = []
+    directions = (-1, 1) if bidirectional else (-1,)
+    for name in space.searchable:
+        w, a = policy[name]
+        for direction in directions:
+            for side, candidates, bits in (("w", space.w_bits, w), ("a", space.a_bits, a)):
+                i = candidates.index(bits) + direction
+                if 0 <= i < len(candidates):
+                    new = (candidates[i], a) if side == "w" else (w, candidates[i])
+                    out.append(((name, side, direction), policy.replace(name, *new)))
+    return out
+
+
+def min_max(values: Sequence[float]) -> list[float]:
+    """Scale to [0, 1]; all equal values map to 0 (no preference)."""
+    low, high = min(values), max(values)
+    if high - low <= 0:
+        return [0.0] * len(values)
+    return [(v - low) / (high - low) for v in values]
+
+
+def descents_to_bottom(policy: Policy, space: SearchSpace) -> int:
+    """How many one-step descents lead from ``policy`` to the lowest candidates everywhere."""
+    return sum(space.w_bits.index(policy[n][0]) + space.a_bits.index(policy[n][1]) for n in space.searchable)
+
+
+def greedy_search(start: Policy, space: SearchSpace, evaluate: Callable[[Policy], dict],
+                  cost_term: Callable[[Policy], float], fits: Callable[[Policy], bool], lam: float = 1.5,
+                  bidirectional: bool = True, max_steps: int | None = None, progress: bool = False,
+                  description: str = "greedy", visited: set | None = None) -> GreedyResult:
+    """Greedy walk from ``start`` until ``fits(policy)``; ``cost_term`` is the cost in J (e.g. BitOPs).
+
+    ``max_steps`` bounds the bidirectional phase (default: twice the descents from ``start`` to the bottom).
+    ``visited`` (policy keys) lets a walk continue an earlier one without revisiting its policies.
+    """
+    policy, path, steps = start, [start], []
+    visited = set(visited or ()) | {start.key()}
+    limit = 2 * descents_to_bottom(start, space) if max_steps is None else max_steps
+    with tqdm(desc=description, disable=not progress, leave=False) as bar:
+        while not fits(policy):
+            two_way = bidirectional and len(steps) < limit
+            options = neighbours(policy, space, two_way)
+            if two_way:
+                options = [(m, p) for m, p in options if p.key() not in visited]
+            if not options and two_way:  # every neighbour already walked: fall back to descents
+                options = neighbours(policy, space, False)
+            if not options:
+                raise MixbitsError(f"greedy search reached the lowest bit-widths without meeting the budget "
+                                   f"({description}); the budget is infeasible for this space")
+            losses = [float(evaluate(p)["loss"]) for _, p in options]
+            costs = [float(cost_term(p)) for _, p in options]
+            scores = [lo + lam * c for lo, c in zip(min_max(losses), min_max(costs), strict=True)]
+            best = min(range(len(options)), key=scores.__getitem__)
+            (name, side, direction), policy = options[best]
+            visited.add(policy.key())
+            path.append(policy)
+            steps.append({"step": len(steps) + 1, "layer": name, "side": side, "direction": direction,
+                          "bits": list(policy[name]), "loss": losses[best], "cost": costs[best], "J": scores[best],
+                          "candidates": len(options)})
+            bar.update(1)
+            bar.set_postfix(loss=f"{losses[best]:.4f}", cost=f"{costs[best]:.4g}", refresh=False)
+    return GreedyResult(policy, path, steps)

@@ -1,0 +1,103 @@
+"""Information distortion mitigation (seed 002, Eq. 8): align a layer's low-bit output with its high-bit output.
+
+Paper form, per layer that ran at its smallest available weight bit-width, with O^S its output and O^H
+the same layer's output under the largest policy of the same step:
+
+    D = E_n[ ‖ max(Q, N(O^S_n)·η + ξ) − max(Q, N(O^H_n)) ‖₂ ] / sqrt(numel(O_n))
+
+N normalises each channel by its batch mean and variance (√(σ² + 1e-5)), η and ξ are learnable per
+channel (initialised to 1 and 0), Q is the floor (``idm_floor``, 0 by default: a ReLU-like rectifier).
+
+Ours, where the paper is not explicit: the target O^H carries no gradient, so its own affine in Eq. 8
+would never learn and is the identity here; the distance is divided by sqrt(elements per sample) so its
+scale does not depend on the layer's size; the layer's own output (before any BatchNorm) is aligned: in
+training mode a following BatchNorm normalises each channel just as N does, so nothing is lost.
+``idm_form: mse`` is the released code's plain mean squared error between the raw outputs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import Tensor, nn
+
+from ...quant import QuantLayer
+
+NORM_EPS = 1e-5
+
+
+def channel_normalise(x: Tensor) -> Tensor:
+    """Per channel (dim 1), zero mean and unit variance over every other dimension."""
+    dims = [d for d in range(x.dim()) if d != 1]
+    mean = x.mean(dim=dims, keepdim=True)
+    var = x.var(dim=dims, keepdim=True, unbiased=False)
+    return (x - mean) / torch.sqrt(var + NORM_EPS)
+
+
+def _channel_shape(x: Tensor) -> tuple[int, ...]:
+    shape = [1] * x.dim()
+    shape[1] = x.shape[1]
+    return tuple(shape)
+
+
+def alignment_loss(low: Tensor, high: Tensor, eta: Tensor | None = None, xi: Tensor | None = None,
+                   floor: float = 0.0, form: str = "paper") -> Tensor:
+    """Eq. 8 distance between ``low`` (trained) and ``high`` (the target: no gradient reaches it)."""
+    high = high.detach()
+    if form == "mse":
+        return (low - high).square().mean()
+    student = channel_normalise(low)
+    if eta is not None:
+        student = student * eta.view(_channel_shape(low)) + xi.view(_channel_shape(low))
+    student = student.clamp_min(floor)
+    target = channel_normalise(high).clamp_min(floor)
+    per_sample = (student - target).flatten(1)
+    return (per_sample.norm(dim=1) / per_sample.shape[1] ** 0.5).mean()
+
+
+class FeatureAlignment(nn.Module):
+    """The learnable per-channel affine (η, ξ) of each searchable layer, and the loss over a pass."""
+
+    def __init__(self, layers: Mapping[str, QuantLayer], floor: float = 0.0, form: str = "paper"):
+        super().__init__()
+        self.floor, self.form = floor, form
+        self.index = {name: i for i, name in enumerate(layers)}
+        channels = [getattr(m, "out_channels", None) or m.out_features for m in layers.values()]
+        self.eta = nn.ParameterList([nn.Parameter(torch.ones(c)) for c in channels])
+        self.xi = nn.ParameterList([nn.Parameter(torch.zeros(c)) for c in channels])
+
+    def loss(self, low: Mapping[str, Tensor], high: Mapping[str, Tensor]) -> Tensor | None:
+        """Mean over the layers in ``low`` of their alignment loss; None when no layer ran at its lowest bits."""
+        terms = []
+        for name, out in low.items():
+            i = self.index[name]
+            terms.append(alignment_loss(out, high[name], self.eta[i], self.xi[i], self.floor, self.form))
+        return torch.stack(terms).mean() if terms else None
+
+
+class OutputCapture:
+    """Forward hooks that keep the outputs of the named layers while ``names`` is set (else nothing)."""
+
+    def __init__(self, layers: Mapping[str, QuantLayer]):
+        self.names: set[str] = set()
+        self.outputs: dict[str, Tensor] = {}
+        self._handles = [layer.register_forward_hook(self._hook(name)) for name, layer in layers.items()]
+
+    def _hook(self, name: str):
+        def keep(module, inputs, output):
+            if name in self.names:
+                self.outputs[name] = output
+
+        return keep
+
+    def start(self, names) -> None:
+        self.names, self.outputs = set(names), {}
+
+    def stop(self) -> dict[str, Tensor]:
+        outputs, self.names, self.outputs = self.outputs, set(), {}
+        return outputs
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()

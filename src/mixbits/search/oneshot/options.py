@@ -1,0 +1,94 @@
+"""The options of ``--method oneshot`` and their validation (one error naming every bad value)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ...errors import MixbitsError
+from ...train.optim import OPTIMIZERS
+from ..diff_options import fraction, is_int, is_number, non_negative, one_of, positive
+
+UNSTABLE_SCALES = ("power", "inverse")
+IDM_FORMS = ("paper", "mse")
+COST_TERMS = ("budget", "bitops")
+
+
+@dataclass
+class OneshotOptions:
+    # supernet training (through mixbits.train.fit) --------------------------------------------------------
+    epochs: int = 10  # supernet epochs; 0 searches the calibrated float-initialised model as it is
+    lr: float = 0.01  # starts from float weights, so a fine-tuning rate (the paper: 0.04 from its own start)
+    optimizer: str = "sgd"
+    momentum: float = 0.9
+    weight_decay: float = 2.5e-5  # the paper's value
+    warmup_epochs: float = 0.0  # linear lr warm-up, then cosine to 0
+    policies_per_step: int = 3  # K sampled policies per step, gradients accumulated before one update
+    train_largest: bool = True  # also train the all-highest policy each step (in-place distillation teacher)
+    distill: float = 0.5  # sampled policies: (1 - distill)·CE + distill·KL to the largest policy's output
+    # bit-width scheduler (Eq. 6-7) ---------------------------------------------------------------------------
+    scheduler: bool = True
+    epsilon: float = 0.25  # ε of Eq. 6: a weight within ε·γ/2 of a quantization bound is unstable
+    unstable_scale: str = "power"  # weight of bit-width b in Eq. 6: "power" 1/2^(b-1) (paper), "inverse" 1/b
+    freeze_ratio_start: float = 0.5  # K = ratio·L at the first freezing event ...
+    freeze_ratio_end: float = 0.2  # ... falling on a cosine to this ratio at the last event
+    freeze_start: float = 0.1  # fraction of training before the first event (all bit-widths train)
+    freeze_period: float = 0.1  # fraction of training between events (one period)
+    # information distortion mitigation (Eq. 8) -----------------------------------------------------------
+    idm: bool = True
+    idm_weight: float = 0.1  # weight of the alignment loss
+    idm_form: str = "paper"  # "paper": normalised, learnable affine, max floor; "mse": plain MSE of raw outputs
+    idm_floor: float = 0.0  # Q of Eq. 8
+    # fairness weight regularisation ------------------------------------------------------------------------
+    fairness: bool = True  # no weight decay from passes in which a layer ran at its smallest weight bits
+    # bidirectional greedy search (Eq. 9) ---------------------------------------------------------------------
+    lam: float = 1.5  # λ of Eq. 9
+    bidirectional: bool = True  # False: descending moves only
+    start: int | str = "highest"  # start policy: "highest" or a bit-width k (W k A k on every searchable layer)
+    max_steps: int | None = None  # bidirectional steps per budget before descending only (None: 2 x descents)
+    cost_term: str = "budget"  # cost in J: "budget" (Σ cost/cap over the budget's caps) or "bitops" (paper)
+    continue_path: bool = True  # a budget continues the path of an earlier one with the same cost term
+    eval_batches: int = 2  # validation batches per score
+    bn_batches: int = 2  # training batches for BatchNorm recalibration per score
+    save_supernet: bool = True  # with a run directory, write the trained weights to oneshot_supernet.pt
+
+
+def check_options(opts: OneshotOptions, candidates: tuple[int, ...]) -> None:
+    """Raise one MixbitsError listing every bad option, its value and what it must be."""
+    start_ok = opts.start == "highest" or (is_int(opts.start) and opts.start in candidates)
+    rules = [
+        ("epochs", is_int(opts.epochs) and opts.epochs >= 0, "a whole number >= 0"),
+        ("lr", positive(opts.lr), "a number > 0"),
+        ("optimizer", one_of(opts.optimizer, OPTIMIZERS), f"one of {list(OPTIMIZERS)}"),
+        ("momentum", is_number(opts.momentum) and 0 <= opts.momentum < 1, "a number in [0, 1)"),
+        ("weight_decay", non_negative(opts.weight_decay), "a number >= 0"),
+        ("warmup_epochs", non_negative(opts.warmup_epochs)
+         and (not is_number(opts.epochs) or opts.warmup_epochs <= opts.epochs), "a number in [0, epochs]"),
+        ("policies_per_step", is_int(opts.policies_per_step) and opts.policies_per_step >= 1, "a whole number >= 1"),
+        ("train_largest", isinstance(opts.train_largest, bool), "true or false"),
+        ("distill", fraction(opts.distill, closed=True), "a number in [0, 1]"),
+        ("scheduler", isinstance(opts.scheduler, bool), "true or false"),
+        ("epsilon", fraction(opts.epsilon, closed=True), "a number in [0, 1]"),
+        ("unstable_scale", one_of(opts.unstable_scale, UNSTABLE_SCALES), f"one of {list(UNSTABLE_SCALES)}"),
+        ("freeze_ratio_start", fraction(opts.freeze_ratio_start, closed=True), "a number in [0, 1]"),
+        ("freeze_ratio_end", fraction(opts.freeze_ratio_end, closed=True), "a number in [0, 1]"),
+        ("freeze_start", is_number(opts.freeze_start) and 0 <= opts.freeze_start < 1, "a number in [0, 1)"),
+        ("freeze_period", is_number(opts.freeze_period) and 0 < opts.freeze_period <= 1, "a number in (0, 1]"),
+        ("idm", isinstance(opts.idm, bool), "true or false"),
+        ("idm_weight", non_negative(opts.idm_weight), "a number >= 0"),
+        ("idm_form", one_of(opts.idm_form, IDM_FORMS), f"one of {list(IDM_FORMS)}"),
+        ("idm_floor", is_number(opts.idm_floor), "a number (or -1.0e9 for no floor)"),
+        ("fairness", isinstance(opts.fairness, bool), "true or false"),
+        ("lam", non_negative(opts.lam), "a number >= 0"),
+        ("bidirectional", isinstance(opts.bidirectional, bool), "true or false"),
+        ("start", start_ok, f"'highest' or one of the shared candidate bit-widths {list(candidates)}"),
+        ("max_steps", opts.max_steps is None or (is_int(opts.max_steps) and opts.max_steps >= 0),
+         "a whole number >= 0, or null for twice the descents to the lowest bits"),
+        ("cost_term", one_of(opts.cost_term, COST_TERMS), f"one of {list(COST_TERMS)}"),
+        ("continue_path", isinstance(opts.continue_path, bool), "true or false"),
+        ("eval_batches", is_int(opts.eval_batches) and opts.eval_batches >= 1, "a whole number >= 1"),
+        ("bn_batches", is_int(opts.bn_batches) and opts.bn_batches >= 0, "a whole number >= 0"),
+        ("save_supernet", isinstance(opts.save_supernet, bool), "true or false"),
+    ]
+    problems = [f"{name}: must be {expected}, got {getattr(opts, name)!r}" for name, ok, expected in rules if not ok]
+    if problems:
+        raise MixbitsError("invalid options for search method 'oneshot':\n  " + "\n  ".join(problems))

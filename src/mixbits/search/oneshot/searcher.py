@@ -1,0 +1,139 @@
+"""``--method oneshot``: one weight-sharing supernet, then one bidirectional greedy walk per budget.
+
+Retraining-free one-shot mixed-precision search (Tang et al. 2024, seed 002). See the package docstring
+for what follows the paper and what is this library's choice.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from ...budget import Budget
+from ...errors import MixbitsError
+from ...quant import quant_layers
+from ...space import Policy
+from ...utils import atomic_write_bytes
+from ..base import SEARCHERS, SearchContext, SearchResult, method_options
+from ..evaluator import PolicyEvaluator
+from ..greedy import descents_to_bottom, greedy_search
+from .options import OneshotOptions, check_options
+from .supernet import train_supernet
+
+SUPERNET_FILE = "oneshot_supernet.pt"
+
+
+@SEARCHERS.register("oneshot")
+def oneshot_search(ctx: SearchContext) -> SearchResult:
+    """One-shot weight-sharing supernet (bit-width scheduler, IDM, fair decay), greedy walk per budget."""
+    opts = method_options(OneshotOptions, ctx.options, "oneshot")
+    check_options(opts, tuple(sorted(set(ctx.space.w_bits) & set(ctx.space.a_bits))))
+    by_name = quant_layers(ctx.model)
+    if not ctx.space.searchable:
+        raise MixbitsError("search method 'oneshot' has nothing to search: every quantized layer is fixed")
+    layers = {n: by_name[n] for n in ctx.space.searchable}
+    supernet = train_supernet(ctx, layers, opts) if opts.epochs > 0 else {"epochs": [], "frozen_periods": []}
+    saved = _save_supernet(ctx, opts)
+    evaluator = PolicyEvaluator(ctx.model, ctx.val_loader, ctx.train_loader, opts.eval_batches, opts.bn_batches,
+                                ctx.device)
+    front = FrontRecorder(ctx, evaluator)
+    start = start_policy(ctx, opts)
+    walks: dict[tuple, Walk] = {}
+    policies, trace = [], [{"stage": "supernet", **supernet}]
+    for budget in ctx.budgets:
+        front.budget = budget.text
+        walk, continued = _walk_for(ctx, opts, budget, start, front, walks)
+        policy = walk.path[-1]
+        policies.append(policy)
+        trace.append({"stage": "greedy", "budget": budget.text, "start": start.describe(),
+                      "start_score": front(start), "continued_from": continued, "steps": walk.steps,
+                      "policy": policy.describe(), **ctx.cost(policy), **front(policy)})
+    return SearchResult("oneshot", list(ctx.budgets), policies, trace=trace, front=front.entries(),
+                        retraining_free=True,
+                        info={"options": asdict(opts), "evaluations": evaluator.evaluations, "supernet": saved,
+                              "scored_with": "PolicyEvaluator (BatchNorm recalibration + held-out loss)"})
+
+
+@dataclass
+class Walk:
+    path: list[Policy]
+    steps: list[dict] = field(default_factory=list)
+    budget: str = ""
+
+
+class FrontRecorder:
+    """Scores through the evaluator and keeps every distinct evaluated point: policy, costs, loss, top-1."""
+
+    def __init__(self, ctx: SearchContext, evaluator: PolicyEvaluator):
+        self.ctx, self.evaluator = ctx, evaluator
+        self.points: dict[tuple, dict] = {}
+        self.budget = ""
+
+    def __call__(self, policy: Policy) -> dict:
+        score = self.evaluator(policy)
+        if policy.key() not in self.points:
+            self.points[policy.key()] = {"budget": self.budget, "policy": policy.to_dict(), **self.ctx.cost(policy),
+                                         **score}
+        return score
+
+    def entries(self) -> list[dict]:
+        fits = {b.text: b for b in self.ctx.budgets}
+        return [{**p, "fits": [t for t, b in fits.items() if self.ctx.fits(Policy.from_dict(p["policy"]), b)]}
+                for p in self.points.values()]
+
+
+def start_policy(ctx: SearchContext, opts: OneshotOptions) -> Policy:
+    if opts.start == "highest":
+        return Policy.from_rules(ctx.space, default=(ctx.space.w_bits[-1], ctx.space.a_bits[-1]))
+    return Policy.uniform(ctx.space, opts.start)
+
+
+def _cost_term(ctx: SearchContext, opts: OneshotOptions, budget: Budget):
+    """(cost in J, key under which walks with the same J can be shared, or None)."""
+    if opts.cost_term == "bitops":
+        return (lambda p: ctx.cost(p)["bitops"]), ("bitops",)
+    limits = budget.limits(ctx.stats, ctx.space, ctx.latency)
+
+    def relative(policy: Policy) -> float:
+        cost = ctx.cost(policy)
+        return sum(cost[m] / limit for m, limit in limits.items())
+
+    # Min-max normalisation ignores a positive scale, so single-cap budgets on one metric share J exactly.
+    return relative, (tuple(limits) if len(limits) == 1 else None)
+
+
+def _walk_for(ctx: SearchContext, opts: OneshotOptions, budget: Budget, start: Policy, score: FrontRecorder,
+              walks: dict[tuple, Walk]) -> tuple[Walk, str | None]:
+    """The budget's greedy walk; an earlier walk with the same J is reused up to its first fitting policy,
+    or continued from its end (the same walk a fresh start would take, without re-scoring its steps)."""
+    cost, key = _cost_term(ctx, opts, budget)
+    limit = opts.max_steps if opts.max_steps is not None else 2 * descents_to_bottom(start, ctx.space)
+    earlier = walks.get(key) if opts.continue_path and key is not None else None
+    if earlier is not None:
+        hit = next((i for i, p in enumerate(earlier.path) if ctx.fits(p, budget)), None)
+        if hit is not None:
+            return Walk(earlier.path[: hit + 1], earlier.steps[:hit], budget.text), earlier.budget
+    begin = earlier.path[-1] if earlier is not None else start
+    done = earlier.steps if earlier is not None else []
+    result = greedy_search(begin, ctx.space, score, cost, lambda p: ctx.fits(p, budget), opts.lam,
+                           opts.bidirectional, max(0, limit - len(done)), bool(ctx.progress),
+                           description=f"greedy {budget}", visited={p.key() for p in (earlier.path if earlier else [])})
+    steps = done + [{**s, "step": len(done) + s["step"]} for s in result.steps]
+    walk = Walk((earlier.path if earlier else []) + result.path[(1 if earlier else 0):], steps, budget.text)
+    if key is not None:
+        walks[key] = walk
+    return walk, (earlier.budget if earlier is not None else None)
+
+
+def _save_supernet(ctx: SearchContext, opts: OneshotOptions) -> str | None:
+    """Write the trained weights beside the search (the policies are meant to run on them without retraining)."""
+    if ctx.run_dir is None or not opts.save_supernet or opts.epochs == 0:
+        return None
+    buffer = io.BytesIO()
+    torch.save({"model": ctx.model.state_dict(), "space": ctx.space.to_dict(), "options": asdict(opts)}, buffer)
+    path = Path(ctx.run_dir) / SUPERNET_FILE
+    atomic_write_bytes(path, buffer.getvalue())
+    return str(path)

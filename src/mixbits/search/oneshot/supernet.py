@@ -1,0 +1,171 @@
+"""Training the weight-sharing supernet through ``mixbits.train.fit``: sampled policies, IDM, fair decay.
+
+One optimiser step accumulates the gradients of ``policies_per_step`` sampled policies (Monte-Carlo
+estimate of Eq. 2), plus the largest policy (every searchable layer at its highest candidates) when
+``train_largest`` is set; each pass's loss is divided by the number of passes, so the step follows the
+mean loss. The largest policy trains with cross-entropy; a sampled one with (1 − d)·CE + d·KL to the
+largest policy's detached output (in-place distillation, d = ``distill``), plus the IDM term of Eq. 8.
+
+Fairness weight regularisation: a "low-bit pass" of a layer is a forward in which it ran at its smallest
+candidate weight bit-width. The searchable layers' weights leave the optimiser's decayed group; the
+``FairDecay`` hook adds wd · (1 − low_passes/passes) · W to their gradients before the step, i.e. the
+optimiser's own coupled L2 decay, counted only over the step's passes that were not low-bit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ...quant import QuantLayer
+from ...space import Bits
+from ...train import Hook, StepOutput, TrainConfig, TrainState, fit, kd_loss, param_groups
+from ..base import SearchContext
+from .bit_scheduler import BitWidthScheduler, PolicySampler
+from .idm import FeatureAlignment, OutputCapture
+from .options import OneshotOptions
+
+
+class FairDecay(Hook):
+    """Weight decay on the searchable layers' weights, only for the passes where they ran above their lowest bits."""
+
+    def __init__(self, layers: Mapping[str, QuantLayer], lowest_w: int, weight_decay: float):
+        self.layers, self.lowest_w, self.weight_decay = dict(layers), lowest_w, weight_decay
+        self.start_step()
+        self._shares: list[float] = []
+
+    def start_step(self) -> None:
+        self.passes = 0
+        self.low = dict.fromkeys(self.layers, 0)
+
+    def record(self, bits: Mapping[str, Bits]) -> None:
+        self.passes += 1
+        for name, (w, _) in bits.items():
+            self.low[name] += int(w == self.lowest_w)
+
+    def share(self, name: str) -> float:
+        """The fraction of this step's passes that decay ``name``'s weight."""
+        return 1.0 - self.low[name] / max(1, self.passes)
+
+    def after_backward(self, state: TrainState) -> None:
+        for name, layer in self.layers.items():
+            share = self.share(name)
+            self._shares.append(share)
+            if share > 0 and self.weight_decay > 0 and layer.weight.grad is not None:
+                layer.weight.grad.add_(layer.weight.detach(), alpha=self.weight_decay * share)
+
+    def on_epoch_end(self, state: TrainState, metrics: dict) -> None:
+        metrics["decay_share"] = sum(self._shares) / max(1, len(self._shares))
+        self._shares = []
+
+
+class SupernetObjective:
+    """The per-step objective: the largest policy, then K sampled ones, each backpropagated at once."""
+
+    def __init__(self, opts: OneshotOptions, sampler: PolicySampler, align: FeatureAlignment | None,
+                 capture: OutputCapture | None, fair: FairDecay | None):
+        self.opts, self.sampler, self.align, self.capture, self.fair = opts, sampler, align, capture, fair
+        self.passes = opts.policies_per_step + int(opts.train_largest)
+
+    def __call__(self, state: TrainState, x: Tensor, y: Tensor) -> StepOutput:
+        if self.fair is not None:
+            self.fair.start_step()
+        teacher, targets = self._largest(state, x, y)
+        total, metrics, logits = 0.0, {}, None
+        if teacher is not None:
+            total = F.cross_entropy(teacher, y).detach()
+            metrics["ce_largest"] = total
+        idm_terms = []
+        for _ in range(self.opts.policies_per_step):
+            bits = self.sampler.sample(state.generator)
+            loss, logits, idm = self._sampled_pass(state, x, y, bits, teacher, targets)
+            total = total + loss
+            if idm is not None:
+                idm_terms.append(idm)
+        if idm_terms:
+            metrics["idm"] = torch.stack(idm_terms).mean()
+        return StepOutput(total / self.passes, logits, metrics)
+
+    def _largest(self, state: TrainState, x: Tensor, y: Tensor) -> tuple[Tensor | None, dict[str, Tensor]]:
+        """Train the largest policy (or only run it for IDM targets); its detached logits and layer outputs."""
+        if not self.opts.train_largest and self.align is None:
+            return None, {}
+        bits = self.sampler.largest()
+        self.sampler.apply(bits)
+        if self.capture is not None:
+            self.capture.start(self.sampler.layers)
+        if self.opts.train_largest:
+            logits = state.model(x)
+            (F.cross_entropy(logits, y) / self.passes).backward()
+            if self.fair is not None:
+                self.fair.record(bits)
+        else:
+            with torch.no_grad():
+                logits = state.model(x)
+        targets = {n: t.detach() for n, t in self.capture.stop().items()} if self.capture is not None else {}
+        return (logits.detach() if self.opts.train_largest else None), targets
+
+    def _sampled_pass(self, state: TrainState, x: Tensor, y: Tensor, bits: Mapping[str, Bits], teacher: Tensor | None,
+                      targets: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor | None]:
+        self.sampler.apply(bits)
+        if self.capture is not None:  # layers at their smallest available weight bits are aligned (Eq. 8)
+            self.capture.start(n for n, (w, _) in bits.items()
+                               if w == self.sampler.smallest_w(n) and len(self.sampler.available_w(n)) > 1)
+        logits = state.model(x)
+        loss = F.cross_entropy(logits, y)
+        if teacher is not None and self.opts.distill > 0:
+            loss = (1 - self.opts.distill) * loss + self.opts.distill * kd_loss(logits, teacher, 1.0)
+        idm = None
+        if self.capture is not None:
+            idm = self.align.loss(self.capture.stop(), targets)
+            if idm is not None:
+                loss = loss + self.opts.idm_weight * idm
+        (loss / self.passes).backward()
+        if self.fair is not None:
+            self.fair.record(bits)
+        return loss.detach(), logits.detach(), (idm.detach() if idm is not None else None)
+
+
+def _groups(ctx: SearchContext, layers: Mapping[str, QuantLayer], align: FeatureAlignment | None,
+            opts: OneshotOptions) -> list[dict]:
+    """The loop's usual groups; with fairness, the searchable weights move to an undecayed group (FairDecay)."""
+    groups = param_groups(ctx.model, opts.weight_decay)
+    if opts.fairness:
+        fair_ids = {id(layer.weight) for layer in layers.values()}
+        moved: dict = {"params": [], "names": [], "weight_decay": 0.0}
+        for group in groups:
+            kept = [(p, n) for p, n in zip(group["params"], group["names"], strict=True) if id(p) not in fair_ids]
+            moved["params"] += [p for p in group["params"] if id(p) in fair_ids]
+            moved["names"] += [n for p, n in zip(group["params"], group["names"], strict=True) if id(p) in fair_ids]
+            group["params"], group["names"] = [p for p, _ in kept], [n for _, n in kept]
+        groups.append(moved)
+    if align is not None:
+        groups.append({"params": list(align.parameters()), "names": ["idm.eta", "idm.xi"], "weight_decay": 0.0})
+    return [g for g in groups if g["params"]]
+
+
+def train_supernet(ctx: SearchContext, layers: Mapping[str, QuantLayer], opts: OneshotOptions) -> dict:
+    """Train ``ctx.model`` as a supernet for ``opts.epochs``; returns the trace (epochs and freezing periods)."""
+    sampler = PolicySampler(layers, ctx.space)
+    align = FeatureAlignment(layers, opts.idm_floor, opts.idm_form).to(ctx.device) if opts.idm else None
+    capture = OutputCapture(layers) if opts.idm else None
+    fair = FairDecay(layers, ctx.space.w_bits[0], opts.weight_decay) if opts.fairness else None
+    hooks: list[Hook] = [fair] if fair is not None else []
+    scheduler = None
+    if opts.scheduler:
+        scheduler = BitWidthScheduler(sampler, opts.epsilon, opts.unstable_scale, opts.freeze_ratio_start,
+                                      opts.freeze_ratio_end, opts.freeze_start, opts.freeze_period)
+        hooks.append(scheduler)
+    cfg = TrainConfig(epochs=opts.epochs, optimizer=opts.optimizer, lr=opts.lr, momentum=opts.momentum,
+                      weight_decay=opts.weight_decay, warmup_epochs=opts.warmup_epochs, seed=ctx.seed)
+    objective = SupernetObjective(opts, sampler, align, capture, fair)
+    try:
+        result = fit(ctx.model, ctx.train_loader, cfg, objective=objective, hooks=hooks, device=ctx.device,
+                     params=_groups(ctx, layers, align, opts), progress=ctx.progress)
+    finally:
+        if capture is not None:
+            capture.remove()
+    return {"epochs": result.history, "frozen_periods": scheduler.trace() if scheduler is not None else []}

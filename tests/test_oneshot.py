@@ -1,0 +1,239 @@
+"""The one-shot search: scheduler criterion and schedule, IDM, fair decay, greedy walk, and end-to-end runs."""
+
+import itertools
+import math
+
+import pytest
+import torch
+from conftest import toy_batches
+from torch import nn
+
+from mixbits import MixbitsError, Policy, SearchSpace
+from mixbits.budget import parse_budgets
+from mixbits.cost import LatencyTable, profile
+from mixbits.quant import QConv2d, calibrate, quantize_model
+from mixbits.search import SearchContext, run_searcher
+from mixbits.search.greedy import greedy_search, neighbours
+from mixbits.search.oneshot.bit_scheduler import (
+    PolicySampler,
+    event_steps,
+    freeze_count,
+    freeze_ratio,
+    layer_criterion,
+    unstable_weight_criterion,
+)
+from mixbits.search.oneshot.idm import FeatureAlignment, alignment_loss
+from mixbits.search.oneshot.supernet import FairDecay
+
+FAST = {"epochs": 2, "eval_batches": 1, "bn_batches": 1}
+
+
+def _net():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+                         nn.Conv2d(4, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(),
+                         nn.Conv2d(6, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(),
+                         nn.Conv2d(6, 6, 3, padding=1), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 3))
+
+
+def _context(budgets, options=None, latency=None):
+    model = _net()
+    space = SearchSpace.from_model(model, (2, 4, 6), (2, 4, 6))
+    qmodel = quantize_model(model, space)
+    calibrate(qmodel, toy_batches()[0][0])
+    return SearchContext(model=qmodel, space=space, stats=profile(model, (1, 8, 8)), budgets=budgets,
+                         train_loader=toy_batches(), val_loader=toy_batches(seed=1), options=dict(options or {}),
+                         float_model=model.eval(), latency=latency)
+
+
+# bit-width scheduler ----------------------------------------------------------------------------------------------
+def test_unstable_weight_criterion_on_a_hand_built_tensor():
+    weight = torch.tensor([0.5, 0.6, 0.0, -1.45, 3.0, -0.3])
+    steps = {2: torch.tensor(1.0), 3: torch.tensor(0.5)}
+    # 2 bits (step 1, bounds -1.5 -0.5 0.5): 0.5, 0.6, -1.45 lie within 0.125 of a bound; 3.0 is clipped: 3/6.
+    # 3 bits (step 0.5, w/γ = 1, 1.2, 0, -2.9, 6, -0.6): only -0.6 is within 0.125 of the bound -0.5: 1/6.
+    assert unstable_weight_criterion(weight, steps, 0.25) == pytest.approx(0.5 / 2 + (1 / 6) / 4)
+    assert unstable_weight_criterion(weight, steps, 0.25, "inverse") == pytest.approx(0.5 / 2 + (1 / 6) / 3)
+    assert unstable_weight_criterion(weight, steps, 0.0) == pytest.approx(1 / 6 / 2)  # only 0.5 sits on a bound
+
+    layer = QConv2d(1, 1, (1, 6), w_bits=(2, 3), a_bits=(8,))
+    with torch.no_grad():
+        layer.weight.copy_(weight.view(1, 1, 1, 6))
+        layer.w_quant.steps.copy_(torch.tensor([[1.0], [0.5]]))
+    assert layer_criterion(layer, 0.25) == pytest.approx(0.5 / 2 + (1 / 6) / 4)
+
+
+def test_freeze_count_follows_the_cosine_from_start_to_end_ratio():
+    ratios = [freeze_ratio(j, 5, 0.5, 0.2) for j in range(5)]
+    expected = [0.2 + 0.3 * 0.5 * (1 + math.cos(math.pi * j / 4)) for j in range(5)]
+    assert ratios == pytest.approx(expected)
+    assert ratios[0] == pytest.approx(0.5) and ratios[-1] == pytest.approx(0.2)
+    assert all(a > b for a, b in itertools.pairwise(ratios))  # K never grows
+    assert [freeze_count(r, 10) for r in ratios] == [5, 5, 4, 2, 2]
+    assert event_steps(100, 0.1, 0.2) == [10, 30, 50, 70, 90]
+
+
+def test_frozen_bit_widths_are_never_sampled():
+    model = quantize_model(_net(), SearchSpace.from_model(_net(), (2, 4, 6), (2, 4, 6)))
+    space = SearchSpace.from_model(model, (2, 4, 6), (2, 4, 6))
+    layers = {n: dict(model.named_modules())[n] for n in space.searchable}
+    sampler = PolicySampler(layers, space)
+    frozen_layer, free_layer = space.searchable[0], space.searchable[1]
+    sampler.frozen = {frozen_layer: 2}
+    gen = torch.Generator().manual_seed(0)
+    draws = [sampler.sample(gen) for _ in range(200)]
+    assert all(d[frozen_layer][0] != 2 for d in draws)
+    assert any(d[free_layer][0] == 2 for d in draws)  # the unfrozen layer still trains its 2 bits
+    assert sampler.smallest_w(frozen_layer) == 4 and sampler.smallest_w(free_layer) == 2
+
+
+# information distortion mitigation ----------------------------------------------------------------------------------
+def test_idm_loss_is_zero_when_outputs_agree_and_positive_otherwise():
+    gen = torch.Generator().manual_seed(0)
+    high = torch.randn(8, 4, 5, 5, generator=gen)
+    eta, xi = torch.ones(4, requires_grad=True), torch.zeros(4, requires_grad=True)
+    assert float(alignment_loss(high.clone(), high, eta, xi).detach()) == pytest.approx(0.0, abs=1e-6)
+    # an affine change of the low-bit output is normalised away
+    assert float(alignment_loss(2 * high + 1, high, eta, xi).detach()) == pytest.approx(0.0, abs=1e-5)
+    low = (high + 0.5 * torch.randn(8, 4, 5, 5, generator=gen)).requires_grad_()
+    target = high.clone().requires_grad_()
+    loss = alignment_loss(low, target, eta, xi)
+    assert float(loss.detach()) > 0.05
+    loss.backward()
+    assert low.grad.abs().sum() > 0 and eta.grad.abs().sum() > 0 and xi.grad.abs().sum() > 0
+    assert target.grad is None  # the high-bit output is a target, never pushed towards the low-bit one
+    assert float(alignment_loss(high + 1, high, form="mse")) == pytest.approx(1.0)
+
+
+def test_feature_alignment_averages_over_the_low_bit_layers_only():
+    layers = {"a": QConv2d(1, 3, 1), "b": nn.Linear(2, 5)}
+    align = FeatureAlignment(layers)
+    assert [p.shape[0] for p in align.eta] == [3, 5]
+    x = torch.randn(4, 3, 2, 2)
+    assert align.loss({}, {"a": x}) is None
+    assert float(align.loss({"a": x}, {"a": x}).detach()) == pytest.approx(0.0, abs=1e-6)
+
+
+# fairness weight regularisation -------------------------------------------------------------------------------------
+def test_fair_decay_skips_low_bit_passes():
+    layer = QConv2d(1, 2, 3, w_bits=(2, 4), a_bits=(4,))
+    fair = FairDecay({"l": layer}, lowest_w=2, weight_decay=0.1)
+    for passes, expected_share in (([(2, 4)], 0.0), ([(4, 4)], 1.0), ([(2, 4), (4, 4), (4, 4), (2, 4)], 0.5)):
+        layer.weight.grad = torch.zeros_like(layer.weight)
+        fair.start_step()
+        for bits in passes:
+            fair.record({"l": bits})
+        fair.after_backward(None)
+        assert torch.allclose(layer.weight.grad, 0.1 * expected_share * layer.weight.detach())
+
+
+# bidirectional greedy search ------------------------------------------------------------------------------------------
+def _toy_space():
+    return SearchSpace(("first", "b", "c", "last"), (2, 4, 6), (2, 4, 6), {"first": (8, 8), "last": (8, 8)})
+
+
+def _toy_loss(policy):  # layer b is very sensitive, layer c barely
+    (wb, ab), (wc, ac) = policy["b"], policy["c"]
+    return {"loss": 10.0 * (12 - wb - ab) + 0.1 * (12 - wc - ac), "top1": 0.0}
+
+
+def _toy_cost(policy):
+    return sum(policy[n][0] * policy[n][1] for n in ("b", "c"))
+
+
+def test_greedy_finds_the_known_optimum_of_a_toy_problem():
+    space = _toy_space()
+    calls = []
+
+    def evaluate(policy):
+        calls.append(policy)
+        return _toy_loss(policy)
+
+    start = Policy.from_rules(space, default=(6, 6))
+    assert len(neighbours(start, space)) == 4  # at the top: each searchable layer's w or a one step down
+    assert len(neighbours(Policy.uniform(space, 4), space)) == 8  # and one step up
+    result = greedy_search(start, space, evaluate, _toy_cost, lambda p: _toy_cost(p) <= 40, lam=0.5)
+    feasible = [Policy.from_rules(space, (6, 6), {"b": (wb, ab), "c": (wc, ac)})
+                for wb, ab, wc, ac in itertools.product((2, 4, 6), repeat=4)]
+    optimum = min((p for p in feasible if _toy_cost(p) <= 40), key=lambda p: _toy_loss(p)["loss"])
+    assert optimum["b"] == (6, 6) and optimum["c"] == (2, 2)
+    assert result.policy == optimum
+    assert result.path[0] == start and len(result.steps) == len(result.path) - 1
+    assert len({p.key() for p in result.path}) == len(result.path)  # no policy visited twice
+    assert all(any(p == q for q in calls) for p in result.path[1:])  # every move was scored first
+
+
+def test_greedy_takes_an_ascending_move_only_when_bidirectional():
+    space = _toy_space()
+    start = Policy.from_rules(space, (6, 6), {"b": (4, 6)})
+
+    def loss(policy):  # every bit counts; b's lowered weight bits are the cheapest loss to win back
+        (wb, ab), (wc, ac) = policy["b"], policy["c"]
+        return {"loss": 100.0 * (12 - wb - ab) + 100.0 * (12 - wc - ac)}
+
+    fits = lambda p: _toy_cost(p) <= 40  # noqa: E731
+    both = greedy_search(start, space, loss, _toy_cost, fits, lam=0.5)
+    down = greedy_search(start, space, loss, _toy_cost, fits, lam=0.5, bidirectional=False)
+    assert both.steps[0]["direction"] == 1 and both.path[1]["b"] == (6, 6)  # J_up = 0 + 0.5 beats J_down >= 1
+    assert all(s["direction"] == -1 for s in down.steps)
+    assert fits(both.policy) and fits(down.policy)
+    assert len({p.key() for p in both.path}) == len(both.path)
+
+
+# end to end ---------------------------------------------------------------------------------------------------------
+def _latency_table(ctx):
+    return LatencyTable({n: {LatencyTable.key(w, a): 0.01 * w * a for w in (2, 4, 6, 8) for a in (2, 4, 6, 8)}
+                         for n in ctx.space.layers}, unit="ms")
+
+
+def test_end_to_end_several_budgets_from_one_supernet():
+    budgets = parse_budgets("bitops<=uniform:2,uniform:3,uniform:5")
+    budgets += parse_budgets("size<=uniform:3") + parse_budgets("latency<=uniform:4")
+    ctx = _context(budgets, FAST)
+    ctx.latency = _latency_table(ctx)
+    result = run_searcher("oneshot", ctx)
+    assert result.retraining_free and len(result.policies) == len(budgets)
+    for budget, policy in zip(budgets, result.policies, strict=True):
+        assert ctx.fits(policy, budget)
+    supernet, walks = result.trace[0], result.trace[1:]
+    assert len(supernet["epochs"]) == 2 and "idm" in supernet["epochs"][0]
+    # the nested BitOPs budgets share one walk; the tighter ones continue the looser ones' path
+    assert [w["continued_from"] for w in walks[:3]] == [None, "bitops<=uniform:2", "bitops<=uniform:2"]
+    assert walks[3]["continued_from"] is None and walks[4]["continued_from"] is None
+    # every evaluated point is on the front, once, with its costs and scores
+    assert len(result.front) == result.info["evaluations"]
+    assert all({"policy", "bitops", "size", "latency", "loss", "top1", "fits"} <= set(p) for p in result.front)
+    # the frozen bit-widths of each period were never drawn during it, and some period froze something
+    periods = supernet["frozen_periods"]
+    assert any(p["frozen"] for p in periods)
+    layers = len(ctx.space.searchable)
+    for p in periods[1:]:
+        assert p["k"] == freeze_count(p["ratio"], layers) == len(p["frozen"])
+        for name, bits in p["frozen"].items():
+            assert str(bits) not in p["sampled_w"].get(name, {})
+    again = run_searcher("oneshot", _context(budgets, FAST, latency=ctx.latency))
+    assert [p.key() for p in again.policies] == [p.key() for p in result.policies]  # deterministic given the seed
+
+
+def test_every_feature_can_be_switched_off():
+    options = {**FAST, "scheduler": False, "idm": False, "fairness": False, "bidirectional": False,
+               "train_largest": False, "continue_path": False, "cost_term": "bitops"}
+    budgets = parse_budgets("bitops<=uniform:3,uniform:4")
+    result = run_searcher("oneshot", _context(budgets, options))
+    supernet = result.trace[0]
+    assert supernet["frozen_periods"] == []
+    assert "idm" not in supernet["epochs"][0] and "decay_share" not in supernet["epochs"][0]
+    assert all(s["direction"] == -1 for w in result.trace[1:] for s in w["steps"])
+    assert [w["continued_from"] for w in result.trace[1:]] == [None, None]
+
+
+def test_bad_options_are_named():
+    ctx = _context(parse_budgets("bitops<=uniform:4"), {"epsilon": 2.0, "idm_form": "l2", "start": 3})
+    with pytest.raises(MixbitsError) as err:
+        run_searcher("oneshot", ctx)
+    message = str(err.value)
+    assert "epsilon: must be a number in [0, 1], got 2.0" in message
+    assert "idm_form" in message and "'l2'" in message and "start" in message
+    with pytest.raises(MixbitsError, match="unknown option.*epsilom.*Did you mean 'epsilon'"):
+        run_searcher("oneshot", _context(parse_budgets("bitops<=uniform:4"), {"epsilom": 0.1}))
