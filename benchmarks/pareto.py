@@ -60,7 +60,8 @@ def float_checkpoint(args, preset: dict) -> Path:
 
 
 def run_method(args, preset: dict, fp: Path, method: str, seed: int, finetune_epochs: int | None = None) -> list[dict]:
-    """One method at every budget; rows carry `epochs`, all the training the final weights had after the float model."""
+    """One method at every budget; rows carry `epochs`: search plus fine-tune epochs spent after the float model
+    (the fine-tune itself starts from the float model, as `mixbits search` does)."""
     finetune_epochs = preset["finetune_epochs"] if finetune_epochs is None else finetune_epochs
     search_epochs = preset["search_epochs"] if method in TRAINING_SEARCHES else 0
     longer = "" if finetune_epochs == preset["finetune_epochs"] else f"-e{finetune_epochs}"
