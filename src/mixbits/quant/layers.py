@@ -86,9 +86,12 @@ class QuantLayer:
         return f"w_bits={self.w_quant.bits}, a_bits={self.a_quant.bits}, mode={self.mode}"
 
 
-def _quantizers(weight: Tensor, w_bits: Sequence[int], a_bits: Sequence[int], per_channel: bool):
-    channels = weight.shape[0] if per_channel else 1
-    return LsqQuantizer(w_bits, signed=True, channels=channels), LsqQuantizer(a_bits, signed=None)
+def _attach_quantizers(layer: QuantLayer, w_bits: Sequence[int], a_bits: Sequence[int], per_channel: bool) -> None:
+    """Give a freshly built float layer its weight and input quantizers, on the weight's device."""
+    channels = layer.weight.shape[0] if per_channel else 1
+    layer.w_quant = LsqQuantizer(w_bits, signed=True, channels=channels).to(layer.weight.device)
+    layer.a_quant = LsqQuantizer(a_bits, signed=None).to(layer.weight.device)
+    layer._init_quant_state()
 
 
 class QConv2d(QuantLayer, nn.Conv2d):
@@ -97,10 +100,7 @@ class QConv2d(QuantLayer, nn.Conv2d):
     def __init__(self, *args, w_bits: Sequence[int] = (8,), a_bits: Sequence[int] = (8,), per_channel: bool = False,
                  **kwargs):
         super().__init__(*args, **kwargs)
-        self.w_quant, self.a_quant = _quantizers(self.weight, w_bits, a_bits, per_channel)
-        self.w_quant.to(self.weight.device)
-        self.a_quant.to(self.weight.device)
-        self._init_quant_state()
+        _attach_quantizers(self, w_bits, a_bits, per_channel)
 
     @classmethod
     def from_float(cls, conv: nn.Conv2d, w_bits, a_bits, per_channel: bool = False) -> QConv2d:
@@ -126,10 +126,7 @@ class QLinear(QuantLayer, nn.Linear):
     def __init__(self, *args, w_bits: Sequence[int] = (8,), a_bits: Sequence[int] = (8,), per_channel: bool = False,
                  **kwargs):
         super().__init__(*args, **kwargs)
-        self.w_quant, self.a_quant = _quantizers(self.weight, w_bits, a_bits, per_channel)
-        self.w_quant.to(self.weight.device)
-        self.a_quant.to(self.weight.device)
-        self._init_quant_state()
+        _attach_quantizers(self, w_bits, a_bits, per_channel)
 
     @classmethod
     def from_float(cls, linear: nn.Linear, w_bits, a_bits, per_channel: bool = False) -> QLinear:
