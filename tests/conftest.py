@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -51,3 +52,22 @@ def toy_batches(n: int = 3, seed: int = 0) -> list[tuple[torch.Tensor, torch.Ten
     """``n`` seeded batches of 16 random 1x8x8 inputs with labels in 0..2: a loader for toy_net."""
     gen = torch.Generator().manual_seed(seed)
     return [(torch.randn(16, 1, 8, 8, generator=gen), torch.randint(0, 3, (16,), generator=gen)) for _ in range(n)]
+
+
+class ToyLoader:
+    """Shuffled mini-batches whose order depends only on (seed, epoch)."""
+
+    def __init__(self, x, y, batch_size: int = 32, seed: int = 0):
+        self.x, self.y, self.batch_size, self.seed, self.epoch = x, y, batch_size, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.x) / self.batch_size)
+
+    def __iter__(self):
+        order = torch.randperm(len(self.x), generator=torch.Generator().manual_seed(self.seed * 1000 + self.epoch))
+        for i in range(len(self)):
+            idx = order[i * self.batch_size:(i + 1) * self.batch_size]
+            yield self.x[idx], self.y[idx]

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import json
-import math
 import random
 
 import numpy as np
 import pytest
 import torch
+from conftest import ToyLoader
 from torch import nn
 
 from mixbits.errors import MixbitsError
@@ -26,26 +26,11 @@ from mixbits.train import (
 )
 
 
-class ToyLoader:
-    """Shuffled mini-batches whose order depends only on (seed, epoch)."""
-
-    def __init__(self, n: int = 192, batch_size: int = 32, seed: int = 0):
-        g = torch.Generator().manual_seed(seed)
-        self.x = torch.randn(n, 8, generator=g)
-        self.y = (self.x[:, 0] - self.x[:, 2] > 0).long()
-        self.batch_size, self.seed, self.epoch = batch_size, seed, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return math.ceil(len(self.x) / self.batch_size)
-
-    def __iter__(self):
-        order = torch.randperm(len(self.x), generator=torch.Generator().manual_seed(self.seed * 1000 + self.epoch))
-        for i in range(len(self)):
-            idx = order[i * self.batch_size:(i + 1) * self.batch_size]
-            yield self.x[idx], self.y[idx]
+def toy_loader(n: int = 192, batch_size: int = 32, seed: int = 0) -> ToyLoader:
+    """Features whose label is the sign of x0 - x2, in batches shuffled by (seed, epoch)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 8, generator=g)
+    return ToyLoader(x, (x[:, 0] - x[:, 2] > 0).long(), batch_size, seed)
 
 
 def mlp(seed: int = 0, hidden: int = 16) -> nn.Module:
@@ -162,7 +147,7 @@ CFG = dict(epochs=4, lr=0.05, warmup_epochs=1, min_lr=0.001, seed=3)
 
 def run(tmp_dir, hooks, model=None, resume=False, **overrides):
     cfg = TrainConfig(**{**CFG, **overrides})
-    return fit(model or mlp(), ToyLoader(), cfg, val_loader=ToyLoader(n=64, seed=9), objective=noisy_objective,
+    return fit(model or mlp(), toy_loader(), cfg, val_loader=toy_loader(n=64, seed=9), objective=noisy_objective,
                hooks=hooks, run_dir=tmp_dir, resume=resume)
 
 

@@ -9,6 +9,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import ToyLoader
 from torch import nn
 
 from mixbits.errors import MixbitsError
@@ -37,25 +38,6 @@ def toy_data(n: int = 256, dim: int = 8, seed: int = 0) -> tuple[torch.Tensor, t
     x = torch.randn(n, dim, generator=g)
     y = (x[:, 0] + 0.5 * x[:, 1] > 0).long()
     return x, y
-
-
-class ToyLoader:
-    """Shuffled mini-batches whose order depends only on (seed, epoch)."""
-
-    def __init__(self, x, y, batch_size: int = 32, seed: int = 0):
-        self.x, self.y, self.batch_size, self.seed, self.epoch = x, y, batch_size, seed, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return math.ceil(len(self.x) / self.batch_size)
-
-    def __iter__(self):
-        order = torch.randperm(len(self.x), generator=torch.Generator().manual_seed(self.seed * 1000 + self.epoch))
-        for i in range(len(self)):
-            idx = order[i * self.batch_size:(i + 1) * self.batch_size]
-            yield self.x[idx], self.y[idx]
 
 
 def mlp(seed: int = 0, dim: int = 8, hidden: int = 16, bn: bool = True) -> nn.Module:
