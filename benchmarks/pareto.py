@@ -7,6 +7,8 @@ Every method searches at the W2A2-, W3A3- and W4A4-equivalent BitOPs budgets and
 found policy for the same number of epochs through `mixbits search`. Searches that train the weights
 (the supernet methods) train for `search_epochs` per budget first; for them the uniform baseline also
 runs at their total epochs (`uniform` rows with that `epochs`), so each is compared at equal training.
+The retraining-free one-shot search trains one supernet for that same total and tests every budget's
+policy on the supernet's weights, without fine-tuning.
 Each point records method, budget, seed, epochs, top-1, BitOPs, size, average bits, search and
 training seconds and the policy. A new method is one more name in --methods (default: all of
 SEARCHERS). Writes
@@ -37,7 +39,11 @@ PRESETS = {
     "full": {"width": 1.0, "train_samples": None, "fp_epochs": 30, "finetune_epochs": 15, "search_epochs": 10},
 }
 # Methods whose search trains the weights (their `epochs` option): the rest only read the float model.
-TRAINING_SEARCHES = {"dnas", "ssps", "dmpq"}
+TRAINING_SEARCHES = {"dnas", "ssps", "dmpq", "sdq"}
+# Retraining-free methods: one supernet for search_epochs + finetune_epochs, no fine-tune. Scoring each
+# greedy neighbour on one validation batch after BatchNorm recalibration on one training batch keeps the
+# walk within minutes on 2 CPU cores.
+RETRAINING_FREE = {"oneshot": {"eval_batches": 1, "bn_batches": 1}}
 
 
 def base_config(args, preset: dict, out: Path, seed: int) -> RunConfig:
@@ -59,25 +65,32 @@ def float_checkpoint(args, preset: dict) -> Path:
     return Path(cfg.out)
 
 
-def run_method(args, preset: dict, fp: Path, method: str, seed: int, finetune_epochs: int | None = None) -> list[dict]:
+def run_method(args, preset: dict, fp: Path, method: str, seed: int, finetune_epochs: int | None = None,
+               options: dict | None = None, tag: str = "") -> list[dict]:
     """One method at every budget; rows carry `epochs`: search plus fine-tune epochs spent after the float model
-    (the fine-tune itself starts from the float model, as `mixbits search` does)."""
+    (the fine-tune itself starts from the float model, as `mixbits search` does). ``options`` are added to
+    the method's options (ablations); ``tag`` names such a variant in the cache and the rows."""
     finetune_epochs = preset["finetune_epochs"] if finetune_epochs is None else finetune_epochs
     search_epochs = preset["search_epochs"] if method in TRAINING_SEARCHES else 0
-    longer = "" if finetune_epochs == preset["finetune_epochs"] else f"-e{finetune_epochs}"
-    out = CACHE / f"pareto-{args.preset}" / f"{method}{longer}-s{seed}"
+    method_options = {"epochs": search_epochs} if search_epochs else {}
+    if method in RETRAINING_FREE:
+        search_epochs, finetune_epochs = preset["search_epochs"] + finetune_epochs, 0
+        method_options = {**RETRAINING_FREE[method], "epochs": search_epochs}
+    longer = "" if finetune_epochs == preset["finetune_epochs"] or method in RETRAINING_FREE else f"-e{finetune_epochs}"
+    out = CACHE / f"pareto-{args.preset}" / f"{method}{tag and '-' + tag}{longer}-s{seed}"
     cfg = base_config(args, preset, out, seed)
     cfg.init = str(fp)
     cfg.search.method, cfg.search.budget = method, BUDGETS
     cfg.search.finetune_epochs = finetune_epochs
-    if search_epochs:
-        cfg.search.options = {"epochs": search_epochs}
+    cfg.search.options = {**method_options, **(options or {})}
     cfg.train.lr, cfg.train.weight_decay = 0.01, 1e-4
     rows = search(cfg, resume=(out / "search.json").exists())
     for row in rows:
         row["epochs"] = search_epochs + finetune_epochs
-        print(f"{method} seed {seed} {row['budget']} ({row['epochs']} epochs): {row['test_top1']:.2f} % at "
-              f"{row['bitops'] / 1e9:.4f} G", flush=True)
+        if tag:
+            row["variant"] = tag
+        print(f"{method}{tag and ' ' + tag} seed {seed} {row['budget']} ({row['epochs']} epochs): "
+              f"{row['test_top1']:.2f} % at {row['bitops'] / 1e9:.4f} G", flush=True)
     return rows
 
 
@@ -121,7 +134,8 @@ def main(argv=None) -> None:
         seeds = sorted(set(args.seeds) | ({1} if method in args.extra_seeds_for else set()))
         for seed in seeds:
             rows += run_method(args, preset, fp, method, seed)
-    if "uniform" in args.methods and TRAINING_SEARCHES & set(args.methods):  # uniform at the supernets' total
+    if "uniform" in args.methods and (TRAINING_SEARCHES | set(RETRAINING_FREE)) & set(args.methods):
+        # uniform at the supernets' total epochs
         rows += run_method(args, preset, fp, "uniform", 0, preset["search_epochs"] + preset["finetune_epochs"])
     fp_top1 = train_result(fp)
     columns = ["method", "budget", "seed", "epochs", "test_top1", "bitops", "size_bytes", "avg_w_bits", "avg_a_bits",

@@ -151,9 +151,9 @@ def test_greedy_finds_the_known_optimum_of_a_toy_problem():
         return _toy_loss(policy)
 
     start = Policy.from_rules(space, default=(6, 6))
-    assert len(neighbours(start, space)) == 4  # at the top: each searchable layer's w or a one step down
-    assert len(neighbours(Policy.uniform(space, 4), space)) == 8  # and one step up
-    result = greedy_search(start, space, evaluate, _toy_cost, lambda p: _toy_cost(p) <= 40, lam=0.5)
+    assert len(neighbours(start, space, paired=False)) == 4  # at the top: each layer's w or a one step down
+    assert len(neighbours(Policy.uniform(space, 4), space, paired=False)) == 8  # and one step up
+    result = greedy_search(start, space, evaluate, _toy_cost, lambda p: _toy_cost(p) <= 40, lam=0.5, paired=False)
     feasible = [Policy.from_rules(space, (6, 6), {"b": (wb, ab), "c": (wc, ac)})
                 for wb, ab, wc, ac in itertools.product((2, 4, 6), repeat=4)]
     optimum = min((p for p in feasible if _toy_cost(p) <= 40), key=lambda p: _toy_loss(p)["loss"])
@@ -173,12 +173,29 @@ def test_greedy_takes_an_ascending_move_only_when_bidirectional():
         return {"loss": 100.0 * (12 - wb - ab) + 100.0 * (12 - wc - ac)}
 
     fits = lambda p: _toy_cost(p) <= 40  # noqa: E731
-    both = greedy_search(start, space, loss, _toy_cost, fits, lam=0.5)
-    down = greedy_search(start, space, loss, _toy_cost, fits, lam=0.5, bidirectional=False)
+    both = greedy_search(start, space, loss, _toy_cost, fits, lam=0.5, paired=False)
+    down = greedy_search(start, space, loss, _toy_cost, fits, lam=0.5, bidirectional=False, paired=False)
     assert both.steps[0]["direction"] == 1 and both.path[1]["b"] == (6, 6)  # J_up = 0 + 0.5 beats J_down >= 1
     assert all(s["direction"] == -1 for s in down.steps)
     assert fits(both.policy) and fits(down.policy)
     assert len({p.key() for p in both.path}) == len(both.path)
+
+
+def test_paired_moves_shift_a_layers_weight_and_activation_bits_together():
+    space = _toy_space()
+    top = Policy.from_rules(space, default=(6, 6))
+    assert [(m, p["b"], p["c"]) for m, p in neighbours(top, space)] == [
+        (("b", "wa", -1), (4, 4), (6, 6)), (("c", "wa", -1), (6, 6), (4, 4))]  # the paper's 2L: down only at the top
+    assert len(neighbours(Policy.uniform(space, 4), space)) == 4
+    # a side already at its end stays; the other still moves
+    assert neighbours(Policy.from_rules(space, (6, 6), {"b": (2, 4), "c": (2, 2)}), space, bidirectional=False) == [
+        (("b", "wa", -1), Policy.from_rules(space, (6, 6), {"b": (2, 2), "c": (2, 2)}))]
+    feasible = [Policy.from_rules(space, (6, 6), {"b": (wb, wb), "c": (wc, wc)})
+                for wb, wc in itertools.product((2, 4, 6), repeat=2)]
+    fits = lambda p: _toy_cost(p) <= 40  # noqa: E731
+    optimum = min((p for p in feasible if fits(p)), key=lambda p: _toy_loss(p)["loss"])
+    result = greedy_search(top, space, _toy_loss, _toy_cost, fits, lam=0.5)
+    assert result.policy == optimum and all(s["side"] == "wa" for s in result.steps)
 
 
 # end to end ---------------------------------------------------------------------------------------------------------
@@ -198,8 +215,9 @@ def test_end_to_end_several_budgets_from_one_supernet():
         assert ctx.fits(policy, budget)
     supernet, walks = result.trace[0], result.trace[1:]
     assert len(supernet["epochs"]) == 2 and "idm" in supernet["epochs"][0]
-    # the nested BitOPs budgets share one walk; the tighter ones continue the looser ones' path
-    assert [w["continued_from"] for w in walks[:3]] == [None, "bitops<=uniform:2", "bitops<=uniform:2"]
+    # only all-2-bit fits uniform:2, so it is not walked; the nested BitOPs budgets share one walk
+    assert walks[0]["shortcut"] and walks[0]["steps"] == [] and result.policies[0] == Policy.uniform(ctx.space, 2)
+    assert [w["continued_from"] for w in walks[:3]] == [None, None, "bitops<=uniform:3"]
     assert walks[3]["continued_from"] is None and walks[4]["continued_from"] is None
     # every evaluated point is on the front, once, with its costs and scores
     assert len(result.front) == result.info["evaluations"]

@@ -80,3 +80,21 @@ def test_report_for_a_search_and_a_train_run(hawq_run, tiny_q_run, tmp_path):
     text = (tmp_path / "t" / "report.md").read_text()
     assert "## Training" in text and "## Policy and cost" in text
     assert main(["report", str(tmp_path / "missing")]) == 2
+
+
+def test_oneshot_without_fine_tuning_tests_each_policy_on_the_supernet(tiny_fp_run, tmp_path, capsys):
+    out = tmp_path / "oneshot"
+    options = "search.options={epochs: 1, policies_per_step: 1, eval_batches: 1, bn_batches: 1}"
+    assert main(["search", *TINY_RUN, "--method", "oneshot", "--init", str(tiny_fp_run.dir), "--budget", BUDGETS,
+                 "--finetune-epochs", "0", "--set", options, "--out", str(out)]) == 0
+    capsys.readouterr()
+    rows = json.loads((out / "result.json").read_text())
+    assert (out / "oneshot_supernet.pt").is_file() and not (out / "finetune").exists()
+    for i, row in enumerate(rows):
+        run = out / "subnets" / f"budget{i}"
+        assert row["retraining_free"] and row["train_seconds"] == 0.0 and row["run_dir"] == str(run)
+        assert row["policy"] == Policy.load(out / "policies" / f"budget{i}.json").describe()
+        # the subnet checkpoint is an ordinary run: eval rebuilds it and measures the same accuracy
+        assert main(["eval", str(run)]) == 0
+        evaluated = json.loads(capsys.readouterr().out)
+        assert evaluated["policy"] == row["policy"] and evaluated["top1"] == pytest.approx(row["test_top1"])

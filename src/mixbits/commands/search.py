@@ -10,8 +10,11 @@ rank fine-tunes the found policies data-parallel (see docs/distributed.md):
 
 Writes to --out: search.json (method, budgets, policies, trace, seconds), front.json (every evaluated
 point), policies/budget<i>.json, finetune/budget<i>/ (a `mixbits train` run per policy) and
-result.json (one row per budget). Every budget is checked for feasibility before anything runs; a
-re-run with --resume reuses a finished search and resumes unfinished fine-tuning runs.
+result.json (one row per budget). A retraining-free method (oneshot) run with --finetune-epochs 0
+instead tests each policy on the supernet's own weights after BatchNorm recalibration and writes
+subnets/budget<i>/ (a checkpoint that eval and export read). Every budget is checked for feasibility
+before anything runs; a re-run with --resume reuses a finished search and resumes unfinished
+fine-tuning runs.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from ..pipeline import float_card, resolve_checkpoint, search_space
 from ..quant import calibrate, quantize_model, set_fused
 from ..search import SearchContext, run_searcher
 from ..space import Policy
+from ..subnets import evaluate_subnets
 from ..train import (
     Stopped,
     barrier,
@@ -104,7 +108,7 @@ def _search(cfg: RunConfig, dist_ctx, resume: bool, progress: bool | None) -> li
     set_fused(cfg.quant.fused)
     seed_everything(cfg.train.seed)
     global_data = replace(cfg.data, batch_size=cfg.data.batch_size * dist_ctx.world_size)
-    train_loader, val_loader, _, train_set = build_loaders(global_data, cfg.train.seed)
+    train_loader, val_loader, test_loader, train_set = build_loaders(global_data, cfg.train.seed)
     card = float_card(cfg.model, train_set.num_classes, train_set.in_chans, train_set.image_size)
     float_model = card.float_model()
     source = resolve_checkpoint(cfg.init)
@@ -126,10 +130,28 @@ def _search(cfg: RunConfig, dist_ctx, resume: bool, progress: bool | None) -> li
             float_model=float_model, latency=latency, run_dir=out, device=dist_ctx.device,
             seed=cfg.train.seed, progress=progress))
     result = broadcast_object(result)
-    rows = [_finetune(cfg, out, i, budget, Policy.from_dict(p), stats, result, resume, progress)
-            for i, (budget, p) in enumerate(zip(result["budgets"], result["policies"], strict=True))]
+    policies = [Policy.from_dict(p) for p in result["policies"]]
+    subnets = None
+    if _finetune_epochs(cfg) == 0 and result.get("info", {}).get("supernet"):
+        subnets = broadcast_object(_evaluate_subnets(cfg, out, result["info"]["supernet"], card, policies,
+                                                     train_loader, test_loader, dist_ctx.device)
+                                   if dist_ctx.is_main() else None)
+    rows = [_finetune(cfg, out, i, budget, policy, stats, result, resume, progress)
+            if subnets is None else {**_row(cfg, budget, policy, stats, result), **_subnet_fields(subnets[i])}
+            for i, (budget, policy) in enumerate(zip(result["budgets"], policies, strict=True))]
     if dist_ctx.is_main():
         atomic_write_text(out / "result.json", json.dumps(rows, indent=2) + "\n")
+    return rows
+
+
+def _evaluate_subnets(cfg: RunConfig, out: Path, supernet: str, card, policies: list[Policy], train_loader,
+                      test_loader, device) -> list[dict]:
+    """Each policy on the supernet's weights, no retraining: subnets/budget<i>/ is a run eval and export read."""
+    dirs = [out / "subnets" / f"budget{i}" for i in range(len(policies))]
+    rows = evaluate_subnets(supernet, card, cfg.quant.per_channel, policies, train_loader, test_loader, dirs,
+                            device=device)
+    for run_dir in dirs:
+        cfg.save(run_dir / "config.yaml")  # the data settings `mixbits eval` reads back
     return rows
 
 
@@ -151,19 +173,38 @@ def _load_or_search(cfg: RunConfig, out: Path, resume: bool, ctx: SearchContext)
     return result
 
 
+def _finetune_epochs(cfg: RunConfig) -> int:
+    return cfg.train.epochs if cfg.search.finetune_epochs is None else cfg.search.finetune_epochs
+
+
+def _row(cfg: RunConfig, budget: str, policy: Policy, stats, result: dict) -> dict:
+    w_avg, a_avg = average_bits(stats, policy)
+    return {"method": cfg.search.method, "budget": budget, "bitops": bitops(stats, policy),
+            "size_bytes": size_bytes(stats, policy), "avg_w_bits": w_avg, "avg_a_bits": a_avg,
+            "search_seconds": result["seconds"], "policy": policy.describe(), "seed": cfg.train.seed}
+
+
+def _subnet_fields(subnet: dict) -> dict:
+    return {"test_top1": subnet["test_top1"], "train_seconds": 0.0, "retraining_free": True,
+            "run_dir": subnet["run_dir"]}
+
+
 def _finetune(cfg: RunConfig, out: Path, i: int, budget: str, policy: Policy, stats, result: dict,
               resume: bool, progress) -> dict:
-    epochs = cfg.train.epochs if cfg.search.finetune_epochs is None else cfg.search.finetune_epochs
-    w_avg, a_avg = average_bits(stats, policy)
-    row = {"method": cfg.search.method, "budget": budget, "bitops": bitops(stats, policy),
-           "size_bytes": size_bytes(stats, policy), "avg_w_bits": w_avg, "avg_a_bits": a_avg,
-           "search_seconds": result["seconds"], "policy": policy.describe(), "seed": cfg.train.seed}
+    """QAT of the found policy from the float model, with the method's own fine-tune settings (e.g. SDQ's
+    distillation and bin regularisation) over the run's train settings."""
+    epochs = _finetune_epochs(cfg)
+    row = _row(cfg, budget, policy, stats, result)
     if epochs == 0:
         return {**row, "test_top1": None, "train_seconds": 0.0}
     run = copy.deepcopy(cfg)
     run.out = str(out / "finetune" / f"budget{i}")
     run.quant.policy = str(out / "policies" / f"budget{i}.json")
     run.train.epochs = epochs
+    for key, value in result.get("finetune", {}).items():
+        if not hasattr(run.train, key):  # a searcher bug, never the user's
+            raise RuntimeError(f"{cfg.search.method} asked for an unknown train setting {key!r} in its fine-tune")
+        setattr(run.train, key, value)
     resumed = resume and (Path(run.out) / "checkpoint.pt").exists()
     trained = train(run, resume=resumed, progress=progress).result
     return {**row, "test_top1": trained["test_top1"], "train_seconds": trained["train_seconds"]}

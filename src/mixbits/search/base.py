@@ -63,12 +63,14 @@ class SearchResult:
     front: list[dict] = field(default_factory=list)  # every evaluated point: policy, cost, score
     seconds: float = 0.0
     retraining_free: bool = False  # True when the policies are usable without fine-tuning
+    finetune: dict = field(default_factory=dict)  # train settings for the fine-tune stage, e.g. {"kd_alpha": 0.5}
     info: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return {"method": self.method, "budgets": [b.text for b in self.budgets],
                 "policies": [p.to_dict() for p in self.policies], "trace": self.trace, "front": self.front,
-                "seconds": self.seconds, "retraining_free": self.retraining_free, "info": self.info}
+                "seconds": self.seconds, "retraining_free": self.retraining_free, "finetune": self.finetune,
+                "info": self.info}
 
 
 def method_options(cls, options: dict, method: str):

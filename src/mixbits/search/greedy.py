@@ -3,8 +3,9 @@
 Inference only and independent of how policies are scored: ``evaluate(policy) -> {"loss": ..}`` may be a
 ``PolicyEvaluator`` on a trained supernet or any function (the tests use a known loss table).
 
-Each step builds the neighbours of the current policy (every searchable layer's weight or activation bits
-one candidate down, and with ``bidirectional`` also one up), scores each by
+Each step builds the neighbours of the current policy (every searchable layer one candidate down, and with
+``bidirectional`` also one up: the paper's 2L neighbours, weight and activation bits moving together;
+``paired=False`` moves them separately, 4L neighbours), scores each by
 
     J_i = L̄(S_i) + λ · C̄(S_i)
 
@@ -28,7 +29,7 @@ from tqdm import tqdm
 from ..errors import MixbitsError
 from ..space import Policy, SearchSpace
 
-Move = tuple[str, str, int]  # (layer, "w" or "a", +1 up / -1 down)
+Move = tuple[str, str, int]  # (layer, "wa", "w" or "a", +1 up / -1 down)
 
 
 @dataclass
@@ -38,19 +39,29 @@ class GreedyResult:
     steps: list[dict] = field(default_factory=list)  # per step: the move taken, its loss, cost term and J
 
 
-def neighbours(policy: Policy, space: SearchSpace, bidirectional: bool = True) -> list[tuple[Move, Policy]]:
-    """Every policy one candidate step away on one layer's weight or activation bits."""
+def neighbours(policy: Policy, space: SearchSpace, bidirectional: bool = True,
+               paired: bool = True) -> list[tuple[Move, Policy]]:
+    """Every policy one candidate step away on one layer: w and a together (``paired``), or either alone.
+
+    A paired move shifts each side that can still move; it exists while at least one side can.
+    """
     out = []
     directions = (-1, 1) if bidirectional else (-1,)
+    sides = (("wa", True, True),) if paired else (("w", True, False), ("a", False, True))
     for name in space.searchable:
         w, a = policy[name]
         for direction in directions:
-            for side, candidates, bits in (("w", space.w_bits, w), ("a", space.a_bits, a)):
-                i = candidates.index(bits) + direction
-                if 0 <= i < len(candidates):
-                    new = (candidates[i], a) if side == "w" else (w, candidates[i])
-                    out.append(((name, side, direction), policy.replace(name, *new)))
+            for side, move_w, move_a in sides:
+                new_w = _shift(space.w_bits, w, direction) if move_w else w
+                new_a = _shift(space.a_bits, a, direction) if move_a else a
+                if (new_w, new_a) != (w, a):
+                    out.append(((name, side, direction), policy.replace(name, new_w, new_a)))
     return out
+
+
+def _shift(candidates: Sequence[int], bits: int, direction: int) -> int:
+    i = candidates.index(bits) + direction
+    return candidates[i] if 0 <= i < len(candidates) else bits
 
 
 def min_max(values: Sequence[float]) -> list[float]:
@@ -69,7 +80,7 @@ def descents_to_bottom(policy: Policy, space: SearchSpace) -> int:
 def greedy_search(start: Policy, space: SearchSpace, evaluate: Callable[[Policy], dict],
                   cost_term: Callable[[Policy], float], fits: Callable[[Policy], bool], lam: float = 1.5,
                   bidirectional: bool = True, max_steps: int | None = None, progress: bool = False,
-                  description: str = "greedy", visited: set | None = None) -> GreedyResult:
+                  description: str = "greedy", visited: set | None = None, paired: bool = True) -> GreedyResult:
     """Greedy walk from ``start`` until ``fits(policy)``; ``cost_term`` is the cost in J (e.g. BitOPs).
 
     ``max_steps`` bounds the bidirectional phase (default: twice the descents from ``start`` to the bottom).
@@ -81,11 +92,11 @@ def greedy_search(start: Policy, space: SearchSpace, evaluate: Callable[[Policy]
     with tqdm(desc=description, disable=not progress, leave=False) as bar:
         while not fits(policy):
             two_way = bidirectional and len(steps) < limit
-            options = neighbours(policy, space, two_way)
+            options = neighbours(policy, space, two_way, paired)
             if two_way:
                 options = [(m, p) for m, p in options if p.key() not in visited]
             if not options and two_way:  # every neighbour already walked: fall back to descents
-                options = neighbours(policy, space, False)
+                options = neighbours(policy, space, False, paired)
             if not options:
                 raise MixbitsError(f"greedy search reached the lowest bit-widths without meeting the budget "
                                    f"({description}); the budget is infeasible for this space")

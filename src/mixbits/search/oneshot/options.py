@@ -11,6 +11,7 @@ from ..diff_options import fraction, is_int, is_number, non_negative, one_of, po
 UNSTABLE_SCALES = ("power", "inverse")
 IDM_FORMS = ("paper", "mse")
 COST_TERMS = ("budget", "bitops")
+MOVES = ("layer", "separate")
 
 
 @dataclass
@@ -43,6 +44,7 @@ class OneshotOptions:
     # bidirectional greedy search (Eq. 9) ---------------------------------------------------------------------
     lam: float = 1.5  # λ of Eq. 9
     bidirectional: bool = True  # False: descending moves only
+    moves: str = "layer"  # "layer": a layer's w and a move together (2L neighbours, paper); "separate": 4L
     start: int | str = "highest"  # start policy: "highest" or a bit-width k (W k A k on every searchable layer)
     max_steps: int | None = None  # bidirectional steps per budget before descending only (None: 2 x descents)
     cost_term: str = "budget"  # cost in J: "budget" (Σ cost/cap over the budget's caps) or "bitops" (paper)
@@ -80,6 +82,7 @@ def check_options(opts: OneshotOptions, candidates: tuple[int, ...]) -> None:
         ("fairness", isinstance(opts.fairness, bool), "true or false"),
         ("lam", non_negative(opts.lam), "a number >= 0"),
         ("bidirectional", isinstance(opts.bidirectional, bool), "true or false"),
+        ("moves", one_of(opts.moves, MOVES), f"one of {list(MOVES)}"),
         ("start", start_ok, f"'highest' or one of the shared candidate bit-widths {list(candidates)}"),
         ("max_steps", opts.max_steps is None or (is_int(opts.max_steps) and opts.max_steps >= 0),
          "a whole number >= 0, or null for twice the descents to the lowest bits"),

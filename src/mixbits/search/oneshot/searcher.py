@@ -6,20 +6,18 @@ for what follows the paper and what is this library's choice.
 
 from __future__ import annotations
 
-import io
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-
-import torch
 
 from ...budget import Budget
 from ...errors import MixbitsError
 from ...quant import quant_layers
 from ...space import Policy
-from ...utils import atomic_write_bytes
+from ...subnets import save_supernet
 from ..base import SEARCHERS, SearchContext, SearchResult, method_options
 from ..evaluator import PolicyEvaluator
-from ..greedy import descents_to_bottom, greedy_search
+from ..greedy import descents_to_bottom, greedy_search, neighbours
 from .options import OneshotOptions, check_options
 from .supernet import train_supernet
 
@@ -45,11 +43,14 @@ def oneshot_search(ctx: SearchContext) -> SearchResult:
     policies, trace = [], [{"stage": "supernet", **supernet}]
     for budget in ctx.budgets:
         front.budget = budget.text
+        began = time.perf_counter()
         walk, continued = _walk_for(ctx, opts, budget, start, front, walks)
+        seconds = time.perf_counter() - began
         policy = walk.path[-1]
         policies.append(policy)
         trace.append({"stage": "greedy", "budget": budget.text, "start": start.describe(),
-                      "start_score": front(start), "continued_from": continued, "steps": walk.steps,
+                      "start_score": front(start), "continued_from": continued, "shortcut": walk.shortcut,
+                      "seconds": seconds, "evaluated_so_far": evaluator.evaluations, "steps": walk.steps,
                       "policy": policy.describe(), **ctx.cost(policy), **front(policy)})
     return SearchResult("oneshot", list(ctx.budgets), policies, trace=trace, front=front.entries(),
                         retraining_free=True,
@@ -62,6 +63,7 @@ class Walk:
     path: list[Policy]
     steps: list[dict] = field(default_factory=list)
     budget: str = ""
+    shortcut: bool = False  # the budget admits only the lowest policy: no walk was needed
 
 
 class FrontRecorder:
@@ -109,6 +111,9 @@ def _walk_for(ctx: SearchContext, opts: OneshotOptions, budget: Budget, start: P
               walks: dict[tuple, Walk]) -> tuple[Walk, str | None]:
     """The budget's greedy walk; an earlier walk with the same J is reused up to its first fitting policy,
     or continued from its end (the same walk a fresh start would take, without re-scoring its steps)."""
+    lowest = Policy.from_rules(ctx.space, default=(ctx.space.w_bits[0], ctx.space.a_bits[0]))
+    if only_lowest_fits(ctx, budget, lowest):
+        return Walk([lowest], [], budget.text, shortcut=True), None
     cost, key = _cost_term(ctx, opts, budget)
     limit = opts.max_steps if opts.max_steps is not None else 2 * descents_to_bottom(start, ctx.space)
     earlier = walks.get(key) if opts.continue_path and key is not None else None
@@ -120,7 +125,8 @@ def _walk_for(ctx: SearchContext, opts: OneshotOptions, budget: Budget, start: P
     done = earlier.steps if earlier is not None else []
     result = greedy_search(begin, ctx.space, score, cost, lambda p: ctx.fits(p, budget), opts.lam,
                            opts.bidirectional, max(0, limit - len(done)), bool(ctx.progress),
-                           description=f"greedy {budget}", visited={p.key() for p in (earlier.path if earlier else [])})
+                           description=f"greedy {budget}", visited={p.key() for p in (earlier.path if earlier else [])},
+                           paired=opts.moves == "layer")
     steps = done + [{**s, "step": len(done) + s["step"]} for s in result.steps]
     walk = Walk((earlier.path if earlier else []) + result.path[(1 if earlier else 0):], steps, budget.text)
     if key is not None:
@@ -128,12 +134,23 @@ def _walk_for(ctx: SearchContext, opts: OneshotOptions, budget: Budget, start: P
     return walk, (earlier.budget if earlier is not None else None)
 
 
+def only_lowest_fits(ctx: SearchContext, budget: Budget, lowest: Policy) -> bool:
+    """True when the all-lowest policy is the only one within ``budget``, so every walk would end there.
+
+    BitOPs and size grow with every bit, so any other policy costs at least one of the lowest policy's
+    one-step-up neighbours; if none of those fits, nothing else does. Latency tables need not be
+    monotone, so a latency budget is always walked.
+    """
+    if "latency" in budget.limits(ctx.stats, ctx.space, ctx.latency) or not ctx.fits(lowest, budget):
+        return False
+    ups = [p for _, p in neighbours(lowest, ctx.space, bidirectional=True, paired=False)]
+    return not any(ctx.fits(p, budget) for p in ups)
+
+
 def _save_supernet(ctx: SearchContext, opts: OneshotOptions) -> str | None:
     """Write the trained weights beside the search (the policies are meant to run on them without retraining)."""
     if ctx.run_dir is None or not opts.save_supernet or opts.epochs == 0:
         return None
-    buffer = io.BytesIO()
-    torch.save({"model": ctx.model.state_dict(), "space": ctx.space.to_dict(), "options": asdict(opts)}, buffer)
     path = Path(ctx.run_dir) / SUPERNET_FILE
-    atomic_write_bytes(path, buffer.getvalue())
+    save_supernet(path, ctx.model, ctx.space, {"method": "oneshot", "options": asdict(opts)})
     return str(path)
