@@ -255,3 +255,32 @@ def test_bad_options_are_named():
     assert "idm_form" in message and "'l2'" in message and "start" in message
     with pytest.raises(MixbitsError, match="unknown option.*epsilom.*Did you mean 'epsilon'"):
         run_searcher("oneshot", _context(parse_budgets("bitops<=uniform:4"), {"epsilom": 0.1}))
+
+
+def test_an_interrupted_supernet_resumes_to_the_same_search(tmp_path, monkeypatch):
+    budgets = parse_budgets("bitops<=uniform:3,uniform:5")
+    whole = _context(budgets, FAST)
+    whole.run_dir = tmp_path / "whole"
+    expected = run_searcher("oneshot", whole)
+
+    from mixbits.search.oneshot.supernet import SupernetObjective
+    original = SupernetObjective.__call__
+
+    def crash_in_second_epoch(self, state, x, y):
+        if state.epoch == 1:
+            raise KeyboardInterrupt
+        return original(self, state, x, y)
+
+    cut = _context(budgets, FAST)
+    cut.run_dir = tmp_path / "cut"
+    monkeypatch.setattr(SupernetObjective, "__call__", crash_in_second_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        run_searcher("oneshot", cut)
+    monkeypatch.setattr(SupernetObjective, "__call__", original)
+    again = _context(budgets, FAST)
+    again.run_dir, again.resume = tmp_path / "cut", True
+    resumed = run_searcher("oneshot", again)
+    assert [p.key() for p in resumed.policies] == [p.key() for p in expected.policies]
+    assert resumed.trace[0]["frozen_periods"] == expected.trace[0]["frozen_periods"]
+    for key, value in whole.model.state_dict().items():
+        assert torch.equal(again.model.state_dict()[key], value), key

@@ -117,6 +117,33 @@ def test_mixture_is_probability_weighted_sum_with_grad_to_probs():
         q.mix(x, torch.ones(2))
 
 
+@pytest.mark.parametrize("per_channel", [False, True])
+@pytest.mark.parametrize("fused", [False, True])
+def test_mixture_gradients_equal_those_of_the_sum_of_candidate_quantizations(per_channel, fused):
+    """The one-pass mixture (saves only x) against autograd through Σ p_b · Q_b(x), candidate by candidate."""
+    torch.manual_seed(0)
+    x = torch.randn(16, 32, 8, 8) * 2  # large enough for the fused path; some values outside every clip range
+    q = LsqQuantizer([2, 3, 4], signed=True, channels=16 if per_channel else 1)
+    q(x)
+    grad_out = torch.randn_like(x)
+
+    def grads(mix):
+        xs, probs = x.clone().requires_grad_(), torch.tensor([0.2, 0.3, 0.5], requires_grad=True)
+        q.steps.grad = None
+        out = mix(xs, probs)
+        (out * grad_out).sum().backward()
+        return out.detach(), xs.grad, probs.grad, q.steps.grad.clone()
+
+    reference = grads(lambda xs, probs: sum(p * q.quantize(xs, b) for p, b in zip(probs, q.candidates, strict=True)))
+    set_fused(fused)
+    try:
+        one_pass = grads(q.mix)
+    finally:
+        set_fused(False)
+    for a, b in zip(one_pass, reference, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("groups", [1, 2, 8])
 def test_qconv_is_conv_of_quantized_input_and_weight(groups):
     conv = nn.Conv2d(8, 8, 3, padding=1, groups=groups)

@@ -128,7 +128,7 @@ def _search(cfg: RunConfig, dist_ctx, resume: bool, progress: bool | None) -> li
             model=_quantized(float_model, space, cfg, next(iter(train_loader))[0]), space=space, stats=stats,
             budgets=budgets, train_loader=train_loader, val_loader=val_loader, options=dict(cfg.search.options),
             float_model=float_model, latency=latency, run_dir=out, device=dist_ctx.device,
-            seed=cfg.train.seed, progress=progress))
+            seed=cfg.train.seed, progress=progress, resume=resume))
     result = broadcast_object(result)
     policies = [Policy.from_dict(p) for p in result["policies"]]
     subnets = None

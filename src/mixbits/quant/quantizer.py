@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from ..errors import MixbitsError
 from .lsq import lsq_quantize_row
+from .lsq_mix import lsq_mix
 
 _UNKNOWN, _UNSIGNED, _SIGNED = -1, 0, 1
 
@@ -105,18 +106,22 @@ class LsqQuantizer(nn.Module):
         return x.detach().abs().mean(dim=dims)
 
     # forward ----------------------------------------------------------------------------------------
-    def quantize(self, x: Tensor, bits: int) -> Tensor:
-        row = self.index(bits)
+    def _ensure_init(self, x: Tensor) -> None:
         if self.init_all_next:
             self._init_steps(x, range(len(self.candidates)))
             self.init_all_next = False
         elif not self._ready:
             # All at once: changing the steps in place later would break graphs already using them.
             self._init_steps(x, [i for i, done in enumerate(self.initialized.tolist()) if not done])
+
+    def _grad_scale(self, x: Tensor, qmax: int) -> float:
+        return 1.0 / math.sqrt(x.numel() // self.steps.shape[1] * qmax)
+
+    def quantize(self, x: Tensor, bits: int) -> Tensor:
+        row = self.index(bits)
+        self._ensure_init(x)
         qmin, qmax = integer_range(bits, self.signed)
-        per_step = x.numel() // self.steps.shape[1]
-        grad_scale = 1.0 / math.sqrt(per_step * qmax)
-        return lsq_quantize_row(x, self.steps, row, self._step_shape(x.dim()), qmin, qmax, grad_scale)
+        return lsq_quantize_row(x, self.steps, row, self._step_shape(x.dim()), qmin, qmax, self._grad_scale(x, qmax))
 
     def forward(self, x: Tensor) -> Tensor:
         return self.quantize(x, self.bits)
@@ -126,11 +131,10 @@ class LsqQuantizer(nn.Module):
         if probs.shape != (len(self.candidates),):
             raise MixbitsError(f"mixture weights must have shape ({len(self.candidates)},) for candidates "
                                f"{list(self.candidates)}, got {tuple(probs.shape)}")
-        out = None
-        for p, bits in zip(probs, self.candidates, strict=True):
-            term = p * self.quantize(x, bits)
-            out = term if out is None else out + term
-        return out
+        self._ensure_init(x)
+        bounds = [integer_range(bits, self.signed) for bits in self.candidates]
+        return lsq_mix(x, self.steps, probs, self._step_shape(x.dim()), bounds,
+                       [self._grad_scale(x, qmax) for _, qmax in bounds])
 
     @torch.no_grad()
     def integers(self, x: Tensor, bits: int | None = None) -> tuple[Tensor, Tensor]:

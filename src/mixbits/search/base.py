@@ -42,6 +42,7 @@ class SearchContext:
     device: torch.device = torch.device("cpu")
     seed: int = 0
     progress: bool | None = None
+    resume: bool = False  # a method that checkpoints its training under run_dir continues it
 
     def cost(self, policy: Policy) -> dict[str, float]:
         """The policy's BitOPs, size in bits and (with a table) latency."""

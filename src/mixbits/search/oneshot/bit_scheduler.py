@@ -125,9 +125,21 @@ class BitWidthScheduler(Hook):
 
     def on_train_start(self, state: TrainState) -> None:
         self.events = event_steps(state.cfg.epochs * state.steps_per_epoch, self.freeze_start, self.freeze_period)
-        if not self.events or self.events[0] > state.step:
+        if not self.periods and (not self.events or self.events[0] > state.step):
             self._open_period(state, {}, {}, k=0)  # warm-up: every bit-width trains
         self._catch_up(state)
+
+    def state_dict(self) -> dict:
+        """The periods so far and the next event: a resumed run freezes exactly what the first would have."""
+        return {"periods": self.trace(), "next": self._next}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._next = int(state["next"])
+        self.periods = [{**p, "sampled_w": {n: {int(b): c for b, c in counts.items()}
+                                            for n, counts in p["sampled_w"].items()}} for p in state["periods"]]
+        if self.periods:  # the open period goes on: its frozen bits and the counts it is still collecting
+            self.sampler.frozen = dict(self.periods[-1]["frozen"])
+            self.sampler.sampled_w = self.periods[-1]["sampled_w"]
 
     def after_step(self, state: TrainState) -> None:
         self._catch_up(state)

@@ -15,6 +15,7 @@ optimiser's own coupled L2 decay, counted only over the step's passes that were 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +24,7 @@ from torch import Tensor
 from ...quant import QuantLayer
 from ...space import Bits
 from ...train import Hook, StepOutput, TrainConfig, TrainState, fit, kd_loss, param_groups
+from ...train.checkpoint import CHECKPOINT
 from ..base import SearchContext
 from .bit_scheduler import BitWidthScheduler, PolicySampler
 from .idm import FeatureAlignment, OutputCapture
@@ -60,6 +62,19 @@ class FairDecay(Hook):
     def on_epoch_end(self, state: TrainState, metrics: dict) -> None:
         metrics["decay_share"] = sum(self._shares) / max(1, len(self._shares))
         self._shares = []
+
+
+class ModuleState(Hook):
+    """Checkpoints a module trained beside the model (the IDM affine parameters), so a resume restores it."""
+
+    def __init__(self, module: torch.nn.Module):
+        self.module = module
+
+    def state_dict(self) -> dict:
+        return {k: v.detach().clone() for k, v in self.module.state_dict().items()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.module.load_state_dict(state)
 
 
 class SupernetObjective:
@@ -154,6 +169,8 @@ def train_supernet(ctx: SearchContext, layers: Mapping[str, QuantLayer], opts: O
     capture = OutputCapture(layers) if opts.idm else None
     fair = FairDecay(layers, ctx.space.w_bits[0], opts.weight_decay) if opts.fairness else None
     hooks: list[Hook] = [fair] if fair is not None else []
+    if align is not None:
+        hooks.append(ModuleState(align))
     scheduler = None
     if opts.scheduler:
         scheduler = BitWidthScheduler(sampler, opts.epsilon, opts.unstable_scale, opts.freeze_ratio_start,
@@ -162,9 +179,12 @@ def train_supernet(ctx: SearchContext, layers: Mapping[str, QuantLayer], opts: O
     cfg = TrainConfig(epochs=opts.epochs, optimizer=opts.optimizer, lr=opts.lr, momentum=opts.momentum,
                       weight_decay=opts.weight_decay, warmup_epochs=opts.warmup_epochs, seed=ctx.seed)
     objective = SupernetObjective(opts, sampler, align, capture, fair)
+    run_dir = Path(ctx.run_dir) / "supernet" if ctx.run_dir is not None else None  # checkpointed every epoch
+    resume = ctx.resume and run_dir is not None and (run_dir / CHECKPOINT).is_file()
     try:
         result = fit(ctx.model, ctx.train_loader, cfg, objective=objective, hooks=hooks, device=ctx.device,
-                     params=_groups(ctx, layers, align, opts), progress=ctx.progress)
+                     params=_groups(ctx, layers, align, opts), progress=ctx.progress, run_dir=run_dir,
+                     resume=resume)
     finally:
         if capture is not None:
             capture.remove()
