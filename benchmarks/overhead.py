@@ -27,26 +27,32 @@ from mixbits import Policy, SearchSpace  # noqa: E402
 from mixbits.models import create  # noqa: E402
 from mixbits.quant import apply_policy, calibrate, quant_layers, quantize_model, set_fused  # noqa: E402
 from mixbits.search.differentiable import ArchParams, apply_mixture, softmax_rows  # noqa: E402
+from mixbits.search.oneshot.bit_scheduler import PolicySampler  # noqa: E402
+from mixbits.search.sdq import BitParams, drive, set_current_bits  # noqa: E402
 
 
 def fp32(model: nn.Module, x: torch.Tensor) -> nn.Module:
     return model
 
 
-def uniform_w4a4(model: nn.Module, x: torch.Tensor) -> nn.Module:
+def calibrated(model: nn.Module, x: torch.Tensor) -> tuple[nn.Module, SearchSpace]:
+    """``model`` quantized over the default W2-6 x A2-6 space and calibrated on ``x``."""
     space = SearchSpace.from_model(model)
     qmodel = quantize_model(model, space)
     calibrate(qmodel, x)
+    return qmodel, space
+
+
+def uniform_w4a4(model: nn.Module, x: torch.Tensor) -> nn.Module:
+    qmodel, space = calibrated(model, x)
     return apply_policy(qmodel, Policy.uniform(space, 4))
 
 
 def mixed_policy(model: nn.Module, x: torch.Tensor) -> nn.Module:
     """A random per-layer W2-6/A2-6 policy: the fine-tuning step of every searched (uniform, hawq, random) policy."""
-    space = SearchSpace.from_model(model)
+    qmodel, space = calibrated(model, x)
     gen = torch.Generator().manual_seed(0)
     overrides = {n: tuple(int(b) for b in torch.randint(2, 7, (2,), generator=gen)) for n in space.searchable}
-    qmodel = quantize_model(model, space)
-    calibrate(qmodel, x)
     return apply_policy(qmodel, Policy.from_rules(space, (4, 4), overrides))
 
 
@@ -67,16 +73,55 @@ class MixtureSearchNet(nn.Module):
 
 def mixture_search(model: nn.Module, x: torch.Tensor) -> nn.Module:
     """One single-level weight + architecture step of the differentiable searches."""
-    space = SearchSpace.from_model(model)
-    qmodel = quantize_model(model, space)
-    calibrate(qmodel, x)
-    return MixtureSearchNet(qmodel, space).to(x.device)
+    return MixtureSearchNet(*calibrated(model, x)).to(x.device)
+
+
+class StochasticSearchNet(nn.Module):
+    """The SDQ search step: every searchable layer's weights quantized stochastically between its current and next
+    lower W2-6 candidate (straight-through Gumbel-sigmoid on learnable DBPs), activations at 4 bits."""
+
+    def __init__(self, qmodel: nn.Module, space: SearchSpace):
+        super().__init__()
+        self.qmodel, self.dbps = qmodel, BitParams(space.searchable, space.w_bits)
+        layers = quant_layers(qmodel)
+        self.searchable = [layers[n] for n in space.searchable]
+        set_current_bits(self.searchable, self.dbps, None, 4)  # weights start at their highest candidate
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        drive(self.searchable, self.dbps.sample(tau=1.0), None, self.dbps, None)
+        return self.qmodel(x)
+
+
+def sdq_search(model: nn.Module, x: torch.Tensor) -> nn.Module:
+    """One weight + DBP step of the SDQ search (its regulariser, ~20 scalar operations, left out)."""
+    return StochasticSearchNet(*calibrated(model, x)).to(x.device)
+
+
+class SampledPolicyNet(nn.Module):
+    """One pass of the one-shot supernet step: a policy drawn per layer from W2-6 x A2-6 at every forward.
+    A whole supernet step is (largest + smallest + policies_per_step) such passes on the same batch."""
+
+    def __init__(self, qmodel: nn.Module, space: SearchSpace):
+        super().__init__()
+        self.qmodel = qmodel
+        layers = quant_layers(qmodel)
+        self.sampler = PolicySampler({n: layers[n] for n in space.searchable}, space)
+        self.generator = torch.Generator().manual_seed(0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.sampler.apply(self.sampler.sample(self.generator))
+        return self.qmodel(x)
+
+
+def oneshot_pass(model: nn.Module, x: torch.Tensor) -> nn.Module:
+    return SampledPolicyNet(*calibrated(model, x)).to(x.device)
 
 
 # name -> builder(float model, sample batch) -> model to train; FP32 must stay first (the base).
 VARIANTS: dict[str, Callable[[nn.Module, torch.Tensor], nn.Module]] = {
     "fp32": fp32, "uniform W4A4": uniform_w4a4, "mixed W2-6/A2-6 (searched policies' QAT)": mixed_policy,
-    "composite mixture (dnas/ssps/dmpq search step)": mixture_search}
+    "composite mixture (dnas/ssps/dmpq search step)": mixture_search, "sdq search step": sdq_search,
+    "one-shot supernet, per sampled-policy pass": oneshot_pass}
 
 
 def make_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Callable[[], None]:

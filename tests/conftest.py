@@ -71,3 +71,30 @@ class ToyLoader:
         for i in range(len(self)):
             idx = order[i * self.batch_size:(i + 1) * self.batch_size]
             yield self.x[idx], self.y[idx]
+
+
+def toy_image_loader(n: int = 96, seed: int = 0):
+    """A real BatchLoader over random 8x8 one-channel images of 3 classes (the differentiable searches' data)."""
+    from mixbits.data import BatchLoader, ImageDataset
+
+    gen = torch.Generator().manual_seed(seed)
+    ds = ImageDataset(torch.randint(0, 256, (n, 1, 8, 8), generator=gen, dtype=torch.uint8),
+                      torch.randint(0, 3, (n,), generator=gen), 3, (0.5,), (0.25,), "toy")
+    return BatchLoader(ds, 16, train=True, seed=seed)
+
+
+def toy_search_context(budgets, options=None, bits=(2, 4, 6)):
+    """A search context over ``toy_net`` quantized to ``bits``, calibrated, with toy image loaders."""
+    from mixbits import SearchSpace
+    from mixbits.cost import profile
+    from mixbits.quant import calibrate, quantize_model
+    from mixbits.search import SearchContext
+
+    model = toy_net()
+    space = SearchSpace.from_model(model, bits, bits)
+    qmodel = quantize_model(model, space)
+    train = toy_image_loader()
+    calibrate(qmodel, next(iter(train))[0])
+    return SearchContext(model=qmodel, space=space, stats=profile(model, (1, 8, 8)), budgets=budgets,
+                         train_loader=train, val_loader=toy_image_loader(32, seed=1), options=options or {},
+                         float_model=model.eval())

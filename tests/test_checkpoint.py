@@ -203,6 +203,17 @@ def test_resume_with_other_config_names_the_field(tmp_path):
         run(tmp_path, [Counter(), Counter()], resume=True, epochs=1)
 
 
+def test_a_setting_added_after_the_checkpoint_counts_as_its_default(tmp_path):
+    run(tmp_path, [], epochs=1)
+    path = tmp_path / "checkpoint.pt"
+    saved = load_checkpoint(path)
+    del saved["train_config"]["ebr_weight"]  # as written before the setting existed
+    save_checkpoint(path, saved)
+    run(tmp_path, [], resume=True, epochs=1)  # the default 0.0: same training, resumes
+    with pytest.raises(MixbitsError, match=r"ebr_weight 0\.0 -> 0\.5"):
+        run(tmp_path, [], resume=True, epochs=1, ebr_weight=0.5)
+
+
 def test_resumed_model_of_another_width_is_refused(tmp_path):
     run(tmp_path, [], epochs=1)
     with pytest.raises(MixbitsError, match="shape mismatches"):

@@ -8,16 +8,13 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import toy_net
+from conftest import toy_image_loader, toy_search_context
 from torch import nn
 
-from mixbits import MixbitsError, Policy, SearchSpace
+from mixbits import MixbitsError, Policy
 from mixbits.budget import parse_budget, parse_budgets
-from mixbits.cost import profile
-from mixbits.data import BatchLoader
-from mixbits.data.datasets import ImageDataset
-from mixbits.quant import QConv2d, calibrate, quantize_model
-from mixbits.search import SearchContext, run_searcher
+from mixbits.quant import QConv2d, calibrate
+from mixbits.search import run_searcher
 from mixbits.search.derive import repair
 from mixbits.search.differentiable import (
     ArchParams,
@@ -38,30 +35,12 @@ BITS = (2, 4, 6)
 MACS = {"0": 64 * 4 * 1 * 9, "3": 64 * 6 * 4 * 9, "6": 64 * 6 * 6 * 9, "10": 6 * 3}
 
 
-def _loader(n=96, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    ds = ImageDataset(torch.randint(0, 256, (n, 1, 8, 8), generator=gen, dtype=torch.uint8),
-                      torch.randint(0, 3, (n,), generator=gen), 3, (0.5,), (0.25,), "toy")
-    return BatchLoader(ds, 16, train=True, seed=seed)
-
-
-def _context(budgets, options=None):
-    model = toy_net()
-    space = SearchSpace.from_model(model, BITS, BITS)
-    qmodel = quantize_model(model, space)
-    train = _loader()
-    calibrate(qmodel, next(iter(train))[0])
-    return SearchContext(model=qmodel, space=space, stats=profile(model, (1, 8, 8)), budgets=budgets,
-                         train_loader=train, val_loader=_loader(32, seed=1), options=options or {},
-                         float_model=model.eval())
-
-
 def _arch(ctx, joint=False):
     return ArchParams(ctx.space.searchable, BITS, BITS, joint=joint)
 
 
 def test_expected_bitops_matches_a_hand_computation():
-    ctx = _context([])
+    ctx = toy_search_context([])
     arch = _arch(ctx)
     assert ctx.space.searchable == ("3", "6") and list(ctx.stats.layers) == list(MACS)
     cost = ExpectedCost(ctx, arch.pairs)
@@ -80,7 +59,7 @@ def test_expected_bitops_matches_a_hand_computation():
 
 
 def test_cost_penalty_gradient_moves_probability_to_cheaper_bits():
-    ctx = _context([])
+    ctx = toy_search_context([])
     arch = _arch(ctx)
     cost = ExpectedCost(ctx, arch.pairs)
     tight = parse_budget("bitops<=uniform:2").limits(ctx.stats, ctx.space)
@@ -133,7 +112,8 @@ def test_dmpq_skip_weight_follows_its_schedule(schedule):
     for p, linear, cosine in [(0.0, 1.0, 1.0), (0.25, 0.75, 0.5 * (1 + math.cos(math.pi / 4))), (0.5, 0.5, 0.5),
                               (1.0, 0.0, 0.0)]:
         assert decaying_weight(p, schedule, 1.0) == pytest.approx(linear if schedule == "linear" else cosine)
-    ctx = _context(parse_budgets("bitops<=uniform:4"), {"epochs": 4, "skip_schedule": schedule, "skip_init": 0.8})
+    options = {"epochs": 4, "skip_schedule": schedule, "skip_init": 0.8}
+    ctx = toy_search_context(parse_budgets("bitops<=uniform:4"), options)
     result = run_searcher("dmpq", ctx)
     weights = [e["skip_weight"] for e in result.trace[0]["epochs"]]
     assert weights == pytest.approx([decaying_weight(e / 4, schedule, 0.8) for e in (1, 2, 3, 4)])
@@ -154,7 +134,7 @@ def test_decaying_skip_adds_the_shortcut_to_the_convolution():
 
 
 def test_repair_lowers_the_least_certain_layer_first():
-    ctx = _context([])
+    ctx = toy_search_context([])
     arch = _arch(ctx)
     budget = parse_budget("bitops<=uniform:5")
     policy = Policy.uniform(ctx.space, 6)
@@ -171,7 +151,7 @@ def test_position_split_is_disjoint_and_covers_every_batch():
     seen_w = [int(x[0, 0]) for x, _ in weights]
     seen_a = [int(x[0, 0]) for x, _ in arch]
     assert len(weights) == 8 and len(arch) == 2 and sorted(seen_w + seen_a) == list(range(10))
-    loader_w, loader_a = split_for_architecture(_loader(), 0.25, seed=0)
+    loader_w, loader_a = split_for_architecture(toy_image_loader(), 0.25, seed=0)
     assert len(loader_w.dataset) == 72 and len(loader_a.dataset) == 24
 
 
@@ -188,7 +168,7 @@ CASES = [
 @pytest.mark.parametrize("method,options", CASES)
 def test_each_method_returns_policies_within_every_budget(method, options):
     budgets = parse_budgets("bitops<=uniform:3,uniform:5;size<=uniform:4")
-    ctx = _context(budgets, options)
+    ctx = toy_search_context(budgets, options)
     before = {k: v.clone() for k, v in ctx.model.state_dict().items()}
     result = run_searcher(method, ctx)
     assert len(result.policies) == 2
@@ -213,15 +193,15 @@ def test_each_method_returns_policies_within_every_budget(method, options):
 
 def test_dmpq_low_bit_candidates_keep_receiving_gradient_and_runs_are_deterministic():
     budgets = [parse_budget("bitops<=uniform:4")]
-    first = run_searcher("dmpq", _context(budgets, {"epochs": 3}))
-    second = run_searcher("dmpq", _context(budgets, {"epochs": 3}))
+    first = run_searcher("dmpq", toy_search_context(budgets, {"epochs": 3}))
+    second = run_searcher("dmpq", toy_search_context(budgets, {"epochs": 3}))
     assert first.policies == second.policies and first.trace[0]["epochs"] == second.trace[0]["epochs"]
     for epoch in first.trace[0]["epochs"]:
         assert epoch["grad_lowest_w"] > 0 and epoch["grad_lowest_a"] > 0
 
 
 def test_bad_options_are_named_with_their_values():
-    ctx = _context(parse_budgets("bitops<=uniform:4"), {"updates": "both", "epochs": 0})
+    ctx = toy_search_context(parse_budgets("bitops<=uniform:4"), {"updates": "both", "epochs": 0})
     with pytest.raises(MixbitsError, match=r"updates: must be one of \['alternating', 'single'\], got 'both'"):
         run_searcher("dnas", ctx)
     ctx.options = {"skip_schedule": "step"}

@@ -12,7 +12,7 @@ from mixbits import MixbitsError, Policy, SearchSpace
 from mixbits.budget import parse_budgets
 from mixbits.cost import LatencyTable, profile
 from mixbits.quant import QConv2d, calibrate, quantize_model
-from mixbits.search import SearchContext, run_searcher
+from mixbits.search import PolicyEvaluator, SearchContext, run_searcher
 from mixbits.search.greedy import greedy_search, neighbours
 from mixbits.search.oneshot.bit_scheduler import (
     PolicySampler,
@@ -236,7 +236,7 @@ def test_end_to_end_several_budgets_from_one_supernet():
 
 def test_every_feature_can_be_switched_off():
     options = {**FAST, "scheduler": False, "idm": False, "fairness": False, "bidirectional": False,
-               "train_largest": False, "continue_path": False, "cost_term": "bitops"}
+               "train_largest": False, "train_smallest": False, "continue_path": False, "cost_term": "bitops"}
     budgets = parse_budgets("bitops<=uniform:3,uniform:4")
     result = run_searcher("oneshot", _context(budgets, options))
     supernet = result.trace[0]
@@ -284,3 +284,39 @@ def test_an_interrupted_supernet_resumes_to_the_same_search(tmp_path, monkeypatc
     assert resumed.trace[0]["frozen_periods"] == expected.trace[0]["frozen_periods"]
     for key, value in whole.model.state_dict().items():
         assert torch.equal(again.model.state_dict()[key], value), key
+
+
+def test_each_step_trains_the_largest_the_smallest_and_k_sampled_policies(monkeypatch):
+    applied = []
+    original = PolicySampler.apply
+    monkeypatch.setattr(PolicySampler, "apply", lambda self, bits: (applied.append(dict(bits)), original(self, bits)))
+    ctx = _context(parse_budgets("bitops<=uniform:4"), {**FAST, "epochs": 1, "scheduler": False, "idm": False})
+    run_searcher("oneshot", ctx)
+    steps = len(toy_batches())
+    training = applied[: 5 * steps]  # then the greedy walk applies its own policies
+    lowest, highest = (2, 2), (6, 6)
+    for i in range(steps):  # largest, smallest, then policies_per_step = 3 sampled ones
+        assert set(training[5 * i].values()) == {highest} and set(training[5 * i + 1].values()) == {lowest}
+
+
+def test_batch_statistics_scoring_leaves_the_stored_statistics_alone():
+    ctx = _context(parse_budgets("bitops<=uniform:4"))
+    bn = ctx.model[1]
+    before = {k: v.clone() for k, v in bn.state_dict().items()}
+    batch = PolicyEvaluator(ctx.model, ctx.val_loader, eval_batches=1, bn_mode="batch")
+    policy = Policy.uniform(ctx.space, 4)
+    score = batch(policy)
+    for k, v in bn.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    # the same as a forward with every BatchNorm in training mode on the scored batch
+    x, y = ctx.val_loader[0]
+    ctx.model.eval()
+    for m in ctx.model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.train()
+            m.track_running_stats = False
+    with torch.no_grad():
+        expected = nn.functional.cross_entropy(ctx.model(x), y).item()
+    assert score["loss"] == pytest.approx(expected, rel=1e-5)
+    with pytest.raises(MixbitsError, match="bn_mode must be one of"):
+        PolicyEvaluator(ctx.model, ctx.val_loader, bn_mode="running")

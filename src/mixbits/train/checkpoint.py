@@ -177,7 +177,9 @@ def restore_training(state: TrainState, hooks: list[Hook], saved: dict, path: Pa
 
 def _check_resumable(saved: dict, state: TrainState, n_hooks: int, path: Path) -> None:
     cfg = asdict(state.cfg)
-    old = saved.get("train_config", {})
+    # A setting added after the checkpoint was written counts as its default (what that run trained with).
+    defaults = asdict(type(state.cfg)())
+    old = {**defaults, **saved.get("train_config", {})}
     diffs = [f"{k} {old.get(k, '(missing)')!r} -> {v!r}" for k, v in cfg.items()
              if k not in _RESUME_IGNORES and old.get(k, "(missing)") != v]
     if diffs:

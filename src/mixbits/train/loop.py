@@ -31,6 +31,7 @@ from torch import nn
 from tqdm import tqdm
 
 from ..errors import MixbitsError
+from ..quant.ebr import model_ebr
 from ..utils import atomic_write_text, seed_everything
 from .checkpoint import CHECKPOINT, open_run, restore_training, save_checkpoint, training_payload
 from .distill import kd_loss
@@ -81,19 +82,25 @@ Objective = Callable[[TrainState, torch.Tensor, torch.Tensor], StepOutput]
 
 
 def supervised_objective(state: TrainState, x: torch.Tensor, y: torch.Tensor) -> StepOutput:
-    """Cross-entropy (with label smoothing), mixed with distillation from ``state.teacher`` if kd_alpha > 0."""
+    """Cross-entropy (with label smoothing), mixed with distillation from ``state.teacher`` if kd_alpha > 0,
+    plus ebr_weight · the entropy-aware bin regulariser of the quantized weights (``mixbits.quant.ebr``) if > 0."""
     cfg = state.cfg
     logits = state.model(x)
     ce = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
-    if state.teacher is None or cfg.kd_alpha == 0:
-        return StepOutput(ce, logits)
-    if state.teacher.training:
-        state.teacher.eval()
-    with torch.no_grad():
-        teacher_logits = state.teacher(x)
-    kd = kd_loss(logits, teacher_logits, cfg.kd_temperature)
-    loss = (1 - cfg.kd_alpha) * ce + cfg.kd_alpha * kd
-    return StepOutput(loss, logits, {"ce": ce.detach(), "kd": kd.detach()})
+    loss, metrics = ce, {}
+    if state.teacher is not None and cfg.kd_alpha != 0:
+        if state.teacher.training:
+            state.teacher.eval()
+        with torch.no_grad():
+            teacher_logits = state.teacher(x)
+        kd = kd_loss(logits, teacher_logits, cfg.kd_temperature)
+        loss = (1 - cfg.kd_alpha) * ce + cfg.kd_alpha * kd
+        metrics = {"ce": ce.detach(), "kd": kd.detach()}
+    if cfg.ebr_weight != 0:  # after the forward: the quantizers' steps are initialised by then
+        ebr = model_ebr(state.module)
+        loss = loss + cfg.ebr_weight * ebr
+        metrics = {"ce": ce.detach(), **metrics, "ebr": ebr.detach()}
+    return StepOutput(loss, logits, metrics)
 
 
 class Hook:

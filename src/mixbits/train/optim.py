@@ -28,6 +28,7 @@ class TrainConfig:
     label_smoothing: float = 0.0
     kd_alpha: float = 0.0  # weight of the distillation term when a teacher is given (0 = CE only)
     kd_temperature: float = 4.0
+    ebr_weight: float = 0.0  # weight of the entropy-aware bin regulariser of quantized weights (0 = off)
     grad_clip: float | None = None
     seed: int = 0
     checkpoint_every: int = 1  # epochs between checkpoints
@@ -50,6 +51,7 @@ class TrainConfig:
             ("label_smoothing", _in(self.label_smoothing, 0, 1, open_high=True), "must be a number in [0, 1)"),
             ("kd_alpha", _in(self.kd_alpha, 0, 1), "must be a number in [0, 1]"),
             ("kd_temperature", _in(self.kd_temperature, 0, math.inf, open_low=True), "must be a number > 0"),
+            ("ebr_weight", _in(self.ebr_weight, 0, math.inf), "must be a number >= 0"),
             ("grad_clip", self.grad_clip is None or _in(self.grad_clip, 0, math.inf, open_low=True),
              "must be a number > 0, or null for no clipping"),
             ("seed", _is_int(self.seed) and self.seed >= 0, "must be a whole number >= 0"),

@@ -94,6 +94,10 @@ class PolicySampler:
     def largest(self) -> dict[str, Bits]:
         return {n: (self.space.w_bits[-1], self.space.a_bits[-1]) for n in self.layers}
 
+    def smallest(self) -> dict[str, Bits]:
+        """Every layer at its smallest available weight bits (frozen ones excluded) and lowest activation bits."""
+        return {n: (self.smallest_w(n), self.space.a_bits[0]) for n in self.layers}
+
     def sample(self, generator: torch.Generator) -> dict[str, Bits]:
         bits = {}
         for name in self.layers:

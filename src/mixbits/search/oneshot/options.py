@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from ...errors import MixbitsError
 from ...train.optim import OPTIMIZERS
 from ..diff_options import fraction, is_int, is_number, non_negative, one_of, positive
+from ..evaluator import BN_MODES
 
 UNSTABLE_SCALES = ("power", "inverse")
 IDM_FORMS = ("paper", "mse")
@@ -25,6 +26,7 @@ class OneshotOptions:
     warmup_epochs: float = 0.0  # linear lr warm-up, then cosine to 0
     policies_per_step: int = 3  # K sampled policies per step, gradients accumulated before one update
     train_largest: bool = True  # also train the all-highest policy each step (in-place distillation teacher)
+    train_smallest: bool = True  # also train the all-lowest available policy each step (the "sandwich rule")
     distill: float = 0.5  # sampled policies: (1 - distill)·CE + distill·KL to the largest policy's output
     # bit-width scheduler (Eq. 6-7) ---------------------------------------------------------------------------
     scheduler: bool = True
@@ -50,7 +52,8 @@ class OneshotOptions:
     cost_term: str = "budget"  # cost in J: "budget" (Σ cost/cap over the budget's caps) or "bitops" (paper)
     continue_path: bool = True  # a budget continues the path of an earlier one with the same cost term
     eval_batches: int = 2  # validation batches per score
-    bn_batches: int = 2  # training batches for BatchNorm recalibration per score
+    bn_batches: int = 2  # training batches for BatchNorm recalibration per score (score_bn: recalibrate)
+    score_bn: str = "recalibrate"  # BatchNorm while scoring: "recalibrate" or "batch" (the scored batch's own)
     save_supernet: bool = True  # with a run directory, write the trained weights to oneshot_supernet.pt
 
 
@@ -67,6 +70,7 @@ def check_options(opts: OneshotOptions, candidates: tuple[int, ...]) -> None:
          and (not is_number(opts.epochs) or opts.warmup_epochs <= opts.epochs), "a number in [0, epochs]"),
         ("policies_per_step", is_int(opts.policies_per_step) and opts.policies_per_step >= 1, "a whole number >= 1"),
         ("train_largest", isinstance(opts.train_largest, bool), "true or false"),
+        ("train_smallest", isinstance(opts.train_smallest, bool), "true or false"),
         ("distill", fraction(opts.distill, closed=True), "a number in [0, 1]"),
         ("scheduler", isinstance(opts.scheduler, bool), "true or false"),
         ("epsilon", fraction(opts.epsilon, closed=True), "a number in [0, 1]"),
@@ -90,6 +94,7 @@ def check_options(opts: OneshotOptions, candidates: tuple[int, ...]) -> None:
         ("continue_path", isinstance(opts.continue_path, bool), "true or false"),
         ("eval_batches", is_int(opts.eval_batches) and opts.eval_batches >= 1, "a whole number >= 1"),
         ("bn_batches", is_int(opts.bn_batches) and opts.bn_batches >= 0, "a whole number >= 0"),
+        ("score_bn", one_of(opts.score_bn, BN_MODES), f"one of {list(BN_MODES)}"),
         ("save_supernet", isinstance(opts.save_supernet, bool), "true or false"),
     ]
     problems = [f"{name}: must be {expected}, got {getattr(opts, name)!r}" for name, ok, expected in rules if not ok]

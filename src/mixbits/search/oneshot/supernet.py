@@ -2,9 +2,12 @@
 
 One optimiser step accumulates the gradients of ``policies_per_step`` sampled policies (Monte-Carlo
 estimate of Eq. 2), plus the largest policy (every searchable layer at its highest candidates) when
-``train_largest`` is set; each pass's loss is divided by the number of passes, so the step follows the
-mean loss. The largest policy trains with cross-entropy; a sampled one with (1 − d)·CE + d·KL to the
-largest policy's detached output (in-place distillation, d = ``distill``), plus the IDM term of Eq. 8.
+``train_largest`` is set and the smallest (every layer at its lowest available bits) when
+``train_smallest`` is set (the "sandwich rule" of weight-sharing NAS: without it the all-low corner,
+which the tightest budgets need, is almost never drawn); each pass's loss is divided by the number of
+passes, so the step follows the mean loss. The largest policy trains with cross-entropy; the others with
+(1 − d)·CE + d·KL to the largest policy's detached output (in-place distillation, d = ``distill``), plus
+the IDM term of Eq. 8.
 
 Fairness weight regularisation: a "low-bit pass" of a layer is a forward in which it ran at its smallest
 candidate weight bit-width. The searchable layers' weights leave the optimiser's decayed group; the
@@ -78,12 +81,12 @@ class ModuleState(Hook):
 
 
 class SupernetObjective:
-    """The per-step objective: the largest policy, then K sampled ones, each backpropagated at once."""
+    """The per-step objective: the largest policy, the smallest, then K sampled ones, each backpropagated at once."""
 
     def __init__(self, opts: OneshotOptions, sampler: PolicySampler, align: FeatureAlignment | None,
                  capture: OutputCapture | None, fair: FairDecay | None):
         self.opts, self.sampler, self.align, self.capture, self.fair = opts, sampler, align, capture, fair
-        self.passes = opts.policies_per_step + int(opts.train_largest)
+        self.passes = opts.policies_per_step + int(opts.train_largest) + int(opts.train_smallest)
 
     def __call__(self, state: TrainState, x: Tensor, y: Tensor) -> StepOutput:
         if self.fair is not None:
@@ -94,8 +97,9 @@ class SupernetObjective:
             total = F.cross_entropy(teacher, y).detach()
             metrics["ce_largest"] = total
         idm_terms = []
-        for _ in range(self.opts.policies_per_step):
-            bits = self.sampler.sample(state.generator)
+        draws = [self.sampler.smallest()] if self.opts.train_smallest else []
+        draws += [self.sampler.sample(state.generator) for _ in range(self.opts.policies_per_step)]
+        for bits in draws:
             loss, logits, idm = self._sampled_pass(state, x, y, bits, teacher, targets)
             total = total + loss
             if idm is not None:
