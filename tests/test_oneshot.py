@@ -318,5 +318,7 @@ def test_batch_statistics_scoring_leaves_the_stored_statistics_alone():
     with torch.no_grad():
         expected = nn.functional.cross_entropy(ctx.model(x), y).item()
     assert score["loss"] == pytest.approx(expected, rel=1e-5)
+    capped = PolicyEvaluator(ctx.model, toy_batches(3), eval_batches=3, eval_samples=40)  # batches of 16
+    assert [len(y) for _, y in capped.batches] == [16, 16, 8]
     with pytest.raises(MixbitsError, match="bn_mode must be one of"):
         PolicyEvaluator(ctx.model, ctx.val_loader, bn_mode="running")

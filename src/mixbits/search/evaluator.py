@@ -31,12 +31,13 @@ class PolicyEvaluator:
     """``evaluator(policy) -> {"loss": .., "top1": ..}`` on a fixed set of held-out batches."""
 
     def __init__(self, model: nn.Module, val_loader, train_loader=None, eval_batches: int = 4,
-                 bn_batches: int = 4, device: torch.device | str = "cpu", bn_mode: str = "recalibrate"):
+                 bn_batches: int = 4, device: torch.device | str = "cpu", bn_mode: str = "recalibrate",
+                 eval_samples: int | None = None):
         if bn_mode not in BN_MODES:
             raise MixbitsError(f"bn_mode must be one of {list(BN_MODES)}, got {bn_mode!r}")
         self.model, self.bn_mode = model, bn_mode
         self.device = torch.device(device)
-        self.batches = list(itertools.islice(iter(val_loader), eval_batches))
+        self.batches = _first_samples(list(itertools.islice(iter(val_loader), eval_batches)), eval_samples)
         # BN statistics come from training images, as they would in deployment; none of these are scored.
         source = train_loader if train_loader is not None else val_loader
         self.bn_batches = list(itertools.islice(iter(source), bn_batches)) if bn_batches > 0 else []
@@ -87,3 +88,16 @@ def _evaluate_with_batch_statistics(model: nn.Module, batches: list, device: tor
         for m, flag in was_training.items():
             m.training = flag
     return {"loss": loss / samples, "top1": 100.0 * correct / samples}
+
+
+def _first_samples(batches: list, limit: int | None) -> list:
+    """The batches cut to their first ``limit`` samples in all (None: all of them)."""
+    if limit is None:
+        return batches
+    out = []
+    for x, y in batches:
+        if limit <= 0:
+            break
+        out.append((x[:limit], y[:limit]))
+        limit -= len(y)
+    return out

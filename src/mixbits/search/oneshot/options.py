@@ -52,6 +52,7 @@ class OneshotOptions:
     cost_term: str = "budget"  # cost in J: "budget" (Σ cost/cap over the budget's caps) or "bitops" (paper)
     continue_path: bool = True  # a budget continues the path of an earlier one with the same cost term
     eval_batches: int = 2  # validation batches per score
+    eval_samples: int | None = None  # at most this many of their images per score (None: the whole batches)
     bn_batches: int = 2  # training batches for BatchNorm recalibration per score (score_bn: recalibrate)
     score_bn: str = "recalibrate"  # BatchNorm while scoring: "recalibrate" or "batch" (the scored batch's own)
     save_supernet: bool = True  # with a run directory, write the trained weights to oneshot_supernet.pt
@@ -94,6 +95,8 @@ def check_options(opts: OneshotOptions, candidates: tuple[int, ...]) -> None:
         ("continue_path", isinstance(opts.continue_path, bool), "true or false"),
         ("eval_batches", is_int(opts.eval_batches) and opts.eval_batches >= 1, "a whole number >= 1"),
         ("bn_batches", is_int(opts.bn_batches) and opts.bn_batches >= 0, "a whole number >= 0"),
+        ("eval_samples", opts.eval_samples is None or (is_int(opts.eval_samples) and opts.eval_samples >= 1),
+         "a whole number >= 1, or null for the whole batches"),
         ("score_bn", one_of(opts.score_bn, BN_MODES), f"one of {list(BN_MODES)}"),
         ("save_supernet", isinstance(opts.save_supernet, bool), "true or false"),
     ]

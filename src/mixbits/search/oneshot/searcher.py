@@ -36,7 +36,7 @@ def oneshot_search(ctx: SearchContext) -> SearchResult:
     supernet = train_supernet(ctx, layers, opts) if opts.epochs > 0 else {"epochs": [], "frozen_periods": []}
     saved = _save_supernet(ctx, opts)
     evaluator = PolicyEvaluator(ctx.model, ctx.val_loader, ctx.train_loader, opts.eval_batches, opts.bn_batches,
-                                ctx.device, bn_mode=opts.score_bn)
+                                ctx.device, bn_mode=opts.score_bn, eval_samples=opts.eval_samples)
     front = FrontRecorder(ctx, evaluator)
     start = start_policy(ctx, opts)
     walks: dict[tuple, Walk] = {}
