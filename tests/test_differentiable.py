@@ -15,7 +15,7 @@ from mixbits import MixbitsError, Policy
 from mixbits.budget import parse_budget, parse_budgets
 from mixbits.quant import QConv2d, calibrate
 from mixbits.search import run_searcher
-from mixbits.search.derive import repair
+from mixbits.search.derive import fill, repair
 from mixbits.search.differentiable import (
     ArchParams,
     ExpectedCost,
@@ -143,6 +143,25 @@ def test_repair_lowers_the_least_certain_layer_first():
     fixed, steps = repair(ctx, arch, policy, budget, pair_probs)
     assert ctx.fits(fixed, budget) and not ctx.fits(policy, budget)
     assert steps and all(step["layer"] == "6" for step in steps) and fixed["3"] == (6, 6)
+
+
+def test_fill_raises_the_most_probable_pair_first_while_the_budget_holds():
+    ctx = toy_search_context([])
+    arch = _arch(ctx)
+    budget = parse_budget("bitops<=uniform:4")
+    policy = Policy.uniform(ctx.space, 2)
+    pair_probs = torch.full((2, 9), 0.05)
+    pair_probs[1, arch.pairs.index((4, 4))] = 0.5  # layer 6 leaned to W4A4, layer 3 to nothing above 2 bits
+    pair_probs[1, arch.pairs.index((4, 2))] = 0.3
+    filled, steps = fill(ctx, arch, policy, budget, pair_probs)
+    assert ctx.fits(filled, budget)
+    assert steps[0]["layer"] == "6" and steps[0]["bits"] == [4, 2]  # W2A2 -> W4A2 is the most probable raise
+    assert steps[1]["layer"] == "6" and steps[1]["bits"] == [4, 4]
+    for name in ctx.space.searchable:  # nothing more fits: every further one-step raise breaks the budget
+        w, a = filled[name]
+        for raised in ((w + 2, a), (w, a + 2)):
+            if max(raised) <= 6:
+                assert not ctx.fits(filled.replace(name, *raised), budget)
 
 
 def test_position_split_is_disjoint_and_covers_every_batch():

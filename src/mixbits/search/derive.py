@@ -1,8 +1,11 @@
-"""From learned probabilities to policies: argmax, sampling, and repair into a budget.
+"""From learned probabilities to policies: argmax, sampling, repair into a budget, and filling its slack.
 
 A choice is one pair index per searchable layer (into ``ArchParams.pairs``). Repair lowers, one
 candidate step at a time, the layer whose current choice the search was least sure of (lowest pair
-probability), among the steps that reduce the budget violation, until the policy fits.
+probability), among the steps that reduce the budget violation, until the policy fits. Fill does the
+reverse for a policy well under its budget: one candidate step up at a time, the raise whose pair the
+search gave the most probability, while the policy still fits (a library choice: the derived policy of a
+penalised search often leaves much of the budget unused, and the comparison is at equal budget).
 """
 
 from __future__ import annotations
@@ -68,3 +71,35 @@ def repair(ctx: SearchContext, arch: ArchParams, policy: Policy, budget: Budget,
 def _lower(candidates: tuple[int, ...], bits: int) -> int | None:
     i = candidates.index(bits)
     return candidates[i - 1] if i > 0 else None
+
+
+def fill(ctx: SearchContext, arch: ArchParams, policy: Policy, budget: Budget,
+         pair_probs: torch.Tensor) -> tuple[Policy, list[dict]]:
+    """Raise bits one candidate step at a time, most probable raise first, while ``policy`` fits ``budget``."""
+    probs = pair_probs.detach().double().cpu()
+    index = {bits: k for k, bits in enumerate(arch.pairs)}
+    steps = []
+    while True:
+        best = None
+        for i, name in enumerate(arch.layers):
+            w, a = policy[name]
+            for side, raised in ((0, _raise(arch.w_bits, w)), (1, _raise(arch.a_bits, a))):
+                if raised is None:
+                    continue
+                pair = (raised, a) if side == 0 else (w, raised)
+                candidate = policy.replace(name, *pair)
+                if not ctx.fits(candidate, budget):
+                    continue
+                key = (float(probs[i, index[pair]]), -ctx.cost(candidate)["bitops"])
+                if best is None or key > best[0]:
+                    best = (key, name, side, candidate)
+        if best is None:
+            return policy, steps
+        (probability, _), name, side, policy = best
+        steps.append({"layer": name, "side": "w" if side == 0 else "a", "bits": list(policy[name]),
+                      "probability": probability})
+
+
+def _raise(candidates: tuple[int, ...], bits: int) -> int | None:
+    i = candidates.index(bits)
+    return candidates[i + 1] if i + 1 < len(candidates) else None

@@ -28,6 +28,7 @@ class DifferentiableOptions:
     updates: str = "alternating"  # "alternating": weights on one split, architecture on the other; "single"
     arch_fraction: float = 0.2  # share of the training data for architecture updates (alternating)
     joint: bool = False  # one distribution over (w, a) pairs instead of independent w and a distributions
+    fill_budget: bool = True  # raise the derived policy's bits, most probable raise first, while it fits
 
 
 def is_int(v) -> bool:
@@ -72,6 +73,7 @@ def check_options(opts: DifferentiableOptions, method: str, rules: Sequence[Rule
         ("updates", one_of(opts.updates, UPDATES), f"one of {list(UPDATES)}"),
         ("arch_fraction", fraction(opts.arch_fraction), "a number strictly between 0 and 1"),
         ("joint", isinstance(opts.joint, bool), "true or false"),
+        ("fill_budget", isinstance(opts.fill_budget, bool), "true or false"),
     ]
     problems = [f"{name}: must be {expected}, got {getattr(opts, name)!r}"
                 for name, ok, expected in [*shared, *rules] if not ok]

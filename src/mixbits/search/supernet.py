@@ -26,7 +26,7 @@ from ..quant import QuantLayer, quant_layers
 from ..space import Policy
 from ..train import Hook, StepOutput, TrainConfig, TrainState, fit
 from .base import SearchContext, SearchResult
-from .derive import repair
+from .derive import fill, repair
 from .diff_options import DifferentiableOptions
 from .differentiable import ArchParams, ExpectedCost, LayerProbs, apply_mixture, clear_mixture, cost_ratios
 
@@ -230,9 +230,12 @@ def search_each_budget(ctx: SearchContext, method: str, opts: DifferentiableOpti
                                   index)
             found = search_one(search)
             policy, repaired = repair(ctx, arch, found.policy, budget, found.pair_probs)
+            filled = []
+            if opts.fill_budget:
+                policy, filled = fill(ctx, arch, policy, budget, found.pair_probs)
             policies.append(policy)
             trace.append({"budget": budget.text, **found.trace, "derived": found.policy.describe(),
-                          "repair": repaired, "policy": policy.describe(), **ctx.cost(policy)})
+                          "repair": repaired, "fill": filled, "policy": policy.describe(), **ctx.cost(policy)})
             front.extend(found.front)
     finally:
         clear_mixture(layers)
