@@ -50,10 +50,9 @@ def oneshot_config(args) -> RunConfig:
     cfg = RunConfig(out=str(out / f"oneshot-w{args.bits}a{args.bits}"), init=str(out / "fp"))
     cfg.data.root, cfg.data.max_train_samples = args.data_dir, args.train_samples
     cfg.search.method, cfg.search.budget, cfg.search.finetune_epochs = "oneshot", f"bitops<=uniform:{args.bits}", 0
-    # start one bit above the budget and score 128 images in one forward, so the walk stays short on a CPU
+    # start one bit above the budget and score 128 images, so the walk stays short on a CPU
     start = min(args.bits + 1, max(cfg.quant.w_bits))
-    cfg.search.options = {"epochs": args.oneshot_epochs, "start": start, "eval_batches": 1, "eval_samples": 128,
-                          "score_bn": "batch"}
+    cfg.search.options = {"epochs": args.oneshot_epochs, "start": start, "eval_samples": 128}
     return cfg
 
 

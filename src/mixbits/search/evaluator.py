@@ -8,11 +8,17 @@ BatchNorm statistics differ per policy. ``bn_mode="recalibrate"`` re-estimates t
 training batches before scoring (one extra forward per batch); ``bn_mode="batch"`` normalises each
 scored batch with its own statistics, one forward per score in all, for searches that score thousands
 of policies (the one-shot greedy walk). The model's running statistics are left as they were.
+
+With batch statistics, ``reuse_prefix`` lets a walk name its current policy (:meth:`PolicyEvaluator.focus`)
+so that scoring a neighbour replays the outputs of the blocks before its first changed layer
+(:mod:`mixbits.search.prefix`); the scores are the same, computed in about half the time.
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +29,7 @@ from ..errors import MixbitsError
 from ..quant import apply_policy
 from ..space import Policy
 from ..train import evaluate, recalibrate_bn
+from .prefix import PrefixReuse
 
 BN_MODES = ("recalibrate", "batch")
 
@@ -32,9 +39,12 @@ class PolicyEvaluator:
 
     def __init__(self, model: nn.Module, val_loader, train_loader=None, eval_batches: int = 4,
                  bn_batches: int = 4, device: torch.device | str = "cpu", bn_mode: str = "recalibrate",
-                 eval_samples: int | None = None):
+                 eval_samples: int | None = None, reuse_prefix: bool = False):
         if bn_mode not in BN_MODES:
             raise MixbitsError(f"bn_mode must be one of {list(BN_MODES)}, got {bn_mode!r}")
+        if reuse_prefix and bn_mode != "batch":
+            raise MixbitsError(f"reuse_prefix needs bn_mode='batch' (recalibration changes every layer's "
+                               f"statistics), got bn_mode={bn_mode!r}; set reuse_prefix false or use 'batch'")
         self.model, self.bn_mode = model, bn_mode
         self.device = torch.device(device)
         self.batches = _first_samples(list(itertools.islice(iter(val_loader), eval_batches)), eval_samples)
@@ -43,6 +53,10 @@ class PolicyEvaluator:
         self.bn_batches = list(itertools.islice(iter(source), bn_batches)) if bn_batches > 0 else []
         self.cache: dict[tuple, dict] = {}
         self.calls = 0
+        self.prefix: PrefixReuse | None = None
+        if reuse_prefix and self.batches:
+            with _batch_statistics(model):
+                self.prefix = PrefixReuse(model, self.batches[0][0][:2].to(self.device))
 
     @property
     def evaluations(self) -> int:
@@ -55,7 +69,9 @@ class PolicyEvaluator:
         if key not in self.cache:
             apply_policy(self.model, policy)
             if self.bn_mode == "batch":
-                metrics = _evaluate_with_batch_statistics(self.model, self.batches, self.device)
+                shared = self.prefix.shared_units(policy) if self.prefix is not None else 0
+                replay = (lambda i: self.prefix.replaying(i, shared)) if shared else None
+                metrics = _evaluate_with_batch_statistics(self.model, self.batches, self.device, replay)
             else:
                 if self.bn_batches:
                     recalibrate_bn(self.model, self.bn_batches, device=self.device)
@@ -64,29 +80,47 @@ class PolicyEvaluator:
         return self.cache[key]
 
 
-def _evaluate_with_batch_statistics(model: nn.Module, batches: list, device: torch.device) -> dict:
-    """Mean loss and top-1 with every BatchNorm normalising by the scored batch's own statistics."""
+    def focus(self, policy: Policy) -> None:
+        """``policy`` is the walk's current one: record its block outputs for its neighbours to replay."""
+        if self.prefix is None or not self.prefix.active or self.prefix.anchor == policy:
+            return
+        apply_policy(self.model, policy)
+        with _batch_statistics(self.model):
+            self.prefix.record(policy, self.model, self.batches, self.device)
+
+
+@contextlib.contextmanager
+def _batch_statistics(model: nn.Module) -> Iterator[None]:
+    """Inference with every BatchNorm normalising by the batch's own statistics; the stored ones are neither
+    read nor written, and every module's mode is restored afterwards."""
     bns = [m for m in model.modules() if isinstance(m, _BatchNorm)]
     was_training = {m: m.training for m in model.modules()}
     tracking = [bn.track_running_stats for bn in bns]
-    loss, correct, samples = 0.0, 0, 0
     try:
         model.eval()
         for bn in bns:
             bn.train()
-            bn.track_running_stats = False  # batch statistics, and the stored ones are neither read nor written
+            bn.track_running_stats = False
         with torch.inference_mode():
-            for x, y in batches:
-                x, y = x.to(device), y.to(device)
-                logits = model(x)
-                loss += float(F.cross_entropy(logits.float(), y, reduction="sum"))
-                correct += int((logits.argmax(dim=-1) == y).sum())
-                samples += y.shape[0]
+            yield
     finally:
         for bn, track in zip(bns, tracking, strict=True):
             bn.track_running_stats = track
         for m, flag in was_training.items():
             m.training = flag
+
+
+def _evaluate_with_batch_statistics(model: nn.Module, batches: list, device: torch.device, replay=None) -> dict:
+    """Mean loss and top-1 under batch statistics; ``replay(i)``, if given, is entered around batch ``i``."""
+    loss, correct, samples = 0.0, 0, 0
+    with _batch_statistics(model):
+        for i, (x, y) in enumerate(batches):
+            x, y = x.to(device), y.to(device)
+            with replay(i) if replay is not None else contextlib.nullcontext():
+                logits = model(x)
+            loss += float(F.cross_entropy(logits.float(), y, reduction="sum"))
+            correct += int((logits.argmax(dim=-1) == y).sum())
+            samples += y.shape[0]
     return {"loss": loss / samples, "top1": 100.0 * correct / samples}
 
 

@@ -80,11 +80,14 @@ def descents_to_bottom(policy: Policy, space: SearchSpace) -> int:
 def greedy_search(start: Policy, space: SearchSpace, evaluate: Callable[[Policy], dict],
                   cost_term: Callable[[Policy], float], fits: Callable[[Policy], bool], lam: float = 1.5,
                   bidirectional: bool = True, max_steps: int | None = None, progress: bool = False,
-                  description: str = "greedy", visited: set | None = None, paired: bool = True) -> GreedyResult:
+                  description: str = "greedy", visited: set | None = None, paired: bool = True,
+                  focus: Callable[[Policy], None] | None = None) -> GreedyResult:
     """Greedy walk from ``start`` until ``fits(policy)``; ``cost_term`` is the cost in J (e.g. BitOPs).
 
     ``max_steps`` bounds the bidirectional phase (default: twice the descents from ``start`` to the bottom).
     ``visited`` (policy keys) lets a walk continue an earlier one without revisiting its policies.
+    ``focus(policy)`` is told the current policy before its neighbours are scored (``PolicyEvaluator.focus``
+    prepares what they share).
     """
     policy, path, steps = start, [start], []
     visited = set(visited or ()) | {start.key()}
@@ -100,6 +103,8 @@ def greedy_search(start: Policy, space: SearchSpace, evaluate: Callable[[Policy]
             if not options:
                 raise MixbitsError(f"greedy search reached the lowest bit-widths without meeting the budget "
                                    f"({description}); the budget is infeasible for this space")
+            if focus is not None:
+                focus(policy)
             losses = [float(evaluate(p)["loss"]) for _, p in options]
             costs = [float(cost_term(p)) for _, p in options]
             scores = [lo + lam * c for lo, c in zip(min_max(losses), min_max(costs), strict=True)]

@@ -7,7 +7,8 @@ the policies run on the supernet's weights without retraining. Modules, one job 
 - ``bit_scheduler``: policy sampling, the unstable-weight criterion (Eq. 6) and Top-K freezing (Eq. 7);
 - ``idm``: information distortion mitigation (Eq. 8);
 - ``supernet``: the objective and hooks run by ``mixbits.train.fit`` (K sampled policies, fair decay);
-- ``searcher``: ``--method oneshot``: supernet, BN-recalibrated scoring, greedy walks (``search/greedy.py``).
+- ``searcher``: ``--method oneshot``: supernet, scoring, greedy walks (``search/greedy.py``, with the
+  neighbours replaying the blocks they share with the current policy: ``search/prefix.py``).
 
 From the paper: shared latent weights with one LSQ step per weight bit-width (the quantization core);
 K uniformly sampled policies per step with accumulated gradients (Eq. 2); the unstable-weight criterion
@@ -24,7 +25,10 @@ passes' losses; freezing events at fractions of training (first after 10 %, then
 0.5·L to 0.2·L (the released code's ratios); IDM on the layer's own output, target detached with an
 identity affine, distance divided by sqrt(elements per sample), floor Q = 0, weight 0.1; "low-bit" for
 fair decay = the smallest candidate weight bit-width, decay scaled by the share of non-low-bit passes;
-BatchNorm recalibrated per policy before every score (instead of one BN per bit-width pair); the walk
+per-policy BatchNorm statistics instead of one BN per bit-width pair: each score normalises with the
+statistics of the 256 scored validation images themselves (``score_bn: batch``; ``recalibrate``
+re-estimates running statistics on training batches first, twice the forwards), and every returned
+policy is recalibrated on 32 training batches before it is tested; the walk
 starts at the highest candidates, never revisits a policy, goes descending-only after 2x the descents
 to the bottom; J's cost term is the budget's own metric (Σ cost/cap: BitOPs/cap equals the paper's
 normalised BitOPs), so size and latency budgets work too; budgets with the same cost term share one walk.

@@ -51,10 +51,11 @@ class OneshotOptions:
     max_steps: int | None = None  # bidirectional steps per budget before descending only (None: 2 x descents)
     cost_term: str = "budget"  # cost in J: "budget" (Σ cost/cap over the budget's caps) or "bitops" (paper)
     continue_path: bool = True  # a budget continues the path of an earlier one with the same cost term
-    eval_batches: int = 2  # validation batches per score
-    eval_samples: int | None = None  # at most this many of their images per score (None: the whole batches)
+    eval_batches: int = 1  # validation batches per score
+    eval_samples: int | None = 256  # at most this many of their images per score (None: the whole batches)
     bn_batches: int = 2  # training batches for BatchNorm recalibration per score (score_bn: recalibrate)
-    score_bn: str = "recalibrate"  # BatchNorm while scoring: "recalibrate" or "batch" (the scored batch's own)
+    score_bn: str = "batch"  # BatchNorm while scoring: "batch" (the scored batch's own) or "recalibrate"
+    reuse_prefix: bool = True  # score_bn "batch": a neighbour replays the blocks it shares with the current policy
     save_supernet: bool = True  # with a run directory, write the trained weights to oneshot_supernet.pt
 
 
@@ -98,6 +99,7 @@ def check_options(opts: OneshotOptions, candidates: tuple[int, ...]) -> None:
         ("eval_samples", opts.eval_samples is None or (is_int(opts.eval_samples) and opts.eval_samples >= 1),
          "a whole number >= 1, or null for the whole batches"),
         ("score_bn", one_of(opts.score_bn, BN_MODES), f"one of {list(BN_MODES)}"),
+        ("reuse_prefix", isinstance(opts.reuse_prefix, bool), "true or false"),
         ("save_supernet", isinstance(opts.save_supernet, bool), "true or false"),
     ]
     problems = [f"{name}: must be {expected}, got {getattr(opts, name)!r}" for name, ok, expected in rules if not ok]

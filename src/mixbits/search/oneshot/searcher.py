@@ -36,7 +36,8 @@ def oneshot_search(ctx: SearchContext) -> SearchResult:
     supernet = train_supernet(ctx, layers, opts) if opts.epochs > 0 else {"epochs": [], "frozen_periods": []}
     saved = _save_supernet(ctx, opts)
     evaluator = PolicyEvaluator(ctx.model, ctx.val_loader, ctx.train_loader, opts.eval_batches, opts.bn_batches,
-                                ctx.device, bn_mode=opts.score_bn, eval_samples=opts.eval_samples)
+                                ctx.device, bn_mode=opts.score_bn, eval_samples=opts.eval_samples,
+                                reuse_prefix=opts.reuse_prefix and opts.score_bn == "batch")
     front = FrontRecorder(ctx, evaluator)
     start = start_policy(ctx, opts)
     walks: dict[tuple, Walk] = {}
@@ -126,7 +127,7 @@ def _walk_for(ctx: SearchContext, opts: OneshotOptions, budget: Budget, start: P
     result = greedy_search(begin, ctx.space, score, cost, lambda p: ctx.fits(p, budget), opts.lam,
                            opts.bidirectional, max(0, limit - len(done)), bool(ctx.progress),
                            description=f"greedy {budget}", visited={p.key() for p in (earlier.path if earlier else [])},
-                           paired=opts.moves == "layer")
+                           paired=opts.moves == "layer", focus=score.evaluator.focus)
     steps = done + [{**s, "step": len(done) + s["step"]} for s in result.steps]
     walk = Walk((earlier.path if earlier else []) + result.path[(1 if earlier else 0):], steps, budget.text)
     if key is not None:
