@@ -98,3 +98,30 @@ def toy_search_context(budgets, options=None, bits=(2, 4, 6)):
     return SearchContext(model=qmodel, space=space, stats=profile(model, (1, 8, 8)), budgets=budgets,
                          train_loader=train, val_loader=toy_image_loader(32, seed=1), options=options or {},
                          float_model=model.eval())
+
+
+def interrupted_and_resumed(method, make_context, owner, name, crash_when, tmp_path, monkeypatch):
+    """``method`` run whole, and run again with ``owner.name(self, state)`` raising KeyboardInterrupt once
+    ``crash_when(self, state)`` holds, then resumed from its run directory. ``make_context()`` builds a fresh
+    search context each time. Returns the contexts and results: ``whole``, ``expected``, ``again``, ``resumed``."""
+    from mixbits.search import run_searcher
+
+    whole = make_context()
+    whole.run_dir = tmp_path / "whole"
+    expected = run_searcher(method, whole)
+    original = getattr(owner, name)
+
+    def crashing(self, state, *args):
+        if crash_when(self, state):
+            raise KeyboardInterrupt
+        return original(self, state, *args)
+
+    cut = make_context()
+    cut.run_dir = tmp_path / "cut"
+    monkeypatch.setattr(owner, name, crashing)
+    with pytest.raises(KeyboardInterrupt):
+        run_searcher(method, cut)
+    monkeypatch.setattr(owner, name, original)
+    again = make_context()
+    again.run_dir, again.resume = tmp_path / "cut", True
+    return SimpleNamespace(whole=whole, expected=expected, again=again, resumed=run_searcher(method, again))

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import toy_image_loader, toy_search_context
+from conftest import interrupted_and_resumed, toy_image_loader, toy_search_context
 from torch import nn
 
 from mixbits import MixbitsError, Policy
@@ -229,3 +229,18 @@ def test_bad_options_are_named_with_their_values():
     ctx.options = {"fix_start": 0.8, "fix_end": 0.5}
     with pytest.raises(MixbitsError, match="fix_end: must be a number in \\[fix_start, 1\\], got 0.5"):
         run_searcher("ssps", ctx)
+
+
+@pytest.mark.parametrize("method", ["dnas", "ssps", "dmpq"])
+def test_an_interrupted_search_resumes_to_the_same_result(method, tmp_path, monkeypatch):
+    from mixbits.search.supernet import ArchitectureStep
+
+    budgets = parse_budgets("bitops<=uniform:3,uniform:5")
+    options = {"epochs": 2, "samples": 2} if method == "dnas" else {"epochs": 2}
+    run = interrupted_and_resumed(
+        method, lambda: toy_search_context(budgets, options), ArchitectureStep, "after_step",
+        lambda step, state: step.search.index == 1 and state.epoch == 1, tmp_path, monkeypatch)
+    assert (tmp_path / "cut" / "supernet" / "budget1" / "checkpoint.pt").is_file()
+    assert [p.key() for p in run.resumed.policies] == [p.key() for p in run.expected.policies]
+    for got, want in zip(run.resumed.trace, run.expected.trace, strict=True):
+        assert got["epochs"] == want["epochs"] and got.get("fixing_order") == want.get("fixing_order")

@@ -5,7 +5,7 @@ import math
 
 import pytest
 import torch
-from conftest import toy_batches
+from conftest import interrupted_and_resumed, toy_batches
 from torch import nn
 
 from mixbits import MixbitsError, Policy, SearchSpace
@@ -258,32 +258,16 @@ def test_bad_options_are_named():
 
 
 def test_an_interrupted_supernet_resumes_to_the_same_search(tmp_path, monkeypatch):
-    budgets = parse_budgets("bitops<=uniform:3,uniform:5")
-    whole = _context(budgets, FAST)
-    whole.run_dir = tmp_path / "whole"
-    expected = run_searcher("oneshot", whole)
-
     from mixbits.search.oneshot.supernet import SupernetObjective
-    original = SupernetObjective.__call__
 
-    def crash_in_second_epoch(self, state, x, y):
-        if state.epoch == 1:
-            raise KeyboardInterrupt
-        return original(self, state, x, y)
-
-    cut = _context(budgets, FAST)
-    cut.run_dir = tmp_path / "cut"
-    monkeypatch.setattr(SupernetObjective, "__call__", crash_in_second_epoch)
-    with pytest.raises(KeyboardInterrupt):
-        run_searcher("oneshot", cut)
-    monkeypatch.setattr(SupernetObjective, "__call__", original)
-    again = _context(budgets, FAST)
-    again.run_dir, again.resume = tmp_path / "cut", True
-    resumed = run_searcher("oneshot", again)
-    assert [p.key() for p in resumed.policies] == [p.key() for p in expected.policies]
-    assert resumed.trace[0]["frozen_periods"] == expected.trace[0]["frozen_periods"]
-    for key, value in whole.model.state_dict().items():
-        assert torch.equal(again.model.state_dict()[key], value), key
+    budgets = parse_budgets("bitops<=uniform:3,uniform:5")
+    run = interrupted_and_resumed(
+        "oneshot", lambda: _context(budgets, FAST), SupernetObjective, "__call__",
+        lambda objective, state: state.epoch == 1, tmp_path, monkeypatch)
+    assert [p.key() for p in run.resumed.policies] == [p.key() for p in run.expected.policies]
+    assert run.resumed.trace[0]["frozen_periods"] == run.expected.trace[0]["frozen_periods"]
+    for key, value in run.whole.model.state_dict().items():
+        assert torch.equal(run.again.model.state_dict()[key], value), key
 
 
 def test_each_step_trains_the_largest_the_smallest_and_k_sampled_policies(monkeypatch):

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import toy_net, toy_search_context
+from conftest import interrupted_and_resumed, toy_net, toy_search_context
 from torch import nn
 
 from mixbits import MixbitsError, Policy, SearchSpace
@@ -136,6 +136,19 @@ def test_sdq_returns_a_policy_within_every_budget_and_logs_bits_over_time():
     assert all(layer.mode == "fixed" for layer in quant_layers(ctx.model).values())
     again = run_searcher("sdq", toy_search_context(budgets, {"epochs": 3}))
     assert again.policies == result.policies and again.trace == result.trace
+
+
+def test_an_interrupted_sdq_search_resumes_to_the_same_result(tmp_path, monkeypatch):
+    from mixbits.search.sdq.searcher import DbpStep
+
+    budgets = parse_budgets("bitops<=uniform:3,uniform:5")
+    options = {"epochs": 3, "stop_at_budget": False}
+    run = interrupted_and_resumed(
+        "sdq", lambda: toy_search_context(budgets, options), DbpStep, "after_step",
+        lambda step, state: step.run.index == 1 and state.epoch == 1, tmp_path, monkeypatch)
+    assert (tmp_path / "cut" / "supernet" / "budget1" / "checkpoint.pt").is_file()
+    assert run.resumed.policies == run.expected.policies and run.resumed.trace == run.expected.trace
+    assert any(entry["removals"] for entry in run.resumed.trace)
 
 
 def test_sdq_options_switch_stage_2_off_and_run_every_epoch_without_stop_at_budget():

@@ -100,6 +100,13 @@ class SequentialFixing(Hook):
         self.order.append({"step": step, "layer": arch.layers[layer], "bits": list(arch.bits_of(pair)),
                            "certainty": float(score[layer]), "probability": float(probs.pairs[layer, pair])})
 
+    def state_dict(self) -> dict:
+        return {"order": list(self.order), "probs_at_fix": self.probs_at_fix.clone(), "last_step": self.last_step}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.order, self.last_step = list(state["order"]), state["last_step"]
+        self.probs_at_fix = state["probs_at_fix"].clone()
+
     def finish(self) -> None:
         """Fix whatever the schedule has not reached (rounding on very short searches)."""
         while len(self.order) < len(self.search.arch.layers):

@@ -6,6 +6,9 @@ the architecture split (first-order bilevel, as DARTS), with ``updates: single``
 same loss already left on them. A method supplies a ``MethodSpec`` (how logits become mixing
 probabilities, its loss) and returns a ``Derived`` policy; ``search_each_budget`` does the rest: fresh
 architecture parameters and the same starting weights per budget, repair into the budget, the result.
+With a run directory, each budget's training checkpoints every epoch under ``supernet/budget<i>/``
+(weights, architecture parameters and their optimiser, the methods' hook states), and a resumed search
+continues where it stopped: finished budgets reload their last checkpoint instead of training again.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +29,7 @@ from ..errors import MixbitsError
 from ..quant import QuantLayer, quant_layers
 from ..space import Policy
 from ..train import Hook, StepOutput, TrainConfig, TrainState, fit
+from ..train.checkpoint import CHECKPOINT
 from .base import SearchContext, SearchResult
 from .derive import fill, repair
 from .diff_options import DifferentiableOptions
@@ -78,9 +83,22 @@ class ArchitectureStep(Hook):
     def __init__(self, search: BudgetSearch, spec: MethodSpec, optimizer: torch.optim.Optimizer, arch_loader=None):
         self.search, self.spec, self.optimizer, self.arch_loader = search, spec, optimizer, arch_loader
         self.params = list(search.arch.parameters())
-        self._batches, self._arch_epoch = None, 0
+        self._batches, self._arch_epoch, self._arch_taken = None, 0, 0
         self.history: list[dict] = []
         self._reset()
+
+    def state_dict(self) -> dict:
+        """Checkpointed with the weights at each epoch's end (the per-epoch sums are empty then)."""
+        return {"arch": {k: v.detach().clone() for k, v in self.search.arch.state_dict().items()},
+                "decided": dict(self.search.arch.decided), "optimizer": self.optimizer.state_dict(),
+                "history": list(self.history), "arch_epoch": self._arch_epoch, "arch_taken": self._arch_taken}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.search.arch.load_state_dict(state["arch"])
+        self.search.arch.decided = {int(k): int(v) for k, v in state["decided"].items()}
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.history = list(state["history"])
+        self._batches, self._arch_epoch, self._arch_taken = None, state["arch_epoch"], state["arch_taken"]
 
     def _reset(self) -> None:
         self._sums: dict[str, Tensor | float] = {}
@@ -110,16 +128,20 @@ class ArchitectureStep(Hook):
             self._sums[k] = self._sums.get(k, 0.0) + v
 
     def _next_batch(self, device: torch.device):
+        """The architecture split's next batch; its epochs run on independently of the weights' epochs."""
         while True:
             if self._batches is None:
                 if hasattr(self.arch_loader, "set_epoch"):
                     self.arch_loader.set_epoch(self._arch_epoch)
                 self._batches = iter(self.arch_loader)
+                for _ in range(self._arch_taken):  # after a resume: skip what the interrupted run used
+                    next(self._batches)
             try:
                 x, y = next(self._batches)
+                self._arch_taken += 1
                 return x.to(device), y.to(device)
             except StopIteration:
-                self._batches, self._arch_epoch = None, self._arch_epoch + 1
+                self._batches, self._arch_epoch, self._arch_taken = None, self._arch_epoch + 1, 0
 
     def on_epoch_end(self, state: TrainState, metrics: dict) -> None:
         with torch.no_grad():
@@ -203,9 +225,12 @@ def train_supernet(search: BudgetSearch, opts: DifferentiableOptions, spec: Meth
     weight_loader, arch_loader = (split_for_architecture(ctx.train_loader, opts.arch_fraction, ctx.seed)
                                   if alternating else (ctx.train_loader, None))
     step = ArchitectureStep(search, spec, _arch_optimizer(search.arch.parameters(), opts), arch_loader)
+    # checkpointed every epoch with the architecture state; `mixbits search --resume` continues it
+    run_dir = Path(ctx.run_dir) / "supernet" / f"budget{search.index}" if ctx.run_dir is not None else None
+    resume = ctx.resume and run_dir is not None and (run_dir / CHECKPOINT).is_file()
     try:
         fit(ctx.model, weight_loader, cfg, objective=_objective(search, spec, alternating),
-            hooks=[step, *spec.hooks], device=ctx.device, progress=ctx.progress)
+            hooks=[step, *spec.hooks], device=ctx.device, progress=ctx.progress, run_dir=run_dir, resume=resume)
     finally:
         clear_mixture(search.layers)
     return step.history

@@ -34,13 +34,16 @@ Library choices (options, ``SdqOptions``):
 Every budget is searched from the same starting weights; the model's weights and bits are restored
 afterwards. The trace records per budget and epoch each layer's bit-widths, the mean keep-probability,
 the DBP gradient, whether the regulariser is on and the expected and current cost over each cap, and
-every removal (step, layer, side, from, to).
+every removal (step, layer, side, from, to). With a run directory each budget's training checkpoints every
+epoch under ``supernet/budget<i>/`` (weights, DBPs, current bit-widths, removals), so a resumed search
+continues it.
 """
 
 from __future__ import annotations
 
 import copy
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -51,6 +54,7 @@ from ...errors import MixbitsError
 from ...quant import QuantLayer, quant_layers
 from ...space import Policy
 from ...train import Hook, StepOutput, TrainConfig, TrainState, fit
+from ...train.checkpoint import CHECKPOINT
 from ..base import SEARCHERS, SearchContext, SearchResult, cheapest_fitting_uniform, method_options
 from ..derive import repair
 from ..differentiable import ArchParams, ExpectedCost, LayerProbs, budget_penalty, cost_ratios
@@ -77,7 +81,7 @@ def sdq_search(ctx: SearchContext) -> SearchResult:
     try:
         for index, budget in enumerate(ctx.budgets):
             ctx.model.load_state_dict(start)
-            run = BudgetRun(ctx, opts, budget, layers, cost, a_fixed[index])
+            run = BudgetRun(ctx, opts, budget, layers, cost, a_fixed[index], index)
             found, entry = run.search()
             policy, steps = repair(ctx, run.repair_index(), found, budget, run.repair_probs())
             policies.append(policy)
@@ -129,6 +133,7 @@ class BudgetRun:
     layers: list[QuantLayer]  # the searchable layers, in the space's order
     cost: ExpectedCost
     a_fixed: int | None  # None: activations searched
+    index: int = 0  # of the budget in ctx.budgets: names its checkpoint directory
     fits: bool = False  # do the current bits meet the budget?
     removals: list[dict] = field(default_factory=list)
     met_at_step: int | None = None
@@ -231,10 +236,13 @@ class BudgetRun:
         cfg = TrainConfig(epochs=opts.epochs, optimizer=opts.optimizer, lr=opts.lr, momentum=opts.momentum,
                           weight_decay=opts.weight_decay, seed=ctx.seed)
         stopped_early = self.fits and opts.stop_at_budget
+        # checkpointed every epoch with the DBPs and removals; `mixbits search --resume` continues it
+        run_dir = Path(ctx.run_dir) / "supernet" / f"budget{self.index}" if ctx.run_dir is not None else None
+        resume = ctx.resume and run_dir is not None and (run_dir / CHECKPOINT).is_file()
         try:
             if not stopped_early:
                 fit(ctx.model, ctx.train_loader, cfg, objective=self.objective, hooks=[step], device=ctx.device,
-                    progress=ctx.progress)
+                    progress=ctx.progress, run_dir=run_dir, resume=resume)
         except _BudgetMet:
             stopped_early = True
         finally:
@@ -265,6 +273,25 @@ class DbpStep(Hook):
         self.run, self.optimizer = run, optimizer
         self.history: list[dict] = []
         self._grad, self._count = 0.0, 0
+
+    def state_dict(self) -> dict:
+        """Checkpointed at each epoch's end: DBPs, current bit-widths, removals, the DBP optimiser, the trace."""
+        run = self.run
+        return {"sides": {side: {"dbps": {k: v.detach().clone() for k, v in params.state_dict().items()},
+                                 "levels": list(params.levels)} for side, params in run.sides()},
+                "removals": list(run.removals), "met_at_step": run.met_at_step,
+                "optimizer": self.optimizer.state_dict(), "history": list(self.history)}
+
+    def load_state_dict(self, state: dict) -> None:
+        run = self.run
+        for side, params in run.sides():
+            params.load_state_dict(state["sides"][side]["dbps"])
+            params.levels = list(state["sides"][side]["levels"])
+        run.removals, run.met_at_step = list(state["removals"]), state["met_at_step"]
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.history = list(state["history"])
+        set_current_bits(run.layers, run.w, run.a, run.a_fixed)
+        run.fits = run.ctx.fits(run.current_policy(), run.budget)
 
     def after_step(self, state: TrainState) -> None:
         grads = [p.grad.abs() for _, side in self.run.sides() for p in side.current_dbps() if p.grad is not None]
