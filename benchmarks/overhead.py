@@ -5,6 +5,8 @@
 Each variant is one entry of VARIANTS (a search method adds its row there). Time is the median ratio
 of interleaved steps in one process; memory is the ratio of bytes autograd saves for backward
 (on a GPU: peak allocated memory), which is what grows with quantizers on the activation path.
+A variant with its own ``train_step(x, y)`` (the one-shot supernet step: five passes, each backpropagated
+before the next) is timed by it, and its memory is that of one forward.
 Two modes: eager (the quantizers' own fused kernels), and whole-model torch.compile (`train.compile`),
 each against FP32 run the same way.
 Writes benchmarks/results/overhead.json.
@@ -117,22 +119,47 @@ def oneshot_pass(model: nn.Module, x: torch.Tensor) -> nn.Module:
     return SampledPolicyNet(*calibrated(model, x)).to(x.device)
 
 
+class SupernetStepNet(SampledPolicyNet):
+    """The whole one-shot supernet step with the default options less IDM: the largest policy (CE), the
+    smallest and 3 sampled ones (½ CE + ½ KL to the largest's output), each backpropagated at once."""
+
+    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        self.sampler.apply(self.sampler.largest())
+        teacher = self.qmodel(x)
+        nn.functional.cross_entropy(teacher, y).backward()
+        target = teacher.detach().log_softmax(-1)
+        for bits in [self.sampler.smallest()] + [self.sampler.sample(self.generator) for _ in range(3)]:
+            self.sampler.apply(bits)
+            logits = self.qmodel(x)
+            kl = nn.functional.kl_div(logits.log_softmax(-1), target, log_target=True, reduction="batchmean")
+            (0.5 * nn.functional.cross_entropy(logits, y) + 0.5 * kl).backward()
+
+
+def oneshot_step(model: nn.Module, x: torch.Tensor) -> nn.Module:
+    return SupernetStepNet(*calibrated(model, x)).to(x.device)
+
+
 # name -> builder(float model, sample batch) -> model to train; FP32 must stay first (the base).
 VARIANTS: dict[str, Callable[[nn.Module, torch.Tensor], nn.Module]] = {
     "fp32": fp32, "uniform W4A4": uniform_w4a4, "mixed W2-6/A2-6 (searched policies' QAT)": mixed_policy,
     "composite mixture (dnas/ssps/dmpq search step)": mixture_search, "sdq search step": sdq_search,
-    "one-shot supernet, per sampled-policy pass": oneshot_pass}
-# A new policy every forward recompiles the whole model, and the supernet trains eager, so no compiled row.
-EAGER_ONLY = {"one-shot supernet, per sampled-policy pass"}
+    "one-shot supernet, per sampled-policy pass": oneshot_pass,
+    "one-shot supernet step (largest + smallest + 3 sampled)": oneshot_step}
+# A new policy every forward recompiles the whole model, and the supernet trains eager, so no compiled rows.
+EAGER_ONLY = {"one-shot supernet, per sampled-policy pass", "one-shot supernet step (largest + smallest + 3 sampled)"}
 
 
 def make_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Callable[[], None]:
+    """One optimiser step: the model's own ``train_step(x, y)`` (its backward passes) if it has one, else CE."""
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     model.train()
 
     def step():
         opt.zero_grad(set_to_none=True)
-        nn.functional.cross_entropy(model(x), y).backward()
+        if hasattr(model, "train_step"):
+            model.train_step(x, y)
+        else:
+            nn.functional.cross_entropy(model(x), y).backward()
         opt.step()
 
     return step

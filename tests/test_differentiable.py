@@ -231,12 +231,14 @@ def test_bad_options_are_named_with_their_values():
         run_searcher("ssps", ctx)
 
 
-@pytest.mark.parametrize("method", ["dnas", "ssps", "dmpq"])
-def test_an_interrupted_search_resumes_to_the_same_result(method, tmp_path, monkeypatch):
+@pytest.mark.parametrize(("method", "extra"), [("dnas", {"samples": 2}),
+                                               ("dnas", {"samples": 2, "weights": "separate"}),
+                                               ("ssps", {}), ("dmpq", {})])
+def test_an_interrupted_search_resumes_to_the_same_result(method, extra, tmp_path, monkeypatch):
     from mixbits.search.supernet import ArchitectureStep
 
     budgets = parse_budgets("bitops<=uniform:3,uniform:5")
-    options = {"epochs": 2, "samples": 2} if method == "dnas" else {"epochs": 2}
+    options = {"epochs": 2, **extra}
     run = interrupted_and_resumed(
         method, lambda: toy_search_context(budgets, options), ArchitectureStep, "after_step",
         lambda step, state: step.search.index == 1 and state.epoch == 1, tmp_path, monkeypatch)
@@ -244,3 +246,27 @@ def test_an_interrupted_search_resumes_to_the_same_result(method, tmp_path, monk
     assert [p.key() for p in run.resumed.policies] == [p.key() for p in run.expected.policies]
     for got, want in zip(run.resumed.trace, run.expected.trace, strict=True):
         assert got["epochs"] == want["epochs"] and got.get("fixing_order") == want.get("fixing_order")
+
+
+def test_dnas_with_separate_weights_trains_one_weight_per_bit_width_and_drops_them(monkeypatch):
+    from mixbits.search.supernet import ArchitectureStep
+
+    seen = []
+    original = ArchitectureStep.after_step
+
+    def spy(self, state):
+        original(self, state)
+        own = [layer.candidate_weights for layer in self.search.layers]
+        seen.append(all(w is not None for w in own) and float((own[0][0] - own[0][-1]).detach().abs().max()))
+
+    monkeypatch.setattr(ArchitectureStep, "after_step", spy)
+    budgets = parse_budgets("bitops<=uniform:3,uniform:5")
+    ctx = toy_search_context(budgets, {"epochs": 2, "samples": 2, "weights": "separate"})
+    keys = set(ctx.model.state_dict())
+    result = run_searcher("dnas", ctx)
+    assert all(ctx.fits(p, b) for p, b in zip(result.policies, budgets, strict=True))
+    assert seen and all(seen) and seen[-1] > 0  # the 2-bit and 6-bit weights moved apart
+    assert set(ctx.model.state_dict()) == keys  # the copies are gone after the search
+    ctx.options = {"weights": "per-pair"}
+    with pytest.raises(MixbitsError, match="weights: must be one of"):
+        run_searcher("dnas", ctx)

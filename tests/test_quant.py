@@ -178,6 +178,37 @@ def test_composite_convolution_equals_sum_over_candidate_branches():
     torch.testing.assert_close(mixed, branches, rtol=1e-4, atol=1e-5)
 
 
+def test_separate_candidate_weights_run_each_bit_width_on_its_own_weights():
+    conv = QConv2d(4, 6, 3, padding=1, w_bits=(2, 3, 4), a_bits=(2, 4))
+    x = torch.randn(2, 4, 7, 7)
+    calibrate(nn.Sequential(conv), x)
+    torch.manual_seed(1)
+    own = nn.ParameterList(nn.Parameter(torch.randn_like(conv.weight) * 0.2) for _ in range(3))
+    conv.set_candidate_weights(own)
+    assert {k for k in conv.state_dict() if k.startswith("candidate_weights.")} == {
+        "candidate_weights.0", "candidate_weights.1", "candidate_weights.2"}
+    branches = {}
+    for i, wb in enumerate((2, 3, 4)):  # fixed bits: candidate wb's own weights at wb bits
+        conv.set_bits(wb, 4)
+        expected = nn.functional.conv2d(conv.a_quant(x), conv.w_quant.quantize(own[i], wb), conv.bias, padding=1)
+        branches[wb] = conv(x)
+        torch.testing.assert_close(branches[wb], expected)
+    pw = torch.tensor([0.2, 0.5, 0.3], requires_grad=True)
+    conv.set_mixture(pw, torch.tensor([0.0, 1.0]))
+    mixed = conv(x)  # still one convolution, equal to the weighted branches (bilinearity)
+    torch.testing.assert_close(mixed, sum(p * branches[b] for p, b in zip(pw.detach(), (2, 3, 4), strict=True)),
+                               rtol=1e-4, atol=1e-5)
+    mixed.sum().backward()
+    assert all(w.grad is not None and w.grad.abs().sum() > 0 for w in own) and conv.weight.grad is None
+    conv.set_candidate_weights(None)
+    conv.set_bits(4, 4)
+    assert "candidate_weights.0" not in conv.state_dict()
+    torch.testing.assert_close(conv(x), nn.functional.conv2d(conv.a_quant(x), conv.w_quant(conv.weight),
+                                                             conv.bias, padding=1))
+    with pytest.raises(MixbitsError, match="one per candidate"):
+        conv.set_candidate_weights(nn.ParameterList([nn.Parameter(conv.weight.detach().clone())]))
+
+
 def test_sampler_is_asked_at_every_forward():
     lin = QLinear(5, 3, w_bits=(2, 4), a_bits=(2, 4))
     calibrate(nn.Sequential(lin), torch.randn(4, 5))

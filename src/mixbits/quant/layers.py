@@ -11,6 +11,10 @@ activation. Search methods drive a layer through four calls and never touch its 
   sum of the quantized inputs (EdMIPS). Because convolution is bilinear this equals the sum over all
   (w, a) candidate branches weighted by p_w·p_a, at the cost of one convolution;
 - ``bits``: the fixed bits currently set.
+
+``set_candidate_weights(list)`` gives each weight candidate its own latent weight (DNAS with separate
+edges): every mode then quantizes candidate *b*'s weight at *b* bits, and the mixture stays one
+convolution (Σ_b p_b·Q_b(W_b) is still one tensor).
 """
 
 from __future__ import annotations
@@ -67,7 +71,23 @@ class QuantLayer:
             return "sampled"
         return "mixture" if self._w_probs is not None or self._a_probs is not None else "fixed"
 
+    def set_candidate_weights(self, weights: nn.ParameterList | None) -> None:
+        """One latent weight per weight candidate, in candidate order, from now on; None: the shared ``weight``.
+        They are a submodule (``candidate_weights``), so optimisers and checkpoints see them."""
+        if weights is not None and (len(weights) != len(self.w_quant.candidates)
+                                    or any(w.shape != self.weight.shape for w in weights)):
+            raise MixbitsError(f"candidate weights must be {len(self.w_quant.candidates)} tensors of shape "
+                               f"{tuple(self.weight.shape)} (one per candidate {list(self.w_quant.candidates)})")
+        self.candidate_weights = weights
+
     def quantized_weight(self) -> Tensor:
+        separate = getattr(self, "candidate_weights", None)
+        if separate is not None:
+            if self._w_probs is not None:
+                return sum(p * self.w_quant.quantize(w, b)
+                           for p, w, b in zip(self._w_probs, separate, self.w_quant.candidates, strict=True))
+            bits = self.w_quant.bits
+            return self.w_quant.quantize(separate[self.w_quant.candidates.index(bits)], bits)
         if self._w_probs is not None:
             return self.w_quant.mix(self.weight, self._w_probs)
         return self.w_quant(self.weight)

@@ -13,8 +13,11 @@ Cost is measured relative to the budget, Cost = cost_scale · E[cost] / cap (the
 budget's caps), so the log is positive near the budget; log Cost is floored at 0.01. The paper fine-tunes
 every sampled policy; here the argmax and ``samples`` sampled policies are repaired into the budget and
 scored with ``PolicyEvaluator`` (BatchNorm recalibrated on the supernet's weights, held-out loss), and the
-lowest loss is returned for fine-tuning. Separate weights per edge are not offered: they cost one
-convolution per candidate.
+lowest loss is returned for fine-tuning. ``weights: separate`` gives each weight bit-width its own latent
+weights for the search (the paper's separate edges share the activation quantizer's input): the layer
+still runs one convolution, Σ_w p_w·Q_w(W_w) being one tensor, and a scored policy uses each layer's
+weights of its chosen bit-width; the copies are dropped after the budget's search (the fine-tune starts
+from the float model either way).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from .base import SEARCHERS, SearchContext, SearchResult, method_options
 from .derive import argmax_choice, choice_policy, repair, sample_choice
@@ -30,6 +34,8 @@ from .diff_options import DifferentiableOptions, check_options, is_int, non_nega
 from .differentiable import exponential_temperature, gumbel_softmax, softmax_rows
 from .evaluator import PolicyEvaluator
 from .supernet import BudgetSearch, Derived, MethodSpec, search_each_budget, train_supernet
+
+WEIGHTS = ("shared", "separate")
 
 
 @dataclass
@@ -40,6 +46,7 @@ class DnasOptions(DifferentiableOptions):
     tau_start: float = 5.0  # Gumbel-softmax temperature at epoch 0
     tau_decay: float = 0.045  # τ = tau_start · exp(-tau_decay · epoch)
     hard: bool = False  # one-hot masks with straight-through gradients
+    weights: str = "shared"  # "separate": each weight bit-width its own latent weights during the search
     samples: int = 8  # policies sampled from the learned distribution, scored with the argmax policy
     eval_batches: int = 2  # validation batches per score
     bn_batches: int = 2  # training batches for BatchNorm recalibration per score
@@ -56,6 +63,7 @@ def dnas_search(ctx: SearchContext) -> SearchResult:
         ("tau_start", positive(opts.tau_start), "a number > 0"),
         ("tau_decay", non_negative(opts.tau_decay), "a number >= 0"),
         ("hard", isinstance(opts.hard, bool), "true or false"),
+        ("weights", opts.weights in WEIGHTS, f"one of {list(WEIGHTS)}"),
         ("samples", is_int(opts.samples) and opts.samples >= 0, "a whole number >= 0"),
         ("eval_batches", is_int(opts.eval_batches) and opts.eval_batches >= 1, "a whole number >= 1"),
         ("bn_batches", is_int(opts.bn_batches) and opts.bn_batches >= 0, "a whole number >= 0"),
@@ -72,6 +80,19 @@ def dnas_loss(ce: torch.Tensor, ratio: torch.Tensor, opts: DnasOptions) -> torch
 
 
 def _search_budget(search: BudgetSearch, opts: DnasOptions) -> Derived:
+    if opts.weights == "shared":
+        return _search_with_current_weights(search, opts)
+    for layer in search.layers:  # every candidate starts from the starting weights
+        layer.set_candidate_weights(nn.ParameterList(nn.Parameter(layer.weight.detach().clone())
+                                                     for _ in layer.w_quant.candidates))
+    try:
+        return _search_with_current_weights(search, opts)
+    finally:
+        for layer in search.layers:
+            layer.set_candidate_weights(None)
+
+
+def _search_with_current_weights(search: BudgetSearch, opts: DnasOptions) -> Derived:
     arch, ctx = search.arch, search.ctx
 
     def tau(state) -> float:
