@@ -2,11 +2,12 @@
 
     python benchmarks/ablation.py --method oneshot --preset quick   # scheduler off / IDM off / both on
     python benchmarks/ablation.py --method sdq --preset quick       # stage 2 with/without EBR and distillation
+    python benchmarks/ablation.py --method dnas --preset quick      # shared / separate weights per bit-width
 
-oneshot: each variant trains its own supernet (the options differ) and tests its policies without
-retraining, exactly as the `oneshot` row of benchmarks/pareto.py. sdq: the search runs once (the
-pareto run's, from the cache); each variant fine-tunes the same found policies with EBR and
-distillation switched on or off, so only stage 2 differs. Writes
+oneshot and dnas: each variant runs its own search (the options differ), exactly as the method's row
+of benchmarks/pareto.py (oneshot tests its policies without retraining, dnas fine-tunes them). sdq: the
+search runs once (the pareto run's, from the cache); each variant fine-tunes the same found policies
+with EBR and distillation switched on or off, so only stage 2 differs. Writes
 benchmarks/results/ablation-<method>-<preset>.json and .md.
 """
 
@@ -27,17 +28,19 @@ from mixbits.config import load_config  # noqa: E402
 
 VARIANTS = {
     "oneshot": {"both on": {}, "scheduler off": {"scheduler": False}, "idm off": {"idm": False}},
+    "dnas": {"shared": {}, "separate": {"weights": "separate"}},
     # stage-2 train settings of the found policies: (ebr_weight, kd_alpha) None = the method's default
     "sdq": {"ebr + kd": {}, "no ebr": {"ebr_weight": 0.0}, "no kd": {"kd_alpha": 0.0},
             "neither": {"ebr_weight": 0.0, "kd_alpha": 0.0}},
 }
 
 
-def oneshot_rows(args, preset: dict, fp: Path) -> list[dict]:
+def search_rows(args, preset: dict, fp: Path) -> list[dict]:
+    """One search per variant of the method's options; the variant without options is the pareto run."""
     rows = []
-    for name, options in VARIANTS["oneshot"].items():
+    for name, options in VARIANTS[args.method].items():
         tag = "" if not options else name.replace(" ", "-")
-        for row in run_method(args, preset, fp, "oneshot", args.seed, options=options, tag=tag):
+        for row in run_method(args, preset, fp, args.method, args.seed, options=options, tag=tag):
             rows.append({**row, "variant": name})
     return rows
 
@@ -80,7 +83,7 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     preset = PRESETS[args.preset]
     fp = float_checkpoint(args, preset)
-    rows = oneshot_rows(args, preset, fp) if args.method == "oneshot" else sdq_rows(args, preset, fp)
+    rows = sdq_rows(args, preset, fp) if args.method == "sdq" else search_rows(args, preset, fp)
     columns = ["variant", "budget", "epochs", "test_top1", "bitops", "avg_w_bits", "avg_a_bits", "search_seconds",
                "train_seconds"]
     if args.method == "sdq":
