@@ -79,7 +79,6 @@ class PolicyEvaluator:
             self.cache[key] = {"loss": metrics["loss"], "top1": metrics["top1"]}
         return self.cache[key]
 
-
     def focus(self, policy: Policy) -> None:
         """``policy`` is the walk's current one: record its block outputs for its neighbours to replay."""
         if self.prefix is None or not self.prefix.active or self.prefix.anchor == policy:
