@@ -1,6 +1,6 @@
 """Time of the one-shot greedy walks for every budget of a finished one-shot run, on its saved supernet.
 
-    python benchmarks/greedy.py [--run benchmarks/cache/pareto-quick/oneshot-s0] [--repeats 1]
+    python benchmarks/greedy.py [--run benchmarks/cache/pareto-quick/oneshot-s0]
 
 Re-runs only the inference part of ``--method oneshot`` (the supernet is loaded, not trained) with the
 run's own options, once with prefix reuse (the default) and once without, in one process, and checks

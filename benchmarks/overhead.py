@@ -139,14 +139,15 @@ def oneshot_step(model: nn.Module, x: torch.Tensor) -> nn.Module:
     return SupernetStepNet(*calibrated(model, x)).to(x.device)
 
 
+ONESHOT_PASS = "one-shot supernet, per sampled-policy pass"
+ONESHOT_STEP = "one-shot supernet step (largest + smallest + 3 sampled)"
+# A new policy every forward recompiles the whole model, and the supernet trains eager, so no compiled rows.
+EAGER_ONLY = {ONESHOT_PASS, ONESHOT_STEP}
 # name -> builder(float model, sample batch) -> model to train; FP32 must stay first (the base).
 VARIANTS: dict[str, Callable[[nn.Module, torch.Tensor], nn.Module]] = {
     "fp32": fp32, "uniform W4A4": uniform_w4a4, "mixed W2-6/A2-6 (searched policies' QAT)": mixed_policy,
     "composite mixture (dnas/ssps/dmpq search step)": mixture_search, "sdq search step": sdq_search,
-    "one-shot supernet, per sampled-policy pass": oneshot_pass,
-    "one-shot supernet step (largest + smallest + 3 sampled)": oneshot_step}
-# A new policy every forward recompiles the whole model, and the supernet trains eager, so no compiled rows.
-EAGER_ONLY = {"one-shot supernet, per sampled-policy pass", "one-shot supernet step (largest + smallest + 3 sampled)"}
+    ONESHOT_PASS: oneshot_pass, ONESHOT_STEP: oneshot_step}
 
 
 def make_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Callable[[], None]:

@@ -23,6 +23,7 @@ from ..cost import LatencyTable, ModelStats, bitops, size_bits
 from ..errors import MixbitsError, did_you_mean
 from ..registry import Registry
 from ..space import Policy, SearchSpace
+from ..train.checkpoint import CHECKPOINT
 
 SEARCHERS = Registry("search method")
 
@@ -53,6 +54,14 @@ class SearchContext:
 
     def fits(self, policy: Policy, budget: Budget) -> bool:
         return budget.satisfied(self.stats, policy, self.space, self.latency)
+
+    def training_run(self, name: str = "") -> tuple[Path | None, bool]:
+        """(checkpoint directory of the search's training ``name`` under run_dir/supernet, whether to resume it):
+        (None, False) without a run directory; resume when ``resume`` is set and a checkpoint is there."""
+        if self.run_dir is None:
+            return None, False
+        run_dir = Path(self.run_dir, "supernet", name)
+        return run_dir, self.resume and (run_dir / CHECKPOINT).is_file()
 
 
 @dataclass

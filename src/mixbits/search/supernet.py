@@ -16,7 +16,6 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -29,7 +28,6 @@ from ..errors import MixbitsError
 from ..quant import QuantLayer, quant_layers
 from ..space import Policy
 from ..train import Hook, StepOutput, TrainConfig, TrainState, fit
-from ..train.checkpoint import CHECKPOINT
 from .base import SearchContext, SearchResult
 from .derive import fill, repair
 from .diff_options import DifferentiableOptions
@@ -226,8 +224,7 @@ def train_supernet(search: BudgetSearch, opts: DifferentiableOptions, spec: Meth
                                   if alternating else (ctx.train_loader, None))
     step = ArchitectureStep(search, spec, _arch_optimizer(search.arch.parameters(), opts), arch_loader)
     # checkpointed every epoch with the architecture state; `mixbits search --resume` continues it
-    run_dir = Path(ctx.run_dir) / "supernet" / f"budget{search.index}" if ctx.run_dir is not None else None
-    resume = ctx.resume and run_dir is not None and (run_dir / CHECKPOINT).is_file()
+    run_dir, resume = ctx.training_run(f"budget{search.index}")
     try:
         fit(ctx.model, weight_loader, cfg, objective=_objective(search, spec, alternating),
             hooks=[step, *spec.hooks], device=ctx.device, progress=ctx.progress, run_dir=run_dir, resume=resume)

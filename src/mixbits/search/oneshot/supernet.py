@@ -18,7 +18,6 @@ optimiser's own coupled L2 decay, counted only over the step's passes that were 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -27,7 +26,6 @@ from torch import Tensor
 from ...quant import QuantLayer
 from ...space import Bits
 from ...train import Hook, StepOutput, TrainConfig, TrainState, fit, kd_loss, param_groups
-from ...train.checkpoint import CHECKPOINT
 from ..base import SearchContext
 from .bit_scheduler import BitWidthScheduler, PolicySampler
 from .idm import FeatureAlignment, OutputCapture
@@ -183,8 +181,7 @@ def train_supernet(ctx: SearchContext, layers: Mapping[str, QuantLayer], opts: O
     cfg = TrainConfig(epochs=opts.epochs, optimizer=opts.optimizer, lr=opts.lr, momentum=opts.momentum,
                       weight_decay=opts.weight_decay, warmup_epochs=opts.warmup_epochs, seed=ctx.seed)
     objective = SupernetObjective(opts, sampler, align, capture, fair)
-    run_dir = Path(ctx.run_dir) / "supernet" if ctx.run_dir is not None else None  # checkpointed every epoch
-    resume = ctx.resume and run_dir is not None and (run_dir / CHECKPOINT).is_file()
+    run_dir, resume = ctx.training_run()  # checkpointed every epoch
     try:
         result = fit(ctx.model, ctx.train_loader, cfg, objective=objective, hooks=hooks, device=ctx.device,
                      params=_groups(ctx, layers, align, opts), progress=ctx.progress, run_dir=run_dir,

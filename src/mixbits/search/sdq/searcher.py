@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import copy
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -54,7 +53,6 @@ from ...errors import MixbitsError
 from ...quant import QuantLayer, quant_layers
 from ...space import Policy
 from ...train import Hook, StepOutput, TrainConfig, TrainState, fit
-from ...train.checkpoint import CHECKPOINT
 from ..base import SEARCHERS, SearchContext, SearchResult, cheapest_fitting_uniform, method_options
 from ..derive import repair
 from ..differentiable import ArchParams, ExpectedCost, LayerProbs, budget_penalty, cost_ratios
@@ -237,8 +235,7 @@ class BudgetRun:
                           weight_decay=opts.weight_decay, seed=ctx.seed)
         stopped_early = self.fits and opts.stop_at_budget
         # checkpointed every epoch with the DBPs and removals; `mixbits search --resume` continues it
-        run_dir = Path(ctx.run_dir) / "supernet" / f"budget{self.index}" if ctx.run_dir is not None else None
-        resume = ctx.resume and run_dir is not None and (run_dir / CHECKPOINT).is_file()
+        run_dir, resume = ctx.training_run(f"budget{self.index}")
         try:
             if not stopped_early:
                 fit(ctx.model, ctx.train_loader, cfg, objective=self.objective, hooks=[step], device=ctx.device,
@@ -291,7 +288,7 @@ class DbpStep(Hook):
         self.optimizer.load_state_dict(state["optimizer"])
         self.history = list(state["history"])
         set_current_bits(run.layers, run.w, run.a, run.a_fixed)
-        run.fits = run.ctx.fits(run.current_policy(), run.budget)
+        run.update_fit(run.met_at_step or 0)  # met_at_step is already restored: this only recomputes fits
 
     def after_step(self, state: TrainState) -> None:
         grads = [p.grad.abs() for _, side in self.run.sides() for p in side.current_dbps() if p.grad is not None]
