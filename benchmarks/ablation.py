@@ -23,8 +23,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import RESULTS, markdown_table, write_result  # noqa: E402
 from pareto import CACHE, PRESETS, float_checkpoint, run_method, train_result  # noqa: E402
 
-from mixbits.commands.train import train  # noqa: E402
 from mixbits.config import load_config  # noqa: E402
+from mixbits.runs.train import train  # noqa: E402
 
 VARIANTS = {
     "oneshot": {"both on": {}, "scheduler off": {"scheduler": False}, "idm off": {"idm": False}},

@@ -24,9 +24,9 @@ from mixbits.config import load_config  # noqa: E402
 from mixbits.cost import profile  # noqa: E402
 from mixbits.data import build_loaders  # noqa: E402
 from mixbits.pipeline import float_card  # noqa: E402
+from mixbits.runs.subnets import load_supernet  # noqa: E402
 from mixbits.search import SearchContext, run_searcher  # noqa: E402
 from mixbits.space import Policy  # noqa: E402
-from mixbits.subnets import load_supernet  # noqa: E402
 from mixbits.utils import seed_everything  # noqa: E402
 
 DEFAULT_RUN = Path(__file__).parent / "cache" / "pareto-quick" / "oneshot-s0"

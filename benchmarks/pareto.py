@@ -24,9 +24,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from common import RESULTS, markdown_table, write_result  # noqa: E402
 
-from mixbits.commands.search import search  # noqa: E402
-from mixbits.commands.train import train  # noqa: E402
 from mixbits.config import RunConfig  # noqa: E402
+from mixbits.runs.search import search  # noqa: E402
+from mixbits.runs.train import train  # noqa: E402
 from mixbits.search import SEARCHERS  # noqa: E402
 
 CACHE = Path(__file__).parent / "cache"

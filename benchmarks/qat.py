@@ -16,8 +16,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from common import markdown_table, write_result  # noqa: E402
 
-from mixbits.commands.train import train  # noqa: E402
 from mixbits.config import RunConfig  # noqa: E402
+from mixbits.runs.train import train  # noqa: E402
 
 CACHE = Path(__file__).parent / "cache"
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import functools
 
 import pytest
@@ -10,8 +11,13 @@ from torch import nn
 
 from mixbits import MixbitsError
 from mixbits.models import MODELS, create, list_models
+from mixbits.models.vit import TinyViT
+from mixbits.quant.attention import prepare_model
 
 IMAGENET_STYLE = {"resnet18", "resnet50", "mobilenetv2"}
+SIZED = {"vit_tiny"}  # built for one image size (learned positions)
+# Weights that are not a layer's: normalisation scales, a transformer's class token and positions.
+UNQUANTIZED_PARAMETERS = (nn.BatchNorm2d, nn.LayerNorm, TinyViT)
 
 
 def num_params(model: nn.Module) -> int:
@@ -34,6 +40,8 @@ def sweep_cases():
                 kwargs, size = ({}, 64) if in_chans == 3 else ({"small_input": True}, 16)
             else:
                 kwargs, size = {}, (32 if in_chans == 3 else 16)
+            if name in SIZED:
+                kwargs = {"image_size": size}
             yield pytest.param(name, in_chans, kwargs, size, id=f"{name}-c{in_chans}")
 
 
@@ -53,14 +61,15 @@ def test_forward_backward(name, in_chans, kwargs, size):
 
 @pytest.mark.parametrize("name", list_models())
 def test_no_shared_modules_and_only_swappable_weight_layers(name):
-    model = default_model(name)
+    model = copy.deepcopy(default_model(name))
+    prepare_model(model)  # attention's packed projections become Linear layers
     all_entries = list(model.named_modules(remove_duplicate=False))
     assert len(all_entries) == len(dict(model.named_modules())), "a module object is reused under two names"
     weight_layers = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
     assert weight_layers, "expected at least one Conv2d/Linear"
     for m in model.modules():
-        # Every learnable weight outside BN must live in a Conv2d or Linear, so the quantizers can swap it.
-        if not isinstance(m, (nn.Conv2d, nn.Linear, nn.BatchNorm2d)):
+        # Every other learnable weight must live in a Conv2d or Linear, so the quantizers can swap it.
+        if not isinstance(m, (nn.Conv2d, nn.Linear, *UNQUANTIZED_PARAMETERS)):
             assert not list(m.parameters(recurse=False)), f"{type(m).__name__} owns parameters"
 
 

@@ -18,13 +18,15 @@ import yaml
 from .data import DataConfig
 from .errors import MixbitsError, did_you_mean
 from .space import DEFAULT_BITS, FIXED_BITS
+from .specs import is_spec, spec_problems
 from .train import TrainConfig
 from .utils import atomic_write_text
 
 
 @dataclass
 class ModelConfig:
-    """Which registered model to build; ``kwargs`` go to its factory (e.g. ``width``, ``shortcut``)."""
+    """Which model to build: a registered name or ``module.path:factory`` / ``file.py:factory``; ``kwargs`` go
+    to its factory (e.g. ``width``, ``shortcut``)."""
 
     name: str = "resnet20"
     kwargs: dict[str, Any] = field(default_factory=dict)
@@ -33,7 +35,9 @@ class ModelConfig:
         from .models import MODELS
 
         out = []
-        if self.name not in MODELS:
+        if is_spec(self.name):
+            out += spec_problems(self.name, "model", f"{prefix}.name")
+        elif self.name not in MODELS:
             out.append(f"{prefix}.name: unknown model {self.name!r}; expected one of: {', '.join(MODELS.names())}."
                        f"{did_you_mean(self.name, MODELS.names())}")
         if not isinstance(self.kwargs, dict):
@@ -79,7 +83,7 @@ class QuantConfig:
 class SearchConfig:
     """Which search method, under which budget(s), and how long to fine-tune what it finds."""
 
-    method: str = "uniform"  # see `mixbits list methods`
+    method: str = "uniform"  # see `mixbits list methods`; checked against the registry when a search runs
     budget: str = "bitops<=uniform:4"  # one or several budgets, e.g. "bitops<=uniform:2,uniform:3,uniform:4"
     options: dict[str, Any] = field(default_factory=dict)  # the method's own options
     finetune_epochs: int | None = None  # epochs of QAT per found policy; null = train.epochs, 0 = none
@@ -87,12 +91,10 @@ class SearchConfig:
 
     def problems(self, prefix: str = "search") -> list[str]:
         from .budget import parse_budgets
-        from .search import SEARCHERS
 
         out = []
-        if self.method not in SEARCHERS:
-            out.append(f"{prefix}.method: unknown search method {self.method!r}; expected one of: "
-                       f"{', '.join(SEARCHERS.names())}.{did_you_mean(self.method, SEARCHERS.names())}")
+        if not isinstance(self.method, str) or not self.method:
+            out.append(f"{prefix}.method: must be a search method name (`mixbits list methods`), got {self.method!r}")
         try:
             parse_budgets(self.budget)
         except MixbitsError as e:
@@ -132,8 +134,10 @@ class RunConfig:
             out.append(f"device: must be cpu, cuda, cuda:N or mps, got {self.device!r}")
         return out
 
-    def validate(self) -> RunConfig:
-        problems = self.problems()
+    def validate(self, extra: list[str] | tuple[str, ...] = ()) -> RunConfig:
+        """Raise one MixbitsError listing every problem, with ``extra`` ones found by the caller (e.g. an
+        unknown search method, which the search registry knows and this module does not import)."""
+        problems = self.problems() + list(extra)
         if problems:
             raise MixbitsError(f"invalid configuration ({len(problems)} problem{'s' * (len(problems) > 1)}):\n  "
                                + "\n  ".join(problems))

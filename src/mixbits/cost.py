@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from .errors import MixbitsError, did_you_mean
-from .space import Policy, SearchSpace
+from .space import Policy, SearchSpace, quantizable_layers
 
 FP_BITS = 32
 STATS_FORMAT = "mixbits.stats/1"
@@ -94,16 +94,20 @@ def _layer_macs(m: nn.Module, out: torch.Tensor) -> int:
     return out.numel() * m.in_features
 
 
-def profile(model: nn.Module, input_shape: Sequence[int]) -> ModelStats:
+def profile(model: nn.Module, input_shape: Sequence[int] | torch.Tensor) -> ModelStats:
     """Run one batch-1 forward pass and record MACs, parameter counts and shapes of every Conv2d/Linear.
+
+    ``input_shape`` is an image shape (C, H, W), or an example input tensor whose first row is used
+    (any input the model takes: token ids, sequences, ...).
 
     A module called several times accumulates its MACs; one never called is kept with 0 MACs. The
     forward runs on a deep copy, so the model's flags, hooks and any data-initialised quantizer state
     are never touched.
     """
-    shape = _batched_shape(input_shape)
+    example = input_shape[:1] if isinstance(input_shape, torch.Tensor) else None
+    shape = tuple(example.shape) if example is not None else _batched_shape(input_shape)
     model = copy.deepcopy(model)
-    names = {m: n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
+    names = {model.get_submodule(n): n for n in quantizable_layers(model)}
     if not names:
         raise MixbitsError(f"{type(model).__name__} has no nn.Conv2d or nn.Linear layer to profile")
     macs = dict.fromkeys(names.values(), 0)
@@ -117,8 +121,12 @@ def profile(model: nn.Module, input_shape: Sequence[int]) -> ModelStats:
         shapes.setdefault(name, (() if first_in is None else _sample_shape(first_in), _sample_shape(out)))
 
     first = next(model.parameters(), None)
-    x = torch.zeros(shape, device=first.device if first is not None else "cpu",
-                    dtype=first.dtype if first is not None and first.is_floating_point() else torch.float32)
+    device = first.device if first is not None else "cpu"
+    if example is not None:
+        x = example.to(device)
+    else:
+        x = torch.zeros(shape, device=device,
+                        dtype=first.dtype if first is not None and first.is_floating_point() else torch.float32)
     handles = [m.register_forward_hook(hook) for m in names]
     try:
         model.eval()
@@ -127,8 +135,8 @@ def profile(model: nn.Module, input_shape: Sequence[int]) -> ModelStats:
     except MixbitsError:
         raise
     except Exception as e:
-        raise MixbitsError(f"profiling {type(model).__name__} on input shape {list(input_shape)} failed: "
-                           f"{type(e).__name__}: {e}; check --input-shape (C, H, W) matches the model") from e
+        raise MixbitsError(f"profiling {type(model).__name__} on input shape {list(shape[1:])} failed: "
+                           f"{type(e).__name__}: {e}; check that the input (shape) matches the model") from e
     finally:
         for h in handles:
             h.remove()

@@ -11,16 +11,21 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from .config import ModelConfig, QuantConfig
 from .errors import MixbitsError
 from .models import create
 from .quant import apply_policy, calibrate, quantize_model
-from .space import Policy, SearchSpace, parse_policy
+from .quant.attention import prepare_model
+from .space import Policy, SearchSpace
+from .space import training_space as space_training_space
 from .train import load_checkpoint, load_model_state
+
+if TYPE_CHECKING:  # configs are read by attribute only: this module never imports config (nor search)
+    from .config import ModelConfig, QuantConfig
 
 
 @dataclass
@@ -49,7 +54,10 @@ class ModelCard:
                    Policy.from_dict(d["policy"]) if d.get("policy") else None, bool(d.get("per_channel", False)))
 
     def float_model(self) -> nn.Module:
-        return create(self.name, num_classes=self.num_classes, in_chans=self.in_chans, **self.kwargs)
+        """The float model, its attention split into quantizable projections (mixbits.quant.prepare_model)."""
+        model = create(self.name, num_classes=self.num_classes, in_chans=self.in_chans, **self.kwargs)
+        prepare_model(model)
+        return model
 
 
 def float_card(cfg: ModelConfig, num_classes: int, in_chans: int, image_size: tuple[int, int]) -> ModelCard:
@@ -62,15 +70,8 @@ def search_space(model: nn.Module, quant: QuantConfig) -> SearchSpace:
 
 
 def training_space(model: nn.Module, quant: QuantConfig, policy_spec: str) -> tuple[SearchSpace, Policy]:
-    """The policy to train, and the narrowest space holding it (one step size per bit-width it uses).
-
-    Any bit-width in 2..8 may be trained (uniform:8 included), whatever the search candidates are.
-    """
-    wide = SearchSpace.from_model(model, range(2, 9), range(2, 9), _fixed(quant), tuple(quant.fixed_bits))
-    policy = parse_policy(policy_spec, wide)
-    searchable = [policy[n] for n in wide.searchable] or [tuple(quant.fixed_bits)]
-    space = SearchSpace(wide.layers, tuple(w for w, _ in searchable), tuple(a for _, a in searchable), wide.fixed)
-    return space, policy.validate(space)
+    """The policy to train and the narrowest space holding it (see :func:`mixbits.space.training_space`)."""
+    return space_training_space(model, policy_spec, fixed=_fixed(quant), fixed_bits=tuple(quant.fixed_bits))
 
 
 def _fixed(quant: QuantConfig):

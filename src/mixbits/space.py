@@ -28,8 +28,15 @@ Bits = tuple[int, int]  # (weight bits, activation bits)
 
 
 def quantizable_layers(model: nn.Module) -> list[str]:
-    """Names of the Conv2d/Linear modules (quantized ones included), in registration order."""
-    return [name for name, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    """Names of the Conv2d/Linear modules (quantized ones included), in registration order.
+
+    The output projection inside an ``nn.MultiheadAttention`` is left out: that module reads its weight
+    directly, so a swapped layer would never run (``mixbits.quant.prepare_model`` makes it quantizable).
+    """
+    inside_attention = {f"{name}.{child}" for name, m in model.named_modules()
+                        if isinstance(m, nn.MultiheadAttention) for child, _ in m.named_modules() if child}
+    return [name for name, m in model.named_modules()
+            if isinstance(m, (nn.Conv2d, nn.Linear)) and name not in inside_attention]
 
 
 def _check_bits(values: Iterable[int], what: str) -> tuple[int, ...]:
@@ -288,3 +295,30 @@ def parse_policy(spec: str | os.PathLike, space: SearchSpace) -> Policy:
                 raise MixbitsError(f"policy {text!r}: {bits} bits is not a candidate; expected one of {list(what)}")
         return Policy.uniform(space, w, a)
     return Policy.load(text).validate(space)
+
+
+def training_space(model: nn.Module, policy: Policy | str | os.PathLike, space: SearchSpace | None = None,
+                   fixed: str | Iterable[str] = "first_last", fixed_bits: Bits = FIXED_BITS
+                   ) -> tuple[SearchSpace, Policy]:
+    """The policy to train, and the narrowest space holding it (one step size per bit-width it uses).
+
+    Any bit-width in 2..8 may be trained (uniform:8 included), whatever a search's candidates were.
+    ``space`` (e.g. the one a policy was searched in) gives the quantized and fixed layers; otherwise
+    they come from ``model`` with ``fixed`` and ``fixed_bits``. A fixed layer keeps the bits the policy
+    gives it.
+    """
+    if space is not None:
+        wide = SearchSpace(space.layers, tuple(range(2, 9)), tuple(range(2, 9)), dict(space.fixed))
+    else:
+        wide = SearchSpace.from_model(model, range(2, 9), range(2, 9), fixed, tuple(fixed_bits))
+    if isinstance(policy, Policy):
+        missing = [n for n in wide.layers if n not in policy.bits]
+        if missing:
+            raise MixbitsError(f"the policy has no bits for layers {missing[:MAX_LISTED]}; give every quantized "
+                               "layer (Policy.from_rules fills a default)")
+        wide = SearchSpace(wide.layers, wide.w_bits, wide.a_bits, {n: policy[n] for n in wide.fixed})
+    else:
+        policy = parse_policy(policy, wide)
+    searchable = [policy[n] for n in wide.searchable] or [next(iter(wide.fixed.values()), FIXED_BITS)]
+    narrow = SearchSpace(wide.layers, tuple(w for w, _ in searchable), tuple(a for _, a in searchable), wide.fixed)
+    return narrow, policy.validate(narrow)

@@ -15,8 +15,8 @@ from pathlib import Path
 from ..config import RunConfig
 from ..cost import cost_summary, cost_table, format_cost_table, profile
 from ..pipeline import load_trained
-from .search import search
-from .train import train
+from ..runs.search import search
+from ..runs.train import train
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

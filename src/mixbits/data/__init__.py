@@ -5,8 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..errors import MixbitsError, did_you_mean
+from ..specs import is_spec, spec_problems
 from .datasets import DATASETS, ImageDataset, load_dataset, split_train_val, take_subset
 from .loader import BatchLoader
+from .user import DataInfo, user_loaders
 
 # Native sizes of the fixed-size sets: image_size may only repeat them.
 _NATIVE_SIZE = {"fashion-mnist": 28, "cifar10": 32, "cifar100": 32}
@@ -19,7 +21,7 @@ def _is_int(value) -> bool:
 
 @dataclass
 class DataConfig:
-    """Which dataset to load and how to batch it."""
+    """Which dataset to load (a registered name, or a user's ``module.path:factory``) and how to batch it."""
 
     name: str = "fashion-mnist"
     root: str | None = None  # dataset directory; fashion-mnist defaults to the Debian package's
@@ -33,7 +35,9 @@ class DataConfig:
     def problems(self, prefix: str = "data") -> list[str]:
         """Every invalid field as ``"data.batch_size: must be > 0, got 0"``; empty when the config is valid."""
         out = []
-        if self.name not in DATASETS:
+        if is_spec(self.name):
+            out += spec_problems(self.name, "data", f"{prefix}.name")
+        elif self.name not in DATASETS:
             out.append(f"{prefix}.name: unknown dataset {self.name!r}; expected one of: "
                        f"{', '.join(DATASETS.names())}.{did_you_mean(self.name, DATASETS.names())}")
         elif self.name in _NEEDS_ROOT and not self.root:
@@ -65,12 +69,16 @@ class DataConfig:
 def build_loaders(cfg: DataConfig, seed: int, rank: int = 0, world_size: int = 1):
     """(train, val, test, train_dataset) loaders; val is carved out of the training split with ``val_fraction``.
 
+    A user's ``module:factory`` gives its own loaders (val may be None) and a DataInfo for the dataset.
+
     ``max_train_samples`` shrinks the training part only, after the split, so the validation set does not
     depend on it.
     """
     problems = cfg.problems()
     if problems:
         raise MixbitsError("invalid data config: " + "; ".join(problems))
+    if is_spec(cfg.name):
+        return user_loaders(cfg, seed, rank, world_size)
     full_train = load_dataset(cfg.name, "train", cfg.root, cfg.image_size)
     test = load_dataset(cfg.name, "test", cfg.root, cfg.image_size)
     train, val = split_train_val(full_train, cfg.val_fraction, seed)
@@ -86,6 +94,7 @@ def build_loaders(cfg: DataConfig, seed: int, rank: int = 0, world_size: int = 1
 
 __all__ = [
     "DATASETS",
+    "DataInfo",
     "BatchLoader",
     "DataConfig",
     "ImageDataset",

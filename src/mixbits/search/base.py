@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,6 +45,7 @@ class SearchContext:
     seed: int = 0
     progress: bool | None = None
     resume: bool = False  # a method that checkpoints its training under run_dir continues it
+    loss_fn: Callable | None = None  # loss_fn(model, batch) -> loss of the user's task; None = cross-entropy
 
     def cost(self, policy: Policy) -> dict[str, float]:
         """The policy's BitOPs, size in bits and (with a table) latency."""
@@ -75,6 +77,10 @@ class SearchResult:
     retraining_free: bool = False  # True when the policies are usable without fine-tuning
     finetune: dict = field(default_factory=dict)  # train settings for the fine-tune stage, e.g. {"kd_alpha": 0.5}
     info: dict = field(default_factory=dict)
+    # In memory only (not in to_dict): the space searched and the search's quantized model, whose weights
+    # a retraining-free method's policies run on (mixbits.subnet).
+    space: SearchSpace | None = field(default=None, repr=False, compare=False)
+    model: nn.Module | None = field(default=None, repr=False, compare=False)
 
     def to_dict(self) -> dict:
         return {"method": self.method, "budgets": [b.text for b in self.budgets],
@@ -93,12 +99,21 @@ def method_options(cls, options: dict, method: str):
     return cls(**options)
 
 
+def method_problems(method, prefix: str = "search") -> list[str]:
+    """``["search.method: unknown ..."]`` for a name no searcher is registered under, else []."""
+    if method in SEARCHERS:
+        return []
+    return [f"{prefix}.method: unknown search method {method!r}; expected one of: {', '.join(SEARCHERS.names())}."
+            f"{did_you_mean(str(method), SEARCHERS.names())}"]
+
+
 def run_searcher(name: str, ctx: SearchContext) -> SearchResult:
     """Look the method up, run it, time it, and check every returned policy against its budget."""
     searcher = SEARCHERS.get(name)
     start = time.perf_counter()
     result = searcher(ctx)
     result.seconds = time.perf_counter() - start
+    result.space, result.model = ctx.space, ctx.model
     for budget, policy in zip(result.budgets, result.policies, strict=True):
         policy.validate(ctx.space)
         if not ctx.fits(policy, budget):  # a searcher bug, never the user's: say so loudly

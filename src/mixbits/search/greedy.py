@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from tqdm import tqdm
 
 from ..errors import MixbitsError
+from ..progress import bar_enabled, progress_line
 from ..space import Policy, SearchSpace
 
 Move = tuple[str, str, int]  # (layer, "wa", "w" or "a", +1 up / -1 down)
@@ -79,7 +80,7 @@ def descents_to_bottom(policy: Policy, space: SearchSpace) -> int:
 
 def greedy_search(start: Policy, space: SearchSpace, evaluate: Callable[[Policy], dict],
                   cost_term: Callable[[Policy], float], fits: Callable[[Policy], bool], lam: float = 1.5,
-                  bidirectional: bool = True, max_steps: int | None = None, progress: bool = False,
+                  bidirectional: bool = True, max_steps: int | None = None, progress: bool | None = False,
                   description: str = "greedy", visited: set | None = None, paired: bool = True,
                   focus: Callable[[Policy], None] | None = None) -> GreedyResult:
     """Greedy walk from ``start`` until ``fits(policy)``; ``cost_term`` is the cost in J (e.g. BitOPs).
@@ -92,7 +93,7 @@ def greedy_search(start: Policy, space: SearchSpace, evaluate: Callable[[Policy]
     policy, path, steps = start, [start], []
     visited = set(visited or ()) | {start.key()}
     limit = 2 * descents_to_bottom(start, space) if max_steps is None else max_steps
-    with tqdm(desc=description, disable=not progress, leave=False) as bar:
+    with tqdm(desc=description, disable=not bar_enabled(progress), leave=False) as bar:
         while not fits(policy):
             two_way = bidirectional and len(steps) < limit
             options = neighbours(policy, space, two_way, paired)
@@ -117,4 +118,6 @@ def greedy_search(start: Policy, space: SearchSpace, evaluate: Callable[[Policy]
                           "candidates": len(options)})
             bar.update(1)
             bar.set_postfix(loss=f"{losses[best]:.4f}", cost=f"{costs[best]:.4g}", refresh=False)
+            progress_line(f"{description} step {len(steps)}: {name} {side} {direction} to {list(policy[name])}, "
+                          f"loss {losses[best]:.4f}, cost {costs[best]:.4g}", progress)
     return GreedyResult(policy, path, steps)

@@ -14,7 +14,6 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 import numpy as np
-from scipy.optimize import Bounds, LinearConstraint, milp
 
 from ..errors import MixbitsError
 
@@ -32,6 +31,8 @@ def solve_choice(scores: np.ndarray, costs: Mapping[str, np.ndarray], limits: Ma
         bad = [names[i] if names else i for i in np.flatnonzero(~allowed.any(axis=1))]
         raise MixbitsError(f"layers {bad} have no allowed candidate")
     c = np.where(allowed, scores, 0.0).ravel()
+    from scipy.optimize import Bounds, LinearConstraint, milp  # here: scipy takes half a second to import
+
     constraints = [LinearConstraint(np.kron(np.eye(n_layers), np.ones(n_cands)), 1, 1)]  # one choice per layer
     for metric, limit in limits.items():
         row = np.where(allowed, costs[metric], 0.0).ravel()

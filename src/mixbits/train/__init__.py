@@ -24,6 +24,7 @@ from .loop import (
     TrainResult,
     TrainState,
     fit,
+    loss_objective,
     stop_on_signals,
     supervised_objective,
 )
@@ -51,6 +52,7 @@ __all__ = [
     "launch_rank",
     "load_checkpoint",
     "load_model_state",
+    "loss_objective",
     "lr_factor",
     "param_groups",
     "recalibrate_bn",

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -10,14 +11,20 @@ from torch import nn
 
 from ..errors import MixbitsError
 
+LossFn = Callable[[nn.Module, Any], torch.Tensor]  # loss_fn(model, batch) -> scalar loss
+
 
 def evaluate(model: nn.Module, loader: Iterable, device: str | torch.device = "cpu",
-             max_batches: int | None = None) -> dict:
+             max_batches: int | None = None, loss_fn: LossFn | None = None) -> dict:
     """Evaluate in eval mode; returns ``{"top1": percent, "loss": mean CE, "samples": n}``.
 
-    ``loader`` is any iterable of ``(x, y)`` tensors. The model's training flags are restored afterwards.
+    ``loader`` is any iterable of ``(x, y)`` tensors. With ``loss_fn(model, batch) -> loss`` any batch
+    works and the result is ``{"loss": mean over samples, "samples": n}`` (no top-1: the task is the
+    caller's). The model's training flags are restored afterwards.
     """
     device = torch.device(device)
+    if loss_fn is not None:
+        return _evaluate_loss(model, loader, device, max_batches, loss_fn)
     was_training = {m: m.training for m in model.modules()}
     model.eval()
     loss_sum = torch.zeros((), dtype=torch.float32, device=device)
@@ -40,3 +47,27 @@ def evaluate(model: nn.Module, loader: Iterable, device: str | torch.device = "c
     if samples == 0:
         raise MixbitsError("evaluation loader yielded no samples; check the validation split and max_batches")
     return {"top1": 100.0 * correct.item() / samples, "loss": loss_sum.item() / samples, "samples": samples}
+
+
+def _evaluate_loss(model: nn.Module, loader: Iterable, device: torch.device, max_batches: int | None,
+                   loss_fn: LossFn) -> dict:
+    from .loop import batch_size, split_batch
+
+    was_training = {m: m.training for m in model.modules()}
+    model.eval()
+    loss_sum, samples = 0.0, 0
+    try:
+        with torch.inference_mode():
+            for i, batch in enumerate(loader):
+                if max_batches is not None and i >= max_batches:
+                    break
+                x, y = split_batch(batch, device)
+                n = batch_size(x if y is None else y)
+                loss_sum += float(loss_fn(model, x if y is None else (x, y))) * n
+                samples += n
+    finally:
+        for m, flag in was_training.items():
+            m.training = flag
+    if samples == 0:
+        raise MixbitsError("evaluation loader yielded no samples; check the validation split and max_batches")
+    return {"loss": loss_sum / samples, "samples": samples}

@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import math
 import signal
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -30,7 +29,9 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from ..data.batches import set_epoch
 from ..errors import MixbitsError
+from ..progress import bar_enabled, progress_line
 from ..quant.ebr import model_ebr
 from ..utils import atomic_write_text, seed_everything
 from .checkpoint import CHECKPOINT, open_run, restore_training, save_checkpoint, training_payload
@@ -103,6 +104,19 @@ def supervised_objective(state: TrainState, x: torch.Tensor, y: torch.Tensor) ->
     return StepOutput(loss, logits, metrics)
 
 
+def loss_objective(loss_fn: Callable) -> Objective:
+    """The objective of a user's task: ``loss_fn(model, batch)`` (the batch as the loader gave it), plus
+    ebr_weight · the bin regulariser when set. No logits, so no distillation and no train top-1."""
+
+    def objective(state: TrainState, x, y) -> StepOutput:
+        loss = loss_fn(state.model, x if y is None else (x, y))
+        if state.cfg.ebr_weight != 0:
+            loss = loss + state.cfg.ebr_weight * model_ebr(state.module)
+        return StepOutput(loss)
+
+    return objective
+
+
 class Hook:
     """Extension points; every method is a no-op, override what you need."""
 
@@ -165,7 +179,7 @@ def fit(model: nn.Module, train_loader, cfg: TrainConfig, *, val_loader=None,
     if state.epoch >= cfg.epochs:
         return TrainResult(state, history)
 
-    show = is_main_process and (progress if progress is not None else sys.stderr.isatty())
+    show = is_main_process and bar_enabled(progress)
     last_checkpoint = run_dir / CHECKPOINT if saved is not None else None
     for hook in hooks:
         hook.on_train_start(state)
@@ -181,8 +195,8 @@ def fit(model: nn.Module, train_loader, cfg: TrainConfig, *, val_loader=None,
             for hook in hooks:
                 hook.on_epoch_end(state, metrics)
             history.append(_plain(metrics))
-            if show:
-                tqdm.write(_summary(history[-1], cfg.epochs))
+            if is_main_process:
+                progress_line(_summary(history[-1], cfg.epochs), progress)
             if writes:
                 _write_metrics(run_dir, history)
                 if (epoch + 1) % cfg.checkpoint_every == 0 or epoch + 1 == cfg.epochs:
@@ -216,15 +230,15 @@ def _train_epoch(state: TrainState, loader, objective: Objective, hooks: list[Ho
     """One pass over ``loader``; returns train_loss, train_top1 and the objective's averaged metrics."""
     cfg, optimizer = state.cfg, state.optimizer
     state.model.train()
-    _set_epoch(loader, state.epoch)
+    set_epoch(loader, state.epoch)
     for hook in hooks:
         hook.on_epoch_start(state)
     params = [p for group in optimizer.param_groups for p in group["params"]]
     running = _Running(state.device)
     with tqdm(loader, total=state.steps_per_epoch, desc=f"epoch {state.epoch + 1}/{cfg.epochs}", disable=not show,
               leave=False, dynamic_ncols=True) as bar:
-        for batch, (x, y) in enumerate(bar):
-            x, y = x.to(state.device, non_blocking=True), y.to(state.device, non_blocking=True)
+        for batch, data in enumerate(bar):
+            x, y = split_batch(data, state.device)
             optimizer.zero_grad(set_to_none=True)
             out = objective(state, x, y)
             if isinstance(out, torch.Tensor):
@@ -246,7 +260,7 @@ def _train_epoch(state: TrainState, loader, objective: Objective, hooks: list[Ho
             state.step += 1
             for hook in hooks:
                 hook.after_step(state)
-            running.update(loss, out, y)
+            running.update(loss, out, x, y)
             if show:
                 bar.set_postfix(running.postfix(), refresh=False)
     return running.summary()
@@ -272,11 +286,11 @@ class _Running:
         self.correct = torch.zeros((), dtype=torch.int64, device=device)
         self.metrics: dict[str, list] = {}
 
-    def update(self, loss: float, out: StepOutput, y: torch.Tensor) -> None:
-        n = y.shape[0]
+    def update(self, loss: float, out: StepOutput, x, y: torch.Tensor | None) -> None:
+        n = batch_size(x if y is None else y)
         self.loss_sum += loss * n
         self.samples += n
-        if out.logits is not None and y.ndim == 1 and out.logits.shape[0] == n:
+        if out.logits is not None and y is not None and y.ndim == 1 and out.logits.shape[0] == n:
             self.correct += (out.logits.detach().argmax(dim=-1) == y).sum()
             self.counted += n
         for name, value in out.metrics.items():
@@ -329,12 +343,35 @@ def _steps_per_epoch(loader) -> int:
     return n
 
 
-def _set_epoch(loader, epoch: int) -> None:
-    """Make the data order depend only on (seed, epoch), which makes resumed runs reproduce."""
-    for obj in (loader, getattr(loader, "sampler", None)):
-        if hasattr(obj, "set_epoch"):
-            obj.set_epoch(epoch)
-            return
+def split_batch(batch, device: torch.device) -> tuple:
+    """(inputs, targets) of an ``(inputs, targets)`` batch on ``device``; any other batch is (batch, None).
+
+    Objectives that take a user's ``loss_fn`` receive other batches (dicts, triples) whole as the inputs.
+    """
+    if isinstance(batch, (tuple, list)) and len(batch) == 2:
+        return to_device(batch[0], device), to_device(batch[1], device)
+    return to_device(batch, device), None
+
+
+def to_device(data, device: torch.device):
+    """Tensors, and tensors inside tuples, lists and dicts, moved to ``device``; anything else as it is."""
+    if isinstance(data, torch.Tensor):
+        return data.to(device, non_blocking=True)
+    if isinstance(data, (tuple, list)):
+        return type(data)(to_device(d, device) for d in data)
+    if isinstance(data, dict):
+        return {k: to_device(v, device) for k, v in data.items()}
+    return data
+
+
+def batch_size(data) -> int:
+    """Samples in a batch: the first dimension of its first tensor (1 when it holds none)."""
+    if isinstance(data, torch.Tensor):
+        return int(data.shape[0]) if data.dim() else 1
+    items = data.values() if isinstance(data, dict) else data if isinstance(data, (tuple, list)) else ()
+    for item in items:
+        return batch_size(item)
+    return 1
 
 
 def _plain(metrics: dict) -> dict:

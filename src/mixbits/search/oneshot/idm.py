@@ -27,9 +27,14 @@ from ...quant import QuantLayer
 NORM_EPS = 1e-5
 
 
+def _channel_dim(x: Tensor) -> int:
+    """Dim 1 of a convolution's (N, C, H, W) output; the last dim of a linear layer's (N, ..., C) one."""
+    return 1 if x.dim() == 4 else x.dim() - 1
+
+
 def channel_normalise(x: Tensor) -> Tensor:
-    """Per channel (dim 1), zero mean and unit variance over every other dimension."""
-    dims = [d for d in range(x.dim()) if d != 1]
+    """Per channel, zero mean and unit variance over every other dimension."""
+    dims = [d for d in range(x.dim()) if d != _channel_dim(x)]
     mean = x.mean(dim=dims, keepdim=True)
     var = x.var(dim=dims, keepdim=True, unbiased=False)
     return (x - mean) / torch.sqrt(var + NORM_EPS)
@@ -37,7 +42,7 @@ def channel_normalise(x: Tensor) -> Tensor:
 
 def _channel_shape(x: Tensor) -> tuple[int, ...]:
     shape = [1] * x.dim()
-    shape[1] = x.shape[1]
+    shape[_channel_dim(x)] = x.shape[_channel_dim(x)]
     return tuple(shape)
 
 

@@ -14,7 +14,7 @@ from ...budget import Budget
 from ...errors import MixbitsError
 from ...quant import quant_layers
 from ...space import Policy
-from ...subnets import save_supernet
+from ...train import save_checkpoint
 from ..base import SEARCHERS, SearchContext, SearchResult, method_options
 from ..evaluator import PolicyEvaluator
 from ..greedy import descents_to_bottom, greedy_search, neighbours
@@ -125,7 +125,7 @@ def _walk_for(ctx: SearchContext, opts: OneshotOptions, budget: Budget, start: P
     begin = earlier.path[-1] if earlier is not None else start
     done = earlier.steps if earlier is not None else []
     result = greedy_search(begin, ctx.space, score, cost, lambda p: ctx.fits(p, budget), opts.lam,
-                           opts.bidirectional, max(0, limit - len(done)), bool(ctx.progress),
+                           opts.bidirectional, max(0, limit - len(done)), ctx.progress,
                            description=f"greedy {budget}", visited={p.key() for p in (earlier.path if earlier else [])},
                            paired=opts.moves == "layer", focus=score.evaluator.focus)
     steps = done + [{**s, "step": len(done) + s["step"]} for s in result.steps]
@@ -153,5 +153,7 @@ def _save_supernet(ctx: SearchContext, opts: OneshotOptions) -> str | None:
     if ctx.run_dir is None or not opts.save_supernet or opts.epochs == 0:
         return None
     path = Path(ctx.run_dir) / SUPERNET_FILE
-    save_supernet(path, ctx.model, ctx.space, {"method": "oneshot", "options": asdict(opts)})
+    # The layout mixbits.runs.subnets.load_supernet reads back.
+    save_checkpoint(path, {"model": ctx.model.state_dict(), "space": ctx.space.to_dict(),
+                           "info": {"method": "oneshot", "options": asdict(opts)}})
     return str(path)

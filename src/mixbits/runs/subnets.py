@@ -1,10 +1,10 @@
 """Policies run on a trained weight-sharing supernet, without retraining.
 
-A retraining-free search (``--method oneshot``) writes its supernet with :func:`save_supernet`. For each
-found policy, :func:`evaluate_subnets` sets the bits, recalibrates BatchNorm on training batches (the
-statistics of a subnet differ from the supernet's), measures the test split and writes a normal run
-checkpoint with a model card, so ``mixbits eval``, ``mixbits export`` and ``mixbits report`` read it like
-any trained run.
+A retraining-free search (``--method oneshot``) writes its supernet (weights and space) under its run
+directory. For each found policy, :func:`evaluate_subnets` sets the bits, recalibrates BatchNorm on
+training batches (the statistics of a subnet differ from the supernet's), measures the test split and
+writes a normal run checkpoint with a model card, so ``mixbits eval``, ``mixbits export`` and
+``mixbits report`` read it like any trained run.
 """
 
 from __future__ import annotations
@@ -18,16 +18,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .cost import bitops, compression, profile, size_bytes
-from .pipeline import ModelCard
-from .quant import apply_policy, quantize_model
-from .space import Policy, SearchSpace
-from .train import evaluate, load_checkpoint, load_model_state, recalibrate_bn, save_checkpoint
-from .utils import atomic_write_text
-
-
-def save_supernet(path: str | os.PathLike, model: nn.Module, space: SearchSpace, info: dict) -> None:
-    save_checkpoint(path, {"model": model.state_dict(), "space": space.to_dict(), "info": info})
+from ..cost import bitops, compression, profile, size_bytes
+from ..pipeline import ModelCard
+from ..quant import apply_policy, quantize_model
+from ..space import Policy, SearchSpace
+from ..train import evaluate, load_checkpoint, load_model_state, recalibrate_bn, save_checkpoint
+from ..utils import atomic_write_text
 
 
 def load_supernet(path: str | os.PathLike, card: ModelCard, per_channel: bool) -> tuple[nn.Module, SearchSpace]:

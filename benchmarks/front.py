@@ -1,0 +1,271 @@
+"""Does mixed precision beat uniform quantization at equal cost? The accuracy-vs-BitOPs front, per model.
+
+    python benchmarks/front.py --model resnet20 --preset quick        # a smoke run: minutes on 2 CPU cores
+    python benchmarks/front.py --model mobilenetv2 --preset medium    # the figures: hours, resumable
+    python benchmarks/front.py --model resnet20 --preset full --device cuda
+
+One float model per (model, preset) is trained once. Then, for every seed: the uniform references
+(W2A2, W3A3, W4A4) are fine-tuned from it, and every search method finds one policy per budget (most
+budgets lie strictly between the uniform levels) with :func:`mixbits.search`, each policy fine-tuned
+with the references' one recipe (:func:`mixbits.finetune`: same epochs, optimiser, schedule, no
+distillation). Extra rows, labelled: one-shot retraining-free (the supernet's own weights), and SDQ
+with its own stage 2 (distillation and bin regularisation). The same seed gives every method the same
+data order. Each row records test top-1, BitOPs, size, the policy, and the compute of its search and
+fine-tune in seconds and in forward passes of the whole network (samples).
+
+Every finished row is cached (benchmarks/cache/front/<model>-<preset>/rows.jsonl) with the version of
+the code that made it (a hash of src/ and this benchmark), so a preset can be completed over several
+sittings: rerun the same command. A row from other code is re-run, never mixed in. Writes
+benchmarks/results/front-<model>-<preset>.json (meta, rows, summary), .md and .png; statistics in
+front_stats.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import hashlib
+import json
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import RESULTS, markdown_table, metadata  # noqa: E402
+from front_plot import plot_front  # noqa: E402
+from front_stats import add_gains, summarise  # noqa: E402
+
+import mixbits  # noqa: E402
+from mixbits.cost import bitops, profile, size_bytes  # noqa: E402
+from mixbits.data import DataConfig, build_loaders  # noqa: E402
+from mixbits.models import create  # noqa: E402
+from mixbits.quant import quant_layers, set_fused  # noqa: E402
+from mixbits.train import TrainConfig, evaluate, fit  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+CACHE = Path(__file__).parent / "cache" / "front"
+REFERENCE = "uniform-ref"
+REFERENCE_BITS = (2, 3, 4)
+BUDGETS = ("uniform:2.25", "uniform:2.5", "uniform:2.75", "uniform:w3a2", "uniform:3.5")
+MODELS = {"resnet20": {}, "mobilenetv2": {"small_input": True}}
+# quick: a smoke test of the whole protocol. medium: what fits in about 3 hours of 2 CPU cores per model.
+# full: the whole data set, for a GPU.
+PRESETS = {
+    "quick": {"width": 0.25, "train_samples": 2000, "test_samples": 2000, "fp_epochs": 3, "finetune_epochs": 1,
+              "search_epochs": 1, "seeds": (0, 1), "budgets": ("uniform:2.5", "uniform:w3a2", "uniform:3.5")},
+    "medium": {"width": 0.5, "train_samples": 8000, "test_samples": None, "fp_epochs": 8, "finetune_epochs": 2,
+               "search_epochs": 1, "seeds": (0, 1, 2), "budgets": BUDGETS},
+    "full": {"width": 1.0, "train_samples": None, "test_samples": None, "fp_epochs": 30, "finetune_epochs": 15,
+             "search_epochs": 5, "seeds": (0, 1, 2), "budgets": BUDGETS},
+}
+# The recipe of every fine-tune, references included: SGD at mixbits.FINETUNE_LR, cosine, no distillation.
+RECIPE = {"weight_decay": 1e-4}
+# Each method's options at a preset: the training searches train `search_epochs` per budget.
+TRAINING_SEARCHES = ("dnas", "ssps", "dmpq", "sdq", "oneshot")
+DEFAULT_METHODS = ("hawq", "random", "dnas", "ssps", "dmpq", "sdq", "oneshot")
+
+
+def code_version() -> str:
+    """A hash of the library's sources and this benchmark: rows made by other code are stale."""
+    digest = hashlib.sha256()
+    for path in sorted([*(ROOT / "src").rglob("*.py"), *Path(__file__).parent.glob("front*.py")]):
+        digest.update(path.relative_to(ROOT).as_posix().encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+class RowCache:
+    """rows.jsonl: one finished row per line, keyed by (method, budget, seed) and the code version."""
+
+    def __init__(self, directory: Path, version: str):
+        self.path, self.version = directory / "rows.jsonl", version
+        self.rows: dict[str, dict] = {}
+        self.stale = 0
+        if self.path.is_file():
+            for line in self.path.read_text().splitlines():
+                row = json.loads(line)
+                if row.get("code") == self.version:
+                    self.rows[row["key"]] = row
+                else:
+                    self.stale += 1
+
+    @staticmethod
+    def key(method: str, budget: str, seed: int) -> str:
+        return f"{method}|{budget}|{seed}"
+
+    def get(self, method: str, budget: str, seed: int) -> dict | None:
+        return self.rows.get(self.key(method, budget, seed))
+
+    def put(self, row: dict) -> None:
+        row = {**row, "key": self.key(row["method"], row["budget"], row["seed"]), "code": self.version}
+        self.rows[row["key"]] = row
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.write_text("".join(json.dumps(r) + "\n" for r in self.rows.values()))  # stale rows are dropped
+
+
+@contextmanager
+def forward_counter(model_class: type):
+    """Counts samples through the whole network (calls of ``model_class``'s forward) while active."""
+    count = {"samples": 0}
+
+    def hook(module, inputs, output):
+        if type(module) is model_class and inputs and isinstance(inputs[0], torch.Tensor):
+            count["samples"] += int(inputs[0].shape[0])
+
+    handle = torch.nn.modules.module.register_module_forward_hook(hook)
+    try:
+        yield count
+    finally:
+        handle.remove()
+
+
+class Bench:
+    """One model at one preset: its data, float model, cache, and the rows it makes."""
+
+    def __init__(self, args):
+        self.args, self.preset = args, dict(PRESETS[args.preset])
+        if args.seeds:
+            self.preset["seeds"] = tuple(args.seeds)
+        self.dir = CACHE / f"{args.model}-{args.preset}"
+        self.cache = RowCache(self.dir, code_version())
+        self.device = torch.device(args.device)
+        set_fused(args.device == "cpu")
+        self.float_model = self._float_model()
+        self.stats = profile(self.float_model, (1, 28, 28))
+
+    # data and the float model -------------------------------------------------------------------------------
+    def loaders(self, seed: int):
+        data = DataConfig(root=self.args.data_dir, max_train_samples=self.preset["train_samples"])
+        train, val, test, _ = build_loaders(data, seed)
+        return train, val, test
+
+    def _float_model(self) -> torch.nn.Module:
+        torch.manual_seed(0)
+        model = create(self.args.model, num_classes=10, in_chans=1, width=self.preset["width"],
+                       **MODELS[self.args.model])
+        train, val, test = self.loaders(0)
+        cfg = TrainConfig(epochs=self.preset["fp_epochs"], lr=0.1, warmup_epochs=1.0, seed=0)
+        run_dir = self.dir / "float"
+        fit(model, train, cfg, val_loader=val, run_dir=run_dir, resume=(run_dir / "checkpoint.pt").is_file(),
+            device=self.device)
+        self.float_top1 = self.test(model, test)
+        print(f"float {self.args.model}: {self.float_top1:.2f} % top-1", flush=True)
+        return model.eval()
+
+    def test(self, model, test_loader) -> float:
+        samples = self.preset["test_samples"]
+        max_batches = None if samples is None else max(1, samples // test_loader.batch_size)
+        return evaluate(model, test_loader, self.device, max_batches=max_batches)["top1"]
+
+    # rows ---------------------------------------------------------------------------------------------------
+    def row(self, method: str, budget: str, seed: int, model, policy, seconds: dict) -> dict:
+        return {"model": self.args.model, "preset": self.args.preset, "method": method, "budget": budget,
+                "seed": seed, "test_top1": self.test(model, self.loaders(seed)[2]),
+                "bitops": float(bitops(self.stats, policy)), "size_bytes": float(size_bytes(self.stats, policy)),
+                "policy": {n: {"w": w, "a": a} for n, (w, a) in policy.bits.items()}, **seconds}
+
+    def finetuned(self, policy, space, seed: int, name: str, **extra) -> tuple[torch.nn.Module, dict]:
+        train = self.loaders(seed)[0]
+        run_dir = self.dir / "finetune" / name
+        started = time.perf_counter()
+        with forward_counter(type(self.float_model)) as passes:
+            model = mixbits.finetune(self.float_model, policy, train, epochs=self.preset["finetune_epochs"],
+                                     space=space, seed=seed, device=self.device, run_dir=run_dir,
+                                     resume=(run_dir / "checkpoint.pt").is_file(), **{**RECIPE, **extra})
+        return model, {"finetune_seconds": time.perf_counter() - started, "finetune_passes": passes["samples"]}
+
+    def references(self, seed: int) -> None:
+        for bits in REFERENCE_BITS:
+            budget = f"uniform:{bits}"
+            if self.cache.get(REFERENCE, budget, seed):
+                continue
+            model, seconds = self.finetuned(budget, None, seed, f"ref-w{bits}-s{seed}")
+            policy = mixbits.Policy({n: layer.bits for n, layer in quant_layers(model).items()})
+            self.record(self.row(REFERENCE, budget, seed, model, policy,
+                                 {"search_seconds": 0.0, "search_passes": 0, **seconds}))
+
+    def method(self, method: str, seed: int) -> None:
+        budgets = [f"bitops<={b}" for b in self.preset["budgets"]]
+        labels = [method] + (["oneshot-free"] if method == "oneshot" else []) + (
+            ["sdq-stage2"] if method == "sdq" else [])
+        if all(self.cache.get(label, b, seed) for label in labels for b in budgets):
+            return
+        train, val, _ = self.loaders(seed)
+        options = {"epochs": self.preset["search_epochs"]} if method in TRAINING_SEARCHES else {}
+        started = time.perf_counter()
+        with forward_counter(type(self.float_model)) as passes:
+            result = mixbits.search(self.float_model, train, ",".join(budgets), method=method, val=val,
+                                    options=options, seed=seed, device=self.device)
+        search = {"search_seconds": time.perf_counter() - started, "search_passes": passes["samples"]}
+        for i, (budget, policy) in enumerate(zip(budgets, result.policies, strict=True)):
+            if method == "oneshot" and not self.cache.get("oneshot-free", budget, seed):
+                net = mixbits.subnet(result, i, bn_data=train, device=self.device)
+                self.record(self.row("oneshot-free", budget, seed, net, policy,
+                                     {**search, "finetune_seconds": 0.0, "finetune_passes": 0}))
+            if not self.cache.get(method, budget, seed):
+                model, seconds = self.finetuned(policy, result.space, seed, f"{method}-b{i}-s{seed}")
+                self.record(self.row(method, budget, seed, model, policy, {**search, **seconds}))
+            if method == "sdq" and not self.cache.get("sdq-stage2", budget, seed):
+                own = result.finetune  # SDQ's stage 2: distillation from the float model and bin regularisation
+                model, seconds = self.finetuned(policy, result.space, seed, f"sdq2-b{i}-s{seed}",
+                                                teacher=copy.deepcopy(self.float_model), **own)
+                self.record(self.row("sdq-stage2", budget, seed, model, policy, {**search, **seconds}))
+
+    def record(self, row: dict) -> None:
+        self.cache.put(row)
+        print(f"{row['method']:>13} seed {row['seed']} {row['budget']:<22} {row['test_top1']:6.2f} % at "
+              f"{row['bitops'] / 1e6:8.2f} M BitOPs  (search {row['search_seconds']:.0f} s, fine-tune "
+              f"{row['finetune_seconds']:.0f} s)", flush=True)
+
+
+def write_results(bench: Bench, methods: list[str]) -> Path:
+    wanted = {REFERENCE, *methods, *(["oneshot-free"] if "oneshot" in methods else []),
+              *(["sdq-stage2"] if "sdq" in methods else [])}
+    rows = [r for r in bench.cache.rows.values() if r["method"] in wanted]
+    rows = add_gains(sorted(rows, key=lambda r: (r["method"], r["budget"], r["seed"])), REFERENCE)
+    summary = summarise(rows)
+    name = f"front-{bench.args.model}-{bench.args.preset}"
+    meta = {**metadata(), "preset": bench.args.preset, "preset_settings": bench.preset, "code": bench.cache.version,
+            "float_top1": bench.float_top1, "recipe": {**RECIPE, "lr": mixbits.FINETUNE_LR["sgd"],
+                                                       "epochs": bench.preset["finetune_epochs"]}}
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{name}.json").write_text(json.dumps({"meta": meta, "rows": rows, "summary": summary}, indent=1) + "\n")
+    columns = ["method", "budget", "n", "bitops", "test_top1", "top1_ci95", "mean_gain", "ci95", "search_seconds",
+               "finetune_seconds"]
+    table = markdown_table(summary, columns)
+    header = (f"{bench.args.model}, preset {bench.args.preset} ({bench.preset}); float {bench.float_top1:.2f} %; "
+              f"code {bench.cache.version}, commit {meta['commit']}. Gain: paired (same seed) top-1 minus the "
+              "uniform front, 95 % Student-t interval over seeds.")
+    (RESULTS / f"{name}.md").write_text(f"{header}\n\n{table}\n")
+    plot_front(rows, summary, bench.float_top1, RESULTS / f"{name}.png", f"{bench.args.model} ({bench.args.preset})")
+    print(f"\n{header}\n\n{table}")
+    return RESULTS / f"{name}.json"
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", choices=sorted(MODELS), default="resnet20")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="quick")
+    p.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), choices=mixbits.list_methods())
+    p.add_argument("--seeds", type=int, nargs="+", help="override the preset's seeds")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--report-only", action="store_true", help="write the results from the cached rows, run nothing")
+    args = p.parse_args(argv)
+    bench = Bench(args)
+    if bench.cache.stale:
+        print(f"{bench.cache.stale} cached rows came from other code and are run again", flush=True)
+    if not args.report_only:
+        for seed in bench.preset["seeds"]:
+            bench.references(seed)
+            for method in args.methods:
+                if method != "uniform":
+                    bench.method(method, seed)
+    write_results(bench, [m for m in args.methods if m != "uniform"])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,126 @@
+"""Quantize a model at a policy, evaluate it, export it, and take a subnet out of a one-shot supernet.
+
+Each verb takes a plain ``nn.Module`` and never changes it: the quantized model is a copy.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..data.batches import Batches, first_input
+from ..errors import MixbitsError
+from ..export import pack_model
+from ..quant import apply_policy, calibrate, quant_layers, quantize_model
+from ..quant.attention import prepare_model
+from ..search import SearchResult
+from ..space import Policy, SearchSpace, training_space
+from ..train import evaluate as evaluate_loader
+from ..train import recalibrate_bn
+from ..train.evaluate import LossFn
+from ..utils import atomic_write_text
+
+PolicySpec = Policy | str | os.PathLike
+
+
+def prepared_copy(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` in which every nn.MultiheadAttention has quantizable linear projections."""
+    if quant_layers(model):
+        raise MixbitsError(f"{type(model).__name__} is already quantized; pass the float model")
+    model = copy.deepcopy(model)
+    prepare_model(model)
+    return model
+
+
+def quantize(model: nn.Module, policy: PolicySpec, example_input, *, space: SearchSpace | None = None,
+             per_channel: bool = False) -> nn.Module:
+    """A quantized copy of the float ``model`` at ``policy``, calibrated on ``example_input``, in eval mode.
+
+    ``policy`` is a :class:`Policy`, ``"uniform:4"``, ``"uniform:w8a8"`` or a policy JSON path. Any bit-width
+    in 2..8 works, whatever a search's candidates were: the quantizers hold exactly the bits the policy
+    uses. ``space`` (a search's) says which layers are quantized and which are held fixed; by default
+    every Conv2d/Linear, with the first and last fixed.
+    """
+    qmodel, _ = _quantized(prepared_copy(model), policy, example_input, space, per_channel)
+    return qmodel.eval()
+
+
+def _quantized(model: nn.Module, policy: PolicySpec, example_input, space: SearchSpace | None,
+               per_channel: bool) -> tuple[nn.Module, Policy]:
+    """``model`` (prepared, modified in place) quantized at ``policy`` and calibrated."""
+    train_space, policy = training_space(model, policy, space)
+    qmodel = quantize_model(model, train_space, per_channel=per_channel, inplace=True)
+    with torch.no_grad():
+        calibrate(qmodel, example_input)
+    apply_policy(qmodel, policy)
+    return qmodel, policy
+
+
+def evaluate(model: nn.Module, data: Iterable, *, loss_fn: LossFn | None = None,
+             device: str | torch.device = "cpu") -> dict:
+    """``{"top1", "loss", "samples"}`` of ``model`` over ``(inputs, targets)`` batches (cross-entropy), or
+    ``{"loss", "samples"}`` with ``loss_fn(model, batch)`` for any other task."""
+    return evaluate_loader(model, Batches(data, "data"), device, loss_fn=loss_fn)
+
+
+def export(model: nn.Module, out_dir: str | os.PathLike, example_input: torch.Tensor, *, opset: int | None = None,
+           formats: Iterable[str] = ("onnx", "packed"), check_inputs=None) -> dict:
+    """Write a quantized model to ``out_dir``: model.onnx (QDQ, checked with onnxruntime on ``check_inputs``,
+    default ``example_input``), model.mxb (bit-packed weights), policy.json and export_report.json.
+
+    Returns the report. ``load_packed(path, model=float_model)`` reads model.mxb back into your model.
+    """
+    from ..export import export_onnx
+
+    formats = list(formats)
+    unknown = [f for f in formats if f not in ("onnx", "packed")]
+    if unknown or not formats:
+        raise MixbitsError(f"formats={formats!r} is not understood; use a list of 'onnx' and 'packed'")
+    layers = quant_layers(model)
+    if not layers:
+        raise MixbitsError(f"{type(model).__name__} is not quantized; export the model mixbits.quantize or "
+                           "mixbits.finetune returned")
+    policy = Policy({name: layer.bits for name, layer in layers.items()})
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    policy.save(out / "policy.json")
+    model = model.eval()
+    sample_shape = tuple(example_input.shape[1:])
+    report: dict = {"model": type(model).__name__, "policy": policy.describe()}
+    if "onnx" in formats:
+        check = check_inputs if check_inputs is not None else example_input
+        report["onnx"] = export_onnx(model, sample_shape, out / "model.onnx", opset=opset,
+                                     check_inputs=check).to_dict()
+    if "packed" in formats:
+        report["packed"] = pack_model(model, out / "model.mxb", input_shape=sample_shape).to_dict()
+    atomic_write_text(out / "export_report.json", json.dumps(report, indent=2) + "\n")
+    return report
+
+
+def subnet(result: SearchResult, index: int = 0, *, bn_data: Iterable | None = None,
+           bn_batches: int = 32, device: str | torch.device = "cpu") -> nn.Module:
+    """Policy ``index`` of a retraining-free search (one-shot) on the supernet's own weights, no fine-tune.
+
+    A copy of the supernet set to the policy, with BatchNorm statistics re-estimated on ``bn_batches``
+    batches of ``bn_data`` (the training data; a subnet's statistics differ from the supernet's).
+    """
+    if not result.retraining_free or result.model is None:
+        raise MixbitsError(f"the {result.method!r} search has no trained supernet to run policies on; fine-tune "
+                           "its policies with mixbits.finetune, or search with method='oneshot'")
+    if not 0 <= index < len(result.policies):
+        raise MixbitsError(f"index {index} is out of range; the search found {len(result.policies)} policies")
+    model = copy.deepcopy(result.model)
+    apply_policy(model, result.policies[index])
+    if bn_data is not None:
+        recalibrate_bn(model, Batches(bn_data, "bn_data"), bn_batches, device=device)
+    return model.eval()
+
+
+def example_of(data: Iterable, example_input) -> torch.Tensor:
+    return example_input if example_input is not None else first_input(data)

@@ -1,0 +1,79 @@
+"""``mixbits.search``: one call from a float model, data and a budget to one policy per budget."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Sequence
+
+import torch
+from torch import nn
+
+from ..budget import Budget, check_feasible, parse_budgets
+from ..cost import LatencyTable, profile
+from ..data.batches import Batches
+from ..errors import MixbitsError
+from ..quant import calibrate, quantize_model
+from ..search import SEARCHERS, SearchContext, SearchResult, run_searcher
+from ..space import SearchSpace
+from ..train.evaluate import LossFn
+from ..utils import seed_everything
+from .model import example_of, prepared_copy
+
+# The methods whose every training and scoring pass takes a user's loss_fn (the others compute cross-entropy).
+LOSS_FN_METHODS = ("uniform",)
+
+
+def search(model: nn.Module, train: Iterable, budget: str | Budget | Sequence[Budget], method: str = "oneshot", *,
+           val: Iterable | None = None, example_input=None, space: SearchSpace | None = None,
+           options: dict | None = None, loss_fn: LossFn | None = None, run_dir: str | os.PathLike | None = None,
+           resume: bool = False, progress: bool | None = None, seed: int = 0, device: str | torch.device = "cpu",
+           latency_table: LatencyTable | str | os.PathLike | None = None, per_channel: bool = False) -> SearchResult:
+    """Find one policy per budget for the float ``model`` with ``method`` (see ``mixbits.list_methods()``).
+
+    ``train``/``val``: iterables of batches (a DataLoader, or a list of ``(inputs, targets)`` tuples); ``val``
+    scores policies and defaults to ``train``. ``budget``: ``"bitops<=uniform:2.5,uniform:3"`` as the CLI
+    takes it, or Budget objects. ``example_input`` (default: the first batch's inputs) sizes the cost
+    model and calibrates the quantizers. ``loss_fn(model, batch) -> loss`` replaces cross-entropy on
+    ``(x, y)`` batches. ``space``: default every Conv2d/Linear, W2..6 A2..6, first and last fixed at 8/8.
+    With ``run_dir`` the search checkpoints its training there and ``resume=True`` continues it.
+
+    The model is not changed. The result holds ``policies`` (one per budget), ``front`` (every scored
+    point), ``trace``, ``space``, and ``model`` (the searched quantized model; a one-shot supernet whose
+    policies :func:`mixbits.subnet` runs without retraining).
+    """
+    if method not in SEARCHERS:
+        SEARCHERS.get(method)  # raises, naming the known methods
+    if loss_fn is not None and method not in LOSS_FN_METHODS:
+        raise MixbitsError(f"method {method!r} does not take a loss_fn yet; use one of {list(LOSS_FN_METHODS)}")
+    seed_everything(seed)
+    device = torch.device(device)
+    train = Batches(train, "train")
+    val = Batches(val, "val") if val is not None else train
+    example = example_of(train, example_input)
+    float_model = prepared_copy(model).to(device).eval()
+    space = space if space is not None else SearchSpace.from_model(float_model)
+    stats = profile(float_model, example)
+    latency = LatencyTable.load(latency_table) if isinstance(latency_table, (str, os.PathLike)) else latency_table
+    budgets = _budgets(budget)
+    for b in budgets:
+        check_feasible(b, stats, space, latency)
+    qmodel = quantize_model(float_model, space, per_channel=per_channel)
+    with torch.no_grad():
+        calibrate(qmodel, example.to(device) if isinstance(example, torch.Tensor) else example)
+    ctx = SearchContext(model=qmodel, space=space, stats=stats, budgets=budgets, train_loader=train, val_loader=val,
+                        options=dict(options or {}), float_model=float_model, latency=latency,
+                        run_dir=run_dir, device=device, seed=seed, progress=progress, resume=resume,
+                        loss_fn=loss_fn)
+    return run_searcher(method, ctx)
+
+
+def _budgets(budget) -> list[Budget]:
+    if isinstance(budget, str):
+        return parse_budgets(budget)
+    if isinstance(budget, Budget):
+        return [budget]
+    budgets = list(budget)
+    if not budgets or not all(isinstance(b, Budget) for b in budgets):
+        raise MixbitsError(f"budget must be a budget string such as 'bitops<=uniform:3' or Budget objects, "
+                           f"got {budget!r}")
+    return budgets

@@ -1,0 +1,43 @@
+"""The front benchmark's statistics: interpolation in log(BitOPs), paired gains, Student-t intervals."""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from front_stats import add_gains, ci95, front_at, summarise  # noqa: E402
+
+
+def test_front_interpolates_in_log_bitops_and_is_flat_outside_the_references():
+    refs = {100.0: 80.0, 400.0: 90.0}
+    assert front_at(refs, 200.0) == pytest.approx(85.0)  # halfway in log: sqrt(100 * 400) = 200
+    assert front_at(refs, 50.0) == 80.0 and front_at(refs, 1000.0) == 90.0
+    three = {100.0: 80.0, 200.0: 84.0, 400.0: 86.0}
+    assert front_at(three, 300.0) == pytest.approx(84 + 2 * math.log(1.5) / math.log(2))
+
+
+def test_ci95_is_student_t():
+    assert ci95([1.0, 2.0, 3.0]) == pytest.approx(4.302653 * 1.0 / math.sqrt(3), rel=1e-5)
+    assert math.isnan(ci95([1.0]))
+
+
+def test_gains_are_paired_by_seed_and_summarised():
+    rows = []
+    for seed, shift in ((0, 0.0), (1, 2.0), (2, -1.0)):  # a seed-level offset every run of that seed shares
+        rows += [{"model": "m", "method": "uniform-ref", "budget": "uniform:2", "seed": seed, "bitops": 100.0,
+                  "test_top1": 80.0 + shift},
+                 {"model": "m", "method": "uniform-ref", "budget": "uniform:4", "seed": seed, "bitops": 400.0,
+                  "test_top1": 90.0 + shift},
+                 {"model": "m", "method": "x", "budget": "bitops<=uniform:2.5", "seed": seed, "bitops": 200.0,
+                  "test_top1": 86.0 + shift}]
+    add_gains(rows)
+    gains = [r["gain_vs_uniform_front"] for r in rows if r["method"] == "x"]
+    assert gains == pytest.approx([1.0, 1.0, 1.0])
+    summary = {(s["method"], s["budget"]): s for s in summarise(rows)}
+    x = summary["x", "bitops<=uniform:2.5"]
+    assert x["n"] == 3 and x["mean_gain"] == pytest.approx(1.0) and x["ci95"] == pytest.approx(0.0, abs=1e-12)
+    assert x["top1_ci95"] > 1.0  # unpaired, the seed offsets would swamp the gain

@@ -1,0 +1,123 @@
+"""The command line on a model and data of the user's own, named as file.py:factory or module.path:factory."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from mixbits.__main__ import main
+from mixbits.pipeline import load_trained
+
+USER_CODE = '''
+import torch
+from torch import nn
+
+
+class Net(nn.Module):
+    def __init__(self, num_classes, width):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, width, 3, padding=1)
+        self.conv2 = nn.Conv2d(width, width, 3, padding=1)
+        self.pool = nn.AvgPool2d(2)
+        self.fc = nn.Linear(width * 16, num_classes)
+
+    def forward(self, x):
+        return self.fc(self.pool(torch.relu(self.conv2(torch.relu(self.conv1(x))))).flatten(1))
+
+
+def make(num_classes=10, width=8):
+    return Net(num_classes, width)
+
+
+def data(batch_size=16, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    x, y = torch.randn(96, 1, 8, 8, generator=gen), torch.randint(0, 3, (96,), generator=gen)
+    batches = [(x[i:i + batch_size], y[i:i + batch_size]) for i in range(0, 96, batch_size)]
+    return batches[:4], batches[4:5], batches[5:]
+
+
+def not_data():
+    return 42
+'''
+
+
+@pytest.fixture
+def user_file(tmp_path):
+    path = tmp_path / "user_pkg.py"
+    path.write_text(USER_CODE)
+    return path
+
+
+def test_train_search_eval_export_a_model_of_ones_own(user_file, tmp_path, capsys):
+    common = ["--model", f"{user_file}:make", "--data", f"{user_file}:data", "--set", "model.kwargs.width=4",
+              "--batch-size", "16",
+              "--set", "quant.fused=false"]
+    assert main(["train", *common, "--epochs", "1", "--out", str(tmp_path / "fp")]) == 0
+    model, card, _ = load_trained(tmp_path / "fp")
+    assert card.name == f"{user_file}:make" and card.num_classes == 3 and model.conv1.out_channels == 4
+    capsys.readouterr()
+    assert main(["search", *common, "--method", "hawq", "--init", str(tmp_path / "fp"), "--budget",
+                 "bitops<=uniform:3", "--finetune-epochs", "1", "--out", str(tmp_path / "s")]) == 0
+    (row,) = json.loads(capsys.readouterr().out)
+    run = tmp_path / "s" / "finetune" / "budget0"
+    assert main(["eval", str(run)]) == 0
+    assert json.loads(capsys.readouterr().out)["top1"] == pytest.approx(row["test_top1"])
+    assert main(["export", str(run), "--out", str(tmp_path / "exp"), "--check-samples", "16"]) == 0
+    assert (tmp_path / "exp" / "model.onnx").is_file()
+
+
+def test_a_module_path_factory_is_found_on_the_python_path(user_file, tmp_path, monkeypatch, capsys):
+    monkeypatch.syspath_prepend(str(user_file.parent))
+    assert main(["train", "--model", "user_pkg:make", "--data", "user_pkg:data", "--epochs", "1", "--batch-size", "16",
+                 "--set", "quant.fused=false", "--out", str(tmp_path / "fp")]) == 0
+    assert json.loads(capsys.readouterr().out)["model"] == "user_pkg:make"
+
+
+@pytest.mark.parametrize(("flag", "spec", "message"), [
+    ("--model", "no_such_module_xyz:make", "cannot import 'no_such_module_xyz'"),
+    ("--model", "{file}:missing", "has no callable 'missing'"),
+    ("--data", "{file}:not_data", "returned int; expected (train, test)"),
+    ("--model", "{file}:make --set model.kwargs.depth=3", "takes no argument 'depth'"),
+])
+def test_bad_specs_get_one_line_and_exit_2(user_file, tmp_path, capsys, flag, spec, message):
+    spec, *rest = spec.format(file=user_file).split()
+    base = {"--model": f"{user_file}:make", "--data": f"{user_file}:data"}
+    base[flag] = spec
+    argv = ["train", "--model", base["--model"], "--data", base["--data"], *rest, "--epochs", "1", "--batch-size", "16",
+            "--out", str(tmp_path / "r")]
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_timm_and_torchvision_names_build_through_those_libraries(monkeypatch):
+    import sys
+    import types
+
+    from torch import nn
+
+    from mixbits.models import create
+
+    calls = []
+    timm = types.ModuleType("timm")
+    timm.create_model = lambda name, **kw: calls.append(("timm", name, kw)) or nn.Linear(2, kw["num_classes"])
+    vision = types.ModuleType("torchvision")
+    vision.models = types.ModuleType("torchvision.models")
+    vision.models.get_model = lambda name, **kw: calls.append(("tv", name, kw)) or nn.Linear(2, kw["num_classes"])
+    monkeypatch.setitem(sys.modules, "timm", timm)
+    monkeypatch.setitem(sys.modules, "torchvision", vision)
+    monkeypatch.setitem(sys.modules, "torchvision.models", vision.models)
+    assert create("timm:resnet18", num_classes=5, in_chans=1).out_features == 5
+    assert create("torchvision:resnet18", num_classes=7, in_chans=3).out_features == 7
+    assert calls == [("timm", "resnet18", {"num_classes": 5, "in_chans": 1}), ("tv", "resnet18", {"num_classes": 7})]
+
+
+def test_a_missing_library_says_what_to_install(monkeypatch):
+    import sys
+
+    from mixbits import MixbitsError
+    from mixbits.models import create
+
+    monkeypatch.setitem(sys.modules, "timm", None)  # import timm raises ImportError
+    with pytest.raises(MixbitsError, match="needs timm, which is not installed"):
+        create("timm:resnet18")
