@@ -68,6 +68,8 @@ def test_absolute_values_in_internal_units(text, value):
 @pytest.mark.parametrize("text, bits", [
     ("bitops<=uniform:3", (3, 3)), ("bitops<=uniform:w4a8", (4, 8)), ("size<=uniform:4", (4, 4)),
     ("latency<=uniform:4", (4, 4)), ("bitops<=uniform:4/8", (4, 8)), ("bitops<=uniform:w6", (6, 6)),
+    ("bitops<=uniform:2.5", (2.5, 2.5)), ("bitops<=uniform:w3a2", (3, 2)), ("size<=uniform:w2.25a3", (2.25, 3)),
+    ("bitops<=uniform:3.5/2", (3.5, 2)), ("bitops<=uniform:2", (2, 2)), ("bitops<=uniform:8", (8, 8)),
 ])
 def test_uniform_references(text, bits):
     cap = only(text)
@@ -84,6 +86,29 @@ def test_uniform_limit_by_hand(stats, space):
     want_size = PARAMS["conv1"] * 8 + PARAMS["conv2"] * 4 + PARAMS["dw"] * 4 + PARAMS["fc"] * 8 + other * 32
     assert only("size<=uniform:4").limit(stats, space) == want_size
     assert only("bitops<=uniform:w2a8").limit(stats, space) == bitops(stats, reference_policy(space, 2, 8))
+
+
+def test_fractional_and_mixed_references_by_hand(stats, space, table):
+    fixed = CONV1_MACS * 64 + FC_MACS * 64  # first and last layers stay at W8A8
+    searchable = CONV2_MACS + DW_MACS
+    # BitOPs scale with w·a: at 2.5 bits every searchable layer costs MACs · 2.5 · 2.5
+    assert only("bitops<=uniform:2.5").limit(stats, space) == pytest.approx(fixed + searchable * 2.5 * 2.5)
+    assert only("bitops<=uniform:w3a2").limit(stats, space) == fixed + searchable * 3 * 2
+    assert only("bitops<=uniform:w2.5a4").limit(stats, space) == pytest.approx(fixed + searchable * 2.5 * 4)
+    limits = [only(f"bitops<=uniform:{b}").limit(stats, space) for b in ("2", "2.25", "2.75", "3")]
+    assert limits == sorted(set(limits))
+    # size is linear in the weight bits: halfway between the W2 and W3 sizes
+    half = only("size<=uniform:2.5").limit(stats, space)
+    sizes = [size_bits(stats, Policy.uniform(space, b)) for b in (2, 3)]
+    assert half == pytest.approx(sum(sizes) / 2)
+    # latency: the table interpolated between the four neighbouring entries (w·a/100, dw's W2A2 slow at 1.0)
+    dw = (1.0 + 0.06 + 0.06 + 0.09) / 4
+    want = 2 * 0.64 + 2.5 * 2.5 / 100 + dw
+    assert only("latency<=uniform:2.5").limit(stats, space, table) == pytest.approx(want)
+    # a policy between the levels is judged against the fractional cap
+    budget = parse_budget("bitops<=uniform:2.5")
+    mixed = Policy.uniform(space, 2).replace("dw", 3, 3)  # dw has fewer MACs than conv2
+    assert budget.satisfied(stats, mixed, space) and not budget.satisfied(stats, Policy.uniform(space, 3), space)
 
 
 def test_lists_and_cartesian_product():
@@ -105,7 +130,8 @@ def test_lists_and_cartesian_product():
     ("", "empty"), ("bitops", "<metric><=<limit>"), ("bitops<0.3G", "<metric><=<limit>"),
     ("flops<=1G", "unknown metric 'flops'.*bitops, size, latency"), ("bitops<=0", "positive"),
     ("bitops<=-1G", "positive"), ("bitops<=1X", "suffix 'X'"), ("size<=100", "size needs a unit"),
-    ("size<=1Mb", "size needs a unit"), ("bitops<=uniform:0", "1..32"), ("bitops<=uniform:33", "1..32"),
+    ("size<=1Mb", "size needs a unit"), ("bitops<=uniform:0", "2..8.*W0A0"), ("bitops<=uniform:9", "2..8.*W9A9"),
+    ("bitops<=uniform:1.5", "2..8.*W1.5A1.5"), ("bitops<=uniform:w4a8.5", "2..8.*W4A8.5"),
     ("bitops<=uniform:x", "neither a number"), ("bitops<=1G;bitops<=2G", "capped twice"),
     ("bitops<=1G,size<=1MB", "';'"), ("bitops<=1G;", "<metric><=<limit>"), ("bitops<=1G,", "empty limit"),
     ("bitops<=nan", "neither a number"),
@@ -113,7 +139,7 @@ def test_lists_and_cartesian_product():
 def test_bad_strings(text, match):
     with pytest.raises(MixbitsError, match=match) as e:
         parse_budgets(text)
-    assert repr(text) in str(e.value) and "bitops<=uniform:3, size<=1.2MB, latency<=3.5ms" in str(e.value)
+    assert repr(text) in str(e.value) and "bitops<=uniform:2.5, bitops<=uniform:w3a2" in str(e.value)
 
 
 def test_satisfied_and_slack(stats, space):

@@ -3,12 +3,14 @@
 Text forms (``;`` joins caps into one budget, ``,`` lists alternatives, and the two combine as a
 cartesian product)::
 
-    bitops<=0.35G          bitops<=uniform:3        bitops<=uniform:w4a8
+    bitops<=0.35G          bitops<=uniform:3        bitops<=uniform:w4a8      bitops<=uniform:2.5
     size<=1.2MB            size<=uniform:4          (B KB MB GB = 1000^k bytes, KiB MiB GiB = 1024^k)
     latency<=3.5ms         latency<=uniform:4       (in the latency table's unit)
     bitops<=uniform:2,uniform:3;size<=1MB           -> two budgets, each with the size cap
 
-Internally BitOPs are counts, size is in bits and latency is in the table's unit.
+Internally BitOPs are counts, size is in bits and latency is in the table's unit. A uniform reference
+may lie between the bit-widths (``uniform:2.5``, ``uniform:w2.5a3``): the cost of every searchable layer at
+that many bits, fixed layers at their bits; see ``Cap.limit``.
 """
 
 from __future__ import annotations
@@ -22,13 +24,15 @@ from .cost import METRICS, LatencyTable, ModelStats, measure, require_latency_ta
 from .errors import MixbitsError, did_you_mean
 from .space import Policy, SearchSpace
 
-FORMS = "bitops<=0.35G, bitops<=uniform:3, size<=1.2MB, latency<=3.5ms"
+FORMS = "bitops<=0.35G, bitops<=uniform:3, bitops<=uniform:2.5, bitops<=uniform:w3a2, size<=1.2MB, latency<=3.5ms"
 _BITOPS_UNITS = {"": 1.0, "K": 1e3, "M": 1e6, "G": 1e9, "T": 1e12}
 _SIZE_UNITS = {"B": 1, "KB": 1e3, "kB": 1e3, "MB": 1e6, "GB": 1e9, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30}
 _TIME_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0}
 _CAP = re.compile(r"([A-Za-z_]+)\s*<=\s*(.*)$", re.DOTALL)
 _NUMBER = re.compile(r"([+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?)\s*([^\d\s.]*)$")
-_REF = re.compile(r"uniform:(?:w?(\d+)(?:a(\d+))?|(\d+)/(\d+))$", re.IGNORECASE)
+_BITS = r"(\d+(?:\.\d*)?|\.\d+)"
+_REF = re.compile(rf"uniform:(?:w?{_BITS}(?:a{_BITS})?|{_BITS}/{_BITS})$", re.IGNORECASE)
+REFERENCE_BITS = (2, 8)  # the quantizer's bit-widths: a reference outside them describes no policy
 
 
 def reference_policy(space: SearchSpace, w: int, a: int) -> Policy:
@@ -47,7 +51,7 @@ class Cap:
 
     metric: str
     value: float | None
-    uniform: tuple[int, int] | None
+    uniform: tuple[float, float] | None  # bits, possibly between the integer bit-widths
     text: str
     unit: str | None = None  # latency unit written in the budget, checked against the table's
 
@@ -56,10 +60,32 @@ class Cap:
         if self.metric == "latency":
             require_latency_table(latency)
         if self.uniform is not None:
-            return measure(self.metric, stats, reference_policy(space, *self.uniform), latency)
+            return self._reference_cost(stats, space, latency)
         if self.metric == "latency" and self.unit and self.unit != latency.unit:
             return self.value * _time_factor(self.unit, latency.unit, self.text)
         return self.value
+
+
+    def _reference_cost(self, stats: ModelStats, space: SearchSpace, latency: LatencyTable | None) -> float:
+        """The cost with every searchable layer at the reference bits: bilinear interpolation between the
+        four integer references around (w, a). BitOPs (Σ MACs·w·a) and size (Σ params·w) are bilinear in the
+        shared (w, a), so this is exact for them (W2.5A2.5 costs MACs·2.5² per layer); latency is interpolated
+        between the table's entries."""
+        w, a = self.uniform
+        total = 0.0
+        for w_int, w_share in _corners(w):
+            for a_int, a_share in _corners(a):
+                if w_share * a_share:
+                    total += w_share * a_share * measure(self.metric, stats, reference_policy(space, w_int, a_int),
+                                                         latency)
+        return total
+
+
+def _corners(bits: float) -> list[tuple[int, float]]:
+    """The integer bit-widths around ``bits`` with their interpolation weights (one corner when integral)."""
+    low = math.floor(bits)
+    share = bits - low
+    return [(low, 1.0)] if share == 0 else [(low, 1.0 - share), (low + 1, share)]
 
 
 def _time_factor(given: str, table: str, text: str) -> float:
@@ -111,10 +137,12 @@ def _parse_value(metric: str, value: str, whole: str) -> Cap:
     text = f"{metric}<={value}"
     ref = _REF.match(value)
     if ref:
-        w = int(ref.group(1) or ref.group(3))
-        a = int(ref.group(2) or ref.group(4) or w)
-        if not (1 <= w <= 32 and 1 <= a <= 32):
-            raise _bad(whole, f"uniform reference bits must be in 1..32, got W{w}A{a}")
+        w = float(ref.group(1) or ref.group(3))
+        a = float(ref.group(2) or ref.group(4) or w)
+        low, high = REFERENCE_BITS
+        if not (low <= w <= high and low <= a <= high):
+            raise _bad(whole, f"uniform reference bits must be in {low}..{high} (the bit-widths a layer can run at), "
+                              f"got W{w:g}A{a:g}; choose a reference in that range or give an absolute limit")
         return Cap(metric, None, (w, a), text)
     num = _NUMBER.match(value)
     if not num:
