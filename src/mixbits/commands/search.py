@@ -35,6 +35,7 @@ from ..data import build_loaders
 from ..errors import MixbitsError
 from ..pipeline import float_card, resolve_checkpoint, search_space
 from ..quant import calibrate, quantize_model, set_fused
+from ..rundir import add_force_argument, check_output_dir, make_output_dir
 from ..search import SearchContext, run_searcher
 from ..space import Policy
 from ..subnets import evaluate_subnets
@@ -61,18 +62,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--finetune-epochs", type=int, help="QAT epochs per found policy (search.finetune_epochs)")
     g.add_argument("--latency-table", help="latency table JSON for latency budgets (search.latency_table)")
     p.add_argument("--resume", action="store_true", help="reuse a finished search and resume fine-tuning runs")
+    add_force_argument(p)
+
+
+FLAGS = {"method": "search.method", "budget": "search.budget", "finetune_epochs": "search.finetune_epochs",
+         "latency_table": "search.latency_table"}  # this command's flags -> settings, beside the common ones
 
 
 def run(args) -> int:
-    overrides = {"method": "search.method", "budget": "search.budget", "finetune_epochs": "search.finetune_epochs",
-                 "latency_table": "search.latency_table"}
-    args.set = [f"{key}={getattr(args, flag)!r}" if isinstance(getattr(args, flag), str)
-                else f"{key}={getattr(args, flag)}" for flag, key in overrides.items()
-                if getattr(args, flag) is not None] + list(args.set)
-    cfg = config_from_args(args)
+    cfg = config_from_args(args, FLAGS)
     with stop_on_signals():
         try:
-            rows = search(cfg, resume=args.resume)
+            rows = search(cfg, resume=args.resume, force=args.force)
         except Stopped as e:
             print(f"mixbits search: {e}; the last checkpoint is kept, continue with --resume", file=sys.stderr)
             return e.exit_code
@@ -81,8 +82,10 @@ def run(args) -> int:
     return 0
 
 
-def search(cfg: RunConfig, resume: bool = False, progress: bool | None = None) -> list[dict]:
+def search(cfg: RunConfig, resume: bool = False, progress: bool | None = None, force: bool = False) -> list[dict]:
     """Search, then fine-tune each found policy; returns one summary row per budget.
+
+    cfg.out must be new, empty or a search's (``force`` writes into another job's output anyway).
 
     Under torchrun (WORLD_SIZE > 1) rank 0 searches alone, on the loaders one process with the global
     batch would use, and broadcasts the result; every rank then fine-tunes each policy data-parallel.
@@ -91,20 +94,21 @@ def search(cfg: RunConfig, resume: bool = False, progress: bool | None = None) -
     cfg.validate()
     ctx = init_from_env(cfg.device)
     try:
-        rows = _search(cfg, ctx, resume, progress)
+        rows = _search(cfg, ctx, resume, progress, force)
         barrier()
     finally:
         ctx.cleanup()
     return rows
 
 
-def _search(cfg: RunConfig, dist_ctx, resume: bool, progress: bool | None) -> list[dict]:
+def _search(cfg: RunConfig, dist_ctx, resume: bool, progress: bool | None, force: bool) -> list[dict]:
     if cfg.init is None:
         raise MixbitsError("search needs a trained float model to start from: pass --init FLOAT_RUN "
                            "(train one with `mixbits train`)")
     out = Path(cfg.out)
     if (out / "search.json").exists() and not resume:
         raise MixbitsError(f"{str(out)!r} already holds a search; pass --resume to reuse it or choose another --out")
+    check_output_dir(out, "search", force=force, resume=resume)
     set_fused(cfg.quant.fused)
     seed_everything(cfg.train.seed)
     global_data = replace(cfg.data, batch_size=cfg.data.batch_size * dist_ctx.world_size)
@@ -122,7 +126,7 @@ def _search(cfg: RunConfig, dist_ctx, resume: bool, progress: bool | None) -> li
         check_feasible(budget, stats, space, latency)
     result = None
     if dist_ctx.is_main():
-        out.mkdir(parents=True, exist_ok=True)
+        make_output_dir(out, "search")
         cfg.save(out / "config.yaml")
         result = _load_or_search(cfg, out, resume, SearchContext(
             model=_quantized(float_model, space, cfg, next(iter(train_loader))[0]), space=space, stats=stats,

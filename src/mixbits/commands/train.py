@@ -26,6 +26,7 @@ from ..data import build_loaders
 from ..errors import MixbitsError
 from ..pipeline import ModelCard, float_card, load_trained, quantized_model, resolve_checkpoint, training_space
 from ..quant import set_fused
+from ..rundir import add_force_argument, check_output_dir, make_output_dir
 from ..train import (
     DistContext,
     Stopped,
@@ -47,6 +48,7 @@ from .common import add_config_arguments, config_from_args
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_config_arguments(p)
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    add_force_argument(p)
 
 
 @dataclass
@@ -59,7 +61,7 @@ class TrainOutcome:
 def run(args) -> int:
     with stop_on_signals():
         try:
-            outcome = train(config_from_args(args), resume=args.resume)
+            outcome = train(config_from_args(args), resume=args.resume, force=args.force)
         except Stopped as e:
             print(f"mixbits train: {e}; the last checkpoint is kept, continue with --resume", file=sys.stderr)
             return e.exit_code
@@ -68,8 +70,10 @@ def run(args) -> int:
     return 0
 
 
-def train(cfg: RunConfig, resume: bool = False, progress: bool | None = None) -> TrainOutcome:
+def train(cfg: RunConfig, resume: bool = False, progress: bool | None = None, force: bool = False) -> TrainOutcome:
     """Train as ``cfg`` says; writes config.yaml, checkpoint.pt, metrics.jsonl and result.json to cfg.out.
+
+    cfg.out must be new, empty or a training run's (``force`` writes into another job's output anyway).
 
     Under torchrun (WORLD_SIZE > 1) every process trains its slice of each global batch in
     DistributedDataParallel and rank 0 alone writes; every process returns the same result.
@@ -77,18 +81,19 @@ def train(cfg: RunConfig, resume: bool = False, progress: bool | None = None) ->
     cfg.validate()
     ctx = init_from_env(cfg.device)
     try:
-        outcome = _train(cfg, ctx, resume, progress)
+        outcome = _train(cfg, ctx, resume, progress, force)
         barrier()  # no rank tears the group down while another is still receiving
     finally:
         ctx.cleanup()
     return outcome
 
 
-def _train(cfg: RunConfig, ctx: DistContext, resume: bool, progress: bool | None) -> TrainOutcome:
+def _train(cfg: RunConfig, ctx: DistContext, resume: bool, progress: bool | None, force: bool) -> TrainOutcome:
     run_dir = Path(cfg.out)
     if (run_dir / "checkpoint.pt").exists() and not resume:
         raise MixbitsError(f"run directory {str(run_dir)!r} already holds a checkpoint; pass --resume to continue "
                            f"it or choose another --out")
+    check_output_dir(run_dir, "train", force=force, resume=resume)
     set_fused(cfg.quant.fused)
     seed_everything(cfg.train.seed)
     train_loader, val_loader, test_loader, train_set, global_loader = _loaders(cfg, ctx)
@@ -103,7 +108,7 @@ def _train(cfg: RunConfig, ctx: DistContext, resume: bool, progress: bool | None
     broadcast_module_state(model)  # every rank starts from rank 0's weights, steps and signs
     main = ctx.is_main()
     if main:
-        run_dir.mkdir(parents=True, exist_ok=True)
+        make_output_dir(run_dir, "train")
     if main and not resume:  # a resumed run keeps its config.yaml until fit() has accepted the settings
         cfg.save(run_dir / "config.yaml")
     history = fit(wrap_ddp(model, ctx), train_loader, cfg.train, val_loader=val_loader, teacher=teacher,

@@ -7,12 +7,15 @@ them by module name.
 
 from __future__ import annotations
 
+import inspect
+
 from torch import nn
 
-from ..errors import MixbitsError
+from ..errors import MixbitsError, did_you_mean
 from ..registry import Registry
 
 MODELS = Registry("model")
+_GIVEN = ("num_classes", "in_chans")  # set from the dataset, never from the model's options
 
 
 def create(name: str, num_classes: int = 10, in_chans: int = 3, **kwargs) -> nn.Module:
@@ -22,7 +25,32 @@ def create(name: str, num_classes: int = 10, in_chans: int = 3, **kwargs) -> nn.
         raise MixbitsError(f"num_classes must be >= 1, got {num_classes!r}.")
     if int(in_chans) < 1:
         raise MixbitsError(f"in_chans must be >= 1, got {in_chans!r}.")
+    problems = option_problems(factory, kwargs)
+    if problems:
+        raise MixbitsError(f"model {name!r}: " + "; ".join(problems))
     return factory(num_classes=int(num_classes), in_chans=int(in_chans), **kwargs)
+
+
+def option_problems(factory, kwargs) -> list[str]:
+    """Each keyword option that ``factory`` (any callable) cannot take, as ``"name: why; the options"``.
+
+    Read from the signature, before anything is built: a factory taking ``**kwargs`` accepts every name.
+    """
+    try:
+        params = inspect.signature(factory).parameters
+    except (TypeError, ValueError):  # a builtin without a signature: let the call itself decide
+        return []
+    takes_any = any(p.kind is p.VAR_KEYWORD for p in params.values())
+    options = [n for n, p in params.items() if n not in _GIVEN and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    listed = ", ".join(options) or "none"
+    label = getattr(factory, "__name__", repr(factory))
+    out = []
+    for key in kwargs:
+        if key in _GIVEN:
+            out.append(f"{key}: set from the dataset, not a model option; remove it")
+        elif key not in params and not takes_any:
+            out.append(f"{key}: {label} takes no option {key!r}{did_you_mean(key, options)} (its options: {listed})")
+    return out
 
 
 def list_models() -> list[str]:
@@ -33,4 +61,4 @@ def list_models() -> list[str]:
 # Imported last so that each module's @MODELS.register runs against the registry above.
 from . import mobilenetv2, resnet, resnet_cifar, small_cnn  # noqa: E402, F401
 
-__all__ = ["MODELS", "create", "list_models"]
+__all__ = ["MODELS", "create", "list_models", "option_problems"]
