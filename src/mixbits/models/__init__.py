@@ -27,7 +27,7 @@ def create(name: str, num_classes: int = 10, in_chans: int = 3, **kwargs) -> nn.
         raise MixbitsError(f"in_chans must be >= 1, got {in_chans!r}.")
     problems = option_problems(factory, kwargs)
     if problems:
-        raise MixbitsError(f"model {name!r}: " + "; ".join(problems))
+        raise MixbitsError("; ".join(f"model option {p}" for p in problems))
     return factory(num_classes=int(num_classes), in_chans=int(in_chans), **kwargs)
 
 
@@ -49,7 +49,7 @@ def option_problems(factory, kwargs) -> list[str]:
         if key in _GIVEN:
             out.append(f"{key}: set from the dataset, not a model option; remove it")
         elif key not in params and not takes_any:
-            out.append(f"{key}: {label} takes no option {key!r}{did_you_mean(key, options)} (its options: {listed})")
+            out.append(f"{key}: {label} takes no option {key!r}; its options: {listed}.{did_you_mean(key, options)}")
     return out
 
 
