@@ -238,6 +238,8 @@ def load_config(path: str | os.PathLike | None = None, overrides: Sequence[Overr
     problems: list[str] = []
     if path is not None:
         where = f"config file {str(path)!r}"
+        if not Path(path).exists():
+            raise MixbitsError(f"{where} does not exist; give a YAML file or a shipped name (`mixbits list configs`)")
         data = read_yaml(read_text(path, "config file"), where) or {}
         if not isinstance(data, dict):
             raise MixbitsError(f"{where} must hold a mapping of sections (model:, data:, train: ...), "

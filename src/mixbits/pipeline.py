@@ -134,7 +134,7 @@ def saved_data_config(run: str | os.PathLike, data_dir: str | None = None) -> Da
         fields = saved.get("data", {}) if isinstance(saved, dict) else None
         if not isinstance(fields, dict):
             raise MixbitsError(f"{where} must be a mapping with a 'data' section, as `mixbits train` writes it; "
-                               "repair or remove it (eval then uses the default data settings)")
+                               "repair or remove it (without it the default data settings are used)")
         data = DataConfig(**{k: v for k, v in fields.items() if k in DataConfig.__dataclass_fields__})
     if data_dir:
         data.root = data_dir
