@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -34,6 +35,39 @@ def tiny_q_run(tiny_fp_run) -> SimpleNamespace:
     argv = ["train", *TINY_RUN, "--policy", "uniform:4", "--init", str(tiny_fp_run.dir), "--lr", "0.01"]
     assert main([*argv, "--out", str(out)]) == 0
     return SimpleNamespace(dir=out, argv=argv)
+
+
+@pytest.fixture
+def fp_copy(tiny_fp_run, tmp_path) -> Path:
+    """A copy of ``tiny_fp_run``'s directory that a test may change."""
+    run = tmp_path / "fp"
+    shutil.copytree(tiny_fp_run.dir, run)
+    return run
+
+
+@pytest.fixture
+def q_copy(tiny_q_run, tmp_path) -> Path:
+    """A copy of ``tiny_q_run``'s directory that a test may change."""
+    run = tmp_path / "w4a4"
+    shutil.copytree(tiny_q_run.dir, run)
+    return run
+
+
+def snapshot(directory: Path) -> dict[str, tuple[bytes, int]]:
+    """Bytes and mtime of every file under ``directory``."""
+    return {p.relative_to(directory).as_posix(): (p.read_bytes(), p.stat().st_mtime_ns)
+            for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def cli_fails(argv: list[str], capsys) -> str:
+    """Run the CLI, expect exit code 2 and a one-command error prefix; return stderr."""
+    from mixbits.__main__ import main
+
+    capsys.readouterr()
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    assert captured.err.startswith(f"mixbits {argv[0]}: error: "), captured.err
+    return captured.err
 
 
 def toy_net() -> nn.Sequential:

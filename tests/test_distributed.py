@@ -18,6 +18,7 @@ from test_resume_kill import write_fashion_mnist
 from torch import nn
 
 from mixbits.quant import apply_policy, calibrate, quant_layers, quantize_model
+from mixbits.rundir import MARKER
 from mixbits.space import Policy, SearchSpace
 from mixbits.train import (
     DistContext,
@@ -109,7 +110,7 @@ def test_torchrun_two_ranks_train_as_one_process_with_the_global_batch(tmp_path)
     single_result, ddp_result = (json.loads((d / "result.json").read_text()) for d in (single_out, ddp_out))
     assert ddp_result["test_top1"] == single_result["test_top1"]
 
-    written = {"config.yaml", "metrics.jsonl", "checkpoint.pt", "result.json"}
+    written = {"config.yaml", "metrics.jsonl", "checkpoint.pt", "result.json", MARKER}
     assert sorted(p.name for p in (tmp_path / "w2").iterdir()) == ["rank0"]  # rank 1 wrote nothing
     assert set((tmp_path / "w2" / "rank0").read_text().split()) == written
     assert ddp_stdout.count('"test_top1"') == 1  # one result printed, by rank 0

@@ -17,6 +17,7 @@ from mixbits.cost import LatencyTable, profile, size_bits
 from mixbits.export import load_packed, pack_bits, pack_model, packed_size, unpack_bits
 from mixbits.pipeline import load_trained
 from mixbits.quant import apply_policy, calibrate, quantize_model
+from mixbits.rundir import MARKER
 
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
@@ -169,7 +170,7 @@ def test_cli_export_writes_checked_files(tiny_q_run, tmp_path, capsys):
     trained_run = tiny_q_run.dir  # shared with other tests: read only, everything is written under tmp_path
     out = tmp_path / "exported"
     assert main(["export", str(trained_run), "--out", str(out), "--check-samples", "1000"]) == 0
-    assert {p.name for p in out.iterdir()} == {"model.onnx", "model.mxb", "policy.json", "export_report.json"}
+    assert {p.name for p in out.iterdir()} == {"model.onnx", "model.mxb", "policy.json", "export_report.json", MARKER}
     report = json.loads((out / "export_report.json").read_text())
     check = report["onnx"]["check"]
     assert check["samples"] == 1000 and check["top1_agreement"] >= 99.9

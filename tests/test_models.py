@@ -107,8 +107,9 @@ def test_unknown_model_lists_valid_names():
         assert name in str(info.value)
 
 
-def test_unknown_kwarg_is_a_type_error():
-    with pytest.raises(TypeError):
+def test_unknown_kwarg_is_refused_naming_the_options():
+    expected = r"resnet20 takes no option 'depth'; its options: shortcut, width\. Did you mean 'width'\?"
+    with pytest.raises(MixbitsError, match=expected):
         create("resnet20", depth=7)
 
 

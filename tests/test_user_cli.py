@@ -78,7 +78,7 @@ def test_a_module_path_factory_is_found_on_the_python_path(user_file, tmp_path, 
     ("--model", "no_such_module_xyz:make", "cannot import 'no_such_module_xyz'"),
     ("--model", "{file}:missing", "has no callable 'missing'"),
     ("--data", "{file}:not_data", "returned int; expected (train, test)"),
-    ("--model", "{file}:make --set model.kwargs.depth=3", "takes no argument 'depth'"),
+    ("--model", "{file}:make --set model.kwargs.depth=3", "takes no option 'depth'"),
 ])
 def test_bad_specs_get_one_line_and_exit_2(user_file, tmp_path, capsys, flag, spec, message):
     spec, *rest = spec.format(file=user_file).split()

@@ -20,14 +20,13 @@ import math
 import re
 from dataclasses import dataclass
 
-from .cost import METRICS, LatencyTable, ModelStats, measure, require_latency_table
+from .cost import METRICS, TIME_UNITS, LatencyTable, ModelStats, measure, require_latency_table
 from .errors import MixbitsError, did_you_mean
 from .space import Policy, SearchSpace
 
 FORMS = "bitops<=0.35G, bitops<=uniform:3, bitops<=uniform:2.5, bitops<=uniform:w3a2, size<=1.2MB, latency<=3.5ms"
 _BITOPS_UNITS = {"": 1.0, "K": 1e3, "M": 1e6, "G": 1e9, "T": 1e12}
 _SIZE_UNITS = {"B": 1, "KB": 1e3, "kB": 1e3, "MB": 1e6, "GB": 1e9, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30}
-_TIME_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0}
 _CAP = re.compile(r"([A-Za-z_]+)\s*<=\s*(.*)$", re.DOTALL)
 _NUMBER = re.compile(r"([+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?)\s*([^\d\s.]*)$")
 _BITS = r"(\d+(?:\.\d*)?|\.\d+)"
@@ -89,8 +88,8 @@ def _corners(bits: float) -> list[tuple[int, float]]:
 
 
 def _time_factor(given: str, table: str, text: str) -> float:
-    if given in _TIME_UNITS and table in _TIME_UNITS:
-        return _TIME_UNITS[given] / _TIME_UNITS[table]
+    if given in TIME_UNITS and table in TIME_UNITS:
+        return TIME_UNITS[given] / TIME_UNITS[table]
     raise MixbitsError(f"budget {text!r} is in {given!r} but the latency table is in {table!r}; "
                        f"write the budget in {table!r}")
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -18,9 +20,33 @@ import yaml
 from .data import DataConfig
 from .errors import MixbitsError, did_you_mean
 from .space import DEFAULT_BITS, FIXED_BITS
-from .specs import is_spec, spec_problems
+from .specs import is_spec, load_factory, spec_problems
 from .train import TrainConfig
-from .utils import atomic_write_text
+from .utils import atomic_write_text, device_problem, read_text
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1's safe loader, reading ``1e-4`` and ``1E5`` as numbers (as YAML 1.2 does) rather than text."""
+
+
+class _Dumper(yaml.SafeDumper):
+    """The matching writer: it quotes a string such as "1e3", which _Loader would read back as a number."""
+
+
+for _yaml_class in (_Loader, _Dumper):
+    _yaml_class.add_implicit_resolver(
+        "tag:yaml.org,2002:float",
+        re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+        list("-+0123456789."),
+    )
+
+
+def read_yaml(text: str, source: str):
+    """Parse YAML config text safely (no code runs); ``source`` names it in the error."""
+    try:
+        return yaml.load(text, Loader=_Loader)  # a SafeLoader: builds plain data only
+    except yaml.YAMLError as e:
+        raise MixbitsError(f"{source} is not valid YAML: {' '.join(str(e).split())}") from None
 
 
 @dataclass
@@ -32,7 +58,7 @@ class ModelConfig:
     kwargs: dict[str, Any] = field(default_factory=dict)
 
     def problems(self, prefix: str = "model") -> list[str]:
-        from .models import MODELS
+        from .models import MODELS, option_problems
 
         out = []
         if is_spec(self.name):
@@ -42,6 +68,9 @@ class ModelConfig:
                        f"{did_you_mean(self.name, MODELS.names())}")
         if not isinstance(self.kwargs, dict):
             out.append(f"{prefix}.kwargs: must be a mapping, got {self.kwargs!r}")
+        elif self.name in MODELS or (is_spec(self.name) and not out):
+            factory = load_factory(self.name, "model") if is_spec(self.name) else MODELS.get(self.name)
+            out.extend(f"{prefix}.kwargs.{p}" for p in option_problems(factory, self.kwargs))
         return out
 
 
@@ -132,6 +161,8 @@ class RunConfig:
             out.append(f"init: checkpoint {self.init!r} does not exist; give a checkpoint.pt or a run directory")
         if not isinstance(self.device, str) or self.device.split(":")[0] not in ("cpu", "cuda", "mps"):
             out.append(f"device: must be cpu, cuda, cuda:N or mps, got {self.device!r}")
+        elif device_problem(self.device):
+            out.append(f"device: {device_problem(self.device)}")
         return out
 
     def validate(self, extra: list[str] | tuple[str, ...] = ()) -> RunConfig:
@@ -147,7 +178,7 @@ class RunConfig:
         return dataclasses.asdict(self)
 
     def save(self, path: str | os.PathLike) -> None:
-        atomic_write_text(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
+        atomic_write_text(path, yaml.dump(self.to_dict(), Dumper=_Dumper, sort_keys=False))
 
 
 def _is_int(v) -> bool:
@@ -168,7 +199,14 @@ def _merge(target, values: dict, where: str, problems: list[str]) -> None:
         elif dataclasses.is_dataclass(current):
             problems.append(f"{where}{key}: must be a mapping of settings, got {value!r}")
         else:
-            setattr(target, key, value)
+            setattr(target, key, _merged(current, value))
+
+
+def _merged(current, value):
+    """A mapping setting (model.kwargs, search.options) takes new keys over its old ones; anything else is replaced."""
+    if isinstance(current, dict) and isinstance(value, dict):
+        return {**current, **{k: _merged(current.get(k), v) for k, v in value.items()}}
+    return value
 
 
 def parse_override(text: str) -> dict:
@@ -176,10 +214,12 @@ def parse_override(text: str) -> dict:
     key, sep, raw = text.partition("=")
     if not sep or not key.strip():
         raise MixbitsError(f"override {text!r} is not key=value; e.g. train.epochs=3 or quant.w_bits=[2,4]")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else None
-    except yaml.YAMLError as e:
-        raise MixbitsError(f"override {text!r}: the value is not valid YAML ({e})") from None
+    value = read_yaml(raw, f"the value of override {text!r}") if raw.strip() else None
+    return _nested(key, value)
+
+
+def _nested(key: str, value) -> dict:
+    """``("train.lr", 0.05)`` -> {"train": {"lr": 0.05}}."""
     out: dict = {}
     node = out
     parts = key.strip().split(".")
@@ -189,24 +229,29 @@ def parse_override(text: str) -> dict:
     return out
 
 
-def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = (),
+Override = str | tuple[str, Any]  # "key=YAML value" as typed, or (key, value) taken as it is (command-line flags)
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: Sequence[Override] = (),
                 validate: bool = True) -> RunConfig:
-    """Defaults, then the YAML file, then each ``key=value`` override; every problem reported at once."""
+    """Defaults, then the YAML file, then each override; every problem reported at once.
+
+    An override is ``"key=value"`` (the value read as YAML) or a ``(key, value)`` pair, whose value is
+    used as it is: a path or a number from a typed flag never goes through YAML.
+    """
     cfg = RunConfig()
     problems: list[str] = []
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise MixbitsError(f"config file {str(path)!r} does not exist; see `mixbits list configs`")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise MixbitsError(f"config file {str(path)!r} is not valid YAML: {e}") from None
+        where = f"config file {str(path)!r}"
+        if not Path(path).exists():
+            raise MixbitsError(f"{where} does not exist; give a YAML file or a shipped name (`mixbits list configs`)")
+        data = read_yaml(read_text(path, "config file"), where) or {}
         if not isinstance(data, dict):
-            raise MixbitsError(f"config file {str(path)!r} must hold a mapping of sections, got {type(data).__name__}")
+            raise MixbitsError(f"{where} must hold a mapping of sections (model:, data:, train: ...), "
+                               f"got {type(data).__name__}")
         _merge(cfg, data, "", problems)
-    for text in overrides:
-        _merge(cfg, parse_override(text), "", problems)
+    for item in overrides:
+        _merge(cfg, parse_override(item) if isinstance(item, str) else _nested(*item), "", problems)
     if problems:
         raise MixbitsError("invalid configuration:\n  " + "\n  ".join(problems + cfg.problems()))
     return cfg.validate() if validate else cfg

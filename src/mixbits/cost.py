@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import numbers
 import os
 import re
@@ -26,6 +27,7 @@ from .space import Policy, SearchSpace, quantizable_layers
 FP_BITS = 32
 STATS_FORMAT = "mixbits.stats/1"
 LATENCY_FORMAT = "mixbits.latency/1"
+TIME_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0}  # a latency table's units, in seconds
 METRICS = ("bitops", "size", "latency")
 
 
@@ -293,11 +295,15 @@ class LatencyTable:
             if not isinstance(entries, Mapping):
                 raise MixbitsError(f"latency table layer {name!r} must map 'w<bits>a<bits>' keys to numbers")
             for k, v in entries.items():
-                if not _BITS_KEY.match(k) or isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
+                number = isinstance(v, (int, float)) and not isinstance(v, bool)
+                if not _BITS_KEY.match(k) or not number or not math.isfinite(v) or v < 0:
                     raise MixbitsError(f"latency table entry {name!r}/{k!r}={v!r} is invalid; "
-                                       "keys look like 'w4a8' and values are non-negative numbers")
+                                       "keys look like 'w4a8' and values are finite non-negative numbers")
             layers[name] = {k: float(v) for k, v in entries.items()}
-        return cls(layers, str(d.get("unit", "ms")), str(d.get("device", "")))
+        unit = d.get("unit", "ms")
+        if not isinstance(unit, str) or unit not in TIME_UNITS:
+            raise MixbitsError(f"latency table unit {unit!r} is unknown; expected one of {', '.join(TIME_UNITS)}")
+        return cls(layers, unit, str(d.get("device", "")))
 
     def to_dict(self) -> dict:
         return {"format": LATENCY_FORMAT, "unit": self.unit, "device": self.device,
@@ -308,8 +314,10 @@ class LatencyTable:
         path = Path(path)
         if not path.is_file():
             raise MixbitsError(f"latency table {str(path)!r} does not exist")
+        from .utils import read_text
+
         try:
-            return cls.from_dict(json.loads(path.read_text()))
+            return cls.from_dict(json.loads(read_text(path, "latency table")))
         except json.JSONDecodeError as e:
             raise MixbitsError(f"latency table {str(path)!r} is not valid JSON: {e}") from None
 
@@ -333,8 +341,17 @@ class LatencyTable:
         """Σ over the policy's layers of each layer's entry at its (w, a)."""
         return sum(self.entry(n, w, a) for n, (w, a) in policy.bits.items())
 
+    def check_layers(self, space: SearchSpace) -> None:
+        """Raise when the table times layers ``space`` does not have: it was measured for another model."""
+        foreign = [n for n in self.layers if n not in space.layers]
+        if foreign:
+            raise MixbitsError(f"latency table has layers the model lacks: {', '.join(foreign[:8])}"
+                               f"{' ...' if len(foreign) > 8 else ''}; it was measured for another model. "
+                               "Measure this one with `mixbits lut`")
+
     def check_covers(self, space: SearchSpace) -> None:
-        """Raise one error listing every (layer, bits) of ``space`` the table lacks."""
+        """Raise one error listing every (layer, bits) of ``space`` the table lacks, or layers it lacks."""
+        self.check_layers(space)
         missing = []
         for name in space.layers:
             w_ok, a_ok = space.candidates(name)

@@ -11,11 +11,12 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
+from .config import ModelConfig, QuantConfig, read_yaml
+from .data import DataConfig
 from .errors import MixbitsError
 from .models import create
 from .quant import apply_policy, calibrate, quantize_model
@@ -23,9 +24,7 @@ from .quant.attention import prepare_model
 from .space import Policy, SearchSpace
 from .space import training_space as space_training_space
 from .train import load_checkpoint, load_model_state
-
-if TYPE_CHECKING:  # configs are read by attribute only: this module never imports config (nor search)
-    from .config import ModelConfig, QuantConfig
+from .utils import read_text
 
 
 @dataclass
@@ -117,3 +116,24 @@ def load_trained(path: str | os.PathLike, device: str = "cpu") -> tuple[nn.Modul
     if card.policy is not None:
         apply_policy(model, card.policy)
     return model.to(device), card, saved
+
+
+def saved_data_config(run: str | os.PathLike, data_dir: str | None = None) -> DataConfig:
+    """The data settings a run was trained with (its config.yaml's ``data`` section), ``data_dir`` applied.
+
+    A run without config.yaml gets the defaults; a config.yaml that is unreadable, not a mapping or holds
+    a malformed ``data`` section is one error naming the file.
+    """
+    config_file = resolve_checkpoint(run).parent / "config.yaml"
+    data = DataConfig()
+    if config_file.is_file():
+        where = f"run config {str(config_file)!r}"
+        saved = read_yaml(read_text(config_file, "run config"), where) or {}
+        fields = saved.get("data", {}) if isinstance(saved, dict) else None
+        if not isinstance(fields, dict):
+            raise MixbitsError(f"{where} must be a mapping with a 'data' section, as `mixbits train` writes it; "
+                               "repair or remove it (without it the default data settings are used)")
+        data = DataConfig(**{k: v for k, v in fields.items() if k in DataConfig.__dataclass_fields__})
+    if data_dir:
+        data.root = data_dir
+    return data

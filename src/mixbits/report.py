@@ -14,7 +14,7 @@ from .errors import MixbitsError
 from .pipeline import ModelCard, read_card, resolve_checkpoint
 from .space import Policy
 from .train import load_checkpoint
-from .utils import atomic_write_text
+from .utils import atomic_write_text, read_text
 
 
 def _pyplot():
@@ -107,9 +107,11 @@ def report_run(run_dir: Path, out: Path) -> Path:
 def _train_report(run_dir: Path, out: Path) -> list[str]:
     source = resolve_checkpoint(run_dir)
     card = read_card(load_checkpoint(source), source)
-    result = _json(run_dir / "result.json")
+    result = _json(run_dir / "result.json", dict)
     lines = [f"# {run_dir.name}: {card.name}", "", f"Test top-1: {result.get('test_top1', 'n/a')} %", ""]
-    history = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    metrics = run_dir / "metrics.jsonl"
+    history = _records([_parse(line, metrics) for line in read_text(metrics, "metrics file").splitlines()
+                        if line.strip()], metrics)
     lines += ["## Training", "", _md_table(history, ["epoch", "lr", "train_loss", "train_top1", "val_loss",
                                                        "val_top1", "seconds"]), ""]
     if card.policy is not None:
@@ -119,14 +121,18 @@ def _train_report(run_dir: Path, out: Path) -> list[str]:
 
 
 def _search_report(run_dir: Path, out: Path) -> list[str]:
-    search = _json(run_dir / "search.json")
-    rows = _json(run_dir / "result.json") if (run_dir / "result.json").is_file() else []
+    search = _json(run_dir / "search.json", dict)
+    missing = [k for k in ("method", "seconds", "budgets", "policies") if k not in search]
+    if missing:
+        raise MixbitsError(f"{run_dir / 'search.json'} lacks {', '.join(missing)}; it is corrupt or was not "
+                           "written by `mixbits search`")
+    rows = _optional_rows(run_dir / "result.json")
     lines = [f"# {run_dir.name}: {search['method']} search", "",
              f"Search time {search['seconds']:.1f} s for {len(search['budgets'])} budget(s).", ""]
     if rows:
         lines += ["## Results", "", _md_table(rows, ["budget", "test_top1", "bitops", "size_bytes", "avg_w_bits",
                                                       "avg_a_bits", "train_seconds"]), ""]
-    front = _json(run_dir / "front.json") if (run_dir / "front.json").is_file() else []
+    front = _optional_rows(run_dir / "front.json")
     if front and front_chart(front, out / "front.png", "bitops", "loss", "evaluated policies", group="budget"):
         lines += ["## Front", "", "![front](front.png)", ""]
     finetune = run_dir / "finetune"
@@ -140,21 +146,51 @@ def _search_report(run_dir: Path, out: Path) -> list[str]:
     return lines
 
 
+def benchmark_outputs(path: Path, out: Path) -> tuple[Path, Path]:
+    """The Markdown and the plot :func:`report_benchmark` writes for ``path`` into ``out``."""
+    return out / f"{path.stem}.md", out / f"{path.stem}.png"
+
+
 def report_benchmark(path: Path, out: Path) -> Path:
-    """report.md for a benchmark result JSON (e.g. pareto-quick.json): its table and, for fronts, the plot."""
-    data = _json(path)
+    """<stem>.md for a benchmark result JSON (e.g. pareto-quick.json): its table and, for fronts, the plot."""
+    data = _json(path, dict)
+    report, plot = benchmark_outputs(path, out)
     out.mkdir(parents=True, exist_ok=True)
-    lines = [f"# {path.stem}", "", f"{data.get('meta', {})}", "", data.get("table", "")]
-    rows = data.get("rows", [])
-    if rows and "bitops" in rows[0] and front_chart(rows, out / f"{path.stem}.png", "bitops", "test_top1",
-                                                    "accuracy vs BitOPs", group="method"):
-        lines += ["", f"![front]({path.stem}.png)"]
-    report = out / f"{path.stem}.md"
+    lines = [f"# {path.stem}", "", f"{data.get('meta', {})}", "", str(data.get("table", ""))]
+    rows = _records(data.get("rows", []), path)
+    if rows and "bitops" in rows[0] and front_chart(rows, plot, "bitops", "test_top1", "accuracy vs BitOPs",
+                                                    group="method"):
+        lines += ["", f"![front]({plot.name})"]
     atomic_write_text(report, "\n".join(lines) + "\n")
     return report
 
 
-def _json(path: Path):
+def _json(path: Path, expected: type):
+    """The JSON ``expected`` (dict or list) that a run or benchmark wrote to ``path``; anything else is an error."""
     if not path.is_file():
         raise MixbitsError(f"{path} is missing; is this a finished mixbits run or benchmark result?")
-    return json.loads(path.read_text())
+    data = _parse(read_text(path, "result file"), path)
+    if not isinstance(data, expected):
+        raise MixbitsError(f"{path} holds a JSON {type(data).__name__} where mixbits writes a JSON "
+                           f"{'object' if expected is dict else 'array'}; it is corrupt or was not written by mixbits")
+    return data
+
+
+def _parse(text: str, path: Path):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise MixbitsError(f"{path} is not valid JSON ({e}); it is corrupt or was not written by mixbits") from None
+
+
+def _optional_rows(path: Path) -> list[dict]:
+    """The list of JSON objects in ``path``, or none when the file does not exist (yet)."""
+    return _records(_json(path, list), path) if path.is_file() else []
+
+
+def _records(rows, path: Path) -> list[dict]:
+    """``rows`` when it is a list of JSON objects (table rows, front points, metric lines)."""
+    if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+        raise MixbitsError(f"{path} should hold a list of JSON objects (one per row); it is corrupt or was not "
+                           "written by mixbits")
+    return rows

@@ -252,10 +252,13 @@ class Policy:
         if not isinstance(d, Mapping) or d.get("format") != POLICY_FORMAT or not isinstance(d.get("layers"), Mapping):
             raise MixbitsError(
                 f"not a mixbits policy: expected a JSON object with format {POLICY_FORMAT!r} and 'layers'")
-        try:
-            return cls({n: (v["w"], v["a"]) for n, v in d["layers"].items()})
-        except (KeyError, TypeError, ValueError) as e:
-            raise MixbitsError(f"policy layers must map a name to {{'w': int, 'a': int}}: {e}") from None
+        bad = [f"{n!r}: {v!r}" for n, v in d["layers"].items() if not _is_bits_entry(v)]
+        if bad:
+            more = f" and {len(bad) - MAX_LISTED} more" if len(bad) > MAX_LISTED else ""
+            shown = ", ".join(bad[:MAX_LISTED]) + more
+            raise MixbitsError(f"policy layers must map a name to {{'w': <whole number>, 'a': <whole number>}} "
+                               f"(e.g. {{'w': 4, 'a': 8}}); got {shown}")
+        return cls({n: (v["w"], v["a"]) for n, v in d["layers"].items()})
 
     def save(self, path: str | os.PathLike) -> None:
         from .utils import atomic_write_text
@@ -268,14 +271,22 @@ class Policy:
         if not path.is_file():
             raise MixbitsError(
                 f"policy file {str(path)!r} does not exist; write one with `mixbits search` or Policy.save")
+        from .utils import read_text
+
         try:
-            return cls.from_dict(json.loads(path.read_text()))
+            return cls.from_dict(json.loads(read_text(path, "policy file")))
         except json.JSONDecodeError as e:
             raise MixbitsError(f"policy file {str(path)!r} is not valid JSON: {e}") from None
 
     def describe(self) -> str:
         """Compact one-line form, e.g. ``conv1:8/8 layer1.0.conv1:4/3 ...``."""
         return " ".join(f"{n}:{w}/{a}" for n, (w, a) in self.bits.items())
+
+
+def _is_bits_entry(v) -> bool:
+    """``{"w": 4, "a": 8}``: exactly those two keys, each a whole number (never 4.7, "4" or true)."""
+    return isinstance(v, Mapping) and set(v) == {"w", "a"} and all(
+        isinstance(v[k], int) and not isinstance(v[k], bool) for k in ("w", "a"))
 
 
 _UNIFORM = re.compile(r"uniform:(?:w?(\d+)(?:a(\d+))?|(\d+)/(\d+))$", re.IGNORECASE)

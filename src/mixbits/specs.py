@@ -48,16 +48,14 @@ def load_factory(spec: str, what: str) -> Callable:
     return factory
 
 
-def call_with_accepted(factory: Callable, offered: dict, given: dict, spec: str):
-    """``factory(**given, **the offered arguments its signature accepts)``; an unknown given one is an error."""
+def call_with_accepted(factory: Callable, offered: dict, given: dict):
+    """``factory(**given, **the offered arguments its signature accepts)``; check ``given`` first with
+    :func:`mixbits.models.option_problems`."""
     try:
         params = inspect.signature(factory).parameters
     except (TypeError, ValueError):  # a builtin or C extension: pass what was given only
         return factory(**given)
     takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-    unknown = [k for k in given if k not in params and not takes_any]
-    if unknown:
-        raise MixbitsError(f"{spec!r} takes no argument {unknown[0]!r}; it takes: {', '.join(params) or 'none'}")
     extra = {k: v for k, v in offered.items() if k not in given and (takes_any or k in params)}
     return factory(**extra, **given)
 

@@ -1,34 +1,83 @@
-"""Small shared helpers: atomic file writes, seeding, and the JSON run metadata."""
+"""Small shared helpers: atomic file writes, reading user files, seeding, and the device check."""
 
 from __future__ import annotations
 
 import os
 import random
+import stat
 import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from .errors import MixbitsError
+
+
+def _umask() -> int:
+    # The only portable way to read the umask is to set it; done once, at import, before any thread starts.
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _umask()
+
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write to a temporary file beside ``path`` then rename, so a crash never leaves half a file."""
+    """Write to a temporary file beside ``path`` then rename, so a crash never leaves half a file.
+
+    The file gets the mode a plain ``open(path, "w")`` would give it: an existing file's, else 0666 less
+    the umask (a temporary file alone would be private, 0600). An OS error (read-only directory, a file
+    where a directory should be, a full disk) becomes one MixbitsError naming the path.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        mode = stat.S_IMODE(path.stat().st_mode) if path.is_file() else 0o666 & ~_UMASK
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    except OSError as e:
+        raise _write_error(path, e) from None
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, mode)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise _write_error(path, e) from None
         raise
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     atomic_write_bytes(path, text.encode())
+
+
+def _write_error(path: Path, e: OSError) -> MixbitsError:
+    return MixbitsError(f"cannot write {str(path)!r}: {e.strerror or e}; choose an output path in a writable "
+                        "directory (or free some space)")
+
+
+def read_text(path: str | os.PathLike, what: str) -> str:
+    """The UTF-8 text of a file the user gave; a missing, unreadable or non-UTF-8 file is one MixbitsError.
+
+    ``what`` names the file's role in the message, e.g. "config file" or "policy file".
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise MixbitsError(f"{what} {str(path)!r} is a directory; give the path of a file")
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise MixbitsError(f"{what} {str(path)!r} does not exist; check the path") from None
+    except UnicodeDecodeError as e:
+        raise MixbitsError(f"{what} {str(path)!r} is not UTF-8 text (byte {e.start}: {e.object[e.start]:#04x}); "
+                           "save it as UTF-8") from None
+    except OSError as e:
+        raise MixbitsError(f"cannot read {what} {str(path)!r}: {e.strerror or e}") from None
 
 
 def seed_everything(seed: int) -> torch.Generator:
@@ -37,3 +86,16 @@ def seed_everything(seed: int) -> torch.Generator:
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
     return torch.Generator().manual_seed(seed)
+
+
+def device_problem(device: str) -> str | None:
+    """Why ``device`` cannot run here (no CUDA, no such GPU, no MPS), or None when it can."""
+    kind, _, index = str(device).partition(":")
+    if kind == "cuda":
+        if not torch.cuda.is_available():
+            return f"{device!r} asked for, but this torch sees no CUDA device; use cpu"
+        if index and (not index.isdigit() or int(index) >= torch.cuda.device_count()):
+            return f"{device!r} does not exist: this machine has CUDA devices 0..{torch.cuda.device_count() - 1}"
+    if kind == "mps" and not torch.backends.mps.is_available():
+        return f"{device!r} asked for, but MPS is not available here; use cpu"
+    return None

@@ -1,4 +1,4 @@
-"""Arguments shared by the commands that run a configured job (train, and later search)."""
+"""Arguments shared by the commands that run a configured job (train, search)."""
 
 from __future__ import annotations
 
@@ -30,15 +30,12 @@ _FLAGS = {"model": "model.name", "data": "data.name", "data_dir": "data.root", "
           "out": "out", "device": "device", "seed": "train.seed"}
 
 
-def config_from_args(args) -> RunConfig:
+def config_from_args(args, flags: dict[str, str] | None = None) -> RunConfig:
+    """The run config from --config, the typed flags (``_FLAGS`` plus a command's own ``flags``: attribute ->
+    setting), then --set. Flag values are taken as parsed: a path or a number never goes through YAML."""
     path = args.config
     if path and path in shipped_configs():
         path = shipped_configs()[path]
-    overrides = [f"{key}={_yaml(getattr(args, flag))}" for flag, key in _FLAGS.items()
+    overrides = [(key, getattr(args, flag)) for flag, key in {**_FLAGS, **(flags or {})}.items()
                  if getattr(args, flag, None) is not None]
     return load_config(path, overrides + list(args.set))
-
-
-def _yaml(value) -> str:
-    # Strings are quoted so that e.g. a run directory named "1e3" stays a string.
-    return repr(value) if isinstance(value, str) else str(value)

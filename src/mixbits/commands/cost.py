@@ -42,8 +42,10 @@ def run(args) -> int:
         _, policy = training_space(model, QuantConfig(), args.policy)
     stats = profile(model, shape)
     latency = LatencyTable.load(args.latency_table) if args.latency_table else None
-    budgets = parse_budgets(args.budget) if args.budget else []
+    budgets = parse_budgets(args.budget) if args.budget is not None else []  # "" is an error, as in search
     space = search_space(model, QuantConfig())
+    if latency is not None:
+        latency.check_layers(space)
     for budget in budgets:  # every budget checked before anything is printed
         check_feasible(budget, stats, space, latency)
     print(format_cost_table(cost_table(stats, policy), totals=cost_summary(stats, policy)))

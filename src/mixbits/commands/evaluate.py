@@ -8,11 +8,11 @@ from __future__ import annotations
 import argparse
 import json
 
-import yaml
-
-from ..data import DataConfig, build_loaders
-from ..pipeline import load_trained, resolve_checkpoint
+from ..data import build_loaders
+from ..errors import MixbitsError
+from ..pipeline import load_trained, saved_data_config
 from ..train import evaluate
+from ..utils import device_problem
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -23,8 +23,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
+    if device_problem(args.device):
+        raise MixbitsError(f"--device: {device_problem(args.device)}")
     model, card, saved = load_trained(args.run, args.device)
-    data = _data_config(args)
+    data = saved_data_config(args.run, args.data_dir)
     _, val_loader, test_loader, _ = build_loaders(data, saved.get("train_config", {}).get("seed", 0))
     metrics = evaluate(model, test_loader if args.split == "test" else val_loader, args.device)
     out = {"run": str(args.run), "split": args.split, "top1": metrics["top1"], "loss": metrics["loss"],
@@ -33,14 +35,3 @@ def run(args) -> int:
     print(json.dumps(out, indent=2))
     return 0
 
-
-def _data_config(args) -> DataConfig:
-    """The data settings the run was trained with (from its config.yaml), with --data-dir applied."""
-    config_file = resolve_checkpoint(args.run).parent / "config.yaml"
-    data = DataConfig()
-    if config_file.is_file():
-        saved = (yaml.safe_load(config_file.read_text()) or {}).get("data", {})
-        data = DataConfig(**{k: v for k, v in saved.items() if k in DataConfig.__dataclass_fields__})
-    if args.data_dir:
-        data.root = args.data_dir
-    return data

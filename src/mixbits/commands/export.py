@@ -16,11 +16,10 @@ import sys
 import warnings
 from pathlib import Path
 
-import yaml
-
-from ..data import DataConfig, build_loaders
+from ..data import build_loaders
 from ..errors import MixbitsError, did_you_mean
-from ..pipeline import load_trained, resolve_checkpoint
+from ..pipeline import load_trained, resolve_checkpoint, saved_data_config
+from ..rundir import add_force_argument, check_output_dir, make_output_dir
 from ..utils import atomic_write_text
 
 FORMATS = ("onnx", "packed")
@@ -35,6 +34,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--check-samples", type=int, default=1000,
                    help="test images on which ONNX Runtime is compared with PyTorch (0: no check; default 1000)")
     p.add_argument("--data-dir", help="dataset directory, if it moved since training")
+    add_force_argument(p)
 
 
 def run(args) -> int:
@@ -44,12 +44,14 @@ def run(args) -> int:
     model, card, saved = load_trained(args.run)
     if card.policy is None:
         raise MixbitsError(f"{args.run} is a float run; export needs a quantized one (mixbits train --policy ...)")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    job = f"export of {resolve_checkpoint(args.run).resolve()}"  # re-exporting the same run may replace its files
+    check_output_dir(args.out, job, force=args.force)
+    check = _check_batches(args, saved) if "onnx" in formats and args.check_samples else None
+    out = make_output_dir(args.out, job)
     card.policy.save(out / "policy.json")
     report = {"run": str(args.run), "model": card.name, "policy": card.policy.describe()}
     if "onnx" in formats:
-        report["onnx"] = _export_onnx(model, card, args, saved, out / "model.onnx")
+        report["onnx"] = _export_onnx(model, card, args.opset, check, out / "model.onnx")
     if "packed" in formats:
         from ..export import pack_model
 
@@ -69,13 +71,12 @@ def _formats(text: str) -> list[str]:
     return formats
 
 
-def _export_onnx(model, card, args, saved: dict, path: Path) -> dict:
+def _export_onnx(model, card, opset: int | None, check, path: Path) -> dict:
     from ..export import export_onnx
 
-    check = _check_batches(args, saved) if args.check_samples else None
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        report = export_onnx(model, card.input_shape, path, opset=args.opset, check_inputs=check)
+        report = export_onnx(model, card.input_shape, path, opset=opset, check_inputs=check)
     for w in caught:
         print(f"mixbits export: warning: {w.message}", file=sys.stderr)
     return report.to_dict()
@@ -83,15 +84,13 @@ def _export_onnx(model, card, args, saved: dict, path: Path) -> dict:
 
 def _check_batches(args, saved: dict):
     """The first ``--check-samples`` test images and labels, from the data settings the run was trained with."""
-    config_file = resolve_checkpoint(args.run).parent / "config.yaml"
-    data = DataConfig()
-    if config_file.is_file():
-        fields = (yaml.safe_load(config_file.read_text()) or {}).get("data", {})
-        data = DataConfig(**{k: v for k, v in fields.items() if k in DataConfig.__dataclass_fields__})
-    if args.data_dir:
-        data.root = args.data_dir
+    data = saved_data_config(args.run, args.data_dir)  # read now: a bad config.yaml fails before any file is written
     _, _, test_loader, _ = build_loaders(data, saved.get("train_config", {}).get("seed", 0))
-    left = args.check_samples
+    return _first_samples(test_loader, args.check_samples)
+
+
+def _first_samples(test_loader, count: int):
+    left = count
     for x, y in test_loader:
         if left <= 0:
             break

@@ -7,6 +7,7 @@ Every layer of the search space (default: W2..6 A2..6, first and last layer at 8
 every (w, a) it may take, alone, at batch 1: with onnxruntime, as the layer's QDQ ONNX subgraph
 (what `mixbits export` writes), or with --runtime torch, as the fake-quant PyTorch layer. Each entry
 is the median of --repeats runs; the file is in the mixbits.latency/1 format that --latency-table reads.
+An existing --out file is replaced only with --force.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from ..config import QuantConfig
 from ..errors import MixbitsError
 from ..models import create
 from ..pipeline import load_trained, search_space
+from ..rundir import add_force_argument, check_output_file
 from ..space import DEFAULT_BITS
 from .cost import _shape
 
@@ -36,11 +38,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--opset", type=int, help="ONNX opset of the timed graphs (default: as mixbits export)")
     p.add_argument("--bits", default=",".join(map(str, DEFAULT_BITS)),
                    help="candidate bit-widths for weights and activations (default 2,3,4,5,6)")
+    add_force_argument(p)
 
 
 def run(args) -> int:
     from ..export import measure_latency_table
 
+    check_output_file(args.out, force=args.force)  # before minutes of measuring, not after
     if args.run:
         _, card, _ = load_trained(args.run)
         model, shape = card.float_model(), card.input_shape

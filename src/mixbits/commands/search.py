@@ -23,6 +23,7 @@ import argparse
 import json
 import sys
 
+from ..rundir import add_force_argument
 from ..runs.search import search
 from ..train import Stopped, launch_rank, stop_on_signals
 from .common import add_config_arguments, config_from_args
@@ -36,18 +37,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--finetune-epochs", type=int, help="QAT epochs per found policy (search.finetune_epochs)")
     g.add_argument("--latency-table", help="latency table JSON for latency budgets (search.latency_table)")
     p.add_argument("--resume", action="store_true", help="reuse a finished search and resume fine-tuning runs")
+    add_force_argument(p)
+
+
+FLAGS = {"method": "search.method", "budget": "search.budget", "finetune_epochs": "search.finetune_epochs",
+         "latency_table": "search.latency_table"}  # this command's flags -> settings, beside the common ones
 
 
 def run(args) -> int:
-    overrides = {"method": "search.method", "budget": "search.budget", "finetune_epochs": "search.finetune_epochs",
-                 "latency_table": "search.latency_table"}
-    args.set = [f"{key}={getattr(args, flag)!r}" if isinstance(getattr(args, flag), str)
-                else f"{key}={getattr(args, flag)}" for flag, key in overrides.items()
-                if getattr(args, flag) is not None] + list(args.set)
-    cfg = config_from_args(args)
+    cfg = config_from_args(args, FLAGS)
     with stop_on_signals():
         try:
-            rows = search(cfg, resume=args.resume)
+            rows = search(cfg, resume=args.resume, force=args.force)
         except Stopped as e:
             print(f"mixbits search: {e}; the last checkpoint is kept, continue with --resume", file=sys.stderr)
             return e.exit_code

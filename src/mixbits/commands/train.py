@@ -16,6 +16,7 @@ import argparse
 import json
 import sys
 
+from ..rundir import add_force_argument
 from ..runs.train import train
 from ..train import Stopped, stop_on_signals
 from .common import add_config_arguments, config_from_args
@@ -24,12 +25,13 @@ from .common import add_config_arguments, config_from_args
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_config_arguments(p)
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    add_force_argument(p)
 
 
 def run(args) -> int:
     with stop_on_signals():
         try:
-            outcome = train(config_from_args(args), resume=args.resume)
+            outcome = train(config_from_args(args), resume=args.resume, force=args.force)
         except Stopped as e:
             print(f"mixbits train: {e}; the last checkpoint is kept, continue with --resume", file=sys.stderr)
             return e.exit_code

@@ -306,11 +306,20 @@ def imagefolder(split: str = "train", root: str | None = None, image_size: int |
         raise MixbitsError(
             f"classes {unknown} in {split_dir} are not in {class_source}; the splits must share their classes."
         )
-    files = [(p, label) for label, cls in enumerate(classes) for p in sorted((split_dir / cls).iterdir())
-             if p.suffix.lower() in IMAGE_EXTENSIONS]
-    if not files:
+    if not classes:
+        raise MixbitsError(f"image folder {split_dir} holds no class subdirectories; "
+                           "expected root/<split>/<class>/*.jpg.")
+    missing = [cls for cls in classes if not (split_dir / cls).is_dir()]
+    if missing:
+        raise MixbitsError(f"classes {missing} of {class_source} have no folder in {split_dir}; the splits must share "
+                           "their classes (add the folders, with images, or remove the classes from every split).")
+    per_class = {cls: sorted(p for p in (split_dir / cls).iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+                 for cls in classes}
+    empty = [cls for cls, paths in per_class.items() if not paths]
+    if empty:  # a class without images would silently shrink the problem (or never be tested)
         raise MixbitsError(f"image folder {split_dir} holds no images ({', '.join(IMAGE_EXTENSIONS)}) in class "
-                           "subdirectories; expected root/<split>/<class>/*.jpg.")
+                           f"folders {empty}; add images or remove those folders from every split.")
+    files = [(p, label) for label, cls in enumerate(classes) for p in per_class[cls]]
 
     def decode(path: Path) -> np.ndarray:
         try:

@@ -24,6 +24,7 @@ from ..data import build_loaders
 from ..errors import MixbitsError
 from ..pipeline import float_card, resolve_checkpoint, search_space
 from ..quant import set_fused
+from ..rundir import check_output_dir, make_output_dir
 from ..search import SearchResult, method_problems
 from ..space import Policy
 from ..train import (
@@ -38,8 +39,10 @@ from .subnets import evaluate_subnets
 from .train import train
 
 
-def search(cfg: RunConfig, resume: bool = False, progress: bool | None = None) -> list[dict]:
+def search(cfg: RunConfig, resume: bool = False, progress: bool | None = None, force: bool = False) -> list[dict]:
     """Search, then fine-tune each found policy; returns one summary row per budget.
+
+    cfg.out must be new, empty or a search's (``force`` writes into another job's output anyway).
 
     Under torchrun (WORLD_SIZE > 1) rank 0 searches alone, on the loaders one process with the global
     batch would use, and broadcasts the result; every rank then fine-tunes each policy data-parallel.
@@ -48,20 +51,21 @@ def search(cfg: RunConfig, resume: bool = False, progress: bool | None = None) -
     cfg.validate(extra=method_problems(cfg.search.method))
     ctx = init_from_env(cfg.device)
     try:
-        rows = _search(cfg, ctx, resume, progress)
+        rows = _search(cfg, ctx, resume, progress, force)
         barrier()
     finally:
         ctx.cleanup()
     return rows
 
 
-def _search(cfg: RunConfig, dist_ctx, resume: bool, progress: bool | None) -> list[dict]:
+def _search(cfg: RunConfig, dist_ctx, resume: bool, progress: bool | None, force: bool) -> list[dict]:
     if cfg.init is None:
         raise MixbitsError("search needs a trained float model to start from: pass --init FLOAT_RUN "
                            "(train one with `mixbits train`)")
     out = Path(cfg.out)
     if (out / "search.json").exists() and not resume:
         raise MixbitsError(f"{str(out)!r} already holds a search; pass --resume to reuse it or choose another --out")
+    check_output_dir(out, "search", force=force, resume=resume)
     set_fused(cfg.quant.fused)
     seed_everything(cfg.train.seed)
     global_data = replace(cfg.data, batch_size=cfg.data.batch_size * dist_ctx.world_size)
@@ -79,7 +83,7 @@ def _search(cfg: RunConfig, dist_ctx, resume: bool, progress: bool | None) -> li
         check_feasible(budget, stats, space, latency)
     result = None
     if dist_ctx.is_main():
-        out.mkdir(parents=True, exist_ok=True)
+        make_output_dir(out, "search")
         cfg.save(out / "config.yaml")
         result = _load_or_search(out, resume, lambda: search_model(
             float_model, train_loader, budgets, cfg.search.method, val=val_loader,

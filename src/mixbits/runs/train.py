@@ -19,6 +19,7 @@ from ..data import build_loaders
 from ..errors import MixbitsError
 from ..pipeline import ModelCard, float_card, load_trained, quantized_model, resolve_checkpoint, training_space
 from ..quant import set_fused
+from ..rundir import check_output_dir, make_output_dir
 from ..train import (
     DistContext,
     barrier,
@@ -41,8 +42,10 @@ class TrainOutcome:
     rank: int = 0  # this process's rank in a distributed run (only rank 0 prints and writes)
 
 
-def train(cfg: RunConfig, resume: bool = False, progress: bool | None = None) -> TrainOutcome:
+def train(cfg: RunConfig, resume: bool = False, progress: bool | None = None, force: bool = False) -> TrainOutcome:
     """Train as ``cfg`` says; writes config.yaml, checkpoint.pt, metrics.jsonl and result.json to cfg.out.
+
+    cfg.out must be new, empty or a training run's (``force`` writes into another job's output anyway).
 
     Under torchrun (WORLD_SIZE > 1) every process trains its slice of each global batch in
     DistributedDataParallel and rank 0 alone writes; every process returns the same result.
@@ -50,18 +53,19 @@ def train(cfg: RunConfig, resume: bool = False, progress: bool | None = None) ->
     cfg.validate()
     ctx = init_from_env(cfg.device)
     try:
-        outcome = _train(cfg, ctx, resume, progress)
+        outcome = _train(cfg, ctx, resume, progress, force)
         barrier()  # no rank tears the group down while another is still receiving
     finally:
         ctx.cleanup()
     return outcome
 
 
-def _train(cfg: RunConfig, ctx: DistContext, resume: bool, progress: bool | None) -> TrainOutcome:
+def _train(cfg: RunConfig, ctx: DistContext, resume: bool, progress: bool | None, force: bool) -> TrainOutcome:
     run_dir = Path(cfg.out)
     if (run_dir / "checkpoint.pt").exists() and not resume:
         raise MixbitsError(f"run directory {str(run_dir)!r} already holds a checkpoint; pass --resume to continue "
                            f"it or choose another --out")
+    check_output_dir(run_dir, "train", force=force, resume=resume)
     set_fused(cfg.quant.fused)
     seed_everything(cfg.train.seed)
     train_loader, val_loader, test_loader, train_set, global_loader = _loaders(cfg, ctx)
@@ -76,7 +80,7 @@ def _train(cfg: RunConfig, ctx: DistContext, resume: bool, progress: bool | None
     broadcast_module_state(model)  # every rank starts from rank 0's weights, steps and signs
     main = ctx.is_main()
     if main:
-        run_dir.mkdir(parents=True, exist_ok=True)
+        make_output_dir(run_dir, "train")
     if main and not resume:  # a resumed run keeps its config.yaml until fit() has accepted the settings
         cfg.save(run_dir / "config.yaml")
     history = fit(wrap_ddp(model, ctx), train_loader, cfg.train, val_loader=val_loader, teacher=teacher,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import os
 import random
+import re
 from collections.abc import Mapping
 from dataclasses import asdict
 from pathlib import Path
@@ -65,8 +66,7 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # any unpickling/zip error means the same thing to the user
-        reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}".rstrip(": ")
-        raise MixbitsError(f"checkpoint {path} is corrupt or not a mixbits checkpoint ({reason[:200]})") from e
+        raise MixbitsError(f"checkpoint {path} is corrupt or not a mixbits checkpoint ({_load_failure(e)})") from e
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         found = payload.get("format") if isinstance(payload, dict) else type(payload).__name__
         raise MixbitsError(
@@ -74,6 +74,16 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
             "was it written by another tool or another mixbits version?"
         )
     return payload
+
+
+def _load_failure(e: Exception) -> str:
+    """Why a weights-only load failed, in our words: torch's own text advises turning the safe load off."""
+    found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
+    if found:
+        return (f"it holds Python objects such as {found.group(1)}, which mixbits never loads because loading them "
+                "can run code; mixbits checkpoints hold only tensors and plain data")
+    first = str(e).splitlines()[0] if str(e) else ""
+    return f"{type(e).__name__}: {first}".rstrip(": ")[:200]
 
 
 def load_model_state(model: nn.Module, state_dict: Mapping[str, torch.Tensor], source: str) -> None:
@@ -171,6 +181,8 @@ def restore_training(state: TrainState, hooks: list[Hook], saved: dict, path: Pa
     for hook, hook_state in zip(hooks, saved["hooks"], strict=True):
         hook.load_state_dict(hook_state)
     state.epoch, state.step = int(saved["epoch"]), int(saved["step"])
+    if "loss_guard" in saved:  # older checkpoints start the guard afresh
+        state.loss_guard.load_state_dict(saved["loss_guard"])
     state.extra = {**saved.get("extra", {}), **state.extra}
     return list(saved["history"])
 
@@ -208,4 +220,5 @@ def training_payload(state: TrainState, hooks: list[Hook], history: list[dict]) 
         "train_config": asdict(state.cfg),
         "history": history,
         "extra": state.extra,
+        "loss_guard": state.loss_guard.state_dict(),
     }

@@ -4,17 +4,17 @@ A method changes what happens per batch through an *objective* (which may run se
 backward passes itself, e.g. sampled policies with gradient accumulation) and acts at fixed points
 through *hooks* (architecture updates after each weight step, weight-decay fixes after backward,
 bit-width schedules at epoch starts). The loop owns everything else: optimiser and per-step lr schedule,
-finiteness checks, progress, metrics.jsonl, and checkpoints that resume bit-identically on CPU.
+the loss guard (non-finite or diverged loss, see guard.py), progress, metrics.jsonl, and checkpoints that
+resume bit-identically on CPU.
 
 Under DistributedDataParallel (pass the wrapped model) every rank runs ``fit`` in lockstep: the
 checkpoint holds the plain module, metrics are reduced over ranks so every rank sees the same numbers,
-and a non-finite loss or a stop request on any rank stops all of them at the same step.
+and a bad loss or a stop request on any rank stops all of them at the same step.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import signal
 import threading
 import time
@@ -38,6 +38,7 @@ from .checkpoint import CHECKPOINT, open_run, restore_training, save_checkpoint,
 from .distill import kd_loss
 from .distributed import all_reduce_sum, broadcast_object, is_distributed, is_main, unwrap
 from .evaluate import evaluate
+from .guard import LossGuard
 from .optim import TrainConfig, build_optimizer, build_scheduler, param_groups
 
 METRICS = "metrics.jsonl"
@@ -68,6 +69,7 @@ class TrainState:
     generator: torch.Generator = field(default_factory=torch.Generator)  # for methods' sampling; checkpointed
     run_dir: Path | None = None
     extra: dict = field(default_factory=dict)  # saved as the checkpoint's "extra" (weights-only types)
+    loss_guard: LossGuard = field(default_factory=LossGuard)  # checkpointed, so a resumed run judges alike
 
     @property
     def lr(self) -> float:
@@ -244,9 +246,10 @@ def _train_epoch(state: TrainState, loader, objective: Objective, hooks: list[Ho
             if isinstance(out, torch.Tensor):
                 out = StepOutput(out)
             loss = out.loss.detach().float().item()
-            non_finite, stop = _agree(state.device, not math.isfinite(loss), _stop_pending())
-            if non_finite:
-                raise _non_finite(state, loss, batch, last_checkpoint)
+            problem = state.loss_guard.problem(loss)
+            bad_loss, stop = _agree(state.device, problem is not None, _stop_pending())
+            if bad_loss:
+                raise _bad_loss(state, problem, batch, last_checkpoint)
             if stop:
                 raise Stopped(_STOP["signum"])
             if out.loss.requires_grad:
@@ -323,8 +326,8 @@ class _Running:
 _STANDARD = {"epoch", "step", "lr", "train_loss", "train_top1", "val_loss", "val_top1", "seconds"}
 
 
-def _non_finite(state: TrainState, loss: float, batch: int, last_checkpoint: Path | None) -> MixbitsError:
-    what = f"training loss is {loss}" if not math.isfinite(loss) else "training loss is not finite on another rank"
+def _bad_loss(state: TrainState, problem: str | None, batch: int, last_checkpoint: Path | None) -> MixbitsError:
+    what = problem or "training loss is not finite, or diverged, on another rank"
     return MixbitsError(
         f"{what} at epoch {state.epoch + 1}/{state.cfg.epochs}, step {state.step + 1} "
         f"(batch {batch + 1} of the epoch); last good checkpoint: {last_checkpoint or 'none yet'}. "

@@ -36,8 +36,9 @@ class TrainConfig:
 
     def problems(self, prefix: str = "train") -> list[str]:
         """Every bad field as ``"train.lr: must be > 0, got -1"``; empty when the config is usable."""
-        epochs = self.epochs if _is_number(self.epochs) else math.inf
-        lr = self.lr if _is_number(self.lr) else math.inf
+        # A bad epochs or lr is reported once, on its own line, not again through the bounds it sets.
+        epochs = self.epochs if _is_int(self.epochs) and self.epochs >= 1 else math.inf
+        lr = self.lr if _in(self.lr, 0, math.inf, open_low=True) else math.inf
         rules = [
             ("epochs", _is_int(self.epochs) and self.epochs >= 1, "must be a whole number >= 1"),
             ("optimizer", self.optimizer in OPTIMIZERS,
