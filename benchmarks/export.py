@@ -2,18 +2,27 @@
 against the size the cost model predicts.
 
     python benchmarks/export.py [--run RUN_DIR] [--samples 10000] [--opset N]
+    python benchmarks/export.py --ops [--samples 1000]
 
 ResNet-20 at uniform W2A2, W3A3, W4A4 and one mixed policy (layer1 at W6A6, layer2 at W3A5, layer3
 at W2A2; first and last layer at 8 bits) is exported to QDQ ONNX and to the packed format. For each:
 max |ONNX Runtime - PyTorch| over the test set, the samples whose logits differ by more than 1e-3 of
-the largest logit, each layer alone on PyTorch's own inputs, top-1 agreement, and packed weight bytes
-against ``size_bits(stats, policy) / 8``.
+the largest logit, each layer alone on PyTorch's own inputs, top-1 agreement under onnxruntime's
+default graph optimisations and with none, and packed weight bytes against ``size_bits(stats, policy) / 8``.
 
 Weights: with --run, a trained run (a float run is quantized at each policy with calibrated steps; a
 quantized run also contributes its own trained policy). Without it, random weights with BatchNorm
 statistics from 2,048 training images and, per policy, a least-squares linear head fitted to the
 quantized model's features on 5,000 training images (so the logits carry real margins; nothing else
 is trained). Writes benchmarks/results/export.json.
+
+--ops instead measures the ops that sit between an activation and the next quantized layer: for each
+op (max, average, adaptive and global pooling, flatten, reshape, concat, residual add, ReLU6,
+Hardswish), a small network conv -> activation -> op -> quantized layer, at 2, 3, 4 and 8-bit inputs
+of that layer and at opsets 13, 21 and 25: the input type the exporter chose for that layer, whether
+the whole graph made it widen a narrow type, and agreement with PyTorch under onnxruntime's default
+optimisations and with none (random convolutions, least-squares head as above). Writes
+benchmarks/results/export-ops.json.
 """
 
 from __future__ import annotations
@@ -26,6 +35,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -39,8 +49,11 @@ from mixbits.pipeline import load_trained  # noqa: E402
 from mixbits.quant import apply_policy, calibrate, quantize_model  # noqa: E402
 
 SHAPE = (1, 28, 28)
-COLUMNS = ["policy", "max_abs_diff", "rel_diff", "differing", "layer_rel_diff", "agreement_%", "top1_torch",
-           "top1_onnx", "onnx_KB", "packed_params_B", "predicted_B", "file_B"]
+COLUMNS = ["policy", "max_abs_diff", "rel_diff", "differing", "layer_rel_diff", "agreement_%", "unoptimized_%",
+           "top1_torch", "top1_onnx", "onnx_KB", "packed_params_B", "predicted_B", "file_B"]
+OP_COLUMNS = ["op", "a_bits", "opset", "act_type", "widened", "agreement_%", "unoptimized_%", "max_abs_diff",
+              "differing", "seconds"]
+OPS = ("maxpool", "avgpool", "adaptive", "global", "flatten", "reshape", "concat", "add", "relu6", "hardswish")
 
 
 def _take(loader, n: int) -> torch.Tensor:
@@ -117,6 +130,12 @@ def models_to_export(args, train_loader) -> tuple[str, dict[str, nn.Module]]:
     return source, out
 
 
+def agreement(c: dict) -> dict:
+    """The figures of one check that every table shows."""
+    return {"max_abs_diff": c["max_abs_diff"], "differing": f"{c['differing_samples']}/{c['samples']}",
+            "agreement_%": round(c["top1_agreement"], 2), "unoptimized_%": round(c["unoptimized"]["top1_agreement"], 2)}
+
+
 def measure(name: str, model: nn.Module, test_loader, samples: int, opset, tmp: Path) -> dict:
     x, y = _take(test_loader, samples)
     start = time.perf_counter()
@@ -126,12 +145,74 @@ def measure(name: str, model: nn.Module, test_loader, samples: int, opset, tmp: 
     packed = pack_model(model, tmp / "model.mxb", input_shape=SHAPE)
     c = onnx.check
     print(f"  {name}: {time.perf_counter() - start:.0f} s", flush=True)
-    return {"policy": name, "max_abs_diff": c["max_abs_diff"], "rel_diff": c["rel_diff"],
-            "differing": f"{c['differing_samples']}/{c['samples']}", "layer_rel_diff": c["layer_max_rel_diff"],
-            "agreement_%": round(c["top1_agreement"], 2), "top1_torch": round(c["top1_torch"], 2),
-            "top1_onnx": round(c["top1_onnx"], 2), "onnx_KB": round(onnx.bytes / 1e3, 1),
-            "packed_params_B": packed.param_bytes, "predicted_B": packed.predicted_bytes,
-            "file_B": packed.file_bytes, "opset": onnx.opset, "types": onnx.layers, "packed": packed.to_dict()}
+    return {"policy": name, **agreement(c), "rel_diff": c["rel_diff"], "layer_rel_diff": c["layer_max_rel_diff"],
+            "top1_torch": round(c["top1_torch"], 2), "top1_onnx": round(c["top1_onnx"], 2),
+            "onnx_KB": round(onnx.bytes / 1e3, 1), "packed_params_B": packed.param_bytes,
+            "predicted_B": packed.predicted_bytes, "file_B": packed.file_bytes, "opset": onnx.opset,
+            "widened": onnx.widened_inputs, "types": onnx.layers, "packed": packed.to_dict()}
+
+
+class OpNet(nn.Module):
+    """conv -> activation -> op -> ``after`` (the quantized layer measured) -> ReLU -> global average -> fc.
+
+    For flatten and reshape the layer after the op is the head itself (a 4x4-stride stem keeps it small).
+    """
+
+    def __init__(self, op: str):
+        super().__init__()
+        self.op, head_input = op, op in ("flatten", "reshape")
+        self.conv1 = nn.Conv2d(1, 16, 4, stride=4) if head_input else nn.Conv2d(1, 16, 3, padding=1)
+        self.side = nn.Conv2d(1, 16, 3, padding=1) if op in ("concat", "add") else None
+        self.after = None if head_input else nn.Conv2d(32 if op == "concat" else 16, 32, 3, padding=1)
+        self.fc = nn.Linear(16 * 7 * 7 if head_input else 32, 10)
+
+    def forward(self, x):
+        op = self.op
+        act = {"relu6": F.relu6, "hardswish": F.hardswish}.get(op, torch.relu)
+        a = act(self.conv1(x))
+        if op == "flatten":
+            return self.fc(a.flatten(1))
+        if op == "reshape":
+            return self.fc(a.reshape(a.shape[0], -1))
+        a = {"maxpool": lambda t: F.max_pool2d(t, 2), "avgpool": lambda t: F.avg_pool2d(t, 2),
+             "adaptive": lambda t: F.adaptive_avg_pool2d(t, 7), "global": lambda t: F.adaptive_avg_pool2d(t, 1),
+             "concat": lambda t: torch.cat([t, torch.relu(self.side(x))], 1),
+             "add": lambda t: t + torch.relu(self.side(x))}.get(op, lambda t: t)(a)
+        return self.fc(torch.relu(self.after(a)).mean((2, 3)))
+
+
+def op_model(op: str, bits: int, calib: torch.Tensor, head_data) -> tuple[nn.Module, str]:
+    """OpNet(op) quantized with ``bits``-bit inputs to the layer after the op, 8 bits elsewhere; (model, that layer)."""
+    torch.manual_seed(0)
+    base = OpNet(op).eval()
+    after = "fc" if base.after is None else "after"
+    space = SearchSpace.from_model(base, (4, 8), range(2, 9), fixed="none")
+    model = apply_policy(quantize_model(base, space), Policy.from_rules(space, (8, 8), {after: (4, bits)}))
+    calibrate(model, calib)
+    fit_head(model.eval(), *head_data)
+    calibrate(model, calib)  # the new head's weight step
+    return model, after
+
+
+def op_rows(args, train_loader, test_loader) -> list[dict]:
+    calib, head_data = _take(train_loader, 256)[0], _take(train_loader, 5000)
+    x, y = _take(test_loader, args.samples)
+    batches = list(zip(x.split(500), y.split(500), strict=True))
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for op in OPS:
+            for bits in (2, 3, 4, 8):
+                model, after = op_model(op, bits, calib, head_data)
+                for opset in (13, 21, 25):
+                    start = time.perf_counter()
+                    report = export_onnx(model, SHAPE, Path(tmp) / "op.onnx", opset=opset, check_inputs=batches,
+                                         max_mismatch=1.0, min_agreement=0.0)
+                    rows.append({"op": op, "a_bits": bits, "opset": opset, **agreement(report.check),
+                                 "act_type": report.layers[after]["act_type"],
+                                 "widened": after in report.widened_inputs,
+                                 "seconds": round(time.perf_counter() - start, 2)})
+            print(f"  {op}: done", flush=True)
+    return rows
 
 
 def main() -> None:
@@ -140,8 +221,14 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=10000, help="test images compared (default: all 10,000)")
     parser.add_argument("--opset", type=int, help="ONNX opset (default: the highest onnxruntime runs)")
     parser.add_argument("--data-dir", help="Fashion-MNIST directory (default: the Debian package's)")
+    parser.add_argument("--ops", action="store_true", help="the per-op table instead of the ResNet-20 policies")
     args = parser.parse_args()
     train_loader, _, test_loader, _ = build_loaders(DataConfig(root=args.data_dir, eval_batch_size=500), 0)
+    if args.ops:
+        rows = op_rows(args, train_loader, test_loader)
+        print(markdown_table(rows, OP_COLUMNS))
+        print(f"wrote {write_result('export-ops', {'samples': args.samples, 'rows': rows})}")
+        return
     source, models = models_to_export(args, train_loader)
     print(f"weights: {source}", flush=True)
     with tempfile.TemporaryDirectory() as tmp:

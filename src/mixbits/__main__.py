@@ -7,7 +7,7 @@ import sys
 
 from . import __version__
 from .commands import cost, demo, evaluate, export, listing, lut, report, search, train
-from .errors import MixbitsError
+from .errors import AdvisedError, MixbitsError
 
 COMMANDS = {
     "train": (train, "train a float model, or a quantized one at a policy (QAT)"),
@@ -39,7 +39,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.handler(args)
     except MixbitsError as e:
-        print(f"mixbits {args.command}: error: {e}", file=sys.stderr)
+        message = e.for_cli() if isinstance(e, AdvisedError) else str(e)  # flags, not keyword arguments
+        print(f"mixbits {args.command}: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"mixbits {args.command}: interrupted; the last checkpoint is kept, continue with --resume",

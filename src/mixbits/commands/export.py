@@ -105,7 +105,8 @@ def _print_summary(out: Path, report: dict) -> None:
         print(f"  model.onnx   {onnx['bytes'] / 1e3:9.1f} KB  opset {onnx['opset']}")
         check = onnx.get("check")
         if check:
-            print(f"  check on {check['samples']} test images: top-1 agreement {check['top1_agreement']:.2f} %, "
+            print(f"  check on {check['samples']} test images: top-1 agreement {check['top1_agreement']:.2f} % with "
+                  f"onnxruntime's default optimisations ({check['unoptimized']['top1_agreement']:.2f} % without), "
                   f"max |diff| {check['max_abs_diff']:.3g} ({check['rel_diff']:.2g} of the largest output), "
                   f"{check['differing_samples']} samples beyond {check['tolerance']:g}; each layer alone within "
                   f"{check['layer_max_rel_diff']:.2g}")

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import itertools
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import onnx
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from ..errors import MixbitsError
+from ..errors import AdvisedError, MixbitsError
 from ..quant import quant_layers
+from .locate import against_optimized, against_pytorch, padded
 from .qdq import LayerSpec, QTypes, layer_model, session
 
 
@@ -54,85 +56,157 @@ def check_layers(model: nn.Module, specs: dict[str, LayerSpec], types: dict[str,
             h.remove()
     worst = {"layer_max_rel_diff": 0.0, "worst_layer": None}
     for name, (inp, ref) in seen.items():
-        layer = layers[name]
-        if isinstance(layer, nn.Conv2d) and layer.padding_mode != "zeros":
-            inp = F.pad(inp, layer._reversed_padding_repeated_twice, mode=layer.padding_mode)
+        inp = padded(layers[name], inp)
         proto = layer_model(specs[name], types[name], opset, tuple(inp.shape))
         got = torch.from_numpy(session(proto.SerializeToString()).run(None, {"x": inp.float().numpy()})[0])
         rel = float((got - ref).abs().max()) / max(float(ref.abs().max()), 1e-12)
         if rel > tolerance:
-            raise MixbitsError(f"layer {name!r} alone differs from PyTorch by {rel:.2g} of its largest output "
-                               f"(tolerance {tolerance:g}) with types {types[name].describe()}; try --opset 13")
+            raise AdvisedError(f"layer {name!r} alone differs from PyTorch by {rel:.2g} of its largest output "
+                               f"(tolerance {tolerance:g}) with types {types[name].describe()}",
+                               [("opset=13", "--opset 13")] if opset != 13 else [])
         if rel >= worst["layer_max_rel_diff"]:
             worst = {"layer_max_rel_diff": rel, "worst_layer": name}
     return worst
 
 
+SESSIONS = {"default": True, "unoptimized": False}  # name -> onnxruntime graph optimisations on (as deployed)
+
+
+@dataclass
+class _Tally:
+    """One session's differences from PyTorch, accumulated over batches."""
+
+    n_outputs: int
+    diffs: list = field(default_factory=list)  # per batch: per output, max |diff| per sample
+    scales: list = field(default_factory=list)  # per output: largest |PyTorch value|
+    agree: int = 0
+    correct: int = 0
+    worst: tuple = (0.0, None, None)  # (max |diff|, batch, per-sample |diff|): where to look for the first node
+
+    def add(self, x, ref: list[torch.Tensor], got: list[torch.Tensor], y) -> None:
+        per_sample = [(r - g).abs().reshape(r.shape[0], -1).amax(1) for r, g in zip(ref, got, strict=True)]
+        self.diffs.append(per_sample)
+        self.scales = [max(a, float(r.abs().max())) for a, r in
+                       zip(self.scales or [0.0] * self.n_outputs, ref, strict=True)]
+        pred_ref, pred_got = ref[0].argmax(-1), got[0].argmax(-1)
+        self.agree += int((pred_ref == pred_got).sum())
+        if y is not None:
+            self.correct += int((pred_got == y).sum())
+        badness = torch.where(pred_ref != pred_got, float("inf"), per_sample[0])  # a changed top-1 first
+        if float(badness.max()) > self.worst[0] or self.worst[1] is None:
+            self.worst = (float(badness.max()), x, badness)
+
+    def samples_to_locate(self, count: int = 8) -> torch.Tensor:
+        _, x, badness = self.worst
+        return x[badness.argsort(descending=True)[:count]]
+
+
 @torch.no_grad()
 def check_onnx(model: nn.Module, onnx_model: bytes | str | Path, inputs, outputs=("output",),
                tolerance: float = 1e-3, max_mismatch: float = 0.5, min_agreement: float = 99.0) -> dict:
-    """Run the ONNX file with onnxruntime (CPU) and PyTorch on the same inputs; compare every output.
+    """Run the ONNX file with onnxruntime (CPU) as deployed and unoptimised, and PyTorch, on the same inputs.
 
-    A sample "differs" when some output of it is off by more than ``tolerance`` times that output's
-    largest |value| over all samples. Float summation order differs between the runtimes, so an
-    activation lying within rounding error of a midpoint between two levels can land on the other
-    level; a few samples then differ by about one quantization step. A wrong graph makes most samples
-    differ instead: more than ``max_mismatch`` (a fraction) of them, or a top-1 agreement below
-    ``min_agreement`` percent, raises. Returns max |diff|, its relative size, the differing samples,
-    top-1 agreement (first output), and both accuracies when labels are given.
+    Both onnxruntime sessions are compared with PyTorch: the default one (graph optimisations at
+    onnxruntime's default level, what users deploy) in the top-level fields, the unoptimised one under
+    ``unoptimized``. A sample "differs" when some output of it is off by more than ``tolerance`` times
+    that output's largest |value| over all samples. Float summation order differs between the runtimes,
+    so an activation lying within rounding error of a midpoint between two levels can land on the
+    other level; a few samples then differ by about one quantization step. A wrong graph makes most
+    samples differ instead: more than ``max_mismatch`` (a fraction) of them, or a top-1 agreement below
+    ``min_agreement`` percent, in either session raises, naming the first node that differs. Returns
+    max |diff|, its relative size, the differing samples, top-1 agreement (first output), and both
+    accuracies when labels are given.
     """
     data = onnx_model if isinstance(onnx_model, bytes) else Path(onnx_model).read_bytes()
-    sess, was_training = session(data), model.training
+    sessions = {name: session(data, optimize=on) for name, on in SESSIONS.items()}
+    tallies = {name: _Tally(len(outputs)) for name in sessions}
+    was_training, counts = model.training, {"samples": 0, "labelled": 0, "correct_torch": 0}
     model.eval()
-    diffs, scales = [[] for _ in outputs], [0.0] * len(outputs)
-    counts = {"samples": 0, "agree": 0, "labelled": 0, "correct_torch": 0, "correct_onnx": 0}
     try:
         for x, y in _batches(inputs):
             ref = [t.float() for t in _as_list(model(x))]
-            got = [torch.from_numpy(a) for a in sess.run(list(outputs), {"input": x.float().numpy()})]
-            for i, (r, g) in enumerate(zip(ref, got, strict=True)):
-                diffs[i].append((r - g).abs().reshape(r.shape[0], -1).amax(1))
-                scales[i] = max(scales[i], float(r.abs().max()))
-            _count(counts, ref[0].argmax(-1), got[0].argmax(-1), y)
+            for name, sess in sessions.items():
+                got = [torch.from_numpy(a) for a in sess.run(list(outputs), {"input": x.float().numpy()})]
+                tallies[name].add(x, ref, got, y)
+            counts["samples"] += ref[0].shape[0]
+            if y is not None:
+                counts["labelled"] += int(y.numel())
+                counts["correct_torch"] += int((ref[0].argmax(-1) == y).sum())
+        if counts["samples"] == 0:
+            raise MixbitsError("check_inputs yielded no samples; give a tensor (N, C, H, W) or a loader of batches")
+        limits = (tolerance, max_mismatch, min_agreement)
+        verdicts = {name: _verdict(tally, counts, outputs, limits) for name, tally in tallies.items()}
+        failed = [name for name, (_, problems) in verdicts.items() if problems]
+        if failed:
+            _raise_mismatch(model, data, verdicts, tallies[failed[-1]], failed, outputs, tolerance)
     finally:
         model.train(was_training)
-    return _verdict(counts, [torch.cat(d) for d in diffs], scales, outputs, (tolerance, max_mismatch, min_agreement))
+    default = verdicts["default"][0]
+    return {**default, "unoptimized": {k: v for k, v in verdicts["unoptimized"][0].items() if k not in _SHARED}}
 
 
-def _count(counts: dict, pred_ref, pred_got, y) -> None:
-    counts["samples"] += pred_ref.shape[0]
-    counts["agree"] += int((pred_ref == pred_got).sum())
-    if y is not None:
-        counts["labelled"] += int(y.numel())
-        counts["correct_torch"] += int((pred_ref == y).sum())
-        counts["correct_onnx"] += int((pred_got == y).sum())
+_SHARED = ("samples", "output_scale", "tolerance", "top1_torch")  # the same for both sessions
 
 
-def _verdict(counts: dict, diffs: list[torch.Tensor], scales: list[float], outputs, limits) -> dict:
+def _verdict(tally: _Tally, counts: dict, outputs, limits) -> tuple[dict, list[str]]:
+    """(figures, problems) of one session."""
     tolerance, max_mismatch, min_agreement = limits
     n = counts["samples"]
-    if n == 0:
-        raise MixbitsError("check_inputs yielded no samples; give a tensor (N, C, H, W) or a loader of batches")
-    rel = [d / max(s, 1e-12) for d, s in zip(diffs, scales, strict=True)]
-    differ = torch.stack([r > tolerance for r in rel]).any(0)
-    result = {"samples": n, "max_abs_diff": max(float(d.max()) for d in diffs), "output_scale": scales[0],
-              "rel_diff": max(float(r.max()) for r in rel), "differing_samples": int(differ.sum()),
-              "top1_agreement": 100.0 * counts["agree"] / n, "tolerance": tolerance}
+    diffs = [torch.cat([batch[i] for batch in tally.diffs]) for i in range(len(outputs))]
+    rel = [d / max(s, 1e-12) for d, s in zip(diffs, tally.scales, strict=True)]
+    worst = max(range(len(outputs)), key=lambda i: float(rel[i].max()))
+    result = {"samples": n, "max_abs_diff": max(float(d.max()) for d in diffs), "output_scale": tally.scales[0],
+              "rel_diff": float(rel[worst].max()), "worst_output": outputs[worst],
+              "differing_samples": int(torch.stack([r > tolerance for r in rel]).any(0).sum()),
+              "top1_agreement": 100.0 * tally.agree / n, "tolerance": tolerance}
     if counts["labelled"]:
         result["top1_torch"] = 100.0 * counts["correct_torch"] / counts["labelled"]
-        result["top1_onnx"] = 100.0 * counts["correct_onnx"] / counts["labelled"]
+        result["top1_onnx"] = 100.0 * tally.correct / counts["labelled"]
     problems = []
     if result["differing_samples"] > max_mismatch * n:
         problems.append(f"{result['differing_samples']} of {n} samples differ by more than {tolerance:g} of the "
                         f"largest output (at most {100 * max_mismatch:g} % may)")
     if result["top1_agreement"] < min_agreement:
         problems.append(f"top-1 agreement is {result['top1_agreement']:.2f} % (at least {min_agreement:g} % needed)")
-    if problems:
-        worst = max(range(len(outputs)), key=lambda i: float(rel[i].max()))
-        raise MixbitsError(f"ONNX output {outputs[worst]!r} does not match PyTorch: {'; '.join(problems)}; max |diff| "
-                           f"{float(diffs[worst].max()):.3g} ({float(rel[worst].max()):.2g} of its largest value). "
-                           "The file was not written; try --opset 13")
-    return result
+    return result, problems
+
+
+_SAID = {"default": "under onnxruntime's default graph optimisations (as deployed)",
+         "unoptimized": "with onnxruntime's graph optimisations disabled"}
+
+
+def _raise_mismatch(model, data: bytes, verdicts: dict, tally: _Tally, failed: list[str], outputs,
+                    tolerance: float) -> None:
+    """Say how each session fared and where the graph first departs from its reference; the file is not written."""
+    lines = []
+    for name, (figures, problems) in verdicts.items():
+        said = "; ".join(problems) if problems else f"matches (top-1 agreement {figures['top1_agreement']:.2f} %)"
+        lines.append(f"{_SAID[name]}: {said}, max |diff| {figures['max_abs_diff']:.3g} at output "
+                     f"{figures['worst_output']!r}")
+    x, advice = tally.samples_to_locate(), []
+    if "unoptimized" in failed:  # the graph itself computes something else than the model's forward
+        lines.append(_describe(against_pytorch(model, data, x, tolerance), "PyTorch"))
+        lines.append("the float ops traced between those two differ from what the model's forward computes "
+                     "(Python control flow that depends on the data, or an op exported differently)")
+    else:  # the graph is right; one of onnxruntime's rewrites changes the numbers
+        lines.append(_describe(against_optimized(data, x.float().numpy(), tolerance), "the unoptimised graph"))
+        opset = next(o.version for o in onnx.load_from_string(data).opset_import if o.domain in ("", "ai.onnx"))
+        advice = [("opset=13", "--opset 13")] if opset != 13 else []  # int8 containers everywhere
+    raise AdvisedError(f"the ONNX graph does not match PyTorch {'; '.join(lines)}. The file was not written",
+                       advice)
+
+
+def _describe(where: dict | None, reference: str) -> str:
+    if where is None:
+        return f"no intermediate tensor differs from {reference}; only the outputs do"
+    text = f"first node that differs from {reference}: {where['node']!r} ({where['op_type']}"
+    text += f" of the input of layer {where['layer']!r}" if where["layer"] else ""
+    text += f"), max |diff| {where['max_abs_diff']:.3g}"
+    if where["after"]:
+        text += f", after {where['after']!r} which agrees"
+    if where.get("rewritten"):
+        text += f"; the optimiser rewrote in between: {', '.join(where['rewritten'][:8])}"
+    return text
 
 
 def _check(model, data: bytes, inputs, outputs, layers, limits: tuple[float, float, float]) -> dict:

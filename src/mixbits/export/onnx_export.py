@@ -21,6 +21,7 @@ import io
 import warnings
 from dataclasses import asdict, dataclass, field
 
+import numpy as np
 import onnx
 import torch
 import torch.nn.functional as F
@@ -31,7 +32,8 @@ from ..quant import quant_layers
 from ..quant.convert import _set_submodule, require_quantized
 from ..utils import atomic_write_bytes
 from .check import _check
-from .qdq import LayerSpec, QTypes, choose_types, layer_nodes, layer_spec, resolve_opset, set_opset
+from .placement import Refusal, settle_types
+from .qdq import LayerSpec, QTypes, choose_types, layer_nodes, layer_spec, resolve_opset, session, set_opset
 
 DOMAIN = "mixbits"
 
@@ -45,6 +47,7 @@ class ExportReport:
     bytes: int
     layers: dict[str, dict] = field(default_factory=dict)
     float_layers: list[str] = field(default_factory=list)
+    widened_inputs: list[str] = field(default_factory=list)  # narrow input types the whole graph refused
     check: dict | None = None
 
     def to_dict(self) -> dict:
@@ -141,20 +144,19 @@ def _trace(model: nn.Module, input_shape, opset: int) -> tuple[bytes, dict[str, 
     return buf.getvalue(), stubs, outputs
 
 
-def _expand(proto, specs: dict[str, LayerSpec], opset: int) -> dict[str, QTypes]:
-    """Replace every placeholder by its QDQ subgraph; returns the types chosen per layer."""
-    graph, nodes, chosen = proto.graph, [], {}
+def _expand(proto, specs: dict[str, LayerSpec], types: dict[str, QTypes], opset: int) -> None:
+    """Replace every placeholder by its QDQ subgraph with the given types."""
+    graph, nodes, done = proto.graph, [], set()
     taken = {init.name for init in graph.initializer}
     for node in graph.node:
         if node.domain != DOMAIN:
             nodes.append(node)
             continue
         name = next(a.s.decode() for a in node.attribute if a.name == "name")
-        first = name not in chosen
-        chosen.setdefault(name, choose_types(specs[name], opset))
-        sub_nodes, inits = layer_nodes(specs[name], node.input[0], node.output[0], chosen[name])
+        sub_nodes, inits = layer_nodes(specs[name], node.input[0], node.output[0], types[name])
         nodes.extend(sub_nodes)
-        if first:
+        if name not in done:  # a layer called twice shares its initializers
+            done.add(name)
             clash = [i.name for i in inits if i.name in taken]
             if clash:
                 raise MixbitsError(f"initializer names {clash} of layer {name!r} are taken by the float graph")
@@ -162,7 +164,26 @@ def _expand(proto, specs: dict[str, LayerSpec], opset: int) -> dict[str, QTypes]
     del graph.node[:]
     graph.node.extend(nodes)
     set_opset(proto, opset)
-    return chosen
+
+
+def _build(raw: bytes, specs: dict[str, LayerSpec], types: dict[str, QTypes], opset: int) -> bytes:
+    proto = onnx.load_from_string(raw)
+    _expand(proto, specs, types, opset)
+    onnx.checker.check_model(proto, full_check=True)
+    return proto.SerializeToString()
+
+
+def _refusal(raw: bytes, specs: dict[str, LayerSpec], opset: int, input_shape) -> Refusal:
+    """Why onnxruntime's default session refuses the whole graph built with given types (None: it runs it)."""
+    x = np.zeros((1, *input_shape), np.float32)
+
+    def refusal(types: dict[str, QTypes]) -> str | None:
+        try:
+            session(_build(raw, specs, types, opset)).run(None, {"input": x})
+        except Exception as e:  # noqa: BLE001 - onnxruntime raises its own types; the message is the answer
+            return str(e).strip().splitlines()[0]
+        return None
+    return refusal
 
 
 # the public entry point ----------------------------------------------------------------------------
@@ -186,13 +207,12 @@ def export_onnx(model: nn.Module, input_shape, path, opset: int | None = None, c
     raw, stubs, outputs = _trace(model, tuple(input_shape), opset)
     for name, stub in stubs.items():
         specs[name].in_ranks = tuple(sorted(stub.ranks))
-    proto = onnx.load_from_string(raw)
-    types = _expand(proto, specs, opset)
-    onnx.checker.check_model(proto, full_check=True)
-    data = proto.SerializeToString()
+    types = {name: choose_types(spec, opset) for name, spec in specs.items()}
+    types, widened = settle_types(types, specs, _refusal(raw, specs, opset, tuple(input_shape)), opset)
+    data = _build(raw, specs, types, opset)
     described = {n: {"w_bits": specs[n].w_bits, "a_bits": specs[n].a_bits, "per_channel": specs[n].per_channel,
                      **t.describe()} for n, t in types.items()}
-    report = ExportReport(str(path), opset, len(data), described, float_layers)
+    report = ExportReport(str(path), opset, len(data), described, float_layers, widened)
     if check_inputs is not None:
         limits = (tolerance, max_mismatch, min_agreement)
         report.check = _check(model, data, check_inputs, outputs, (specs, types, opset), limits)

@@ -15,7 +15,7 @@ import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
-from ..errors import MixbitsError
+from ..errors import AdvisedError, MixbitsError
 from ..quant import integer_range
 from .packing import pack_bits
 
@@ -116,8 +116,15 @@ def choose_types(spec: LayerSpec, opset: int) -> QTypes:
     for types in dict.fromkeys(tries):
         if _runs(spec, types, opset):
             return types
-    raise MixbitsError(f"onnxruntime {ort.__version__} runs no QDQ form of layer {spec.name!r} at opset {opset}; "
-                       f"try --opset 13")
+    raise AdvisedError(f"onnxruntime {ort.__version__} runs no QDQ form of layer {spec.name!r} at opset {opset}",
+                       [("opset=13", "--opset 13")] if opset != 13 else [])
+
+
+def widened(types: QTypes, spec: LayerSpec) -> QTypes:
+    """The same layer with its input codes in an 8-bit container and a Clip to its range (weights unchanged)."""
+    if WIDTH[types.act] == 8:
+        return types
+    return replace(types, act=(SIGNED if spec.a_signed else UNSIGNED)[8], clip=spec.a_bits < 8)
 
 
 def _int_tensor(name: str, values: np.ndarray, dtype: int):
@@ -139,8 +146,9 @@ def _weight_inits(spec: LayerSpec, types: QTypes) -> list:
     inits = [_int_tensor(f"{n}.weight_int", spec.codes, types.weight),
              numpy_helper.from_array(scale.astype(np.float32), f"{n}.weight_scale"),
              _int_tensor(f"{n}.weight_zero_point", zeros, types.weight)]
-    if spec.bias is not None:
-        inits.append(numpy_helper.from_array(spec.bias.astype(np.float32), f"{n}.bias"))
+    if spec.bias is not None:  # (C, 1, 1) for a convolution, so that Add broadcasts over (N, C, H, W)
+        shape = (-1, 1, 1) if spec.kind == "conv" else (-1,)
+        inits.append(numpy_helper.from_array(spec.bias.astype(np.float32).reshape(shape), f"{n}.bias"))
     return inits
 
 
@@ -168,18 +176,20 @@ def layer_nodes(spec: LayerSpec, x: str, y: str, types: QTypes) -> tuple[list, l
     axis = {"axis": 0} if spec.per_channel else {}
     nodes.append(node("DequantizeLinear", [f"{n}.weight_int", f"{n}.weight_scale", f"{n}.weight_zero_point"],
                       [f"{y}/weight_dq"], name=f"{y}/DequantizeWeight", **axis))
-    bias = [f"{n}.bias"] if spec.bias is not None else []
     xd, wd = f"{y}/input_dq", f"{y}/weight_dq"
+    # The bias is a separate Add, never an input of Conv/Gemm: onnxruntime's default optimisations
+    # quantize a Conv/Gemm bias to int32 at scale input_scale * weight_scale, which moves the outputs
+    # by up to half that step and, through a later low-bit quantizer, flips whole levels.
+    product = f"{y}/product" if spec.bias is not None else y
     if spec.kind == "conv":
-        nodes.append(node("Conv", [xd, wd, *bias], [y], name=f"{y}/Conv", **spec.conv))
+        nodes.append(node("Conv", [xd, wd], [product], name=f"{y}/Conv", **spec.conv))
     elif max(spec.in_ranks or (2,)) <= 2:
-        nodes.append(node("Gemm", [xd, wd, *bias], [y], name=f"{y}/Gemm", transB=1))
-    else:  # inputs of rank > 2 (tokens): MatMul with the transposed weight, then the bias
-        mm = f"{y}/matmul" if bias else y
+        nodes.append(node("Gemm", [xd, wd], [product], name=f"{y}/Gemm", transB=1))
+    else:  # inputs of rank > 2 (tokens): MatMul with the transposed weight
         nodes += [node("Transpose", [wd], [f"{y}/weight_t"], name=f"{y}/Transpose", perm=[1, 0]),
-                  node("MatMul", [xd, f"{y}/weight_t"], [mm], name=f"{y}/MatMul")]
-        if bias:
-            nodes.append(node("Add", [mm, *bias], [y], name=f"{y}/Add"))
+                  node("MatMul", [xd, f"{y}/weight_t"], [product], name=f"{y}/MatMul")]
+    if spec.bias is not None:
+        nodes.append(node("Add", [product, f"{n}.bias"], [y], name=f"{y}/AddBias"))
     return nodes, _input_inits(spec, types) + _weight_inits(spec, types)
 
 
@@ -200,9 +210,18 @@ def set_opset(proto, opset: int) -> None:
     proto.ir_version = max(7, helper.find_min_ir_version_for(list(proto.opset_import)))
 
 
-def session(data: bytes, threads: int | None = None) -> ort.InferenceSession:
+def session(data: bytes, threads: int | None = None, optimize: bool = True,
+            optimized_path: str | None = None) -> ort.InferenceSession:
+    """A CPU session as users deploy it (onnxruntime's default graph optimisations), or with none (``optimize=False``).
+
+    ``optimized_path``: where onnxruntime saves the graph as its optimisations left it.
+    """
     options = ort.SessionOptions()
-    options.log_severity_level = 3  # errors only: shape-mismatch notices on dynamic batches are expected
+    options.log_severity_level = 4  # onnxruntime raises its errors anyway; a refused probe is an answer, not news
+    if not optimize:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    if optimized_path:
+        options.optimized_model_filepath = str(optimized_path)
     if threads:
         options.intra_op_num_threads = int(threads)
     return ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])

@@ -1,0 +1,143 @@
+"""Where an exported graph first departs from its reference: the first node whose output differs.
+
+Both searches run the graph unoptimised with intermediate tensors exposed as extra outputs, on the
+samples that differed, and walk the nodes in graph order:
+
+- ``against_optimized``: onnxruntime's optimised session against the same graph unoptimised. The
+  graph as the optimiser left it is saved and run again unoptimised (the same kernels, so the same
+  numbers); the tensors it still shares with the original graph are compared. Nodes the optimiser
+  fused away have no tensor to compare, so the answer is the first kept node that differs, the last
+  kept node before it that agrees, and the original nodes rewritten in between.
+- ``against_pytorch``: the unoptimised graph against PyTorch, at each quantized layer's dequantized
+  input (the first DequantizeLinear whose scale is ``<layer>.input_scale``) and at the outputs.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+import torch.nn.functional as F
+from onnx import helper
+from torch import nn
+
+from ..quant import quant_layers
+from .qdq import session
+
+
+def _run_exposing(proto: onnx.ModelProto, names: list[str], x: np.ndarray) -> dict[str, np.ndarray]:
+    exposed = onnx.ModelProto()
+    exposed.CopyFrom(proto)
+    present = {o.name for o in exposed.graph.output}
+    exposed.graph.output.extend(helper.make_empty_tensor_value_info(n) for n in names if n not in present)
+    sess = session(exposed.SerializeToString(), optimize=False)
+    return dict(zip([o.name for o in sess.get_outputs()], sess.run(None, {"input": x}), strict=True))
+
+
+def _first_divergence(order: list[tuple], ref: dict, got: dict, tolerance: float) -> dict | None:
+    """The first (node, tensor) of ``order`` whose values differ by more than ``tolerance`` of the reference's
+    largest |value|, with the last one before it that agrees."""
+    last = None
+    for node, tensor in order:
+        r, g = np.asarray(ref[tensor], np.float64), np.asarray(got[tensor], np.float64)
+        if r.shape != g.shape or r.size == 0:
+            continue
+        diff = float(np.abs(r - g).max())
+        if diff > tolerance * max(float(np.abs(r).max()), 1e-12):
+            return {"node": node.name, "op_type": node.op_type, "output": tensor, "max_abs_diff": diff,
+                    "after": last, "layer": _layer_of(node)}
+        last = node.name
+    return None
+
+
+def _layer_of(node) -> str | None:
+    """The quantized layer whose input this Quantize/Clip/DequantizeLinear node handles (by its scale's name)."""
+    scale = next((t for t in node.input if t.endswith(".input_scale")), None)
+    return scale.removesuffix(".input_scale") if scale else None
+
+
+def _optimized(data: bytes) -> onnx.ModelProto:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "optimized.onnx"
+        session(data, optimized_path=str(path))
+        return onnx.load(path)
+
+
+def _rewritten(proto: onnx.ModelProto, found: dict, kept: set[str]) -> list[str]:
+    """Original nodes on the data path into the differing node, after the last agreeing one, that the optimiser
+    removed (constant folding of weights is left out: it computes nothing per sample)."""
+    nodes = list(proto.graph.node)
+    producer = {t: i for i, n in enumerate(nodes) for t in n.output}
+    live = {o.name for o in proto.graph.input}
+    for n in nodes:  # graph order is topological
+        if live & set(n.input):
+            live.update(n.output)
+    start = next((i for i, n in enumerate(nodes) if n.name == found["after"]), -1)
+    stack, feeding = [producer[found["output"]]], set()
+    while stack:
+        for t in nodes[stack.pop()].input:
+            j = producer.get(t)
+            if t in live and j is not None and j > start and j not in feeding:
+                feeding.add(j)
+                stack.append(j)
+    return [nodes[i].name for i in sorted(feeding) if not kept & set(nodes[i].output)]
+
+
+def against_optimized(data: bytes, x: np.ndarray, tolerance: float) -> dict | None:
+    """The first node kept by onnxruntime's optimiser whose output differs from the unoptimised graph's."""
+    proto, optimized = onnx.load_from_string(data), _optimized(data)
+    kept = {t for n in optimized.graph.node for t in n.output}
+    order = [(n, t) for n in proto.graph.node for t in n.output if t in kept]
+    names = [t for _, t in order]
+    found = _first_divergence(order, _run_exposing(proto, names, x), _run_exposing(optimized, names, x), tolerance)
+    if found:
+        found["rewritten"] = _rewritten(proto, found, kept)
+    return found
+
+
+@torch.no_grad()
+def against_pytorch(model: nn.Module, data: bytes, x: torch.Tensor, tolerance: float) -> dict | None:
+    """The first quantized layer input (or output) of the unoptimised graph that differs from PyTorch's."""
+    proto, layers = onnx.load_from_string(data), quant_layers(model)
+    order, tensors = [], {}  # the first DequantizeLinear of each layer's input, in graph order
+    for node in proto.graph.node:
+        name = _layer_of(node) if node.op_type == "DequantizeLinear" else None
+        if name in layers and name not in tensors:
+            order.append((node, node.output[0]))
+            tensors[name] = node.output[0]
+    ref = _quantized_inputs(model, tensors, x)
+    outputs = [o.name for o in proto.graph.output]
+    out = model(x)
+    ref.update(zip(outputs, [t.float().numpy() for t in ([out] if isinstance(out, torch.Tensor) else out)],
+                   strict=True))
+    producers = {t: n for n in proto.graph.node for t in n.output}
+    order += [(producers[t], t) for t in outputs]
+    return _first_divergence(order, ref, _run_exposing(proto, list(ref), x.float().numpy()), tolerance)
+
+
+def _quantized_inputs(model: nn.Module, tensors: dict[str, str], x: torch.Tensor) -> dict[str, np.ndarray]:
+    """PyTorch's quantized input of each layer in ``tensors`` (its first call), keyed by that layer's ONNX tensor."""
+    layers, seen = quant_layers(model), {}
+
+    def record(name):
+        def hook(module, inputs):
+            seen.setdefault(tensors[name], module.quantized_input(padded(module, inputs[0])).float().numpy())
+        return hook
+
+    hooks = [layers[name].register_forward_pre_hook(record(name)) for name in tensors]
+    try:
+        model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    return seen
+
+
+def padded(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A convolution's input as its ONNX graph sees it: non-zero padding modes are applied before the layer."""
+    if isinstance(layer, nn.Conv2d) and layer.padding_mode != "zeros":
+        return F.pad(x, layer._reversed_padding_repeated_twice, mode=layer.padding_mode)
+    return x
