@@ -54,12 +54,13 @@ MODELS = {"resnet20": {}, "mobilenetv2": {"small_input": True}}
 # quick: a smoke test of the whole protocol. medium: what fits in about 3 hours of 2 CPU cores per model.
 # full: the whole data set, for a GPU.
 PRESETS = {
-    "quick": {"width": 0.25, "train_samples": 2000, "test_samples": 2000, "fp_epochs": 3, "finetune_epochs": 1,
-              "search_epochs": 1, "seeds": (0, 1), "budgets": ("uniform:2.5", "uniform:w3a2", "uniform:3.5")},
-    "medium": {"width": 0.5, "train_samples": 8000, "test_samples": None, "fp_epochs": 8, "finetune_epochs": 2,
-               "search_epochs": 1, "seeds": (0, 1, 2), "budgets": BUDGETS},
-    "full": {"width": 1.0, "train_samples": None, "test_samples": None, "fp_epochs": 30, "finetune_epochs": 15,
-             "search_epochs": 5, "seeds": (0, 1, 2), "budgets": BUDGETS},
+    "quick": {"width": {"resnet20": 0.25, "mobilenetv2": 0.25}, "train_samples": 2000, "test_samples": 2000,
+              "fp_epochs": 3, "finetune_epochs": 1, "search_epochs": 1, "seeds": (0, 1),
+              "budgets": ("uniform:2.5", "uniform:w3a2", "uniform:3.5")},
+    "medium": {"width": {"resnet20": 1.0, "mobilenetv2": 0.5}, "train_samples": 8000, "test_samples": None,
+               "fp_epochs": 8, "finetune_epochs": 2, "search_epochs": 1, "seeds": (0, 1, 2), "budgets": BUDGETS},
+    "full": {"width": {"resnet20": 1.0, "mobilenetv2": 1.0}, "train_samples": None, "test_samples": None,
+             "fp_epochs": 30, "finetune_epochs": 15, "search_epochs": 5, "seeds": (0, 1, 2), "budgets": BUDGETS},
 }
 # The recipe of every fine-tune, references included: SGD at mixbits.FINETUNE_LR, cosine, no distillation.
 RECIPE = {"weight_decay": 1e-4}
@@ -80,17 +81,19 @@ def code_version() -> str:
 class RowCache:
     """rows.jsonl: one finished row per line, keyed by (method, budget, seed) and the code version."""
 
-    def __init__(self, directory: Path, version: str):
+    def __init__(self, directory: Path, version: str, keep_stale: bool = False):
         self.path, self.version = directory / "rows.jsonl", version
         self.rows: dict[str, dict] = {}
         self.stale = 0
         if self.path.is_file():
             for line in self.path.read_text().splitlines():
                 row = json.loads(line)
-                if row.get("code") == self.version:
-                    self.rows[row["key"]] = row
-                else:
+                if row.get("code") != self.version:
                     self.stale += 1
+                    if not keep_stale:
+                        continue
+                    row["stale"] = True  # reported as such, beside the code version that made it
+                self.rows[row["key"]] = row
 
     @staticmethod
     def key(method: str, budget: str, seed: int) -> str:
@@ -130,7 +133,7 @@ class Bench:
         if args.seeds:
             self.preset["seeds"] = tuple(args.seeds)
         self.dir = CACHE / f"{args.model}-{args.preset}"
-        self.cache = RowCache(self.dir, code_version())
+        self.cache = RowCache(self.dir, code_version(), keep_stale=args.keep_stale)
         self.device = torch.device(args.device)
         set_fused(args.device == "cpu")
         self.float_model = self._float_model()
@@ -144,7 +147,7 @@ class Bench:
 
     def _float_model(self) -> torch.nn.Module:
         torch.manual_seed(0)
-        model = create(self.args.model, num_classes=10, in_chans=1, width=self.preset["width"],
+        model = create(self.args.model, num_classes=10, in_chans=1, width=self.preset["width"][self.args.model],
                        **MODELS[self.args.model])
         train, val, test = self.loaders(0)
         cfg = TrainConfig(epochs=self.preset["fp_epochs"], lr=0.1, warmup_epochs=1.0, seed=0)
@@ -229,6 +232,7 @@ def write_results(bench: Bench, methods: list[str]) -> Path:
     summary = summarise(rows)
     name = f"front-{bench.args.model}-{bench.args.preset}"
     meta = {**metadata(), "preset": bench.args.preset, "preset_settings": bench.preset, "code": bench.cache.version,
+            "stale_rows": sum(1 for r in rows if r.get("stale")),
             "float_top1": bench.float_top1, "recipe": {**RECIPE, "lr": mixbits.FINETUNE_LR["sgd"],
                                                        "epochs": bench.preset["finetune_epochs"]}}
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -236,9 +240,11 @@ def write_results(bench: Bench, methods: list[str]) -> Path:
     columns = ["method", "budget", "n", "bitops", "test_top1", "top1_ci95", "mean_gain", "ci95", "search_seconds",
                "finetune_seconds"]
     table = markdown_table(summary, columns)
+    stale = sum(1 for r in rows if r.get("stale"))
     header = (f"{bench.args.model}, preset {bench.args.preset} ({bench.preset}); float {bench.float_top1:.2f} %; "
-              f"code {bench.cache.version}, commit {meta['commit']}. Gain: paired (same seed) top-1 minus the "
-              "uniform front, 95 % Student-t interval over seeds.")
+              f"code {bench.cache.version}, commit {meta['commit']}"
+              + (f"; {stale} rows from earlier code (stale: true)" if stale else "") + ". Gain: paired (same seed) "
+              "top-1 minus the uniform front, 95 % Student-t interval over seeds.")
     (RESULTS / f"{name}.md").write_text(f"{header}\n\n{table}\n")
     plot_front(rows, summary, bench.float_top1, RESULTS / f"{name}.png", f"{bench.args.model} ({bench.args.preset})")
     print(f"\n{header}\n\n{table}")
@@ -254,10 +260,13 @@ def main(argv=None) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--data-dir", default=None)
     p.add_argument("--report-only", action="store_true", help="write the results from the cached rows, run nothing")
+    p.add_argument("--keep-stale", action="store_true",
+                   help="keep rows made by other code (marked stale in the results) instead of running them again")
     args = p.parse_args(argv)
     bench = Bench(args)
     if bench.cache.stale:
-        print(f"{bench.cache.stale} cached rows came from other code and are run again", flush=True)
+        what = "are kept and marked stale" if args.keep_stale else "are run again"
+        print(f"{bench.cache.stale} cached rows came from other code and {what}", flush=True)
     if not args.report_only:
         for seed in bench.preset["seeds"]:
             bench.references(seed)

@@ -58,7 +58,7 @@ def test_transformer_bitops_and_size_match_a_hand_count():
     assert size_bits(stats, policy) >= weights_searched * 4 + weights_fixed * 8
 
 
-def test_a_transformer_classifier_is_searched_and_packed(tmp_path):
+def test_a_transformer_classifier_is_searched_and_exported(tmp_path):
     torch.manual_seed(0)
     model = create("vit_tiny", num_classes=3, in_chans=1, image_size=8, patch=4, dim=16, depth=1, heads=2)
     gen = torch.Generator().manual_seed(0)
@@ -68,5 +68,7 @@ def test_a_transformer_classifier_is_searched_and_packed(tmp_path):
     assert any(".attn.q_proj" in n for n in result.policies[0].bits)
     net = mixbits.subnet(result, bn_data=data)
     assert mixbits.evaluate(net, data)["samples"] == 24
-    report = mixbits.export(net, tmp_path / "vit", data[0][0], formats=["packed"])
+    report = mixbits.export(net, tmp_path / "vit", data[0][0], check_inputs=data)
+    assert report["onnx"]["check"]["top1_agreement"] >= 99.0
+    assert report["onnx"]["check"]["unoptimized"]["top1_agreement"] >= 99.0
     assert report["packed"]["file_bytes"] > 0

@@ -41,3 +41,18 @@ def test_gains_are_paired_by_seed_and_summarised():
     x = summary["x", "bitops<=uniform:2.5"]
     assert x["n"] == 3 and x["mean_gain"] == pytest.approx(1.0) and x["ci95"] == pytest.approx(0.0, abs=1e-12)
     assert x["top1_ci95"] > 1.0  # unpaired, the seed offsets would swamp the gain
+
+
+def test_the_row_cache_reruns_or_marks_rows_from_other_code(tmp_path):
+    from front import RowCache
+
+    old = RowCache(tmp_path, "code-a")
+    old.put({"method": "hawq", "budget": "bitops<=uniform:2.5", "seed": 0, "test_top1": 80.0})
+    assert RowCache(tmp_path, "code-a").get("hawq", "bitops<=uniform:2.5", 0)["test_top1"] == 80.0
+    fresh = RowCache(tmp_path, "code-b")
+    assert fresh.stale == 1 and fresh.get("hawq", "bitops<=uniform:2.5", 0) is None
+    kept = RowCache(tmp_path, "code-b", keep_stale=True)
+    assert kept.get("hawq", "bitops<=uniform:2.5", 0)["stale"] is True
+    fresh.put({"method": "hawq", "budget": "bitops<=uniform:2.5", "seed": 0, "test_top1": 81.0})
+    again = RowCache(tmp_path, "code-b")
+    assert again.stale == 0 and again.get("hawq", "bitops<=uniform:2.5", 0)["test_top1"] == 81.0

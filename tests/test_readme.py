@@ -3,6 +3,8 @@
 import re
 from pathlib import Path
 
+from mixbits.quant import fused_enabled, set_fused
+
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
 
@@ -27,3 +29,23 @@ def test_api_example_runs(capsys):
     exec(compile(code, "README.md", "exec"), {})
     out = capsys.readouterr().out
     assert "G BitOPs" in out and "KB" in out
+
+
+def your_own_model_example() -> str:
+    section = README.split("## Your own model", 1)[1]
+    return re.search(r"```python\n(.*?)```", section, re.S).group(1)
+
+
+def test_the_readme_example_searches_finetunes_evaluates_and_exports(tmp_path, monkeypatch, capsys):
+    code = your_own_model_example()
+    assert len(code.strip().splitlines()) <= 16
+    monkeypatch.chdir(tmp_path)
+    was_fused = fused_enabled()
+    set_fused(False)  # the eager quantizers: no kernel compilation inside a test
+    try:
+        exec(compile(code, "README.md", "exec"), {"__name__": "readme_example"})
+    finally:
+        set_fused(was_fused)
+    printed = capsys.readouterr().out
+    assert "'samples': 256" in printed
+    assert {p.name for p in (tmp_path / "exported").iterdir()} >= {"model.onnx", "model.mxb", "policy.json"}

@@ -61,22 +61,22 @@ class SplitAttention(nn.Module):
                 is_causal: bool = False) -> tuple[Tensor, Tensor | None]:
         unbatched = query.dim() == 2
         if unbatched:
-            query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
+            query, key, value = query.unsqueeze(0), key.unsqueeze(0), value.unsqueeze(0)
             if key_padding_mask is not None:
                 key_padding_mask = key_padding_mask.unsqueeze(0)
-        elif self.batch_first:
+        elif not self.batch_first:
             query, key, value = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
-        # From here on: (length, batch, features), as nn.MultiheadAttention computes internally.
+        # From here on (batch, length, features): the batch stays the leading dim of every projection's input,
+        # as an exported graph with a dynamic batch needs.
         q, k, v = self._heads(self.q_proj(query)), self._heads(self.k_proj(key)), self._heads(self.v_proj(value))
         scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])  # (batch, heads, L, S)
         scores = scores + _additive_mask(attn_mask, key_padding_mask, is_causal, scores)
         weights = scores.softmax(dim=-1)
         dropped = F.dropout(weights, self.dropout, self.training) if self.dropout > 0 else weights
-        out = (dropped @ v).permute(2, 0, 1, 3).reshape(query.shape[0], query.shape[1], self.embed_dim)
-        out = self.out_proj(out)
+        out = self.out_proj((dropped @ v).transpose(1, 2).flatten(2))
         if unbatched:
-            out = out.squeeze(1)
-        elif self.batch_first:
+            out = out.squeeze(0)
+        elif not self.batch_first:
             out = out.transpose(0, 1)
         if not need_weights:
             return out, None
@@ -84,8 +84,8 @@ class SplitAttention(nn.Module):
         return out, weights.squeeze(0) if unbatched else weights
 
     def _heads(self, x: Tensor) -> Tensor:
-        length, batch, _ = x.shape
-        return x.reshape(length, batch, self.num_heads, -1).permute(1, 2, 0, 3)
+        """(batch, length, features) -> (batch, heads, length, head features)."""
+        return x.unflatten(-1, (self.num_heads, -1)).transpose(1, 2)
 
 
 def _additive_mask(attn_mask: Tensor | None, key_padding_mask: Tensor | None, is_causal: bool,
