@@ -25,7 +25,7 @@ from ..budget import Budget
 from ..data import BatchLoader
 from ..data.datasets import split_train_val
 from ..errors import MixbitsError
-from ..quant import QuantLayer, quant_layers
+from ..quant import QuantLayer, fit_steps, quant_layers
 from ..space import Policy
 from ..train import Hook, StepOutput, TrainConfig, TrainState, fit
 from .base import SearchContext, SearchResult
@@ -71,15 +71,29 @@ class Derived:
     front: list[dict] = field(default_factory=list)
 
 
+def warmup_steps(state: TrainState, warmup: float) -> int:
+    """The weight steps before the architecture starts to learn."""
+    return round(warmup * state.cfg.epochs * state.steps_per_epoch)
+
+
+def architecture_progress(state: TrainState, warmup: float) -> float:
+    """Share of the architecture phase done: 0 until the weight warm-up ends, 1 at the search's last step."""
+    start, total = warmup_steps(state, warmup), state.cfg.epochs * state.steps_per_epoch
+    return min(1.0, max(0.0, (state.step - start) / max(1, total - start)))
+
+
 class ArchitectureStep(Hook):
-    """Steps the architecture optimiser after each weight step and keeps a per-epoch trace.
+    """Steps the architecture optimiser after each weight step (after the warm-up) and keeps a per-epoch trace.
 
     The trace records the mean gradient norm reaching the lowest-bit candidates' logits (column 0), the
-    mean probability of those candidates and the expected cost over each cap.
+    mean probability of those candidates, the mean over layers of the largest pair probability (how decided
+    the search is) and the expected cost over each cap.
     """
 
-    def __init__(self, search: BudgetSearch, spec: MethodSpec, optimizer: torch.optim.Optimizer, arch_loader=None):
+    def __init__(self, search: BudgetSearch, spec: MethodSpec, optimizer: torch.optim.Optimizer, arch_loader=None,
+                 warmup: float = 0.0):
         self.search, self.spec, self.optimizer, self.arch_loader = search, spec, optimizer, arch_loader
+        self.warmup = warmup
         self.params = list(search.arch.parameters())
         self._batches, self._arch_epoch, self._arch_taken = None, 0, 0
         self.history: list[dict] = []
@@ -103,6 +117,9 @@ class ArchitectureStep(Hook):
         self._count = 0
 
     def after_step(self, state: TrainState) -> None:
+        if state.step <= warmup_steps(state, self.warmup):  # weights only; drop what a single loss left here
+            self.optimizer.zero_grad(set_to_none=True)
+            return
         if self.arch_loader is not None:
             x, y = self._next_batch(state.device)
             probs = self.spec.mixing(state)
@@ -147,6 +164,7 @@ class ArchitectureStep(Hook):
             ratios = self.search.ratios(probs)
         entry = {"epoch": state.epoch + 1, **{k: float(v) / max(1, self._count) for k, v in self._sums.items()},
                  "p_lowest_w": float(probs.w[:, 0].mean()), "p_lowest_a": float(probs.a[:, 0].mean()),
+                 "p_max": float(probs.pairs.max(dim=-1).values.mean()),
                  **{f"expected_{m}_over_cap": float(r) for m, r in ratios.items()}}
         if self.spec.epoch_info is not None:
             entry.update(self.spec.epoch_info(state))
@@ -222,7 +240,8 @@ def train_supernet(search: BudgetSearch, opts: DifferentiableOptions, spec: Meth
     alternating = opts.updates == "alternating"
     weight_loader, arch_loader = (split_for_architecture(ctx.train_loader, opts.arch_fraction, ctx.seed)
                                   if alternating else (ctx.train_loader, None))
-    step = ArchitectureStep(search, spec, _arch_optimizer(search.arch.parameters(), opts), arch_loader)
+    step = ArchitectureStep(search, spec, _arch_optimizer(search.arch.parameters(), opts), arch_loader,
+                            opts.arch_warmup)
     # checkpointed every epoch with the architecture state; `mixbits search --resume` continues it
     run_dir, resume = ctx.training_run(f"budget{search.index}")
     try:
@@ -242,7 +261,10 @@ def search_each_budget(ctx: SearchContext, method: str, opts: DifferentiableOpti
         raise MixbitsError(f"search method {method!r} has nothing to search: every quantized layer is fixed")
     layers = [by_name[n] for n in names]
     cost = ExpectedCost(ctx, ArchParams(names, ctx.space.w_bits, ctx.space.a_bits).pairs)
-    start = copy.deepcopy(ctx.model.state_dict())  # every budget starts from these weights; restored at the end
+    given = copy.deepcopy(ctx.model.state_dict())  # restored at the end
+    # LSQ's initial steps clip heavy-tailed layers at every bit-width, which hides what more bits would buy
+    fit_steps(ctx.model, ctx.train_loader)
+    start = copy.deepcopy(ctx.model.state_dict())  # every budget starts from these weights
     policies, trace, front = [], [], []
     try:
         for index, budget in enumerate(ctx.budgets):
@@ -261,6 +283,6 @@ def search_each_budget(ctx: SearchContext, method: str, opts: DifferentiableOpti
             front.extend(found.front)
     finally:
         clear_mixture(layers)
-        ctx.model.load_state_dict(start)
+        ctx.model.load_state_dict(given)
     return SearchResult(method, list(ctx.budgets), policies, trace=trace, front=front,
                         info={"options": asdict(opts)})
