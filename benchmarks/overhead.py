@@ -79,18 +79,19 @@ def mixture_search(model: nn.Module, x: torch.Tensor) -> nn.Module:
 
 
 class StochasticSearchNet(nn.Module):
-    """The SDQ search step: every searchable layer's weights quantized stochastically between its current and next
-    lower W2-6 candidate (straight-through Gumbel-sigmoid on learnable DBPs), activations at 4 bits."""
+    """The SDQ search step: every searchable layer's weights and activations quantized stochastically between their
+    current and next lower W2-6 / A2-6 candidates (straight-through Gumbel-sigmoid on learnable DBPs)."""
 
     def __init__(self, qmodel: nn.Module, space: SearchSpace):
         super().__init__()
-        self.qmodel, self.dbps = qmodel, BitParams(space.searchable, space.w_bits)
+        self.qmodel = qmodel
+        self.w_dbps, self.a_dbps = BitParams(space.searchable, space.w_bits), BitParams(space.searchable, space.a_bits)
         layers = quant_layers(qmodel)
         self.searchable = [layers[n] for n in space.searchable]
-        set_current_bits(self.searchable, self.dbps, None, 4)  # weights start at their highest candidate
+        set_current_bits(self.searchable, self.w_dbps, self.a_dbps, None)  # every layer starts at its highest bits
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        drive(self.searchable, self.dbps.sample(tau=1.0), None, self.dbps, None)
+        drive(self.searchable, self.w_dbps.sample(tau=1.0), self.a_dbps.sample(tau=1.0), self.w_dbps, self.a_dbps)
         return self.qmodel(x)
 
 

@@ -115,8 +115,25 @@ def test_mixture_is_probability_weighted_sum_with_grad_to_probs():
     torch.testing.assert_close(out, expected)
     out.sum().backward()
     assert probs.grad is not None and probs.grad.abs().sum() > 0
-    with pytest.raises(MixbitsError, match="shape \\(3,\\)"):
+    with pytest.raises(MixbitsError, match="shape \\(3,\\) for bit-widths \\[2, 3, 4\\]"):
         q.mix(x, torch.ones(2))
+
+
+def test_mixture_of_some_candidates_equals_the_full_mixture_with_zeros_elsewhere():
+    x = torch.randn(4, 60)
+
+    def run(subset):
+        q = LsqQuantizer([2, 3, 4, 5], signed=True, channels=4)
+        probs = torch.tensor([0.3, 0.7], requires_grad=True)
+        full = torch.cat([torch.zeros(1), probs, torch.zeros(1)])
+        out = q.mix(x, probs, bits=(3, 4)) if subset else q.mix(x, full)
+        (out * torch.linspace(-1, 1, 60)).sum().backward()
+        return out.detach(), probs.grad, q.steps.grad
+
+    for got, want in zip(run(True), run(False), strict=True):
+        torch.testing.assert_close(got, want)
+    with pytest.raises(MixbitsError, match="bit-width 6 is not a candidate"):
+        LsqQuantizer([2, 3], signed=True).mix(x, torch.ones(1), bits=(6,))
 
 
 @pytest.mark.parametrize("per_channel", [False, True])

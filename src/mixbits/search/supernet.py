@@ -13,7 +13,6 @@ continues where it stopped: finished budgets reload their last checkpoint instea
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
@@ -25,13 +24,14 @@ from ..budget import Budget
 from ..data import BatchLoader
 from ..data.datasets import split_train_val
 from ..errors import MixbitsError
-from ..quant import QuantLayer, fit_steps, quant_layers
+from ..quant import QuantLayer, quant_layers
 from ..space import Policy
 from ..train import Hook, StepOutput, TrainConfig, TrainState, fit
 from .base import SearchContext, SearchResult
 from .derive import fill, repair
 from .diff_options import DifferentiableOptions
 from .differentiable import ArchParams, ExpectedCost, LayerProbs, apply_mixture, clear_mixture, cost_ratios
+from .start import fitted_start
 
 
 @dataclass
@@ -261,28 +261,23 @@ def search_each_budget(ctx: SearchContext, method: str, opts: DifferentiableOpti
         raise MixbitsError(f"search method {method!r} has nothing to search: every quantized layer is fixed")
     layers = [by_name[n] for n in names]
     cost = ExpectedCost(ctx, ArchParams(names, ctx.space.w_bits, ctx.space.a_bits).pairs)
-    given = copy.deepcopy(ctx.model.state_dict())  # restored at the end
-    # LSQ's initial steps clip heavy-tailed layers at every bit-width, which hides what more bits would buy
-    fit_steps(ctx.model, ctx.train_loader)
-    start = copy.deepcopy(ctx.model.state_dict())  # every budget starts from these weights
     policies, trace, front = [], [], []
-    try:
-        for index, budget in enumerate(ctx.budgets):
-            ctx.model.load_state_dict(start)
-            arch = ArchParams(names, ctx.space.w_bits, ctx.space.a_bits, joint=opts.joint).to(ctx.device)
-            search = BudgetSearch(ctx, arch, layers, cost, budget, budget.limits(ctx.stats, ctx.space, ctx.latency),
-                                  index)
-            found = search_one(search)
-            policy, repaired = repair(ctx, arch, found.policy, budget, found.pair_probs)
-            filled = []
-            if opts.fill_budget:
-                policy, filled = fill(ctx, arch, policy, budget, found.pair_probs)
-            policies.append(policy)
-            trace.append({"budget": budget.text, **found.trace, "derived": found.policy.describe(),
-                          "repair": repaired, "fill": filled, "policy": policy.describe(), **ctx.cost(policy)})
-            front.extend(found.front)
-    finally:
-        clear_mixture(layers)
-        ctx.model.load_state_dict(given)
+    with fitted_start(ctx) as start:  # every budget starts from these weights; the model is restored afterwards
+        try:
+            for index, budget in enumerate(ctx.budgets):
+                ctx.model.load_state_dict(start)
+                arch = ArchParams(names, ctx.space.w_bits, ctx.space.a_bits, joint=opts.joint).to(ctx.device)
+                limits = budget.limits(ctx.stats, ctx.space, ctx.latency)
+                found = search_one(BudgetSearch(ctx, arch, layers, cost, budget, limits, index))
+                policy, repaired = repair(ctx, arch, found.policy, budget, found.pair_probs)
+                filled = []
+                if opts.fill_budget:
+                    policy, filled = fill(ctx, arch, policy, budget, found.pair_probs)
+                policies.append(policy)
+                trace.append({"budget": budget.text, **found.trace, "derived": found.policy.describe(),
+                              "repair": repaired, "fill": filled, "policy": policy.describe(), **ctx.cost(policy)})
+                front.extend(found.front)
+        finally:
+            clear_mixture(layers)
     return SearchResult(method, list(ctx.budgets), policies, trace=trace, front=front,
                         info={"options": asdict(opts)})
