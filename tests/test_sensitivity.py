@@ -114,7 +114,6 @@ FAST = {
     "oneshot": {"epochs": 3, "eval_batches": 2},
 }
 NOT_YET = {
-    "random": "scores policies at the initial LSQ steps, which clip the outliers at every bit-width",
     # Measured: the sensitive layer is bad at 2, 3 and 4 bits alike, so against the mixture its 2-bit candidate
     # looks no worse than average while the cost penalty lifts it; cross-entropy lifts 5-6 bits. The mass
     # splits (about 0.4 on 2 bits, 0.35 on 5-6) and the argmax takes 2 bits at every seed. DNAS and DMPQ

@@ -58,17 +58,25 @@ def mse_steps(x: Tensor, bits: int, signed: bool, channel_dim: int | None = None
     return (top * best_share).squeeze(1), (best_err * scale).squeeze(1)
 
 
-def quantization_error(x: Tensor, bits: int, signed: bool) -> float:
-    """||Q_b(x) − x||² at the MSE-fitted per-tensor step."""
-    return float(mse_steps(x, bits, signed)[1].sum())
+def quantization_error(x: Tensor, bits: int, signed: bool, channel_dim: int | None = None) -> float:
+    """||Q_b(x) − x||² at the MSE-fitted step (per tensor, or per channel along ``channel_dim``)."""
+    return float(mse_steps(x, bits, signed, channel_dim)[1].sum())
+
+
+def fitted_error(quantizer: LsqQuantizer, x: Tensor, bits: int) -> float:
+    """``quantization_error`` with ``quantizer``'s sign and granularity (per tensor or per channel)."""
+    return quantization_error(x, bits, quantizer.signed, _channel_dim(quantizer))
+
+
+def _channel_dim(quantizer: LsqQuantizer) -> int | None:
+    return quantizer.channel_dim if quantizer.steps.shape[1] > 1 else None
 
 
 @torch.no_grad()
 def fit_quantizer(quantizer: LsqQuantizer, x: Tensor) -> None:
     """Set every candidate's step of ``quantizer`` to the MSE-fitted one for ``x`` (its sign already known)."""
-    per_channel = quantizer.steps.shape[1] > 1
     for i, bits in enumerate(quantizer.candidates):
-        steps, _ = mse_steps(x, bits, quantizer.signed, quantizer.channel_dim if per_channel else None)
+        steps, _ = mse_steps(x, bits, quantizer.signed, _channel_dim(quantizer))
         quantizer.steps[i].copy_(steps.to(quantizer.steps))
 
 
