@@ -5,7 +5,7 @@
 Each variant is one entry of VARIANTS (a search method adds its row there). Time is the median ratio
 of interleaved steps in one process; memory is the ratio of bytes autograd saves for backward
 (on a GPU: peak allocated memory), which is what grows with quantizers on the activation path.
-A variant with its own ``train_step(x, y)`` (the one-shot supernet step: five passes, each backpropagated
+A variant with its own ``train_step(x, y)`` (the one-shot supernet step: four passes, each backpropagated
 before the next) is timed by it, and its memory is that of one forward.
 Two modes: eager (the quantizers' own fused kernels), and whole-model torch.compile (`train.compile`),
 each against FP32 run the same way.
@@ -122,14 +122,14 @@ def oneshot_pass(model: nn.Module, x: torch.Tensor) -> nn.Module:
 
 class SupernetStepNet(SampledPolicyNet):
     """The whole one-shot supernet step with the default options less IDM: the largest policy (CE), the
-    smallest and 3 sampled ones (½ CE + ½ KL to the largest's output), each backpropagated at once."""
+    smallest and 2 sampled ones (½ CE + ½ KL to the largest's output), each backpropagated at once."""
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> None:
         self.sampler.apply(self.sampler.largest())
         teacher = self.qmodel(x)
         nn.functional.cross_entropy(teacher, y).backward()
         target = teacher.detach().log_softmax(-1)
-        for bits in [self.sampler.smallest()] + [self.sampler.sample(self.generator) for _ in range(3)]:
+        for bits in [self.sampler.smallest()] + [self.sampler.sample(self.generator) for _ in range(2)]:
             self.sampler.apply(bits)
             logits = self.qmodel(x)
             kl = nn.functional.kl_div(logits.log_softmax(-1), target, log_target=True, reduction="batchmean")
@@ -141,7 +141,7 @@ def oneshot_step(model: nn.Module, x: torch.Tensor) -> nn.Module:
 
 
 ONESHOT_PASS = "one-shot supernet, per sampled-policy pass"
-ONESHOT_STEP = "one-shot supernet step (largest + smallest + 3 sampled)"
+ONESHOT_STEP = "one-shot supernet step (largest + smallest + 2 sampled)"
 # A new policy every forward recompiles the whole model, and the supernet trains eager, so no compiled rows.
 EAGER_ONLY = {ONESHOT_PASS, ONESHOT_STEP}
 # name -> builder(float model, sample batch) -> model to train; FP32 must stay first (the base).
