@@ -218,6 +218,30 @@ def test_dnas_anneals_the_temperature_per_step_after_a_weight_warm_up():
     assert epochs[-1]["p_max"] > 1 / 9 and "grad_lowest_w" not in epochs[0]
 
 
+@pytest.mark.parametrize(("method", "extra"), [("dnas", {"samples": 1}), ("ssps", {}), ("dmpq", {}),
+                                               ("dnas", {"samples": 1, "weights": "separate"})])
+def test_searched_weights_are_kept_as_the_fine_tunes_start(method, extra, tmp_path):
+    from conftest import toy_net
+
+    from mixbits.train import load_checkpoint, load_model_state
+
+    budgets = parse_budgets("bitops<=uniform:3,uniform:5")
+    ctx = toy_search_context(budgets, {"epochs": 2, "keep_weights": True, **extra})
+    ctx.run_dir = tmp_path
+    result = run_searcher(method, ctx)
+    paths = result.info["finetune_init"]
+    assert paths == [str(tmp_path / "searched" / f"budget{i}.pt") for i in range(2)]
+    for path, policy in zip(paths, result.policies, strict=True):
+        saved = load_checkpoint(path)
+        assert Policy.from_dict(saved["policy"]) == policy
+        start = toy_net()  # an --init float run's checkpoint loads the same way, strictly
+        load_model_state(start, saved["model"], path)
+        assert not torch.equal(start[3].weight, toy_net()[3].weight)  # trained by the search, not the float start
+    ctx.run_dir = None
+    with pytest.raises(MixbitsError, match="keep_weights.*run directory"):
+        run_searcher(method, ctx)
+
+
 def test_position_split_is_disjoint_and_covers_every_batch():
     batches = [(torch.full((2, 1), float(i)), torch.zeros(2, dtype=torch.long)) for i in range(10)]
     weights, arch = split_for_architecture(batches, 0.2, seed=0)

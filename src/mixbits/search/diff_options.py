@@ -30,6 +30,7 @@ class DifferentiableOptions:
     joint: bool = False  # one distribution over (w, a) pairs instead of independent w and a distributions
     fill_budget: bool = True  # spend the budget the derived policy leaves unused (derive.fill)
     arch_warmup: float = 0.0  # share of the search that trains the weights only, the architecture held uniform
+    keep_weights: bool = False  # the fine-tune starts from the searched weights (info["finetune_init"])
 
 
 def is_int(v) -> bool:
@@ -76,6 +77,7 @@ def check_options(opts: DifferentiableOptions, method: str, rules: Sequence[Rule
         ("joint", isinstance(opts.joint, bool), "true or false"),
         ("fill_budget", isinstance(opts.fill_budget, bool), "true or false"),
         ("arch_warmup", is_number(opts.arch_warmup) and 0 <= opts.arch_warmup < 1, "a number in [0, 1)"),
+        ("keep_weights", isinstance(opts.keep_weights, bool), "true or false"),
     ]
     problems = [f"{name}: must be {expected}, got {getattr(opts, name)!r}"
                 for name, ok, expected in [*shared, *rules] if not ok]

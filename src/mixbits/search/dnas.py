@@ -18,8 +18,8 @@ the argmax and ``samples`` sampled policies are repaired into the budget (and fi
 held-out loss), and the lowest loss is returned for fine-tuning. ``weights: separate`` gives each weight
 bit-width its own latent weights for the search (the paper's separate edges share the activation quantizer's input): the
 layer still runs one convolution, Σ_w p_w·Q_w(W_w) being one tensor, and a scored policy uses each layer's
-weights of its chosen bit-width; the copies are dropped after the budget's search (the fine-tune starts from
-the float model either way).
+weights of its chosen bit-width; the copies are dropped after the budget's search (with ``keep_weights`` the
+fine-tune starts from each layer's copy of its chosen bit-width).
 """
 
 from __future__ import annotations
@@ -90,7 +90,11 @@ def _search_budget(search: BudgetSearch, opts: DnasOptions) -> Derived:
         layer.set_candidate_weights(nn.ParameterList(nn.Parameter(layer.weight.detach().clone())
                                                      for _ in layer.w_quant.candidates))
     try:
-        return _search_with_current_weights(search, opts)
+        derived = _search_with_current_weights(search, opts)
+        if opts.keep_weights:  # the fine-tune starts from each layer's weights of its chosen bit-width
+            derived.candidate_weights = {name: [w.detach().clone() for w in layer.candidate_weights]
+                                         for name, layer in zip(search.arch.layers, search.layers, strict=True)}
+        return derived
     finally:
         for layer in search.layers:
             layer.set_candidate_weights(None)

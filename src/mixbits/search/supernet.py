@@ -31,6 +31,7 @@ from .base import SearchContext, SearchResult
 from .derive import fill, repair
 from .diff_options import DifferentiableOptions
 from .differentiable import ArchParams, ExpectedCost, LayerProbs, apply_mixture, clear_mixture, cost_ratios
+from .searched import save_searched_weights, searched_dir
 from .start import fitted_start
 
 
@@ -69,6 +70,7 @@ class Derived:
     pair_probs: Tensor  # L×K: repair lowers the layers least sure of their choice first
     trace: dict = field(default_factory=dict)
     front: list[dict] = field(default_factory=list)
+    candidate_weights: dict[str, list[Tensor]] | None = None  # per layer, one per weight bit-width (keep_weights)
 
 
 def warmup_steps(state: TrainState, warmup: float) -> int:
@@ -260,8 +262,10 @@ def search_each_budget(ctx: SearchContext, method: str, opts: DifferentiableOpti
     if not names:
         raise MixbitsError(f"search method {method!r} has nothing to search: every quantized layer is fixed")
     layers = [by_name[n] for n in names]
+    if opts.keep_weights:
+        searched_dir(ctx, method)
     cost = ExpectedCost(ctx, ArchParams(names, ctx.space.w_bits, ctx.space.a_bits).pairs)
-    policies, trace, front = [], [], []
+    policies, trace, front, searched = [], [], [], []
     with fitted_start(ctx) as start:  # every budget starts from these weights; the model is restored afterwards
         try:
             for index, budget in enumerate(ctx.budgets):
@@ -277,7 +281,11 @@ def search_each_budget(ctx: SearchContext, method: str, opts: DifferentiableOpti
                 trace.append({"budget": budget.text, **found.trace, "derived": found.policy.describe(),
                               "repair": repaired, "fill": filled, "policy": policy.describe(), **ctx.cost(policy)})
                 front.extend(found.front)
+                if opts.keep_weights:
+                    searched.append(save_searched_weights(ctx, method, index, policy, found.candidate_weights))
         finally:
             clear_mixture(layers)
-    return SearchResult(method, list(ctx.budgets), policies, trace=trace, front=front,
-                        info={"options": asdict(opts)})
+    info = {"options": asdict(opts)}
+    if opts.keep_weights:
+        info["finetune_init"] = searched
+    return SearchResult(method, list(ctx.budgets), policies, trace=trace, front=front, info=info)
