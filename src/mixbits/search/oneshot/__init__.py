@@ -25,7 +25,7 @@ passes' losses; freezing events at fractions of training (first after 10 %, then
 0.5·L to 0.2·L (the released code's ratios); IDM on the layer's own output, target detached with an
 identity affine, distance divided by sqrt(elements per sample), floor Q = 0, weight 0.1; "low-bit" for
 fair decay = the smallest candidate weight bit-width, decay scaled by the share of non-low-bit passes;
-per-policy BatchNorm statistics by default: each score normalises with the statistics of the 256 scored
+per-policy BatchNorm statistics by default: each score normalises with the statistics of the 1024 scored
 validation images themselves (``score_bn: batch``; ``recalibrate`` re-estimates running statistics on
 training batches first, twice the forwards; ``pair`` is the released code's one BatchNorm per bit-width
 pair, ``quant.pair_bn``), and every returned policy is recalibrated on 32 training batches before it is
