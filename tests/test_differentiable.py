@@ -256,7 +256,7 @@ CASES = [
     ("dnas", {"epochs": 2, "samples": 3, "eval_batches": 1, "bn_batches": 1}),
     ("dnas", {"epochs": 2, "samples": 2, "updates": "single", "joint": True, "hard": True}),
     ("ssps", {"epochs": 3}),
-    ("ssps", {"epochs": 2, "cell": "sampled", "certainty": "entropy", "updates": "single"}),
+    ("ssps", {"epochs": 2, "cell": "mixture", "certainty": "entropy", "updates": "single"}),
     ("dmpq", {"epochs": 2}),
     ("dmpq", {"epochs": 2, "regularizer": "l2", "skip_schedule": "linear", "updates": "single", "joint": True}),
 ]
