@@ -5,7 +5,7 @@
 Each variant is one entry of VARIANTS (a search method adds its row there). Time is the median ratio
 of interleaved steps in one process; memory is the ratio of bytes autograd saves for backward
 (on a GPU: peak allocated memory), which is what grows with quantizers on the activation path.
-A variant with its own ``train_step(x, y)`` (the one-shot supernet step: five passes, each backpropagated
+A variant with its own ``train_step(x, y)`` (the one-shot supernet step: four passes, each backpropagated
 before the next) is timed by it, and its memory is that of one forward.
 Two modes: eager (the quantizers' own fused kernels), and whole-model torch.compile (`train.compile`),
 each against FP32 run the same way.
@@ -79,18 +79,19 @@ def mixture_search(model: nn.Module, x: torch.Tensor) -> nn.Module:
 
 
 class StochasticSearchNet(nn.Module):
-    """The SDQ search step: every searchable layer's weights quantized stochastically between its current and next
-    lower W2-6 candidate (straight-through Gumbel-sigmoid on learnable DBPs), activations at 4 bits."""
+    """The SDQ search step: every searchable layer's weights and activations quantized stochastically between their
+    current and next lower W2-6 / A2-6 candidates (straight-through Gumbel-sigmoid on learnable DBPs)."""
 
     def __init__(self, qmodel: nn.Module, space: SearchSpace):
         super().__init__()
-        self.qmodel, self.dbps = qmodel, BitParams(space.searchable, space.w_bits)
+        self.qmodel = qmodel
+        self.w_dbps, self.a_dbps = BitParams(space.searchable, space.w_bits), BitParams(space.searchable, space.a_bits)
         layers = quant_layers(qmodel)
         self.searchable = [layers[n] for n in space.searchable]
-        set_current_bits(self.searchable, self.dbps, None, 4)  # weights start at their highest candidate
+        set_current_bits(self.searchable, self.w_dbps, self.a_dbps, None)  # every layer starts at its highest bits
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        drive(self.searchable, self.dbps.sample(tau=1.0), None, self.dbps, None)
+        drive(self.searchable, self.w_dbps.sample(tau=1.0), self.a_dbps.sample(tau=1.0), self.w_dbps, self.a_dbps)
         return self.qmodel(x)
 
 
@@ -121,14 +122,14 @@ def oneshot_pass(model: nn.Module, x: torch.Tensor) -> nn.Module:
 
 class SupernetStepNet(SampledPolicyNet):
     """The whole one-shot supernet step with the default options less IDM: the largest policy (CE), the
-    smallest and 3 sampled ones (½ CE + ½ KL to the largest's output), each backpropagated at once."""
+    smallest and 2 sampled ones (½ CE + ½ KL to the largest's output), each backpropagated at once."""
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> None:
         self.sampler.apply(self.sampler.largest())
         teacher = self.qmodel(x)
         nn.functional.cross_entropy(teacher, y).backward()
         target = teacher.detach().log_softmax(-1)
-        for bits in [self.sampler.smallest()] + [self.sampler.sample(self.generator) for _ in range(3)]:
+        for bits in [self.sampler.smallest()] + [self.sampler.sample(self.generator) for _ in range(2)]:
             self.sampler.apply(bits)
             logits = self.qmodel(x)
             kl = nn.functional.kl_div(logits.log_softmax(-1), target, log_target=True, reduction="batchmean")
@@ -140,7 +141,7 @@ def oneshot_step(model: nn.Module, x: torch.Tensor) -> nn.Module:
 
 
 ONESHOT_PASS = "one-shot supernet, per sampled-policy pass"
-ONESHOT_STEP = "one-shot supernet step (largest + smallest + 3 sampled)"
+ONESHOT_STEP = "one-shot supernet step (largest + smallest + 2 sampled)"
 # A new policy every forward recompiles the whole model, and the supernet trains eager, so no compiled rows.
 EAGER_ONLY = {ONESHOT_PASS, ONESHOT_STEP}
 # name -> builder(float model, sample batch) -> model to train; FP32 must stay first (the base).

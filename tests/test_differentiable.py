@@ -3,6 +3,7 @@
 The composite convolution itself (mixture == Σ over candidate branches) is covered in test_quant.py.
 """
 
+import itertools
 import math
 from types import SimpleNamespace
 
@@ -13,9 +14,10 @@ from torch import nn
 
 from mixbits import MixbitsError, Policy
 from mixbits.budget import parse_budget, parse_budgets
+from mixbits.cost import bitops
 from mixbits.quant import QConv2d, calibrate
 from mixbits.search import run_searcher
-from mixbits.search.derive import fill, repair
+from mixbits.search.derive import FILL_TOLERANCE, fill, repair
 from mixbits.search.differentiable import (
     ArchParams,
     ExpectedCost,
@@ -31,6 +33,7 @@ from mixbits.search.ssps import SequentialFixing, SspsOptions, fixing_steps
 from mixbits.search.supernet import split_for_architecture
 
 BITS = (2, 4, 6)
+ALL_BITS = (2, 3, 4, 5, 6)
 # Hand-counted MACs of _net on 1x8x8 inputs: out H·W · C_out · C_in · 3·3 (convs), in · out (linear).
 MACS = {"0": 64 * 4 * 1 * 9, "3": 64 * 6 * 4 * 9, "6": 64 * 6 * 6 * 9, "10": 6 * 3}
 
@@ -145,23 +148,98 @@ def test_repair_lowers_the_least_certain_layer_first():
     assert steps and all(step["layer"] == "6" for step in steps) and fixed["3"] == (6, 6)
 
 
-def test_fill_raises_the_most_probable_pair_first_while_the_budget_holds():
-    ctx = toy_search_context([])
-    arch = _arch(ctx)
-    budget = parse_budget("bitops<=uniform:4")
-    policy = Policy.uniform(ctx.space, 2)
-    pair_probs = torch.full((2, 9), 0.05)
-    pair_probs[1, arch.pairs.index((4, 4))] = 0.5  # layer 6 leaned to W4A4, layer 3 to nothing above 2 bits
-    pair_probs[1, arch.pairs.index((4, 2))] = 0.3
-    filled, steps = fill(ctx, arch, policy, budget, pair_probs)
-    assert ctx.fits(filled, budget)
-    assert steps[0]["layer"] == "6" and steps[0]["bits"] == [4, 2]  # W2A2 -> W4A2 is the most probable raise
-    assert steps[1]["layer"] == "6" and steps[1]["bits"] == [4, 4]
-    for name in ctx.space.searchable:  # nothing more fits: every further one-step raise breaks the budget
-        w, a = filled[name]
-        for raised in ((w + 2, a), (w, a + 2)):
-            if max(raised) <= 6:
-                assert not ctx.fits(filled.replace(name, *raised), budget)
+def _raises_that_fit(ctx, floor: Policy, budget):
+    """Every policy whose bits are at least ``floor``'s on every searchable layer, and that fits ``budget``."""
+    pairs = [(w, a) for w in ctx.space.w_bits for a in ctx.space.a_bits]
+    out = []
+    for combo in itertools.product(pairs, repeat=len(ctx.space.searchable)):
+        overrides = dict(zip(ctx.space.searchable, combo, strict=True))
+        policy = Policy.from_rules(ctx.space, default=pairs[0], overrides=overrides)
+        raised = all(policy[n][0] >= floor[n][0] and policy[n][1] >= floor[n][1] for n in ctx.space.searchable)
+        if raised and ctx.fits(policy, budget):
+            out.append(policy)
+    return out
+
+
+def test_fill_spends_the_budget_as_fully_as_any_raise_then_takes_the_most_probable():
+    ctx = toy_search_context([], bits=ALL_BITS)  # two layers of unequal MACs (13824 and 20736)
+    arch = ArchParams(ctx.space.searchable, ALL_BITS, ALL_BITS)
+    budget = parse_budget("bitops<=uniform:3.5")
+    cap = budget.limits(ctx.stats, ctx.space)["bitops"]
+    start = Policy.uniform(ctx.space, 2).replace("6", 3, 2)
+    pair_probs = torch.rand(2, 25, generator=torch.Generator().manual_seed(0))
+    filled, steps = fill(ctx, arch, start, budget, pair_probs)
+    assert ctx.fits(filled, budget) and {s["layer"] for s in steps} == {n for n in "36" if filled[n] != start[n]}
+    raises = _raises_that_fit(ctx, start, budget)
+    most = max(bitops(ctx.stats, p) for p in raises)
+    full = [p for p in raises if bitops(ctx.stats, p) >= most - FILL_TOLERANCE * cap]
+    assert filled in full
+
+    def log_p(policy):
+        return sum(math.log(pair_probs[i, arch.pairs.index(policy[n])]) for i, n in enumerate("36"))
+
+    assert log_p(filled) == pytest.approx(max(log_p(p) for p in full))
+    # one step at a time, most probable first, stops short here: every single raise from there overshoots
+    greedy = start
+    while True:
+        ups = [greedy.replace(n, *up) for n in "36" for up in ((greedy[n][0] + 1, greedy[n][1]),
+                                                             (greedy[n][0], greedy[n][1] + 1))
+               if max(up) <= 6 and ctx.fits(greedy.replace(n, *up), budget)]
+        if not ups:
+            break
+        greedy = max(ups, key=log_p)
+    assert bitops(ctx.stats, greedy) < most - FILL_TOLERANCE * cap
+
+
+@pytest.mark.parametrize("method", ["dnas", "ssps"])
+def test_dnas_and_ssps_spend_the_budget_on_layers_of_unequal_macs(method):
+    budget = parse_budget("bitops<=uniform:2.5")
+    ctx = toy_search_context([budget], {"epochs": 2, "samples": 2} if method == "dnas" else {"epochs": 2},
+                             bits=ALL_BITS)
+    result = run_searcher(method, ctx)
+    policy, trace = result.policies[0], result.trace[0]
+    before_fill = policy
+    for step in trace["fill"]:
+        before_fill = before_fill.replace(step["layer"], *step["from"])
+    cap = budget.limits(ctx.stats, ctx.space)["bitops"]
+    most = max(bitops(ctx.stats, p) for p in _raises_that_fit(ctx, before_fill, budget))
+    assert most - FILL_TOLERANCE * cap <= bitops(ctx.stats, policy) <= cap
+
+
+def test_dnas_anneals_the_temperature_per_step_after_a_weight_warm_up():
+    options = {"epochs": 5, "arch_warmup": 0.4, "tau_start": 4.0, "tau_end": 0.25, "samples": 1}
+    result = run_searcher("dnas", toy_search_context(parse_budgets("bitops<=uniform:4"), options))
+    epochs = result.trace[0]["epochs"]
+    taus = [e["tau"] for e in epochs]
+    assert taus[:2] == [4.0, 4.0] and taus[-1] == pytest.approx(0.25)  # two warm-up epochs, then down to the end
+    assert taus[2] == pytest.approx(4.0 * (0.25 / 4.0) ** (1 / 3))  # geometric: a third of the way after warm-up
+    # the architecture stays uniform during the warm-up (9 pairs), then the search becomes more decided
+    assert [e["p_max"] for e in epochs[:2]] == pytest.approx([1 / 9, 1 / 9])
+    assert epochs[-1]["p_max"] > 1 / 9 and "grad_lowest_w" not in epochs[0]
+
+
+@pytest.mark.parametrize(("method", "extra"), [("dnas", {"samples": 1}), ("ssps", {}), ("dmpq", {}),
+                                               ("dnas", {"samples": 1, "weights": "separate"})])
+def test_searched_weights_are_kept_as_the_fine_tunes_start(method, extra, tmp_path):
+    from conftest import toy_net
+
+    from mixbits.train import load_checkpoint, load_model_state
+
+    budgets = parse_budgets("bitops<=uniform:3,uniform:5")
+    ctx = toy_search_context(budgets, {"epochs": 2, "keep_weights": True, **extra})
+    ctx.run_dir = tmp_path
+    result = run_searcher(method, ctx)
+    paths = result.info["finetune_init"]
+    assert paths == [str(tmp_path / "searched" / f"budget{i}.pt") for i in range(2)]
+    for path, policy in zip(paths, result.policies, strict=True):
+        saved = load_checkpoint(path)
+        assert Policy.from_dict(saved["policy"]) == policy
+        start = toy_net()  # an --init float run's checkpoint loads the same way, strictly
+        load_model_state(start, saved["model"], path)
+        assert not torch.equal(start[3].weight, toy_net()[3].weight)  # trained by the search, not the float start
+    ctx.run_dir = None
+    with pytest.raises(MixbitsError, match="keep_weights.*run directory"):
+        run_searcher(method, ctx)
 
 
 def test_position_split_is_disjoint_and_covers_every_batch():
@@ -178,7 +256,7 @@ CASES = [
     ("dnas", {"epochs": 2, "samples": 3, "eval_batches": 1, "bn_batches": 1}),
     ("dnas", {"epochs": 2, "samples": 2, "updates": "single", "joint": True, "hard": True}),
     ("ssps", {"epochs": 3}),
-    ("ssps", {"epochs": 2, "cell": "sampled", "certainty": "entropy", "updates": "single"}),
+    ("ssps", {"epochs": 2, "cell": "mixture", "certainty": "entropy", "updates": "single"}),
     ("dmpq", {"epochs": 2}),
     ("dmpq", {"epochs": 2, "regularizer": "l2", "skip_schedule": "linear", "updates": "single", "joint": True}),
 ]

@@ -11,9 +11,10 @@ from torch import nn
 from mixbits import MixbitsError, Policy, SearchSpace
 from mixbits.budget import parse_budgets
 from mixbits.cost import LatencyTable, profile
-from mixbits.quant import QConv2d, calibrate, quantize_model
+from mixbits.quant import QConv2d, apply_policy, calibrate, quantize_model
+from mixbits.quant.pair_bn import PairBatchNorm, attach_pair_bn, collapse_pair_bn, follows
 from mixbits.search import PolicyEvaluator, SearchContext, run_searcher
-from mixbits.search.greedy import greedy_search, neighbours
+from mixbits.search.greedy import fill_up, greedy_search, neighbours
 from mixbits.search.oneshot.bit_scheduler import (
     PolicySampler,
     event_steps,
@@ -277,10 +278,10 @@ def test_each_step_trains_the_largest_the_smallest_and_k_sampled_policies(monkey
     ctx = _context(parse_budgets("bitops<=uniform:4"), {**FAST, "epochs": 1, "scheduler": False, "idm": False})
     run_searcher("oneshot", ctx)
     steps = len(toy_batches())
-    training = applied[: 5 * steps]  # then the greedy walk applies its own policies
+    training = applied[: 4 * steps]  # then the greedy walk applies its own policies
     lowest, highest = (2, 2), (6, 6)
-    for i in range(steps):  # largest, smallest, then policies_per_step = 3 sampled ones
-        assert set(training[5 * i].values()) == {highest} and set(training[5 * i + 1].values()) == {lowest}
+    for i in range(steps):  # largest, smallest, then policies_per_step = 2 sampled ones
+        assert set(training[4 * i].values()) == {highest} and set(training[4 * i + 1].values()) == {lowest}
 
 
 def test_batch_statistics_scoring_leaves_the_stored_statistics_alone():
@@ -305,4 +306,69 @@ def test_batch_statistics_scoring_leaves_the_stored_statistics_alone():
     capped = PolicyEvaluator(ctx.model, toy_batches(3), eval_batches=3, eval_samples=40)  # batches of 16
     assert [len(y) for _, y in capped.batches] == [16, 16, 8]
     with pytest.raises(MixbitsError, match="bn_mode must be one of"):
-        PolicyEvaluator(ctx.model, ctx.val_loader, bn_mode="running")
+        PolicyEvaluator(ctx.model, ctx.val_loader, bn_mode="stored")
+
+
+def test_fill_raises_the_lowest_loss_step_until_nothing_more_fits():
+    space = _toy_space()
+    start = Policy.uniform(space, 2)
+    fits = lambda p: _toy_cost(p) <= 40  # noqa: E731
+    result = fill_up(start, space, _toy_loss, fits)
+    assert fits(result.policy) and all(s["direction"] == 1 and s["side"] in ("w", "a") for s in result.steps)
+    assert result.policy["b"] == (6, 6)  # the sensitive layer is raised first, w and a one at a time
+    for _, up in neighbours(result.policy, space, paired=False):  # every raise left breaks the budget
+        if _toy_cost(up) > _toy_cost(result.policy):
+            assert not fits(up)
+
+
+def test_walk_is_followed_by_a_fill_of_the_budget():
+    budgets = parse_budgets("bitops<=uniform:4.5")
+    result = run_searcher("oneshot", _context(budgets, FAST))
+    walk = result.trace[1]
+    assert walk["walked_to"] != walk["policy"] and walk["fill"]
+    ctx = _context(budgets, {**FAST, "fill": False})
+    unfilled = run_searcher("oneshot", ctx)
+    assert unfilled.trace[1]["fill"] == [] and unfilled.policies[0].describe() == walk["walked_to"]
+    assert ctx.cost(result.policies[0])["bitops"] > ctx.cost(unfilled.policies[0])["bitops"]
+
+
+def test_pair_batchnorm_follows_its_layer_and_collapses_to_a_plain_one():
+    ctx = _context([])
+    x = toy_batches()[0][0]
+    mapping = follows(ctx.model, x)
+    assert mapping == {"4": "3", "7": "6"}  # the first conv's BatchNorm follows a fixed layer: left alone
+    attach_pair_bn(ctx.model, mapping)
+    pair = ctx.model[4]
+    assert isinstance(pair, PairBatchNorm) and len(pair.norms) == 9
+    policy = Policy.uniform(ctx.space, 4).replace("3", 2, 6)
+    apply_policy(ctx.model, policy)
+    ctx.model.train()(x)  # only the pair the layer runs at learns statistics
+    moved = [k for k, bn in pair.norms.items() if bn.num_batches_tracked.item() > 0]
+    assert moved == ["w2a6"]
+    out = ctx.model.eval()(x)
+    plain = collapse_pair_bn(ctx.model)
+    assert isinstance(plain[4], nn.BatchNorm2d) and torch.equal(plain(x), out)
+
+
+def test_pair_batchnorm_supernet_scores_with_its_own_statistics_and_writes_plain_subnets(tmp_path):
+    from dataclasses import dataclass
+
+    from mixbits.pipeline import ModelCard
+    from mixbits.runs.subnets import evaluate_subnets
+
+    @dataclass
+    class ToyCard(ModelCard):
+        def float_model(self):
+            return _net()
+
+    budgets = parse_budgets("bitops<=uniform:4")
+    ctx = _context(budgets, {**FAST, "score_bn": "pair"})
+    ctx.run_dir = tmp_path
+    result = run_searcher("oneshot", ctx)
+    assert any(isinstance(m, PairBatchNorm) for m in ctx.model.modules())
+    card = ToyCard("toy", 3, 1, {}, (1, 8, 8))
+    rows = evaluate_subnets(result.info["supernet"], card, False, result.policies, toy_batches(), toy_batches(seed=1),
+                            [tmp_path / "subnet"])
+    assert rows[0]["bn_batches"] == 0  # the pair's own statistics, no recalibration
+    saved = torch.load(tmp_path / "subnet" / "checkpoint.pt", weights_only=False)["model"]
+    assert not any(".norms." in k for k in saved)  # an ordinary quantized model

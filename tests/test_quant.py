@@ -12,10 +12,12 @@ from mixbits.quant import (
     apply_policy,
     calibrate,
     current_policy,
+    fit_steps,
     integer_range,
     lsq_quantize,
     lsq_reference,
     quant_layers,
+    quantization_error,
     quantize_model,
     set_fused,
     space_of,
@@ -113,8 +115,25 @@ def test_mixture_is_probability_weighted_sum_with_grad_to_probs():
     torch.testing.assert_close(out, expected)
     out.sum().backward()
     assert probs.grad is not None and probs.grad.abs().sum() > 0
-    with pytest.raises(MixbitsError, match="shape \\(3,\\)"):
+    with pytest.raises(MixbitsError, match="shape \\(3,\\) for bit-widths \\[2, 3, 4\\]"):
         q.mix(x, torch.ones(2))
+
+
+def test_mixture_of_some_candidates_equals_the_full_mixture_with_zeros_elsewhere():
+    x = torch.randn(4, 60)
+
+    def run(subset):
+        q = LsqQuantizer([2, 3, 4, 5], signed=True, channels=4)
+        probs = torch.tensor([0.3, 0.7], requires_grad=True)
+        full = torch.cat([torch.zeros(1), probs, torch.zeros(1)])
+        out = q.mix(x, probs, bits=(3, 4)) if subset else q.mix(x, full)
+        (out * torch.linspace(-1, 1, 60)).sum().backward()
+        return out.detach(), probs.grad, q.steps.grad
+
+    for got, want in zip(run(True), run(False), strict=True):
+        torch.testing.assert_close(got, want)
+    with pytest.raises(MixbitsError, match="bit-width 6 is not a candidate"):
+        LsqQuantizer([2, 3], signed=True).mix(x, torch.ones(1), bits=(6,))
 
 
 @pytest.mark.parametrize("per_channel", [False, True])
@@ -261,6 +280,53 @@ def test_apply_policy_and_calibrate_every_candidate():
     assert current_policy(qmodel) == policy
     out = qmodel(torch.randn(3, 1, 8, 8))
     assert out.shape == (3, 3) and torch.isfinite(out).all()
+
+
+def _rounding_error(x, step, bits, signed):
+    qmin, qmax = integer_range(bits, signed)
+    return float((torch.clamp(torch.round(x / step), qmin, qmax) * step - x).square().sum())
+
+
+@pytest.mark.parametrize("bits, lsq_over_best", [(2, 1.5), (6, 6.5)])
+def test_fitted_step_has_the_least_rounding_error(bits, lsq_over_best):
+    from mixbits.quant.fit import mse_steps
+
+    w = torch.randn(64, 32, 3, 3)
+    step, error = mse_steps(w, bits, signed=True)
+    brute = min(_rounding_error(w, s, bits, True) for s in torch.linspace(0.005, 1.5, 1500))
+    assert error.item() == pytest.approx(_rounding_error(w, step, bits, True)) and error.item() <= brute * 1.001
+    assert quantization_error(w, bits, signed=True) == pytest.approx(error.item())
+    # LSQ's initial step is far from it, more so at more bits (the sensitivity ratios it would flatten)
+    lsq_step = 2 * w.abs().mean() / math.sqrt(integer_range(bits, True)[1])
+    assert _rounding_error(w, lsq_step, bits, True) / error.item() == pytest.approx(lsq_over_best, rel=0.05)
+    per_channel, errors = mse_steps(w, bits, signed=True, channel_dim=0)
+    assert per_channel.shape == (64,) and errors.sum() <= error * 1.0001  # a step per channel fits at least as well
+
+
+def test_fit_steps_sets_every_candidate_of_weights_and_activations():
+    model = _tiny()
+    space = SearchSpace.from_model(model, w_bits=(2, 4), a_bits=(2, 4))
+    qmodel = quantize_model(model, space, per_channel=True)
+    x = torch.randn(16, 1, 8, 8)
+    fit_steps(qmodel, (x, torch.zeros(16)))  # a batch, a pair or a loader
+    inputs = {}
+    hooks = [m.register_forward_pre_hook(lambda m, a, n=n: inputs.__setitem__(n, a[0]))
+             for n, m in quant_layers(qmodel).items()]
+    with torch.no_grad():
+        qmodel.eval()(x)
+    for h in hooks:
+        h.remove()
+    for name, layer in quant_layers(qmodel).items():
+        for bits in layer.w_quant.candidates:  # per channel: no other step of a channel does better
+            step = layer.w_quant.step(bits, layer.weight.dim()).detach()
+            fitted = _rounding_error(layer.weight.detach(), step, bits, True)
+            assert fitted <= _rounding_error(layer.weight.detach(), step * 1.1, bits, True)
+            assert fitted <= _rounding_error(layer.weight.detach(), step * 0.9, bits, True)
+        for bits in layer.a_quant.candidates:
+            step = layer.a_quant.step(bits, 4).detach()
+            signed = layer.a_quant.signed
+            assert _rounding_error(inputs[name], step, bits, signed) == pytest.approx(
+                quantization_error(inputs[name], bits, signed), rel=1e-5)
 
 
 def test_bad_bits_change_nothing():

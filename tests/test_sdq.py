@@ -1,5 +1,6 @@
 """SDQ: the stochastic quantizer and its DBPs, progressive removal, the searcher, and EBR in the train loop."""
 
+import itertools
 import math
 
 import pytest
@@ -119,12 +120,11 @@ def test_sdq_returns_a_policy_within_every_budget_and_logs_bits_over_time():
     for budget, policy in zip(budgets, result.policies, strict=True):
         assert ctx.fits(policy, budget)
     assert result.finetune == {"ebr_weight": SdqOptions.ebr_weight, "kd_alpha": SdqOptions.kd_alpha}
-    assert [e["activation_bits"] for e in result.trace] == [2, 4, 6]  # the per-budget rule (see below)
-    for entry in result.trace:
-        assert entry["start_bits"] == {"3": [6, entry["activation_bits"]], "6": [6, entry["activation_bits"]]}
+    for entry in result.trace:  # weights and activations are both searched, from the highest bits
+        assert entry["activation_bits"] == "searched" and entry["start_bits"] == {"3": [6, 6], "6": [6, 6]}
         history = [entry["start_bits"]] + [e["bits"] for e in entry["epochs"]]
-        for layer in ("3", "6"):
-            assert _nonincreasing([bits[layer][0] for bits in history])  # removed bit-widths never come back
+        for layer, side in itertools.product(("3", "6"), (0, 1)):
+            assert _nonincreasing([bits[layer][side] for bits in history])  # removed bit-widths never come back
         assert entry["removals"] and _nonincreasing([-r["step"] for r in entry["removals"]])
         assert all(r["keep_prob"] < SdqOptions.threshold and r["to"] < r["from"] for r in entry["removals"])
         assert entry["stopped_early"] and entry["budget_met_at_step"] == entry["epochs"][-1]["step"]
@@ -159,14 +159,17 @@ def test_sdq_options_switch_stage_2_off_and_run_every_epoch_without_stop_at_budg
     assert len(result.trace[0]["epochs"]) == 2 and not result.trace[0]["stopped_early"]
 
 
-def test_sdq_searches_activations_when_asked():
+def test_sdq_searches_activations_by_default_and_fixes_them_when_asked():
     budgets = [parse_budget("bitops<=uniform:3")]
-    result = run_searcher("sdq", toy_search_context(budgets, {"epochs": 3, "search_activations": True}))
-    entry = result.trace[0]
-    assert entry["activation_bits"] == "searched" and entry["start_bits"]["3"] == [6, 6]
-    assert {r["side"] for r in entry["removals"]} == {"w", "a"}
-    assert _nonincreasing([e["bits"]["6"][1] for e in entry["epochs"]]) and "mean_keep_a" in entry["epochs"][0]
-    assert toy_search_context(budgets).fits(result.policies[0], budgets[0])
+    entry = run_searcher("sdq", toy_search_context(budgets, {"epochs": 3})).trace[0]
+    assert {r["side"] for r in entry["removals"]} == {"w", "a"} and "mean_keep_a" in entry["epochs"][0]
+    budgets = parse_budgets("bitops<=uniform:2,uniform:3,uniform:5")
+    result = run_searcher("sdq", toy_search_context(budgets, {"epochs": 3, "search_activations": False}))
+    assert [e["activation_bits"] for e in result.trace] == [2, 4, 6]  # the per-budget rule (see below)
+    for entry, policy, budget in zip(result.trace, result.policies, budgets, strict=True):
+        assert entry["start_bits"] == {"3": [6, entry["activation_bits"]], "6": [6, entry["activation_bits"]]}
+        assert {r["side"] for r in entry["removals"]} <= {"w"} and policy["3"][1] == entry["activation_bits"]
+        assert toy_search_context([]).fits(policy, budget)
 
 
 def test_activation_bits_follow_the_highest_fitting_uniform_policy():
@@ -190,7 +193,8 @@ def test_bad_options_are_named_in_one_error():
     for expected in ["threshold: must be a number strictly between 0 and init_keep, got 1.5",
                      "tau: must be a number > 0, got 0",
                      "penalty: must be one of ['hinge', 'squared', 'linear'], got 'cubic'",
-                     "activation_bits: must be null or one of the activation candidates [2, 4, 6], got 3",
+                     "activation_bits: must be null or one of the activation candidates [2, 4, 6], and null "
+                     "unless search_activations is false (activations are searched by default), got 3",
                      "kd_alpha: must be a number in [0, 1] (0 turns distillation off), got 2",
                      "dbp_lr: must be a number > 0, or null for the automatic rate (dbp_optimizer: adam only), "
                      "got None"]:

@@ -106,6 +106,19 @@ def test_hawq_spends_bits_where_the_sensitivity_is():
         assert s["w6a6"] <= s["w4a4"] <= s["w2a2"]
 
 
+def test_hawq_measures_quantization_error_at_fitted_steps():
+    from mixbits.quant import quant_layers, quantization_error
+
+    ctx = _context([parse_budget("bitops<=uniform:4")], {"probes": 2, "batches": 1, "activations": False})
+    sens = {row["layer"]: row["sensitivity"] for row in run_searcher("hawq", ctx).front}
+    weight = quant_layers(ctx.model)["3"].weight.detach()
+    fitted = quantization_error(weight, 2, True) / quantization_error(weight, 6, True)
+    assert sens["3"]["w2a2"] / sens["3"]["w6a6"] == pytest.approx(fitted, rel=1e-6)
+    lsq = quant_layers(ctx.model)["3"].w_quant  # the calibrated (initial) steps give a flatter ratio
+    initial = [float((lsq.quantize(weight, b).detach() - weight).square().sum()) for b in (2, 6)]
+    assert fitted > 2 * initial[0] / initial[1]
+
+
 def test_random_search_is_deterministic_and_keeps_the_best_score():
     budgets = [parse_budget("bitops<=uniform:4")]
     opts = {"samples": 5, "eval_batches": 1, "bn_batches": 1}

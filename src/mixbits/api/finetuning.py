@@ -13,7 +13,7 @@ from ..data.batches import Batches
 from ..errors import MixbitsError
 from ..search import SearchResult
 from ..space import SearchSpace
-from ..train import TrainConfig, fit, loss_objective, supervised_objective
+from ..train import TrainConfig, fit, load_checkpoint, load_model_state, loss_objective, supervised_objective
 from ..train.evaluate import LossFn
 from .model import PolicySpec, _quantized, example_of, prepared_copy
 
@@ -31,18 +31,21 @@ def finetune(model: nn.Module, policy: PolicySpec | SearchResult, train: Iterabl
     """A copy of the float ``model`` quantized at ``policy`` and trained for ``epochs``; returned in eval mode.
 
     ``policy``: a Policy, ``"uniform:4"``/``"uniform:w8a8"``/a policy JSON, or a :class:`SearchResult`
-    (its policy ``index``, its space, and the method's own fine-tune settings, e.g. SDQ's distillation).
+    (its policy ``index``, its space, the method's own fine-tune settings, e.g. SDQ's distillation, and
+    the searched weights as the start when the search kept them: ``keep_weights`` of dnas/ssps/dmpq).
     ``lr`` defaults to ``FINETUNE_LR`` (SGD 0.01, Adam 1e-4) with a cosine schedule. ``teacher``: a model
     to distil from when ``kd_alpha`` > 0 (default: the float model itself). ``settings`` are any
     :class:`mixbits.train.TrainConfig` field (``kd_alpha=0.5``, ``weight_decay=1e-4``, ``optimizer="adam"``).
     With ``run_dir`` the run checkpoints every epoch and ``resume=True`` continues it exactly.
     """
+    start = None
     if isinstance(policy, SearchResult):
         result = policy
         if not 0 <= index < len(result.policies):
             raise MixbitsError(f"index {index} is out of range; the search found {len(result.policies)} policies")
         policy, space = result.policies[index], space if space is not None else result.space
         settings = {**result.finetune, **settings}
+        start = (result.info.get("finetune_init") or [None] * len(result.policies))[index]
     cfg = _train_config(epochs, lr, seed, settings)
     if loss_fn is not None and cfg.kd_alpha > 0:
         raise MixbitsError("kd_alpha > 0 distils logits, which a custom loss_fn does not expose; set kd_alpha=0 "
@@ -51,6 +54,8 @@ def finetune(model: nn.Module, policy: PolicySpec | SearchResult, train: Iterabl
     float_model = prepared_copy(model)
     if cfg.kd_alpha > 0 and teacher is None:
         teacher = copy.deepcopy(float_model).eval()
+    if start is not None:  # the search's trained latent weights, saved under the float model's names
+        load_model_state(float_model, load_checkpoint(start)["model"], str(start))
     device = torch.device(device)
     qmodel, _ = _quantized(float_model.to(device), policy, example_of(train, example_input), space, per_channel)
     fit(qmodel, train, cfg, val_loader=Batches(val, "val") if val is not None else None,

@@ -19,6 +19,7 @@ from ..errors import MixbitsError
 from ..export import pack_model
 from ..quant import apply_policy, calibrate, quant_layers, quantize_model
 from ..quant.attention import prepare_model
+from ..quant.pair_bn import PairBatchNorm, collapse_pair_bn
 from ..search import SearchResult
 from ..space import Policy, SearchSpace, training_space
 from ..train import evaluate as evaluate_loader
@@ -108,7 +109,9 @@ def subnet(result: SearchResult, index: int = 0, *, bn_data: Iterable | None = N
     """Policy ``index`` of a retraining-free search (one-shot) on the supernet's own weights, no fine-tune.
 
     A copy of the supernet set to the policy, with BatchNorm statistics re-estimated on ``bn_batches``
-    batches of ``bn_data`` (the training data; a subnet's statistics differ from the supernet's).
+    batches of ``bn_data`` (the training data; a subnet's statistics differ from the supernet's). A supernet
+    trained with one BatchNorm per bit-width pair (``score_bn: pair``) uses the policy's own statistics
+    instead; the subnet then holds them as plain BatchNorm layers.
     """
     if not result.retraining_free or result.model is None:
         raise MixbitsError(f"the {result.method!r} search has no trained supernet to run policies on; fine-tune "
@@ -117,6 +120,8 @@ def subnet(result: SearchResult, index: int = 0, *, bn_data: Iterable | None = N
         raise MixbitsError(f"index {index} is out of range; the search found {len(result.policies)} policies")
     model = copy.deepcopy(result.model)
     apply_policy(model, result.policies[index])
+    if any(isinstance(m, PairBatchNorm) for m in model.modules()):
+        return collapse_pair_bn(model).eval()
     if bn_data is not None:
         recalibrate_bn(model, Batches(bn_data, "bn_data"), bn_batches, device=device)
     return model.eval()

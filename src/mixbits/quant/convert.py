@@ -86,6 +86,12 @@ def space_of(model: nn.Module) -> SearchSpace:
     return SearchSpace(tuple(layers), tuple(w_all) or (8,), tuple(a_all) or (8,), fixed)
 
 
+def first_input(batches: Tensor | Iterable) -> Tensor:
+    """The input tensor of a batch, an (input, label) pair, or the first batch of a loader."""
+    x = batches if isinstance(batches, Tensor) else next(iter(batches))
+    return x[0] if isinstance(x, (tuple, list)) else x
+
+
 @torch.no_grad()
 def calibrate(model: nn.Module, batches: Tensor | Iterable[Tensor]) -> None:
     """Initialise every candidate step of every quantizer from data (LSQ init), then leave bits as they were.
@@ -94,9 +100,7 @@ def calibrate(model: nn.Module, batches: Tensor | Iterable[Tensor]) -> None:
     model runs once in eval mode; its training flag is restored.
     """
     layers = require_quantized(model)
-    x = batches if isinstance(batches, Tensor) else next(iter(batches))
-    if isinstance(x, (tuple, list)):
-        x = x[0]
+    x = first_input(batches)
     for layer in layers.values():
         layer.w_quant.init_all_next = True
         layer.a_quant.init_all_next = True

@@ -9,7 +9,8 @@ activation. Search methods drive a layer through four calls and never touch its 
 - ``set_mixture(w_probs, a_probs)``: the composite convolution of differentiable search: the
   probability-weighted sum of the quantized weights convolved once with the probability-weighted
   sum of the quantized inputs (EdMIPS). Because convolution is bilinear this equals the sum over all
-  (w, a) candidate branches weighted by p_w·p_a, at the cost of one convolution;
+  (w, a) candidate branches weighted by p_w·p_a, at the cost of one convolution; ``w_bits``/``a_bits``
+  name the bit-widths the weights belong to when only some candidates take part (SDQ's adjacent pair);
 - ``bits``: the fixed bits currently set.
 
 ``set_candidate_weights(list)`` gives each weight candidate its own latent weight (DNAS with separate
@@ -40,6 +41,7 @@ class QuantLayer:
         self._sampler: BitsSampler | None = None
         self._w_probs: Tensor | None = None
         self._a_probs: Tensor | None = None
+        self._mix_bits: tuple[Sequence[int] | None, Sequence[int] | None] = (None, None)
 
     @property
     def bits(self) -> tuple[int, int]:
@@ -60,10 +62,13 @@ class QuantLayer:
         self._init_quant_state()
         self._sampler = sampler
 
-    def set_mixture(self, w_probs: Tensor | None, a_probs: Tensor | None) -> None:
-        """Mix candidates with these weights (one per candidate, may carry grad); None = the fixed bits."""
+    def set_mixture(self, w_probs: Tensor | None, a_probs: Tensor | None, w_bits: Sequence[int] | None = None,
+                    a_bits: Sequence[int] | None = None) -> None:
+        """Mix candidates with these weights (may carry grad): one per candidate, or one per bit-width of
+        ``w_bits``/``a_bits`` when given; None = the fixed bits."""
         self._init_quant_state()
         self._w_probs, self._a_probs = w_probs, a_probs
+        self._mix_bits = (w_bits, a_bits)
 
     @property
     def mode(self) -> str:
@@ -84,17 +89,18 @@ class QuantLayer:
         separate = getattr(self, "candidate_weights", None)
         if separate is not None:
             if self._w_probs is not None:
-                return sum(p * self.w_quant.quantize(w, b)
-                           for p, w, b in zip(self._w_probs, separate, self.w_quant.candidates, strict=True))
+                bits = self._mix_bits[0] or self.w_quant.candidates
+                return sum(p * self.w_quant.quantize(separate[self.w_quant.index(b)], b)
+                           for p, b in zip(self._w_probs, bits, strict=True))
             bits = self.w_quant.bits
             return self.w_quant.quantize(separate[self.w_quant.candidates.index(bits)], bits)
         if self._w_probs is not None:
-            return self.w_quant.mix(self.weight, self._w_probs)
+            return self.w_quant.mix(self.weight, self._w_probs, self._mix_bits[0])
         return self.w_quant(self.weight)
 
     def quantized_input(self, x: Tensor) -> Tensor:
         if self._a_probs is not None:
-            return self.a_quant.mix(x, self._a_probs)
+            return self.a_quant.mix(x, self._a_probs, self._mix_bits[1])
         return self.a_quant(x)
 
     def _apply_sampler(self) -> None:

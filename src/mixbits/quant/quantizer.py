@@ -126,14 +126,18 @@ class LsqQuantizer(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return self.quantize(x, self.bits)
 
-    def mix(self, x: Tensor, probs: Tensor) -> Tensor:
-        """Σ_b probs[b] · Q_b(x) over the candidates (probs: one weight per candidate, may carry grad)."""
-        if probs.shape != (len(self.candidates),):
-            raise MixbitsError(f"mixture weights must have shape ({len(self.candidates)},) for candidates "
-                               f"{list(self.candidates)}, got {tuple(probs.shape)}")
+    def mix(self, x: Tensor, probs: Tensor, bits: Sequence[int] | None = None) -> Tensor:
+        """Σ_i probs[i] · Q_{bits[i]}(x) (probs may carry grad); ``bits`` defaults to every candidate. Naming
+        only the candidates with weight (SDQ's two adjacent ones) skips the passes of the others."""
+        bits = self.candidates if bits is None else tuple(bits)
+        if probs.shape != (len(bits),):
+            raise MixbitsError(f"mixture weights must have shape ({len(bits)},) for bit-widths {list(bits)}, "
+                               f"got {tuple(probs.shape)}")
+        rows = [self.index(b) for b in bits]
         self._ensure_init(x)
-        bounds = [integer_range(bits, self.signed) for bits in self.candidates]
-        return lsq_mix(x, self.steps, probs, self._step_shape(x.dim()), bounds,
+        bounds = [integer_range(b, self.signed) for b in bits]
+        steps = self.steps if rows == list(range(len(self.candidates))) else self.steps[rows]
+        return lsq_mix(x, steps, probs, self._step_shape(x.dim()), bounds,
                        [self._grad_scale(x, qmax) for _, qmax in bounds])
 
     @torch.no_grad()

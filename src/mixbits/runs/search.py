@@ -156,6 +156,9 @@ def _finetune(cfg: RunConfig, out: Path, i: int, budget: str, policy: Policy, st
     run.out = str(out / "finetune" / f"budget{i}")
     run.quant.policy = str(out / "policies" / f"budget{i}.json")
     run.train.epochs = epochs
+    searched = result.get("info", {}).get("finetune_init")
+    if searched:  # the method kept its searched weights (keep_weights): the fine-tune starts from them
+        run.init = searched[i]
     for key, value in result.get("finetune", {}).items():
         if not hasattr(run.train, key):  # a searcher bug, never the user's
             raise RuntimeError(f"{cfg.search.method} asked for an unknown train setting {key!r} in its fine-tune")

@@ -3,20 +3,25 @@
 A choice is one pair index per searchable layer (into ``ArchParams.pairs``). Repair lowers, one
 candidate step at a time, the layer whose current choice the search was least sure of (lowest pair
 probability), among the steps that reduce the budget violation, until the policy fits. Fill does the
-reverse for a policy well under its budget: one candidate step up at a time, the raise whose pair the
-search gave the most probability, while the policy still fits (a library choice: the derived policy of a
-penalised search often leaves much of the budget unused, and the comparison is at equal budget).
+reverse for a policy under its budget (a library choice: the derived policy of a penalised search often
+leaves much of the budget unused, and methods are compared at equal budget): of the policies that raise
+bits only, the most probable one among those that spend the budget as fully as any can (see ``fill``).
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from ..budget import Budget
 from ..errors import MixbitsError
 from ..space import Policy
 from .base import SearchContext
+from .costs import layer_cost_arrays, remaining_limits
 from .differentiable import ArchParams
+from .ilp import solve_choice
+
+FILL_TOLERANCE = 0.01  # policies within 1 % of a cap of the fullest one count as full; the most probable wins
 
 
 def argmax_choice(pair_probs: torch.Tensor) -> list[int]:
@@ -73,33 +78,33 @@ def _lower(candidates: tuple[int, ...], bits: int) -> int | None:
     return candidates[i - 1] if i > 0 else None
 
 
-def fill(ctx: SearchContext, arch: ArchParams, policy: Policy, budget: Budget,
-         pair_probs: torch.Tensor) -> tuple[Policy, list[dict]]:
-    """Raise bits one candidate step at a time, most probable raise first, while ``policy`` fits ``budget``."""
-    probs = pair_probs.detach().double().cpu()
-    index = {bits: k for k, bits in enumerate(arch.pairs)}
-    steps = []
-    while True:
-        best = None
-        for i, name in enumerate(arch.layers):
-            w, a = policy[name]
-            for side, raised in ((0, _raise(arch.w_bits, w)), (1, _raise(arch.a_bits, a))):
-                if raised is None:
-                    continue
-                pair = (raised, a) if side == 0 else (w, raised)
-                candidate = policy.replace(name, *pair)
-                if not ctx.fits(candidate, budget):
-                    continue
-                key = (float(probs[i, index[pair]]), -ctx.cost(candidate)["bitops"])
-                if best is None or key > best[0]:
-                    best = (key, name, side, candidate)
-        if best is None:
-            return policy, steps
-        (probability, _), name, side, policy = best
-        steps.append({"layer": name, "side": "w" if side == 0 else "a", "bits": list(policy[name]),
-                      "probability": probability})
+def fill(ctx: SearchContext, arch: ArchParams, policy: Policy, budget: Budget, pair_probs: torch.Tensor,
+         tolerance: float = FILL_TOLERANCE) -> tuple[Policy, list[dict]]:
+    """Spend what ``policy`` leaves of ``budget``, raising bits only; returns the policy and the layers raised.
 
-
-def _raise(candidates: tuple[int, ...], bits: int) -> int | None:
-    i = candidates.index(bits)
-    return candidates[i + 1] if i + 1 < len(candidates) else None
+    Two exact integer programs over the policies that keep every layer's w and a at least at ``policy``'s:
+    the first finds the most budget any of them spends (Σ over caps of cost / cap), the second the most
+    probable of those that spend within ``tolerance`` (a share of one cap) of it, by Σ log p of the
+    chosen pairs. Raising one step at a time stops where every single step overshoots, which on layers of
+    unequal MACs can leave a tenth of the budget unused; the programs also find raises of several steps
+    and of several layers together.
+    """
+    layers, pairs = list(arch.layers), list(arch.pairs)
+    base, arrays = layer_cost_arrays(ctx, pairs)
+    limits = remaining_limits(ctx, budget, base)
+    caps = budget.limits(ctx.stats, ctx.space, ctx.latency)
+    spend = sum(arrays[m] / caps[m] for m in limits)
+    floor = np.array([[w >= policy[n][0] and a >= policy[n][1] for w, a in pairs] for n in layers])
+    costs = {m: arrays[m] for m in limits}
+    most = solve_choice(np.where(floor, -spend, np.inf), costs, limits, layers)
+    reachable = float(spend[np.arange(len(layers)), most].sum())
+    log_p = np.log(pair_probs.detach().double().cpu().numpy().clip(1e-12, None))
+    costs["-spend"], limits["-spend"] = -spend, tolerance - reachable
+    choice = solve_choice(np.where(floor, -log_p, np.inf), costs, limits, layers)
+    steps, filled = [], policy
+    for i, (name, k) in enumerate(zip(layers, choice, strict=True)):
+        if pairs[k] != policy[name]:
+            filled = filled.replace(name, *pairs[k])
+            steps.append({"layer": name, "from": list(policy[name]), "to": list(pairs[k]),
+                          "probability": float(np.exp(log_p[i, k]))})
+    return filled, steps

@@ -28,7 +28,9 @@ class DifferentiableOptions:
     updates: str = "alternating"  # "alternating": weights on one split, architecture on the other; "single"
     arch_fraction: float = 0.2  # share of the training data for architecture updates (alternating)
     joint: bool = False  # one distribution over (w, a) pairs instead of independent w and a distributions
-    fill_budget: bool = True  # raise the derived policy's bits, most probable raise first, while it fits
+    fill_budget: bool = True  # spend the budget the derived policy leaves unused (derive.fill)
+    arch_warmup: float = 0.0  # share of the search that trains the weights only, the architecture held uniform
+    keep_weights: bool = False  # the fine-tune starts from the searched weights (info["finetune_init"])
 
 
 def is_int(v) -> bool:
@@ -74,6 +76,8 @@ def check_options(opts: DifferentiableOptions, method: str, rules: Sequence[Rule
         ("arch_fraction", fraction(opts.arch_fraction), "a number strictly between 0 and 1"),
         ("joint", isinstance(opts.joint, bool), "true or false"),
         ("fill_budget", isinstance(opts.fill_budget, bool), "true or false"),
+        ("arch_warmup", is_number(opts.arch_warmup) and 0 <= opts.arch_warmup < 1, "a number in [0, 1)"),
+        ("keep_weights", isinstance(opts.keep_weights, bool), "true or false"),
     ]
     problems = [f"{name}: must be {expected}, got {getattr(opts, name)!r}"
                 for name, ok, expected in [*shared, *rules] if not ok]

@@ -138,9 +138,10 @@ def budget_penalty(ratios: dict[str, Tensor], kind: str) -> Tensor:
     return torch.stack(terms).sum().float()
 
 
-def exponential_temperature(epoch: float, start: float, decay: float) -> float:
-    """τ = start · exp(-decay · epoch)."""
-    return start * math.exp(-decay * epoch)
+def annealed_temperature(progress: float, start: float, end: float) -> float:
+    """τ falling geometrically from ``start`` at progress 0 to ``end`` at progress 1 (clamped to [0, 1])."""
+    p = min(1.0, max(0.0, progress))
+    return start * (end / start) ** p
 
 
 def decaying_weight(progress: float, schedule: str, start: float = 1.0) -> float:

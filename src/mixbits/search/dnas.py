@@ -5,19 +5,21 @@ masks m = GumbelSoftmax(θ, τ) drawn every step, τ annealed; the loss is CE ·
 the expected cost under m; weights and θ are updated alternately on two splits of the training data;
 at the end several policies are sampled from the learned distribution.
 
-Library choices (options): shared weights with one composite convolution per layer (EdMIPS), which
-equals the sum over the candidate edges because convolution is bilinear; independent w and a masks
-(``joint: true`` for one mask over the pairs); τ from 5.0 multiplied by exp(-0.045) per epoch; an 80/20
-split, SGD for the weights and Adam for θ; β = 0.2, γ = 0.6 (the paper's values are not verified here).
-Cost is measured relative to the budget, Cost = cost_scale · E[cost] / cap (the largest ratio over the
-budget's caps), so the log is positive near the budget; log Cost is floored at 0.01. The paper fine-tunes
-every sampled policy; here the argmax and ``samples`` sampled policies are repaired into the budget and
-scored with ``PolicyEvaluator`` (BatchNorm recalibrated on the supernet's weights, held-out loss), and the
-lowest loss is returned for fine-tuning. ``weights: separate`` gives each weight bit-width its own latent
-weights for the search (the paper's separate edges share the activation quantizer's input): the layer
-still runs one convolution, Σ_w p_w·Q_w(W_w) being one tensor, and a scored policy uses each layer's
-weights of its chosen bit-width; the copies are dropped after the budget's search (the fine-tune starts
-from the float model either way).
+Library choices (options): shared weights with one composite convolution per layer (EdMIPS), which equals the
+sum over the candidate edges because convolution is bilinear; independent w and a masks (``joint: true`` for
+one mask over the pairs); a weight warm-up (``arch_warmup``: the first fifth of the search trains the weights
+under uniform masks), then τ annealed geometrically per step from ``tau_start`` to ``tau_end`` over the rest
+of the search, however short (per epoch, a few-epoch search would end nearly uniform); an 80/20 split, SGD for
+the weights and Adam for θ; β = 0.2, γ = 0.6 (the paper's values are not verified here). Cost is measured
+relative to the budget, Cost = cost_scale · E[cost] / cap (the largest ratio over the budget's caps), so the
+log is positive near the budget; log Cost is floored at 0.01. The paper fine-tunes every sampled policy; here
+the argmax and ``samples`` sampled policies are repaired into the budget (and filled up to it,
+``fill_budget``) and scored with ``PolicyEvaluator`` (BatchNorm recalibrated on the supernet's weights,
+held-out loss), and the lowest loss is returned for fine-tuning. ``weights: separate`` gives each weight
+bit-width its own latent weights for the search (the paper's separate edges share the activation quantizer's input): the
+layer still runs one convolution, Σ_w p_w·Q_w(W_w) being one tensor, and a scored policy uses each layer's
+weights of its chosen bit-width; the copies are dropped after the budget's search (with ``keep_weights`` the
+fine-tune starts from each layer's copy of its chosen bit-width).
 """
 
 from __future__ import annotations
@@ -29,11 +31,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from .base import SEARCHERS, SearchContext, SearchResult, method_options
-from .derive import argmax_choice, choice_policy, repair, sample_choice
+from .derive import argmax_choice, choice_policy, fill, repair, sample_choice
 from .diff_options import DifferentiableOptions, check_options, is_int, non_negative, positive
-from .differentiable import exponential_temperature, gumbel_softmax, softmax_rows
+from .differentiable import annealed_temperature, gumbel_softmax, softmax_rows
 from .evaluator import PolicyEvaluator
-from .supernet import BudgetSearch, Derived, MethodSpec, search_each_budget, train_supernet
+from .supernet import BudgetSearch, Derived, MethodSpec, architecture_progress, search_each_budget, train_supernet
 
 WEIGHTS = ("shared", "separate")
 
@@ -43,8 +45,9 @@ class DnasOptions(DifferentiableOptions):
     beta: float = 0.2  # β of CE · β · (log Cost)^γ
     gamma: float = 0.6  # γ
     cost_scale: float = 10.0  # Cost at exactly the budget (sets where the log sits)
-    tau_start: float = 5.0  # Gumbel-softmax temperature at epoch 0
-    tau_decay: float = 0.045  # τ = tau_start · exp(-tau_decay · epoch)
+    tau_start: float = 5.0  # Gumbel-softmax temperature until the warm-up ends
+    tau_end: float = 0.2  # temperature at the last step: geometric per step in between
+    arch_warmup: float = 0.2  # share of the search that trains the weights under uniform masks first
     hard: bool = False  # one-hot masks with straight-through gradients
     weights: str = "shared"  # "separate": each weight bit-width its own latent weights during the search
     samples: int = 8  # policies sampled from the learned distribution, scored with the argmax policy
@@ -61,7 +64,8 @@ def dnas_search(ctx: SearchContext) -> SearchResult:
         ("gamma", non_negative(opts.gamma), "a number >= 0"),
         ("cost_scale", positive(opts.cost_scale) and opts.cost_scale > 1, "a number > 1"),
         ("tau_start", positive(opts.tau_start), "a number > 0"),
-        ("tau_decay", non_negative(opts.tau_decay), "a number >= 0"),
+        ("tau_end", positive(opts.tau_end) and positive(opts.tau_start) and opts.tau_end <= opts.tau_start,
+         "a number in (0, tau_start]"),
         ("hard", isinstance(opts.hard, bool), "true or false"),
         ("weights", opts.weights in WEIGHTS, f"one of {list(WEIGHTS)}"),
         ("samples", is_int(opts.samples) and opts.samples >= 0, "a whole number >= 0"),
@@ -86,7 +90,11 @@ def _search_budget(search: BudgetSearch, opts: DnasOptions) -> Derived:
         layer.set_candidate_weights(nn.ParameterList(nn.Parameter(layer.weight.detach().clone())
                                                      for _ in layer.w_quant.candidates))
     try:
-        return _search_with_current_weights(search, opts)
+        derived = _search_with_current_weights(search, opts)
+        if opts.keep_weights:  # the fine-tune starts from each layer's weights of its chosen bit-width
+            derived.candidate_weights = {name: [w.detach().clone() for w in layer.candidate_weights]
+                                         for name, layer in zip(search.arch.layers, search.layers, strict=True)}
+        return derived
     finally:
         for layer in search.layers:
             layer.set_candidate_weights(None)
@@ -96,7 +104,7 @@ def _search_with_current_weights(search: BudgetSearch, opts: DnasOptions) -> Der
     arch, ctx = search.arch, search.ctx
 
     def tau(state) -> float:
-        return exponential_temperature(state.epoch, opts.tau_start, opts.tau_decay)
+        return annealed_temperature(architecture_progress(state, opts.arch_warmup), opts.tau_start, opts.tau_end)
 
     def mixing(state):
         return arch.probs(lambda logits: gumbel_softmax(logits, tau(state), state.generator, opts.hard))
@@ -120,6 +128,8 @@ def _search_with_current_weights(search: BudgetSearch, opts: DnasOptions) -> Der
     best, front = None, []
     for i, choice in enumerate(choices):
         policy, _ = repair(ctx, arch, choice_policy(ctx, arch, choice), search.budget, pair_probs)
+        if opts.fill_budget:  # every candidate is scored at the budget it will be given
+            policy, _ = fill(ctx, arch, policy, search.budget, pair_probs)
         score = evaluator(policy)
         front.append({"budget": search.budget.text, "sample": i, "argmax": i == 0, "policy": policy.to_dict(),
                       **ctx.cost(policy), **score})

@@ -8,6 +8,8 @@ BatchNorm statistics differ per policy. ``bn_mode="recalibrate"`` re-estimates t
 training batches before scoring (one extra forward per batch); ``bn_mode="batch"`` normalises each
 scored batch with its own statistics, one forward per score in all, for searches that score thousands
 of policies (the one-shot greedy walk). The model's running statistics are left as they were.
+``bn_mode="running"`` uses the running statistics the model holds, as they are: for a supernet that keeps
+them per bit-width pair (``quant.pair_bn``).
 
 With batch statistics, ``reuse_prefix`` lets a walk name its current policy (:meth:`PolicyEvaluator.focus`)
 so that scoring a neighbour replays the outputs of the blocks before its first changed layer
@@ -31,7 +33,7 @@ from ..space import Policy
 from ..train import evaluate, recalibrate_bn
 from .prefix import PrefixReuse
 
-BN_MODES = ("recalibrate", "batch")
+BN_MODES = ("recalibrate", "batch", "running")
 
 
 class PolicyEvaluator:
@@ -73,7 +75,7 @@ class PolicyEvaluator:
                 replay = (lambda i: self.prefix.replaying(i, shared)) if shared else None
                 metrics = _evaluate_with_batch_statistics(self.model, self.batches, self.device, replay)
             else:
-                if self.bn_batches:
+                if self.bn_batches and self.bn_mode == "recalibrate":
                     recalibrate_bn(self.model, self.bn_batches, device=self.device)
                 metrics = evaluate(self.model, self.batches, self.device)
             self.cache[key] = {"loss": metrics["loss"], "top1": metrics["top1"]}

@@ -121,3 +121,27 @@ def greedy_search(start: Policy, space: SearchSpace, evaluate: Callable[[Policy]
             progress_line(f"{description} step {len(steps)}: {name} {side} {direction} to {list(policy[name])}, "
                           f"loss {losses[best]:.4f}, cost {costs[best]:.4g}", progress)
     return GreedyResult(policy, path, steps)
+
+
+def fill_up(policy: Policy, space: SearchSpace, evaluate: Callable[[Policy], dict], fits: Callable[[Policy], bool],
+            focus: Callable[[Policy], None] | None = None) -> GreedyResult:
+    """Spend what ``policy`` leaves of the budget: while some layer's w or a can go one candidate up and still
+    fit, take the raise with the lowest loss (ties: the first in layer order, w before a).
+
+    A walk stops at the first policy that fits, often well under the budget (one step down can cost a
+    layer's whole w·a share); the raises are scored like the walk's moves, so this costs a few scores per step.
+    """
+    path, steps = [policy], []
+    while True:
+        ups = [(move, p) for move, p in neighbours(policy, space, bidirectional=True, paired=False)
+               if move[2] == 1 and fits(p)]
+        if not ups:
+            return GreedyResult(policy, path, steps)
+        if focus is not None:
+            focus(policy)
+        losses = [float(evaluate(p)["loss"]) for _, p in ups]
+        best = min(range(len(ups)), key=losses.__getitem__)
+        (name, side, direction), policy = ups[best]
+        path.append(policy)
+        steps.append({"step": len(steps) + 1, "layer": name, "side": side, "direction": direction,
+                      "bits": list(policy[name]), "loss": losses[best], "candidates": len(ups)})

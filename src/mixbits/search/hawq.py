@@ -5,10 +5,13 @@ Sensitivity of layer l at (w, a), a second-order estimate of the loss increase:
     Ω(l, w, a) = ½ · tr(H_W)/n_W · ||Q_w(W) − W||²  +  ½ · tr(H_A)/n_A · ||Q_a(A) − A||²
 
 with H_W, H_A the Hessians of the training loss with respect to the layer's weight and its input
-activation (Hutchinson traces of the float model), Q_b the layer's calibrated quantizer at b bits, and A
-the layer's inputs on the same batches. Follows HAWQ-V2/V3 (trace / parameter count × quantization
-error, integer program over one or several budgets). Library choices: the activation term (off with
-``activations: false``), Rademacher probes, and the number of batches. Traces are cached in the run
+activation (Hutchinson traces of the float model), Q_b the layer's quantizer at b bits with its MSE-fitted
+step (``quant.fit``: LSQ's initial step would be 1.5x to 6.5x off the best error and flatten the ratios
+between bit-widths), and A the layer's inputs on the same batches. Follows HAWQ-V2/V3 (trace / parameter
+count × quantization error, integer program over one or several budgets). Library choices: the activation
+term (off with ``activations: false``), Rademacher probes, the number of batches, the fitted step, and a
+negative trace estimate (probe noise, or curvature a second-order model cannot use) counting as 0, so more
+bits never score worse. Traces are cached in the run
 directory, keyed by the float weights and the options.
 """
 
@@ -24,6 +27,7 @@ import torch
 
 from ..errors import MixbitsError
 from ..quant import quant_layers
+from ..quant.fit import fitted_error
 from ..utils import atomic_write_text
 from .base import SEARCHERS, SearchContext, SearchResult, method_options
 from .costs import candidate_pairs, layer_cost_arrays, remaining_limits
@@ -75,15 +79,13 @@ def _scores(ctx: SearchContext, opts: HawqOptions, traces: dict, batches, pairs)
     with torch.no_grad():
         for i, name in enumerate(ctx.space.searchable):
             layer = qlayers[name]
-            w_err = {b: float((layer.w_quant.quantize(layer.weight, b) - layer.weight).square().sum())
-                     for b in ctx.space.w_bits}
-            w_curv = traces[name]["weight"] / layer.weight.numel()
+            w_err = {b: fitted_error(layer.w_quant, layer.weight, b) for b in ctx.space.w_bits}
+            w_curv = max(0.0, traces[name]["weight"]) / layer.weight.numel()
             a_err, a_curv = {b: 0.0 for b in ctx.space.a_bits}, 0.0
             if opts.activations:
-                acts = inputs[name]
-                a_err = {b: sum(float((layer.a_quant.quantize(a, b) - a).square().sum()) for a in acts) / len(acts)
-                         for b in ctx.space.a_bits}
-                a_curv = traces[name]["act"] / acts[0].numel()
+                acts = torch.cat(inputs[name])  # one step for every batch, as the deployed quantizer has
+                a_err = {b: fitted_error(layer.a_quant, acts, b) / len(inputs[name]) for b in ctx.space.a_bits}
+                a_curv = max(0.0, traces[name]["act"]) / inputs[name][0].numel()
             for k, (w, a) in enumerate(pairs):
                 scores[i, k] = 0.5 * (w_curv * w_err[w] + a_curv * a_err[a])
     return scores

@@ -2,8 +2,8 @@
 
 Each sample draws every searchable layer's (w, a) uniformly, then repairs it into the budget by
 lowering randomly chosen layers one step at a time, so samples sit near the budget, where the best
-policies are. Policies are scored on the quantized float-initialised model (a post-training proxy);
-the best per budget is returned for fine-tuning.
+policies are. Policies are scored on the quantized float-initialised model with MSE-fitted steps (a
+post-training proxy; ``search/start.py``); the best per budget is returned for fine-tuning.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from tqdm import tqdm
 from ..space import Policy
 from .base import SEARCHERS, SearchContext, SearchResult, method_options
 from .evaluator import PolicyEvaluator
+from .start import fitted_start
 
 
 @dataclass
@@ -29,6 +30,11 @@ class RandomOptions:
 def random_search(ctx: SearchContext) -> SearchResult:
     """Random policies repaired into the budget; the lowest held-out loss wins."""
     opts = method_options(RandomOptions, ctx.options, "random")
+    with fitted_start(ctx):
+        return _search(ctx, opts)
+
+
+def _search(ctx: SearchContext, opts: RandomOptions) -> SearchResult:
     evaluator = PolicyEvaluator(ctx.model, ctx.val_loader, ctx.train_loader, opts.eval_batches, opts.bn_batches,
                                 ctx.device)
     gen = torch.Generator().manual_seed(ctx.seed)

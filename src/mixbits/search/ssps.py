@@ -5,14 +5,17 @@ layer, trained by gradients; the constraints (BitOPs, size, latency caps of the 
 penalty terms; at intervals the undecided layer whose choice is most certain is fixed and leaves the
 search, until every layer is decided. The order of fixing is logged in the trace.
 
-Library choices (options): the cell mixes the candidates' quantized weights and activations with
-softmax probabilities over per-layer logits (the composite convolution; ``cell: sampled`` uses one-hot
-Gumbel samples with straight-through gradients instead); the penalty is ``penalty_weight`` · Σ over caps
-of relu(E[cost]/cap − 1), the expectation under the softmax (``penalty: squared`` or ``linear`` for other
-shapes); certainty is the probability of the layer's most likely (w, a) pair (``certainty: entropy`` for
-the lowest entropy); one layer is fixed at each of L evenly spaced steps between ``fix_start`` and
-``fix_end`` of the search (several at once when there are fewer steps than layers); alternating updates
-on an 80/20 split.
+Library choices (options): the cell runs one candidate per layer and step, a one-hot Gumbel sample over
+per-layer logits with straight-through gradients (``cell: sampled``; ``cell: mixture`` mixes the candidates'
+quantized weights and activations with the softmax probabilities instead, the composite convolution). The
+mixture misleads on a layer that is bad at every low bit-width alike: against the mixture its cheapest
+candidate looks no worse than the rest, the penalty lifts it, and the argmax fixed the layer at 2 bits on a
+toy where it needs 5-6 (tests/test_sensitivity.py; the sampled cell gets it right at 8 of 10 seeds). The
+penalty is ``penalty_weight`` · Σ over caps of relu(E[cost]/cap − 1), the expectation under the softmax
+(``penalty: squared`` or ``linear`` for other shapes); certainty is the probability of the layer's most likely
+(w, a) pair (``certainty: entropy`` for the lowest entropy); one layer is fixed at each of L evenly spaced
+steps between ``fix_start`` and ``fix_end`` of the search (several at once when there are fewer steps than
+layers); alternating updates on an 80/20 split.
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ class SspsOptions(DifferentiableOptions):
     certainty: str = "max_prob"  # or "entropy"
     fix_start: float = 0.3  # fraction of the search before the first layer is fixed
     fix_end: float = 0.9  # fraction of the search by which every layer is fixed
-    cell: str = "mixture"  # "mixture" (composite convolution) or "sampled" (one-hot, straight-through)
+    cell: str = "sampled"  # "sampled" (one candidate per step, straight-through) or "mixture" (composite convolution)
     tau: float = 1.0  # Gumbel temperature of the sampled cell
 
 

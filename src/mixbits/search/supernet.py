@@ -13,7 +13,6 @@ continues where it stopped: finished budgets reload their last checkpoint instea
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
@@ -32,6 +31,8 @@ from .base import SearchContext, SearchResult
 from .derive import fill, repair
 from .diff_options import DifferentiableOptions
 from .differentiable import ArchParams, ExpectedCost, LayerProbs, apply_mixture, clear_mixture, cost_ratios
+from .searched import save_searched_weights, searched_dir
+from .start import fitted_start
 
 
 @dataclass
@@ -69,17 +70,32 @@ class Derived:
     pair_probs: Tensor  # L×K: repair lowers the layers least sure of their choice first
     trace: dict = field(default_factory=dict)
     front: list[dict] = field(default_factory=list)
+    candidate_weights: dict[str, list[Tensor]] | None = None  # per layer, one per weight bit-width (keep_weights)
+
+
+def warmup_steps(state: TrainState, warmup: float) -> int:
+    """The weight steps before the architecture starts to learn."""
+    return round(warmup * state.cfg.epochs * state.steps_per_epoch)
+
+
+def architecture_progress(state: TrainState, warmup: float) -> float:
+    """Share of the architecture phase done: 0 until the weight warm-up ends, 1 at the search's last step."""
+    start, total = warmup_steps(state, warmup), state.cfg.epochs * state.steps_per_epoch
+    return min(1.0, max(0.0, (state.step - start) / max(1, total - start)))
 
 
 class ArchitectureStep(Hook):
-    """Steps the architecture optimiser after each weight step and keeps a per-epoch trace.
+    """Steps the architecture optimiser after each weight step (after the warm-up) and keeps a per-epoch trace.
 
     The trace records the mean gradient norm reaching the lowest-bit candidates' logits (column 0), the
-    mean probability of those candidates and the expected cost over each cap.
+    mean probability of those candidates, the mean over layers of the largest pair probability (how decided
+    the search is) and the expected cost over each cap.
     """
 
-    def __init__(self, search: BudgetSearch, spec: MethodSpec, optimizer: torch.optim.Optimizer, arch_loader=None):
+    def __init__(self, search: BudgetSearch, spec: MethodSpec, optimizer: torch.optim.Optimizer, arch_loader=None,
+                 warmup: float = 0.0):
         self.search, self.spec, self.optimizer, self.arch_loader = search, spec, optimizer, arch_loader
+        self.warmup = warmup
         self.params = list(search.arch.parameters())
         self._batches, self._arch_epoch, self._arch_taken = None, 0, 0
         self.history: list[dict] = []
@@ -103,6 +119,9 @@ class ArchitectureStep(Hook):
         self._count = 0
 
     def after_step(self, state: TrainState) -> None:
+        if state.step <= warmup_steps(state, self.warmup):  # weights only; drop what a single loss left here
+            self.optimizer.zero_grad(set_to_none=True)
+            return
         if self.arch_loader is not None:
             x, y = self._next_batch(state.device)
             probs = self.spec.mixing(state)
@@ -147,6 +166,7 @@ class ArchitectureStep(Hook):
             ratios = self.search.ratios(probs)
         entry = {"epoch": state.epoch + 1, **{k: float(v) / max(1, self._count) for k, v in self._sums.items()},
                  "p_lowest_w": float(probs.w[:, 0].mean()), "p_lowest_a": float(probs.a[:, 0].mean()),
+                 "p_max": float(probs.pairs.max(dim=-1).values.mean()),
                  **{f"expected_{m}_over_cap": float(r) for m, r in ratios.items()}}
         if self.spec.epoch_info is not None:
             entry.update(self.spec.epoch_info(state))
@@ -222,7 +242,8 @@ def train_supernet(search: BudgetSearch, opts: DifferentiableOptions, spec: Meth
     alternating = opts.updates == "alternating"
     weight_loader, arch_loader = (split_for_architecture(ctx.train_loader, opts.arch_fraction, ctx.seed)
                                   if alternating else (ctx.train_loader, None))
-    step = ArchitectureStep(search, spec, _arch_optimizer(search.arch.parameters(), opts), arch_loader)
+    step = ArchitectureStep(search, spec, _arch_optimizer(search.arch.parameters(), opts), arch_loader,
+                            opts.arch_warmup)
     # checkpointed every epoch with the architecture state; `mixbits search --resume` continues it
     run_dir, resume = ctx.training_run(f"budget{search.index}")
     try:
@@ -241,26 +262,30 @@ def search_each_budget(ctx: SearchContext, method: str, opts: DifferentiableOpti
     if not names:
         raise MixbitsError(f"search method {method!r} has nothing to search: every quantized layer is fixed")
     layers = [by_name[n] for n in names]
+    if opts.keep_weights:
+        searched_dir(ctx, method)
     cost = ExpectedCost(ctx, ArchParams(names, ctx.space.w_bits, ctx.space.a_bits).pairs)
-    start = copy.deepcopy(ctx.model.state_dict())  # every budget starts from these weights; restored at the end
-    policies, trace, front = [], [], []
-    try:
-        for index, budget in enumerate(ctx.budgets):
-            ctx.model.load_state_dict(start)
-            arch = ArchParams(names, ctx.space.w_bits, ctx.space.a_bits, joint=opts.joint).to(ctx.device)
-            search = BudgetSearch(ctx, arch, layers, cost, budget, budget.limits(ctx.stats, ctx.space, ctx.latency),
-                                  index)
-            found = search_one(search)
-            policy, repaired = repair(ctx, arch, found.policy, budget, found.pair_probs)
-            filled = []
-            if opts.fill_budget:
-                policy, filled = fill(ctx, arch, policy, budget, found.pair_probs)
-            policies.append(policy)
-            trace.append({"budget": budget.text, **found.trace, "derived": found.policy.describe(),
-                          "repair": repaired, "fill": filled, "policy": policy.describe(), **ctx.cost(policy)})
-            front.extend(found.front)
-    finally:
-        clear_mixture(layers)
-        ctx.model.load_state_dict(start)
-    return SearchResult(method, list(ctx.budgets), policies, trace=trace, front=front,
-                        info={"options": asdict(opts)})
+    policies, trace, front, searched = [], [], [], []
+    with fitted_start(ctx) as start:  # every budget starts from these weights; the model is restored afterwards
+        try:
+            for index, budget in enumerate(ctx.budgets):
+                ctx.model.load_state_dict(start)
+                arch = ArchParams(names, ctx.space.w_bits, ctx.space.a_bits, joint=opts.joint).to(ctx.device)
+                limits = budget.limits(ctx.stats, ctx.space, ctx.latency)
+                found = search_one(BudgetSearch(ctx, arch, layers, cost, budget, limits, index))
+                policy, repaired = repair(ctx, arch, found.policy, budget, found.pair_probs)
+                filled = []
+                if opts.fill_budget:
+                    policy, filled = fill(ctx, arch, policy, budget, found.pair_probs)
+                policies.append(policy)
+                trace.append({"budget": budget.text, **found.trace, "derived": found.policy.describe(),
+                              "repair": repaired, "fill": filled, "policy": policy.describe(), **ctx.cost(policy)})
+                front.extend(found.front)
+                if opts.keep_weights:
+                    searched.append(save_searched_weights(ctx, method, index, policy, found.candidate_weights))
+        finally:
+            clear_mixture(layers)
+    info = {"options": asdict(opts)}
+    if opts.keep_weights:
+        info["finetune_init"] = searched
+    return SearchResult(method, list(ctx.budgets), policies, trace=trace, front=front, info=info)

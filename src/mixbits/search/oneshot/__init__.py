@@ -25,10 +25,12 @@ passes' losses; freezing events at fractions of training (first after 10 %, then
 0.5·L to 0.2·L (the released code's ratios); IDM on the layer's own output, target detached with an
 identity affine, distance divided by sqrt(elements per sample), floor Q = 0, weight 0.1; "low-bit" for
 fair decay = the smallest candidate weight bit-width, decay scaled by the share of non-low-bit passes;
-per-policy BatchNorm statistics instead of one BN per bit-width pair: each score normalises with the
-statistics of the 256 scored validation images themselves (``score_bn: batch``; ``recalibrate``
-re-estimates running statistics on training batches first, twice the forwards), and every returned
-policy is recalibrated on 32 training batches before it is tested; the walk
+per-policy BatchNorm statistics by default: each score normalises with the statistics of the 1024 scored
+validation images themselves (``score_bn: batch``; ``recalibrate`` re-estimates running statistics on
+training batches first, twice the forwards; ``pair`` is the released code's one BatchNorm per bit-width
+pair, ``quant.pair_bn``), and every returned policy is recalibrated on 32 training batches before it is
+tested; two sampled policies per step beside the largest and the smallest; the supernet starts from
+MSE-fitted steps; after each walk a fill raises w or a one step at a time while the budget holds; the walk
 starts at the highest candidates, never revisits a policy, goes descending-only after 2x the descents
 to the bottom; J's cost term is the budget's own metric (Σ cost/cap: BitOPs/cap equals the paper's
 normalised BitOPs), so size and latency budgets work too; budgets with the same cost term share one walk.

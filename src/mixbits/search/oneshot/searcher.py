@@ -12,12 +12,14 @@ from pathlib import Path
 
 from ...budget import Budget
 from ...errors import MixbitsError
-from ...quant import quant_layers
+from ...quant import fit_steps, quant_layers
+from ...quant.convert import first_input
+from ...quant.pair_bn import attach_pair_bn, follows
 from ...space import Policy
 from ...train import save_checkpoint
 from ..base import SEARCHERS, SearchContext, SearchResult, method_options
 from ..evaluator import PolicyEvaluator
-from ..greedy import descents_to_bottom, greedy_search, neighbours
+from ..greedy import descents_to_bottom, fill_up, greedy_search, neighbours
 from .options import OneshotOptions, check_options
 from .supernet import train_supernet
 
@@ -33,10 +35,14 @@ def oneshot_search(ctx: SearchContext) -> SearchResult:
     if not ctx.space.searchable:
         raise MixbitsError("search method 'oneshot' has nothing to search: every quantized layer is fixed")
     layers = {n: by_name[n] for n in ctx.space.searchable}
+    # The supernet is the result (its weights are what the policies run on), so the model is not put back.
+    fit_steps(ctx.model, ctx.train_loader)  # LSQ's initial steps clip heavy-tailed layers (search/start.py)
+    pair_bn = _pair_batchnorm(ctx) if opts.score_bn == "pair" else None
     supernet = train_supernet(ctx, layers, opts) if opts.epochs > 0 else {"epochs": [], "frozen_periods": []}
-    saved = _save_supernet(ctx, opts)
+    saved = _save_supernet(ctx, opts, pair_bn)
     evaluator = PolicyEvaluator(ctx.model, ctx.val_loader, ctx.train_loader, opts.eval_batches, opts.bn_batches,
-                                ctx.device, bn_mode=opts.score_bn, eval_samples=opts.eval_samples,
+                                ctx.device, bn_mode="running" if pair_bn is not None else opts.score_bn,
+                                eval_samples=opts.eval_samples,
                                 reuse_prefix=opts.reuse_prefix and opts.score_bn == "batch")
     front = FrontRecorder(ctx, evaluator)
     start = start_policy(ctx, opts)
@@ -46,12 +52,16 @@ def oneshot_search(ctx: SearchContext) -> SearchResult:
         front.budget = budget.text
         began = time.perf_counter()
         walk, continued = _walk_for(ctx, opts, budget, start, front, walks)
+        policy, filled = walk.path[-1], []
+        if opts.fill:
+            raised = fill_up(policy, ctx.space, front, lambda p, b=budget: ctx.fits(p, b), evaluator.focus)
+            policy, filled = raised.policy, raised.steps
         seconds = time.perf_counter() - began
-        policy = walk.path[-1]
         policies.append(policy)
         trace.append({"stage": "greedy", "budget": budget.text, "start": start.describe(),
                       "start_score": front(start), "continued_from": continued, "shortcut": walk.shortcut,
                       "seconds": seconds, "evaluated_so_far": evaluator.evaluations, "steps": walk.steps,
+                      "walked_to": walk.path[-1].describe(), "fill": filled,
                       "policy": policy.describe(), **ctx.cost(policy), **front(policy)})
     return SearchResult("oneshot", list(ctx.budgets), policies, trace=trace, front=front.entries(),
                         retraining_free=True,
@@ -148,12 +158,19 @@ def only_lowest_fits(ctx: SearchContext, budget: Budget, lowest: Policy) -> bool
     return not any(ctx.fits(p, budget) for p in ups)
 
 
-def _save_supernet(ctx: SearchContext, opts: OneshotOptions) -> str | None:
+def _pair_batchnorm(ctx: SearchContext) -> dict[str, str]:
+    """Give every BatchNorm that follows a searchable layer one copy per (w, a) pair; returns which follows which."""
+    mapping = follows(ctx.model, first_input(ctx.train_loader).to(ctx.device))
+    attach_pair_bn(ctx.model, mapping)
+    return mapping
+
+
+def _save_supernet(ctx: SearchContext, opts: OneshotOptions, pair_bn: dict[str, str] | None) -> str | None:
     """Write the trained weights beside the search (the policies are meant to run on them without retraining)."""
     if ctx.run_dir is None or not opts.save_supernet or opts.epochs == 0:
         return None
     path = Path(ctx.run_dir) / SUPERNET_FILE
     # The layout mixbits.runs.subnets.load_supernet reads back.
     save_checkpoint(path, {"model": ctx.model.state_dict(), "space": ctx.space.to_dict(),
-                           "info": {"method": "oneshot", "options": asdict(opts)}})
+                           "info": {"method": "oneshot", "options": asdict(opts), "pair_bn": pair_bn}})
     return str(path)

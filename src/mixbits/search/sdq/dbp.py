@@ -134,12 +134,19 @@ class BitParams(nn.Module):
 def drive(layers: Sequence[QuantLayer], w_mix: Tensor | None, a_mix: Tensor | None, w_params: BitParams,
           a_params: BitParams | None) -> None:
     """Run each layer as the mixture of its current and next lower bit-widths (fixed bits where nothing is left)."""
-    w_open = set(w_params.undecided())
-    a_open = set(a_params.undecided()) if a_params is not None else set()
     for i, layer in enumerate(layers):
-        w = w_mix[i] if w_mix is not None and i in w_open else None
-        a = a_mix[i] if a_mix is not None and i in a_open else None
-        layer.set_mixture(w, a)
+        w, w_bits = _adjacent(w_mix, w_params, i)
+        a, a_bits = _adjacent(a_mix, a_params, i)
+        layer.set_mixture(w, a, w_bits, a_bits)
+
+
+def _adjacent(mix: Tensor | None, params: BitParams | None, layer: int) -> tuple[Tensor | None, tuple | None]:
+    """The layer's weights on its next lower and current bit-widths, and those bit-widths (None: fixed bits).
+    Only these two carry weight, so the quantizer computes two quantizations, not one per candidate."""
+    if mix is None or params is None or params.levels[layer] == 0:
+        return None, None
+    level = params.levels[layer]
+    return mix[layer, level - 1:level + 1], params.candidates[level - 1:level + 1]
 
 
 def set_current_bits(layers: Sequence[QuantLayer], w_params: BitParams, a_params: BitParams | None,

@@ -35,8 +35,8 @@ class SdqOptions:
     reg_weight: float = 1.0
     penalty: str = "linear"  # "linear" r, "hinge" relu(r − 1), "squared" relu(r − 1)²; r = E[cost]/cap per cap
     # activations --------------------------------------------------------------------------------------------------
-    search_activations: bool = False  # True: activation bit-widths get DBPs too, searched the same way
-    activation_bits: int | None = None  # fixed activation bits; None: chosen per budget (see the searcher)
+    search_activations: bool = True  # activation bit-widths get DBPs too, searched the same way (False: fixed)
+    activation_bits: int | None = None  # search_activations false: the fixed bits; None: chosen per budget
     # stage 2: settings of every fine-tune of the found policies (0 turns each off) ------------------------------
     ebr_weight: float = 0.1  # train.ebr_weight: entropy-aware bin regularisation (mixbits.quant.ebr)
     kd_alpha: float = 0.5  # train.kd_alpha: distillation from the float model (the --init run)
@@ -47,7 +47,8 @@ def check_options(opts: SdqOptions, space: SearchSpace) -> None:
     act = opts.activation_bits
     act_ok = act is None or (is_int(act) and act in space.a_bits and opts.search_activations is not True)
     act_expected = (f"null or one of the activation candidates {list(space.a_bits)}"
-                    + (", and null when search_activations is true" if opts.search_activations is True else ""))
+                    + (", and null unless search_activations is false (activations are searched by default)"
+                       if opts.search_activations is True else ""))
     rules = [
         ("epochs", is_int(opts.epochs) and opts.epochs >= 1, "a whole number >= 1"),
         ("lr", positive(opts.lr), "a number > 0"),

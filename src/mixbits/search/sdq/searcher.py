@@ -25,12 +25,13 @@ Library choices (options, ``SdqOptions``):
   the budget (bit-widths are never restored, so more training could only lower them); otherwise it runs
   every epoch, removals going on. A search that ends over its budget is repaired (``derive.repair``: one
   step down at a time, the layer whose DBPs keep its current bits least first);
-- weights are searched; activations are fixed unless ``search_activations`` (then they have DBPs of their
-  own, searched the same way). Fixed activation bits, per budget: ``activation_bits`` if given, else the
-  largest activation candidate that still fits with every searchable layer's weights at b, where W_b A_b
-  is the highest uniform policy that fits (so the uniform policy lies inside the search's budget, with room
-  above and below it for the weights); without a fitting uniform policy, the largest activation candidate
-  at which the lowest weights fit.
+- weights and activations are searched alike, each with DBPs of its own (at equal BitOPs the trade between
+  a layer's weight and activation bits is much of what there is to find); ``search_activations: false``
+  fixes the activations, per budget: ``activation_bits`` if given, else the largest activation candidate
+  that still fits with every searchable layer's weights at b, where W_b A_b is the highest uniform policy
+  that fits; without a fitting uniform policy, the largest activation candidate at which the lowest
+  weights fit. Each layer computes only its two adjacent quantizations per side;
+- the search starts from MSE-fitted steps (``search/start.py``).
 Every budget is searched from the same starting weights; the model's weights and bits are restored
 afterwards. The trace records per budget and epoch each layer's bit-widths, the mean keep-probability,
 the DBP gradient, whether the regulariser is on and the expected and current cost over each cap, and
@@ -41,7 +42,6 @@ continues it.
 
 from __future__ import annotations
 
-import copy
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -56,6 +56,7 @@ from ...train import Hook, StepOutput, TrainConfig, TrainState, fit
 from ..base import SEARCHERS, SearchContext, SearchResult, cheapest_fitting_uniform, method_options
 from ..derive import repair
 from ..differentiable import ArchParams, ExpectedCost, LayerProbs, budget_penalty, cost_ratios
+from ..start import fitted_start
 from .dbp import BitParams, drive, logit, set_current_bits
 from .options import SdqOptions, check_options
 
@@ -73,22 +74,21 @@ def sdq_search(ctx: SearchContext) -> SearchResult:
     cost = ExpectedCost(ctx, ArchParams(names, ctx.space.w_bits, ctx.space.a_bits).pairs)
     a_fixed = [None if opts.search_activations else activation_bits_for(ctx, b, opts.activation_bits)
                for b in ctx.budgets]  # every budget checked before any training
-    start = copy.deepcopy(ctx.model.state_dict())
     start_bits = [layer.bits for layer in by_name.values()]
     policies, trace = [], []
-    try:
-        for index, budget in enumerate(ctx.budgets):
-            ctx.model.load_state_dict(start)
-            run = BudgetRun(ctx, opts, budget, layers, cost, a_fixed[index], index)
-            found, entry = run.search()
-            policy, steps = repair(ctx, run.repair_index(), found, budget, run.repair_probs())
-            policies.append(policy)
-            trace.append({"budget": budget.text, **entry, "found": found.describe(), "repair": steps,
-                          "policy": policy.describe(), **ctx.cost(policy)})
-    finally:
-        for layer, bits in zip(by_name.values(), start_bits, strict=True):
-            layer.set_bits(*bits)  # also clears any mixture
-        ctx.model.load_state_dict(start)
+    with fitted_start(ctx) as start:  # every budget starts from these weights; the model is restored afterwards
+        try:
+            for index, budget in enumerate(ctx.budgets):
+                ctx.model.load_state_dict(start)
+                run = BudgetRun(ctx, opts, budget, layers, cost, a_fixed[index], index)
+                found, entry = run.search()
+                policy, steps = repair(ctx, run.repair_index(), found, budget, run.repair_probs())
+                policies.append(policy)
+                trace.append({"budget": budget.text, **entry, "found": found.describe(), "repair": steps,
+                              "policy": policy.describe(), **ctx.cost(policy)})
+        finally:
+            for layer, bits in zip(by_name.values(), start_bits, strict=True):
+                layer.set_bits(*bits)  # also clears any mixture
     return SearchResult("sdq", list(ctx.budgets), policies, trace=trace,
                         finetune={"ebr_weight": opts.ebr_weight, "kd_alpha": opts.kd_alpha},
                         info={"options": asdict(opts), "activation_bits": a_fixed})
