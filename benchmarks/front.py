@@ -15,7 +15,9 @@ fine-tune in seconds and in forward passes of the whole network (samples).
 
 Every finished row is cached (benchmarks/cache/front/<model>-<preset>/rows.jsonl) with the version of
 the code that made it (a hash of src/ and this benchmark), so a preset can be completed over several
-sittings: rerun the same command. A row from other code is re-run, never mixed in. Writes
+sittings: rerun the same command. A row from other code is re-run, never mixed in (``--keep-stale``
+keeps it, marked). Interrupted fine-tunes resume from checkpoints kept per code version; the float
+model is trained once per (model, preset) and shared by every code version. Writes
 benchmarks/results/front-<model>-<preset>.json (meta, rows, summary), .md and .png; statistics in
 front_stats.py.
 """
@@ -172,7 +174,7 @@ class Bench:
 
     def finetuned(self, policy, space, seed: int, name: str, **extra) -> tuple[torch.nn.Module, dict]:
         train = self.loaders(seed)[0]
-        run_dir = self.dir / "finetune" / name
+        run_dir = self.dir / "finetune" / self.cache.version / name  # an interrupted fine-tune of this code resumes
         started = time.perf_counter()
         with forward_counter(type(self.float_model)) as passes:
             model = mixbits.finetune(self.float_model, policy, train, epochs=self.preset["finetune_epochs"],

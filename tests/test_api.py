@@ -129,10 +129,19 @@ def test_a_loss_fn_trains_and_evaluates_any_batch_layout():
     assert after["loss"] < start["loss"]
 
 
-def test_a_search_method_without_loss_fn_support_says_so():
-    with pytest.raises(mixbits.MixbitsError, match="does not take a loss_fn"):
-        mixbits.search(UserNet(), _dict_batches(), "bitops<=uniform:4", method="hawq", loss_fn=_dict_loss,
-                       example_input=torch.randn(2, 1, 8, 8))
+@pytest.mark.parametrize("method", sorted(QUICK))
+def test_every_search_method_trains_and_scores_with_a_loss_fn(method):
+    calls = {"n": 0}
+
+    def counted_loss(model, batch):
+        calls["n"] += 1
+        return _dict_loss(model, batch)
+
+    data = _dict_batches()
+    result = mixbits.search(UserNet(), data, "bitops<=uniform:3.5", method=method, loss_fn=counted_loss,
+                            example_input=data[0]["pixels"], options=QUICK[method], progress=False)
+    assert len(result.policies) == 1
+    assert calls["n"] > 0 or method == "uniform", f"{method} never called the loss_fn"
 
 
 def test_bad_data_and_budgets_get_one_clear_error():

@@ -19,9 +19,6 @@ from ..train.evaluate import LossFn
 from ..utils import seed_everything
 from .model import example_of, prepared_copy
 
-# The methods whose every training and scoring pass takes a user's loss_fn (the others compute cross-entropy).
-LOSS_FN_METHODS = ("uniform",)
-
 
 def search(model: nn.Module, train: Iterable, budget: str | Budget | Sequence[Budget], method: str = "oneshot", *,
            val: Iterable | None = None, example_input=None, space: SearchSpace | None = None,
@@ -34,8 +31,10 @@ def search(model: nn.Module, train: Iterable, budget: str | Budget | Sequence[Bu
     scores policies and defaults to ``train``. ``budget``: ``"bitops<=uniform:2.5,uniform:3"`` as the CLI
     takes it, or Budget objects. ``example_input`` (default: the first batch's inputs) sizes the cost
     model and calibrates the quantizers. ``loss_fn(model, batch) -> loss`` replaces cross-entropy on
-    ``(x, y)`` batches. ``space``: default every Conv2d/Linear, W2..6 A2..6, first and last fixed at 8/8.
-    With ``run_dir`` the search checkpoints its training there and ``resume=True`` continues it.
+    ``(x, y)`` batches in every training and scoring pass of every method (with it, what needs logits, such
+    as one-shot's distillation between policies, is skipped). ``space``: default every Conv2d/Linear,
+    W2..6 A2..6, first and last fixed at 8/8. With ``run_dir`` the search checkpoints its training there and
+    ``resume=True`` continues it.
 
     The model is not changed. The result holds ``policies`` (one per budget), ``front`` (every scored
     point), ``trace``, ``space``, and ``model`` (the searched quantized model; a one-shot supernet whose
@@ -43,8 +42,6 @@ def search(model: nn.Module, train: Iterable, budget: str | Budget | Sequence[Bu
     """
     if method not in SEARCHERS:
         SEARCHERS.get(method)  # raises, naming the known methods
-    if loss_fn is not None and method not in LOSS_FN_METHODS:
-        raise MixbitsError(f"method {method!r} does not take a loss_fn yet; use one of {list(LOSS_FN_METHODS)}")
     seed_everything(seed)
     device = torch.device(device)
     train = Batches(train, "train")
@@ -63,7 +60,7 @@ def search(model: nn.Module, train: Iterable, budget: str | Budget | Sequence[Bu
     ctx = SearchContext(model=qmodel, space=space, stats=stats, budgets=budgets, train_loader=train, val_loader=val,
                         options=dict(options or {}), float_model=float_model, latency=latency,
                         run_dir=run_dir, device=device, seed=seed, progress=progress, resume=resume,
-                        loss_fn=loss_fn)
+                        loss_fn=loss_fn, example_input=example)
     return run_searcher(method, ctx)
 
 

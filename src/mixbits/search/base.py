@@ -17,11 +17,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..budget import Budget
 from ..cost import LatencyTable, ModelStats, bitops, size_bits
 from ..errors import MixbitsError, did_you_mean
+from ..quant.convert import first_input
 from ..registry import Registry
 from ..space import Policy, SearchSpace
 from ..train.checkpoint import CHECKPOINT
@@ -46,6 +48,15 @@ class SearchContext:
     progress: bool | None = None
     resume: bool = False  # a method that checkpoints its training under run_dir continues it
     loss_fn: Callable | None = None  # loss_fn(model, batch) -> loss of the user's task; None = cross-entropy
+    example_input: Any = None  # the model's input for calibration; None = the first training batch's
+
+    def calibration_input(self):
+        """What step fitting and calibration run the model on (a user's batches may not be (x, y) pairs)."""
+        return self.example_input if self.example_input is not None else first_input(self.train_loader)
+
+    def task_loss(self, model: nn.Module, x, y) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(loss, logits) of one batch: cross-entropy of model(x) on y, or the user's loss_fn (logits None)."""
+        return task_loss(self.loss_fn, model, x, y)
 
     def cost(self, policy: Policy) -> dict[str, float]:
         """The policy's BitOPs, size in bits and (with a table) latency."""
@@ -87,6 +98,15 @@ class SearchResult:
                 "policies": [p.to_dict() for p in self.policies], "trace": self.trace, "front": self.front,
                 "seconds": self.seconds, "retraining_free": self.retraining_free, "finetune": self.finetune,
                 "info": self.info}
+
+
+def task_loss(loss_fn: Callable | None, model: nn.Module, x, y) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(loss, logits): cross-entropy on an ``(x, y)`` batch, or ``loss_fn(model, batch)`` with the batch as the
+    loader gave it (then no logits: what needs them, such as distillation between policies, is skipped)."""
+    if loss_fn is None:
+        logits = model(x)
+        return F.cross_entropy(logits, y), logits
+    return loss_fn(model, x if y is None else (x, y)), None
 
 
 def method_options(cls, options: dict, method: str):

@@ -123,8 +123,7 @@ def _search_budget(search: BudgetSearch, opts: DmpqOptions) -> Derived:
     def mean():
         return arch.probs(lambda logits: concentration(logits) / concentration(logits).sum(-1, keepdim=True))
 
-    def arch_loss(state, logits, y, probs):
-        ce = F.cross_entropy(logits, y)
+    def arch_loss(state, ce, probs):
         penalty = budget_penalty(search.ratios(mean()), opts.penalty)
         reg = dirichlet_regularizer(arch, opts.regularizer, opts.prior)
         loss = ce + opts.penalty_weight * penalty + opts.reg_weight * reg

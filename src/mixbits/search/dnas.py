@@ -27,7 +27,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .base import SEARCHERS, SearchContext, SearchResult, method_options
@@ -109,8 +108,7 @@ def _search_with_current_weights(search: BudgetSearch, opts: DnasOptions) -> Der
     def mixing(state):
         return arch.probs(lambda logits: gumbel_softmax(logits, tau(state), state.generator, opts.hard))
 
-    def arch_loss(state, logits, y, probs):
-        ce = F.cross_entropy(logits, y)
+    def arch_loss(state, ce, probs):
         ratio = torch.stack(list(search.ratios(probs).values())).max()
         return dnas_loss(ce, ratio, opts), {"ce": ce.detach(), "cost_over_cap": ratio.detach()}
 
@@ -124,7 +122,7 @@ def _search_with_current_weights(search: BudgetSearch, opts: DnasOptions) -> Der
     gen = torch.Generator().manual_seed(ctx.seed + search.index)
     choices = [argmax_choice(pair_probs)] + [sample_choice(pair_probs, gen) for _ in range(opts.samples)]
     evaluator = PolicyEvaluator(ctx.model, ctx.val_loader, ctx.train_loader, opts.eval_batches, opts.bn_batches,
-                                ctx.device)
+                                ctx.device, loss_fn=ctx.loss_fn)
     best, front = None, []
     for i, choice in enumerate(choices):
         policy, _ = repair(ctx, arch, choice_policy(ctx, arch, choice), search.budget, pair_probs)

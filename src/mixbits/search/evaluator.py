@@ -27,10 +27,13 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from ..data.batches import model_input
 from ..errors import MixbitsError
 from ..quant import apply_policy
 from ..space import Policy
 from ..train import evaluate, recalibrate_bn
+from ..train.loop import batch_size, split_batch
+from .base import task_loss
 from .prefix import PrefixReuse
 
 BN_MODES = ("recalibrate", "batch", "running")
@@ -41,22 +44,24 @@ class PolicyEvaluator:
 
     def __init__(self, model: nn.Module, val_loader, train_loader=None, eval_batches: int = 4,
                  bn_batches: int = 4, device: torch.device | str = "cpu", bn_mode: str = "recalibrate",
-                 eval_samples: int | None = None, reuse_prefix: bool = False):
+                 eval_samples: int | None = None, reuse_prefix: bool = False, loss_fn=None):
         if bn_mode not in BN_MODES:
             raise MixbitsError(f"bn_mode must be one of {list(BN_MODES)}, got {bn_mode!r}")
         if reuse_prefix and bn_mode != "batch":
             raise MixbitsError(f"reuse_prefix needs bn_mode='batch' (recalibration changes every layer's "
                                f"statistics), got bn_mode={bn_mode!r}; set reuse_prefix false or use 'batch'")
-        self.model, self.bn_mode = model, bn_mode
+        self.model, self.bn_mode, self.loss_fn = model, bn_mode, loss_fn
         self.device = torch.device(device)
-        self.batches = _first_samples(list(itertools.islice(iter(val_loader), eval_batches)), eval_samples)
+        self.batches = list(itertools.islice(iter(val_loader), eval_batches))
+        if loss_fn is None:  # a user's batches are scored whole: only (x, y) ones can be cut by samples
+            self.batches = _first_samples(self.batches, eval_samples)
         # BN statistics come from training images, as they would in deployment; none of these are scored.
         source = train_loader if train_loader is not None else val_loader
         self.bn_batches = list(itertools.islice(iter(source), bn_batches)) if bn_batches > 0 else []
         self.cache: dict[tuple, dict] = {}
         self.calls = 0
         self.prefix: PrefixReuse | None = None
-        if reuse_prefix and self.batches:
+        if reuse_prefix and self.batches and loss_fn is None:  # a loss_fn runs the model itself: nothing to replay
             with _batch_statistics(model):
                 self.prefix = PrefixReuse(model, self.batches[0][0][:2].to(self.device))
 
@@ -73,13 +78,20 @@ class PolicyEvaluator:
             if self.bn_mode == "batch":
                 shared = self.prefix.shared_units(policy) if self.prefix is not None else 0
                 replay = (lambda i: self.prefix.replaying(i, shared)) if shared else None
-                metrics = _evaluate_with_batch_statistics(self.model, self.batches, self.device, replay)
+                metrics = _evaluate_with_batch_statistics(self.model, self.batches, self.device, replay, self.loss_fn)
             else:
                 if self.bn_batches and self.bn_mode == "recalibrate":
-                    recalibrate_bn(self.model, self.bn_batches, device=self.device)
-                metrics = evaluate(self.model, self.batches, self.device)
-            self.cache[key] = {"loss": metrics["loss"], "top1": metrics["top1"]}
+                    recalibrate_bn(self.model, self.bn_batches, device=self.device, forward=self._forward)
+                metrics = evaluate(self.model, self.batches, self.device, loss_fn=self.loss_fn)
+            self.cache[key] = {"loss": metrics["loss"], "top1": metrics.get("top1")}
         return self.cache[key]
+
+    def _forward(self, batch) -> None:
+        """One forward for BatchNorm recalibration: through the user's loss_fn when there is one."""
+        if self.loss_fn is None:
+            self.model(model_input(batch).to(self.device))
+        else:
+            task_loss(self.loss_fn, self.model, *split_batch(batch, self.device))
 
     def focus(self, policy: Policy) -> None:
         """``policy`` is the walk's current one: record its block outputs for its neighbours to replay."""
@@ -111,8 +123,19 @@ def _batch_statistics(model: nn.Module) -> Iterator[None]:
             m.training = flag
 
 
-def _evaluate_with_batch_statistics(model: nn.Module, batches: list, device: torch.device, replay=None) -> dict:
-    """Mean loss and top-1 under batch statistics; ``replay(i)``, if given, is entered around batch ``i``."""
+def _evaluate_with_batch_statistics(model: nn.Module, batches: list, device: torch.device, replay=None,
+                                    loss_fn=None) -> dict:
+    """Mean loss and top-1 under batch statistics; ``replay(i)``, if given, is entered around batch ``i``.
+    With a user's ``loss_fn``: its mean over samples, no top-1."""
+    if loss_fn is not None:
+        total, samples = 0.0, 0
+        with _batch_statistics(model):
+            for batch in batches:
+                x, y = split_batch(batch, device)
+                n = batch_size(x if y is None else y)
+                total += float(loss_fn(model, x if y is None else (x, y))) * n
+                samples += n
+        return {"loss": total / samples, "top1": None}
     loss, correct, samples = 0.0, 0, 0
     with _batch_statistics(model):
         for i, (x, y) in enumerate(batches):

@@ -74,7 +74,8 @@ def hawq_search(ctx: SearchContext) -> SearchResult:
 
 def _scores(ctx: SearchContext, opts: HawqOptions, traces: dict, batches, pairs) -> np.ndarray:
     qlayers = quant_layers(ctx.model)
-    inputs = layer_inputs(ctx.float_model, batches, ctx.space.searchable, ctx.device) if opts.activations else {}
+    inputs = (layer_inputs(ctx.float_model, batches, ctx.space.searchable, ctx.device, ctx.loss_fn)
+              if opts.activations else {})
     scores = np.zeros((len(ctx.space.searchable), len(pairs)))
     with torch.no_grad():
         for i, name in enumerate(ctx.space.searchable):
@@ -99,7 +100,7 @@ def _cached_traces(ctx: SearchContext, opts: HawqOptions, batches) -> dict:
         if cached.get("key") == key:
             return cached["traces"]
     traces = hessian_traces(ctx.float_model, batches, ctx.space.searchable, opts.probes, opts.activations,
-                            ctx.seed, ctx.device)
+                            ctx.seed, ctx.device, ctx.loss_fn)
     if path is not None:
         atomic_write_text(path, json.dumps({"key": key, "traces": traces}, indent=1))
     return traces

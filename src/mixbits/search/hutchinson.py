@@ -7,10 +7,13 @@ because cross-block terms vanish in expectation.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 from torch import nn
+
+from ..train.loop import split_batch
+from .base import task_loss
 
 
 def _rademacher(like: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -18,11 +21,13 @@ def _rademacher(like: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
 
 
 def hessian_traces(model: nn.Module, batches: Iterable, layer_names: Sequence[str], probes: int = 16,
-                   activations: bool = True, seed: int = 0, device: torch.device | str = "cpu") -> dict:
+                   activations: bool = True, seed: int = 0, device: torch.device | str = "cpu",
+                   loss_fn: Callable | None = None) -> dict:
     """name -> {"weight": tr(H_W), "act": tr(H_A), "act_sq": [captured inputs, for error terms]}.
 
-    Traces of the mean cross-entropy over each batch, averaged over batches. The model runs in eval
-    mode (BatchNorm with running statistics), so the loss is a fixed function of its inputs.
+    Traces of the mean cross-entropy (or ``loss_fn(model, batch)``) over each batch, averaged over batches.
+    The model runs in eval mode (BatchNorm with running statistics), so the loss is a fixed function of its
+    inputs.
     """
     modules = dict(model.named_modules())
     gen = torch.Generator().manual_seed(seed)
@@ -31,11 +36,11 @@ def hessian_traces(model: nn.Module, batches: Iterable, layer_names: Sequence[st
     model.eval()
     count = 0
     try:
-        for x, y in batches:
+        for batch in batches:
             captured: dict[str, torch.Tensor] = {}
             handles = [modules[n].register_forward_hook(_capture(n, captured)) for n in layer_names]
             try:
-                loss = nn.functional.cross_entropy(model(x.to(device)), y.to(device))
+                loss = task_loss(loss_fn, model, *split_batch(batch, torch.device(device)))[0]
             finally:
                 for h in handles:
                     h.remove()
@@ -65,7 +70,8 @@ def _capture(name: str, store: dict):
 
 
 def layer_inputs(model: nn.Module, batches: Iterable, layer_names: Sequence[str],
-                 device: torch.device | str = "cpu") -> dict[str, list[torch.Tensor]]:
+                 device: torch.device | str = "cpu",
+                 loss_fn: Callable | None = None) -> dict[str, list[torch.Tensor]]:
     """The input of each layer for each batch (no grad), to measure activation quantization error."""
     modules = dict(model.named_modules())
     store: dict[str, list[torch.Tensor]] = {n: [] for n in layer_names}
@@ -75,8 +81,8 @@ def layer_inputs(model: nn.Module, batches: Iterable, layer_names: Sequence[str]
     model.eval()
     try:
         with torch.no_grad():
-            for x, _ in batches:
-                model(x.to(device))
+            for batch in batches:
+                task_loss(loss_fn, model, *split_batch(batch, torch.device(device)))
     finally:
         model.train(was_training)
         for h in handles:

@@ -36,7 +36,7 @@ def random_search(ctx: SearchContext) -> SearchResult:
 
 def _search(ctx: SearchContext, opts: RandomOptions) -> SearchResult:
     evaluator = PolicyEvaluator(ctx.model, ctx.val_loader, ctx.train_loader, opts.eval_batches, opts.bn_batches,
-                                ctx.device)
+                                ctx.device, loss_fn=ctx.loss_fn)
     gen = torch.Generator().manual_seed(ctx.seed)
     policies, trace, front = [], [], []
     for budget in ctx.budgets:

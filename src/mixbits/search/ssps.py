@@ -23,7 +23,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from ..train import Hook, TrainState
 from .base import SEARCHERS, SearchContext, SearchResult, method_options
@@ -124,8 +123,7 @@ def _search_budget(search: BudgetSearch, opts: SspsOptions) -> Derived:
             return lambda logits: gumbel_softmax(logits, opts.tau, state.generator, hard=True)
         return softmax_rows
 
-    def arch_loss(state, logits, y, probs):
-        ce = F.cross_entropy(logits, y)
+    def arch_loss(state, ce, probs):
         # the expected cost under the softmax: exact, and free of the sampled cell's noise
         penalty = budget_penalty(search.ratios(arch.probs(softmax_rows)), opts.penalty)
         return ce + opts.penalty_weight * penalty, {"ce": ce.detach(), "penalty": penalty.detach()}

@@ -22,7 +22,7 @@ def fitted_start(ctx: SearchContext) -> Iterator[dict]:
     puts the model back as it was given afterwards."""
     given = copy.deepcopy(ctx.model.state_dict())
     try:
-        fit_steps(ctx.model, ctx.train_loader)
+        fit_steps(ctx.model, ctx.calibration_input())
         yield copy.deepcopy(ctx.model.state_dict())
     finally:
         ctx.model.load_state_dict(given)

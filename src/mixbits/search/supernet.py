@@ -17,7 +17,6 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from ..budget import Budget
@@ -27,6 +26,7 @@ from ..errors import MixbitsError
 from ..quant import QuantLayer, quant_layers
 from ..space import Policy
 from ..train import Hook, StepOutput, TrainConfig, TrainState, fit
+from ..train.loop import split_batch
 from .base import SearchContext, SearchResult
 from .derive import fill, repair
 from .diff_options import DifferentiableOptions
@@ -52,13 +52,13 @@ class BudgetSearch:
         return cost_ratios(self.cost(probs.pairs), self.limits)
 
 
-ArchLoss = Callable[[TrainState, Tensor, Tensor, LayerProbs], tuple[Tensor, dict]]
+ArchLoss = Callable[[TrainState, Tensor, LayerProbs], tuple[Tensor, dict]]
 
 
 @dataclass
 class MethodSpec:
     mixing: Callable[[TrainState], LayerProbs]  # the probabilities of the next forward (may be sampled)
-    arch_loss: ArchLoss  # (state, logits, labels, probs) -> (task loss with cost terms, metrics)
+    arch_loss: ArchLoss  # (state, task loss of the batch, probs) -> (task loss with cost terms, metrics)
     distribution: Callable[[], LayerProbs]  # the learned distribution, without sampling noise
     hooks: list[Hook] = field(default_factory=list)
     epoch_info: Callable[[TrainState], dict] | None = None  # extra per-epoch trace entries (temperature, ...)
@@ -126,7 +126,7 @@ class ArchitectureStep(Hook):
             x, y = self._next_batch(state.device)
             probs = self.spec.mixing(state)
             apply_mixture(self.search.layers, probs)
-            loss, metrics = self.spec.arch_loss(state, state.model(x), y, probs)
+            loss, metrics = self.spec.arch_loss(state, self.search.ctx.task_loss(state.model, x, y)[0], probs)
             # Only the architecture gradients: the weights' own update is the loop's business.
             grads = torch.autograd.grad(loss, self.params, allow_unused=True)
             for p, g in zip(self.params, grads, strict=True):
@@ -154,9 +154,9 @@ class ArchitectureStep(Hook):
                 for _ in range(self._arch_taken):  # after a resume: skip what the interrupted run used
                     next(self._batches)
             try:
-                x, y = next(self._batches)
+                batch = next(self._batches)
                 self._arch_taken += 1
-                return x.to(device), y.to(device)
+                return split_batch(batch, device)
             except StopIteration:
                 self._batches, self._arch_epoch, self._arch_taken = None, self._arch_epoch + 1, 0
 
@@ -225,10 +225,10 @@ def _objective(search: BudgetSearch, spec: MethodSpec, alternating: bool):
     def objective(state: TrainState, x: Tensor, y: Tensor) -> StepOutput:
         probs = spec.mixing(state)
         apply_mixture(search.layers, probs.detach() if alternating else probs)
-        logits = state.model(x)
+        task, logits = search.ctx.task_loss(state.model, x, y)
         if alternating:  # the weight step: task loss only; the cost terms do not depend on the weights
-            return StepOutput(F.cross_entropy(logits, y), logits)
-        loss, metrics = spec.arch_loss(state, logits, y, probs)
+            return StepOutput(task, logits)
+        loss, metrics = spec.arch_loss(state, task, probs)
         return StepOutput(loss, logits, metrics)
 
     return objective

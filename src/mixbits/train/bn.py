@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
@@ -10,14 +10,15 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 
 def recalibrate_bn(model: nn.Module, batches: Iterable, num_batches: int | None = None,
-                   device: str | torch.device = "cpu") -> int:
+                   device: str | torch.device = "cpu", forward: Callable | None = None) -> int:
     """Re-estimate every BatchNorm's running statistics from ``batches``; return how many batches were used.
 
     Statistics are reset and then accumulated as an equal-weight average over the batches (momentum=None),
     which is what a sampled subnet of a supernet needs before it is evaluated. Only the BatchNorm layers
     are put in training mode; every other module stays in eval mode so dropout or quantizer observers
     neither skew the statistics nor change state. Momentum and all training flags are restored.
-    ``batches`` yields tensors or ``(x, y, ...)`` tuples. A model with no tracked BN returns 0 at once.
+    ``batches`` yields tensors or ``(x, y, ...)`` tuples; ``forward(batch)`` runs the model on any other batch
+    (e.g. a user's loss function). A model with no tracked BN returns 0 at once.
     """
     bns = [m for m in model.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
     if not bns or num_batches == 0:
@@ -38,8 +39,11 @@ def recalibrate_bn(model: nn.Module, batches: Iterable, num_batches: int | None 
                 if used == 0:  # reset only once data arrives: an empty iterable leaves the stats alone
                     for bn in bns:
                         bn.reset_running_stats()
-                x = batch[0] if isinstance(batch, (tuple, list)) else batch
-                model(x.to(device, non_blocking=True))
+                if forward is not None:
+                    forward(batch)
+                else:
+                    x = batch[0] if isinstance(batch, (tuple, list)) else batch
+                    model(x.to(device, non_blocking=True))
                 used += 1
     finally:
         for bn, momentum in zip(bns, momenta, strict=True):

@@ -13,7 +13,6 @@ from pathlib import Path
 from ...budget import Budget
 from ...errors import MixbitsError
 from ...quant import fit_steps, quant_layers
-from ...quant.convert import first_input
 from ...quant.pair_bn import attach_pair_bn, follows
 from ...space import Policy
 from ...train import save_checkpoint
@@ -36,14 +35,14 @@ def oneshot_search(ctx: SearchContext) -> SearchResult:
         raise MixbitsError("search method 'oneshot' has nothing to search: every quantized layer is fixed")
     layers = {n: by_name[n] for n in ctx.space.searchable}
     # The supernet is the result (its weights are what the policies run on), so the model is not put back.
-    fit_steps(ctx.model, ctx.train_loader)  # LSQ's initial steps clip heavy-tailed layers (search/start.py)
+    fit_steps(ctx.model, ctx.calibration_input())  # LSQ's initial steps clip heavy-tailed layers (search/start.py)
     pair_bn = _pair_batchnorm(ctx) if opts.score_bn == "pair" else None
     supernet = train_supernet(ctx, layers, opts) if opts.epochs > 0 else {"epochs": [], "frozen_periods": []}
     saved = _save_supernet(ctx, opts, pair_bn)
     evaluator = PolicyEvaluator(ctx.model, ctx.val_loader, ctx.train_loader, opts.eval_batches, opts.bn_batches,
                                 ctx.device, bn_mode="running" if pair_bn is not None else opts.score_bn,
                                 eval_samples=opts.eval_samples,
-                                reuse_prefix=opts.reuse_prefix and opts.score_bn == "batch")
+                                reuse_prefix=opts.reuse_prefix and opts.score_bn == "batch", loss_fn=ctx.loss_fn)
     front = FrontRecorder(ctx, evaluator)
     start = start_policy(ctx, opts)
     walks: dict[tuple, Walk] = {}
@@ -160,7 +159,7 @@ def only_lowest_fits(ctx: SearchContext, budget: Budget, lowest: Policy) -> bool
 
 def _pair_batchnorm(ctx: SearchContext) -> dict[str, str]:
     """Give every BatchNorm that follows a searchable layer one copy per (w, a) pair; returns which follows which."""
-    mapping = follows(ctx.model, first_input(ctx.train_loader).to(ctx.device))
+    mapping = follows(ctx.model, ctx.calibration_input().to(ctx.device))
     attach_pair_bn(ctx.model, mapping)
     return mapping
 

@@ -26,7 +26,7 @@ from torch import Tensor
 from ...quant import QuantLayer
 from ...space import Bits
 from ...train import Hook, StepOutput, TrainConfig, TrainState, fit, kd_loss, param_groups
-from ..base import SearchContext
+from ..base import SearchContext, task_loss
 from .bit_scheduler import BitWidthScheduler, PolicySampler
 from .idm import FeatureAlignment, OutputCapture
 from .options import OneshotOptions
@@ -82,8 +82,9 @@ class SupernetObjective:
     """The per-step objective: the largest policy, the smallest, then K sampled ones, each backpropagated at once."""
 
     def __init__(self, opts: OneshotOptions, sampler: PolicySampler, align: FeatureAlignment | None,
-                 capture: OutputCapture | None, fair: FairDecay | None):
+                 capture: OutputCapture | None, fair: FairDecay | None, loss_fn=None):
         self.opts, self.sampler, self.align, self.capture, self.fair = opts, sampler, align, capture, fair
+        self.loss_fn = loss_fn  # the user's task loss; None = cross-entropy
         self.passes = opts.policies_per_step + int(opts.train_largest) + int(opts.train_smallest)
 
     def __call__(self, state: TrainState, x: Tensor, y: Tensor) -> StepOutput:
@@ -115,15 +116,16 @@ class SupernetObjective:
         if self.capture is not None:
             self.capture.start(self.sampler.layers)
         if self.opts.train_largest:
-            logits = state.model(x)
-            (F.cross_entropy(logits, y) / self.passes).backward()
+            loss, logits = task_loss(self.loss_fn, state.model, x, y)
+            (loss / self.passes).backward()
             if self.fair is not None:
                 self.fair.record(bits)
         else:
             with torch.no_grad():
-                logits = state.model(x)
+                _, logits = task_loss(self.loss_fn, state.model, x, y)
         targets = {n: t.detach() for n, t in self.capture.stop().items()} if self.capture is not None else {}
-        return (logits.detach() if self.opts.train_largest else None), targets
+        # The largest policy's logits teach the sampled ones (none with a user's loss_fn, which gives no logits).
+        return (logits.detach() if self.opts.train_largest and logits is not None else None), targets
 
     def _sampled_pass(self, state: TrainState, x: Tensor, y: Tensor, bits: Mapping[str, Bits], teacher: Tensor | None,
                       targets: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor | None]:
@@ -131,9 +133,8 @@ class SupernetObjective:
         if self.capture is not None:  # layers at their smallest available weight bits are aligned (Eq. 8)
             self.capture.start(n for n, (w, _) in bits.items()
                                if w == self.sampler.smallest_w(n) and len(self.sampler.available_w(n)) > 1)
-        logits = state.model(x)
-        loss = F.cross_entropy(logits, y)
-        if teacher is not None and self.opts.distill > 0:
+        loss, logits = task_loss(self.loss_fn, state.model, x, y)
+        if teacher is not None and logits is not None and self.opts.distill > 0:
             loss = (1 - self.opts.distill) * loss + self.opts.distill * kd_loss(logits, teacher, 1.0)
         idm = None
         if self.capture is not None:
@@ -143,7 +144,8 @@ class SupernetObjective:
         (loss / self.passes).backward()
         if self.fair is not None:
             self.fair.record(bits)
-        return loss.detach(), logits.detach(), (idm.detach() if idm is not None else None)
+        detached = [t.detach() if t is not None else None for t in (logits, idm)]
+        return loss.detach(), *detached
 
 
 def _groups(ctx: SearchContext, layers: Mapping[str, QuantLayer], align: FeatureAlignment | None,
@@ -180,7 +182,7 @@ def train_supernet(ctx: SearchContext, layers: Mapping[str, QuantLayer], opts: O
         hooks.append(scheduler)
     cfg = TrainConfig(epochs=opts.epochs, optimizer=opts.optimizer, lr=opts.lr, momentum=opts.momentum,
                       weight_decay=opts.weight_decay, warmup_epochs=opts.warmup_epochs, seed=ctx.seed)
-    objective = SupernetObjective(opts, sampler, align, capture, fair)
+    objective = SupernetObjective(opts, sampler, align, capture, fair, ctx.loss_fn)
     run_dir, resume = ctx.training_run()  # checkpointed every epoch
     try:
         result = fit(ctx.model, ctx.train_loader, cfg, objective=objective, hooks=hooks, device=ctx.device,

@@ -195,8 +195,7 @@ class BudgetRun:
         w_mix = self.w.sample(self.opts.tau, state.generator)
         a_mix = self.a.sample(self.opts.tau, state.generator) if self.a is not None else None
         drive(self.layers, w_mix, a_mix, self.w, self.a)
-        logits = state.model(x)
-        ce = F.cross_entropy(logits, y)
+        ce, logits = self.ctx.task_loss(state.model, x, y)
         if not self.regularizing:
             return StepOutput(ce, logits, {"ce": ce.detach()})
         penalty = budget_penalty(self.ratios(), self.opts.penalty)
