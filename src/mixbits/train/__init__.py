@@ -20,15 +20,14 @@ from .loop import (
     Hook,
     Objective,
     StepOutput,
-    Stopped,
     TrainResult,
     TrainState,
     fit,
     loss_objective,
-    stop_on_signals,
     supervised_objective,
 )
 from .optim import TrainConfig, build_optimizer, build_scheduler, lr_factor, param_groups
+from .stopping import Stopped, stop_on_signals
 
 __all__ = [
     "DistContext",

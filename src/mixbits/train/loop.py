@@ -15,11 +15,8 @@ and a bad loss or a stop request on any rank stops all of them at the same step.
 from __future__ import annotations
 
 import json
-import signal
-import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,6 +37,7 @@ from .distributed import all_reduce_sum, broadcast_object, is_distributed, is_ma
 from .evaluate import evaluate
 from .guard import LossGuard
 from .optim import TrainConfig, build_optimizer, build_scheduler, param_groups
+from .stopping import Stopped, pending_signal, stop_pending, stops_deferred
 
 METRICS = "metrics.jsonl"
 
@@ -185,7 +183,7 @@ def fit(model: nn.Module, train_loader, cfg: TrainConfig, *, val_loader=None,
     last_checkpoint = run_dir / CHECKPOINT if saved is not None else None
     for hook in hooks:
         hook.on_train_start(state)
-    with _stops_deferred():
+    with stops_deferred():
         for epoch in range(state.epoch, cfg.epochs):
             state.epoch = epoch
             started = time.perf_counter()
@@ -204,8 +202,8 @@ def fit(model: nn.Module, train_loader, cfg: TrainConfig, *, val_loader=None,
                 if (epoch + 1) % cfg.checkpoint_every == 0 or epoch + 1 == cfg.epochs:
                     last_checkpoint = run_dir / CHECKPOINT
                     save_checkpoint(last_checkpoint, _payload(state, hooks, history))
-            if _agree(state.device, _stop_pending())[0]:
-                raise Stopped(_STOP["signum"])
+            if _agree(state.device, stop_pending())[0]:
+                raise Stopped(pending_signal())
     state.epoch = cfg.epochs
     return TrainResult(state, history)
 
@@ -247,11 +245,11 @@ def _train_epoch(state: TrainState, loader, objective: Objective, hooks: list[Ho
                 out = StepOutput(out)
             loss = out.loss.detach().float().item()
             problem = state.loss_guard.problem(loss)
-            bad_loss, stop = _agree(state.device, problem is not None, _stop_pending())
+            bad_loss, stop = _agree(state.device, problem is not None, stop_pending())
             if bad_loss:
                 raise _bad_loss(state, problem, batch, last_checkpoint)
             if stop:
-                raise Stopped(_STOP["signum"])
+                raise Stopped(pending_signal())
             if out.loss.requires_grad:
                 out.loss.backward()
             for hook in hooks:
@@ -399,63 +397,3 @@ def _summary(m: dict, epochs: int) -> str:
     if m.get("val_top1") is not None:
         parts.append(f"val_loss {m['val_loss']:.4f} val_top1 {m['val_top1']:.2f}")
     return "  ".join(parts + [f"{m['seconds']:.1f}s"])
-
-
-# --- stopping on a signal ----------------------------------------------------------------------------------------
-
-_STOP: dict = {"signum": None, "depth": 0}  # a pending stop request; how many fit() calls are running
-
-
-class Stopped(KeyboardInterrupt):
-    """Training was stopped by a signal (see :func:`stop_on_signals`); the last checkpoint is intact."""
-
-    def __init__(self, signum: int | None = None):
-        self.signum = int(signum if signum is not None else signal.SIGTERM)
-        super().__init__(f"stopped by {signal.Signals(self.signum).name}")
-
-    @property
-    def exit_code(self) -> int:
-        """The shell convention for death by this signal (143 for SIGTERM)."""
-        return 128 + self.signum
-
-
-@contextmanager
-def stop_on_signals(signums: Sequence[int] = (signal.SIGTERM,)) -> Iterator[None]:
-    """While active, ``signums`` raise :class:`Stopped` instead of killing the process.
-
-    Inside :func:`fit` the stop waits for the next step boundary (under DDP every rank stops at the same
-    one, so none is left waiting in a collective); elsewhere, or on a second signal, it is immediate.
-    Either way no file is left half-written: checkpoints are replaced atomically. Installs signal
-    handlers, which Python allows only in the main thread: elsewhere it changes nothing.
-    """
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = {s: signal.signal(s, _on_signal) for s in signums}
-    _STOP["signum"] = None
-    try:
-        yield
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
-        _STOP["signum"] = None
-
-
-def _on_signal(signum: int, frame) -> None:
-    if _STOP["depth"] == 0 or _STOP["signum"] is not None:
-        raise Stopped(signum)
-    _STOP["signum"] = signum
-
-
-def _stop_pending() -> bool:
-    return _STOP["signum"] is not None
-
-
-@contextmanager
-def _stops_deferred() -> Iterator[None]:
-    """Mark a running fit(): a signal then only sets the request that the step loop checks."""
-    _STOP["depth"] += 1
-    try:
-        yield
-    finally:
-        _STOP["depth"] -= 1
