@@ -137,6 +137,7 @@ class Bench:
         self.dir = CACHE / f"{args.model}-{args.preset}"
         self.cache = RowCache(self.dir, code_version(), keep_stale=args.keep_stale)
         self.device = torch.device(args.device)
+        self._loaders: dict[int, tuple] = {}
         set_fused(args.device == "cpu")
         self.float_model = self._float_model()
         self.stats = profile(self.float_model, (1, 28, 28))
@@ -151,9 +152,11 @@ class Bench:
 
     # data and the float model -------------------------------------------------------------------------------
     def loaders(self, seed: int):
-        data = DataConfig(root=self.args.data_dir, max_train_samples=self.preset["train_samples"])
-        train, val, test, _ = build_loaders(data, seed)
-        return train, val, test
+        """(train, val, test) of a seed, built once: every method at that seed reads the same ones."""
+        if seed not in self._loaders:
+            data = DataConfig(root=self.args.data_dir, max_train_samples=self.preset["train_samples"])
+            self._loaders[seed] = build_loaders(data, seed)[:3]
+        return self._loaders[seed]
 
     def _float_model(self) -> torch.nn.Module:
         torch.manual_seed(0)

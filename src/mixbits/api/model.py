@@ -123,7 +123,9 @@ def subnet(result: SearchResult, index: int = 0, *, bn_data: Iterable | None = N
     if any(isinstance(m, PairBatchNorm) for m in model.modules()):
         return collapse_pair_bn(model).eval()
     if bn_data is not None:
-        recalibrate_bn(model, Batches(bn_data, "bn_data"), bn_batches, device=device)
+        batches = Batches(bn_data, "bn_data")
+        batches.set_epoch(0)  # the same batches whatever epoch a search or fine-tune left the loader at
+        recalibrate_bn(model, batches, bn_batches, device=device)
     return model.eval()
 
 

@@ -40,8 +40,7 @@ def search(model: nn.Module, train: Iterable, budget: str | Budget | Sequence[Bu
     point), ``trace``, ``space``, and ``model`` (the searched quantized model; a one-shot supernet whose
     policies :func:`mixbits.subnet` runs without retraining).
     """
-    if method not in SEARCHERS:
-        SEARCHERS.get(method)  # raises, naming the known methods
+    SEARCHERS.get(method)  # an unknown method fails here, naming the known ones, before any work
     seed_everything(seed)
     device = torch.device(device)
     train = Batches(train, "train")

@@ -55,8 +55,11 @@ def model_input(batch: Any) -> Any:
     return batch[0] if isinstance(batch, (tuple, list)) else batch
 
 
-def first_input(data: Iterable) -> Any:
-    """The inputs of ``data``'s first batch (the default example input)."""
+def first_input(data: torch.Tensor | Iterable) -> Any:
+    """The model input of ``data``: an input tensor as it is, else the inputs of its first batch (an
+    ``(inputs, targets)`` pair counts too: its first item is the inputs)."""
+    if isinstance(data, torch.Tensor):
+        return data
     for batch in data:
         return model_input(batch)
     raise MixbitsError("the data yields no batches, so there is no example input; pass example_input=")

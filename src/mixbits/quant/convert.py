@@ -12,6 +12,7 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor, nn
 
+from ..data.batches import first_input
 from ..errors import MixbitsError, did_you_mean
 from ..space import Policy, SearchSpace
 from .layers import QuantLayer, quantized_class
@@ -84,12 +85,6 @@ def space_of(model: nn.Module) -> SearchSpace:
             w_all.update(w)
             a_all.update(a)
     return SearchSpace(tuple(layers), tuple(w_all) or (8,), tuple(a_all) or (8,), fixed)
-
-
-def first_input(batches: Tensor | Iterable) -> Tensor:
-    """The input tensor of a batch, an (input, label) pair, or the first batch of a loader."""
-    x = batches if isinstance(batches, Tensor) else next(iter(batches))
-    return x[0] if isinstance(x, (tuple, list)) else x
 
 
 @torch.no_grad()

@@ -14,7 +14,8 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor, nn
 
-from .convert import calibrate, first_input, require_quantized
+from ..data.batches import first_input
+from .convert import calibrate, require_quantized
 from .quantizer import LsqQuantizer, integer_range
 
 COARSE, FINE = 32, 16  # grid points of the two passes

@@ -22,8 +22,8 @@ from torch import nn
 
 from ..budget import Budget
 from ..cost import LatencyTable, ModelStats, bitops, size_bits
+from ..data.batches import first_input
 from ..errors import MixbitsError, did_you_mean
-from ..quant.convert import first_input
 from ..registry import Registry
 from ..space import Policy, SearchSpace
 from ..train.checkpoint import CHECKPOINT

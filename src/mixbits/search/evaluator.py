@@ -27,12 +27,12 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ..data.batches import model_input
 from ..errors import MixbitsError
 from ..quant import apply_policy
 from ..space import Policy
 from ..train import evaluate, recalibrate_bn
-from ..train.loop import batch_size, split_batch
+from ..train.evaluate import mean_task_loss
+from ..train.loop import split_batch
 from .base import task_loss
 from .prefix import PrefixReuse
 
@@ -81,17 +81,15 @@ class PolicyEvaluator:
                 metrics = _evaluate_with_batch_statistics(self.model, self.batches, self.device, replay, self.loss_fn)
             else:
                 if self.bn_batches and self.bn_mode == "recalibrate":
-                    recalibrate_bn(self.model, self.bn_batches, device=self.device, forward=self._forward)
+                    forward = self._loss_forward if self.loss_fn is not None else None
+                    recalibrate_bn(self.model, self.bn_batches, device=self.device, forward=forward)
                 metrics = evaluate(self.model, self.batches, self.device, loss_fn=self.loss_fn)
             self.cache[key] = {"loss": metrics["loss"], "top1": metrics.get("top1")}
         return self.cache[key]
 
-    def _forward(self, batch) -> None:
-        """One forward for BatchNorm recalibration: through the user's loss_fn when there is one."""
-        if self.loss_fn is None:
-            self.model(model_input(batch).to(self.device))
-        else:
-            task_loss(self.loss_fn, self.model, *split_batch(batch, self.device))
+    def _loss_forward(self, batch) -> None:
+        """One forward for BatchNorm recalibration on a user's batch: through their loss_fn."""
+        task_loss(self.loss_fn, self.model, *split_batch(batch, self.device))
 
     def focus(self, policy: Policy) -> None:
         """``policy`` is the walk's current one: record its block outputs for its neighbours to replay."""
@@ -128,14 +126,8 @@ def _evaluate_with_batch_statistics(model: nn.Module, batches: list, device: tor
     """Mean loss and top-1 under batch statistics; ``replay(i)``, if given, is entered around batch ``i``.
     With a user's ``loss_fn``: its mean over samples, no top-1."""
     if loss_fn is not None:
-        total, samples = 0.0, 0
         with _batch_statistics(model):
-            for batch in batches:
-                x, y = split_batch(batch, device)
-                n = batch_size(x if y is None else y)
-                total += float(loss_fn(model, x if y is None else (x, y))) * n
-                samples += n
-        return {"loss": total / samples, "top1": None}
+            return {**mean_task_loss(model, batches, device, loss_fn), "top1": None}
     loss, correct, samples = 0.0, 0, 0
     with _batch_statistics(model):
         for i, (x, y) in enumerate(batches):

@@ -51,23 +51,29 @@ def evaluate(model: nn.Module, loader: Iterable, device: str | torch.device = "c
 
 def _evaluate_loss(model: nn.Module, loader: Iterable, device: torch.device, max_batches: int | None,
                    loss_fn: LossFn) -> dict:
-    from .loop import batch_size, split_batch
-
     was_training = {m: m.training for m in model.modules()}
     model.eval()
-    loss_sum, samples = 0.0, 0
     try:
         with torch.inference_mode():
-            for i, batch in enumerate(loader):
-                if max_batches is not None and i >= max_batches:
-                    break
-                x, y = split_batch(batch, device)
-                n = batch_size(x if y is None else y)
-                loss_sum += float(loss_fn(model, x if y is None else (x, y))) * n
-                samples += n
+            return mean_task_loss(model, loader, device, loss_fn, max_batches)
     finally:
         for m, flag in was_training.items():
             m.training = flag
+
+
+def mean_task_loss(model: nn.Module, loader: Iterable, device: torch.device, loss_fn: LossFn,
+                   max_batches: int | None = None) -> dict:
+    """``{"loss": mean of loss_fn(model, batch) over samples, "samples": n}``, in whatever mode the model is."""
+    from .loop import batch_size, split_batch
+
+    loss_sum, samples = 0.0, 0
+    for i, batch in enumerate(loader):
+        if max_batches is not None and i >= max_batches:
+            break
+        x, y = split_batch(batch, device)
+        n = batch_size(x if y is None else y)
+        loss_sum += float(loss_fn(model, x if y is None else (x, y))) * n
+        samples += n
     if samples == 0:
         raise MixbitsError("evaluation loader yielded no samples; check the validation split and max_batches")
     return {"loss": loss_sum / samples, "samples": samples}
