@@ -13,11 +13,13 @@ with its own stage 2 (distillation and bin regularisation). The same seed gives 
 data order. Each row records test top-1, BitOPs, size, the policy, and the compute of its search and
 fine-tune in seconds and in forward passes of the whole network (samples).
 
-Every finished row is cached (benchmarks/cache/front/<model>-<preset>/rows.jsonl) with the version of
-the code that made it (a hash of src/ and this benchmark), so a preset can be completed over several
-sittings: rerun the same command. A row from other code is re-run, never mixed in (``--keep-stale``
-keeps it, marked). Interrupted fine-tunes resume from checkpoints kept per code version; the float
-model is trained once per (model, preset) and shared by every code version. Writes
+Every finished row is kept in benchmarks/front-state/<model>-<preset>/rows.jsonl, which is committed,
+with the version of the code that made it (a hash of src/ and this benchmark), so a preset can be
+completed over several sittings and machines: rerun the same command at the commit named in the
+results' meta (``git worktree add ../bench <commit>``, then ``--state-dir`` pointing at this checkout's
+front-state). A row from other code is re-run, never mixed in (``--keep-stale`` keeps it, marked). The
+float model is trained once per (model, preset), kept beside the rows (float.pt) and shared by every
+code version; interrupted fine-tunes resume from checkpoints in benchmarks/cache/. Writes
 benchmarks/results/front-<model>-<preset>.json (meta, rows, summary), .md and .png; statistics in
 front_stats.py.
 """
@@ -48,7 +50,8 @@ from mixbits.quant import quant_layers, set_fused  # noqa: E402
 from mixbits.train import TrainConfig, evaluate, fit  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-CACHE = Path(__file__).parent / "cache" / "front"
+STATE = Path(__file__).parent / "front-state"  # committed: finished rows and the float weights
+CACHE = Path(__file__).parent / "cache" / "front"  # not committed: checkpoints of unfinished fine-tunes
 REFERENCE = "uniform-ref"
 REFERENCE_BITS = (2, 3, 4)
 BUDGETS = ("uniform:2.25", "uniform:2.5", "uniform:2.75", "uniform:w3a2", "uniform:3.5")
@@ -134,8 +137,9 @@ class Bench:
         self.args, self.preset = args, dict(PRESETS[args.preset])
         if args.seeds:
             self.preset["seeds"] = tuple(args.seeds)
+        self.state = Path(args.state_dir) / f"{args.model}-{args.preset}"
         self.dir = CACHE / f"{args.model}-{args.preset}"
-        self.cache = RowCache(self.dir, code_version(), keep_stale=args.keep_stale)
+        self.cache = RowCache(self.state, code_version(), keep_stale=args.keep_stale)
         self.device = torch.device(args.device)
         self._loaders: dict[int, tuple] = {}
         set_fused(args.device == "cpu")
@@ -163,10 +167,17 @@ class Bench:
         model = create(self.args.model, num_classes=10, in_chans=1, width=self.preset["width"][self.args.model],
                        **MODELS[self.args.model])
         train, val, test = self.loaders(0)
-        cfg = TrainConfig(epochs=self.preset["fp_epochs"], lr=0.1, warmup_epochs=1.0, seed=0)
-        run_dir = self.dir / "float"
-        fit(model, train, cfg, val_loader=val, run_dir=run_dir, resume=(run_dir / "checkpoint.pt").is_file(),
-            device=self.device)
+        weights = self.state / "float.pt"
+        if weights.is_file():
+            model.load_state_dict(torch.load(weights, map_location="cpu"))
+        else:
+            cfg = TrainConfig(epochs=self.preset["fp_epochs"], lr=0.1, warmup_epochs=1.0, seed=0)
+            run_dir = self.dir / "float"
+            fit(model, train, cfg, val_loader=val, run_dir=run_dir, resume=(run_dir / "checkpoint.pt").is_file(),
+                device=self.device)
+            weights.parent.mkdir(parents=True, exist_ok=True)
+            torch.save(model.state_dict(), weights)
+        model.to(self.device)
         self.float_top1 = self.test(model, test)
         print(f"float {self.args.model}: {self.float_top1:.2f} % top-1", flush=True)
         return model.eval()
@@ -272,6 +283,8 @@ def main(argv=None) -> None:
     p.add_argument("--seeds", type=int, nargs="+", help="override the preset's seeds")
     p.add_argument("--device", default="cpu")
     p.add_argument("--data-dir", default=None)
+    p.add_argument("--state-dir", default=str(STATE),
+                   help="where finished rows and the float weights are kept (default: benchmarks/front-state)")
     p.add_argument("--report-only", action="store_true", help="write the results from the cached rows, run nothing")
     p.add_argument("--keep-stale", action="store_true",
                    help="keep rows made by other code (marked stale in the results) instead of running them again")
