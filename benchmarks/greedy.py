@@ -1,6 +1,7 @@
 """Time of the one-shot greedy walks for every budget of a finished one-shot run, on its saved supernet.
 
-    python benchmarks/greedy.py [--run benchmarks/cache/pareto-quick/oneshot-s0]
+    mixbits search --method oneshot --init runs/fp --budget "bitops<=uniform:2.5,uniform:3.5" --out runs/oneshot
+    python benchmarks/greedy.py --run runs/oneshot
 
 Re-runs only the inference part of ``--method oneshot`` (the supernet is loaded, not trained) with the
 run's own options, once with prefix reuse (the default) and once without, in one process, and checks
@@ -29,8 +30,6 @@ from mixbits.search import SearchContext, run_searcher  # noqa: E402
 from mixbits.space import Policy  # noqa: E402
 from mixbits.utils import seed_everything  # noqa: E402
 
-DEFAULT_RUN = Path(__file__).parent / "cache" / "pareto-quick" / "oneshot-s0"
-
 
 def walk(run: Path, reuse_prefix: bool) -> dict:
     """The run's walks on its supernet; seconds of the walks alone and the policies they return."""
@@ -55,10 +54,10 @@ def walk(run: Path, reuse_prefix: bool) -> dict:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--run", type=Path, default=DEFAULT_RUN, help="a finished `mixbits search --method oneshot` run")
+    p.add_argument("--run", type=Path, required=True, help="a finished `mixbits search --method oneshot` run")
     args = p.parse_args(argv)
     if not (args.run / "oneshot_supernet.pt").is_file():
-        sys.exit(f"{args.run} holds no oneshot_supernet.pt: run benchmarks/pareto.py --methods oneshot first")
+        sys.exit(f"{args.run} holds no oneshot_supernet.pt: run `mixbits search --method oneshot --out DIR` first")
     saved = [Policy.load(path).describe() for path in sorted((args.run / "policies").glob("budget*.json"))]
     rows = [walk(args.run, reuse) for reuse in (True, False)]
     for row in rows:

@@ -152,7 +152,7 @@ def benchmark_outputs(path: Path, out: Path) -> tuple[Path, Path]:
 
 
 def report_benchmark(path: Path, out: Path) -> Path:
-    """<stem>.md for a benchmark result JSON (e.g. pareto-quick.json): its table and, for fronts, the plot."""
+    """<stem>.md for a benchmark result JSON (e.g. front-resnet20-medium.json): its table and, for fronts, the plot."""
     data = _json(path, dict)
     report, plot = benchmark_outputs(path, out)
     out.mkdir(parents=True, exist_ok=True)

@@ -1,7 +1,7 @@
 """`mixbits report PATH`: Markdown and PNGs for a train run, a search run, or a benchmark result JSON.
 
     mixbits report runs/hawq                      # -> runs/hawq/report/report.md (+ policy and front PNGs)
-    mixbits report benchmarks/results/pareto-quick.json --out reports/
+    mixbits report benchmarks/results/front-resnet20-medium.json --out reports/
 
 A run report holds the training curve, the policy as a per-layer bar chart of weight/activation bits,
 the cost breakdown and the accuracy; a search report adds each budget's result and the evaluated front.
