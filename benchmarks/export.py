@@ -3,6 +3,7 @@ against the size the cost model predicts.
 
     python benchmarks/export.py [--run RUN_DIR] [--samples 10000] [--opset N]
     python benchmarks/export.py --ops [--samples 1000]
+    python benchmarks/export.py --zoo [--samples 1000] [--models resnet20,vit_tiny]
 
 ResNet-20 at uniform W2A2, W3A3, W4A4 and one mixed policy (layer1 at W6A6, layer2 at W3A5, layer3
 at W2A2; first and last layer at 8 bits) is exported to QDQ ONNX and to the packed format. For each:
@@ -23,6 +24,16 @@ of that layer and at opsets 13, 21 and 25: the input type the exporter chose for
 the whole graph made it widen a narrow type, and agreement with PyTorch under onnxruntime's default
 optimisations and with none (random convolutions, least-squares head as above). Writes
 benchmarks/results/export-ops.json.
+
+--zoo instead exports every model ``mixbits list`` shows, at small widths on 28 px one-channel images
+(``ZOO``), at opsets 13, 21 and 25 and two policies: a mixed one (the searchable layers in turn at W2A2,
+W4A4, W3A8; first and last layer at W8A8) and uniform W4A4. Weights are random as above (BatchNorm
+statistics, least-squares head per policy); where the front benchmark kept trained float weights
+(benchmarks/front-state/<model>-medium/float.pt) that fit the model as it builds it, that model is
+measured too, with its own head. For each export: top-1 agreement with PyTorch under onnxruntime's
+default optimisations and with none, max |diff|, and, as a reference that involves no export, the
+top-1 agreement of the quantized PyTorch model in float32 with itself in float64. Writes
+benchmarks/results/export-zoo.json and export-zoo.md (with --models, prints only).
 """
 
 from __future__ import annotations
@@ -39,14 +50,15 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import markdown_table, write_result  # noqa: E402
+from common import RESULTS, markdown_table, metadata, write_result  # noqa: E402
 
 from mixbits import Policy, SearchSpace  # noqa: E402
 from mixbits.data import DataConfig, build_loaders  # noqa: E402
 from mixbits.export import export_onnx, pack_model  # noqa: E402
-from mixbits.models import create  # noqa: E402
+from mixbits.models import create, list_models  # noqa: E402
 from mixbits.pipeline import load_trained  # noqa: E402
 from mixbits.quant import apply_policy, calibrate, quantize_model  # noqa: E402
+from mixbits.quant.attention import prepare_model  # noqa: E402
 
 SHAPE = (1, 28, 28)
 COLUMNS = ["policy", "max_abs_diff", "rel_diff", "differing", "layer_rel_diff", "agreement_%", "unoptimized_%",
@@ -68,10 +80,12 @@ def _take(loader, n: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def random_model(train_loader) -> nn.Module:
-    """Random ResNet-20 with BatchNorm statistics from 2,048 training images."""
+def random_model(train_loader, name: str = "resnet20", **options) -> nn.Module:
+    """A random zoo model (ResNet-20 by default) with BatchNorm statistics from 2,048 training images."""
     torch.manual_seed(0)
-    model = create("resnet20", num_classes=10, in_chans=1).train()
+    model = create(name, num_classes=10, in_chans=1, **options)
+    prepare_model(model)  # attention as separate linear projections, which are quantized
+    model.train()
     for m in model.modules():
         if isinstance(m, nn.BatchNorm2d):
             m.momentum = None  # cumulative average over the batches below
@@ -82,9 +96,13 @@ def random_model(train_loader) -> nn.Module:
 
 @torch.no_grad()
 def fit_head(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> None:
-    """Least-squares linear head on the (quantized) model's own features, so its logits carry real margins."""
+    """Least-squares linear head on the (quantized) model's own features, so its logits carry real margins.
+
+    The head is the model's last ``nn.Linear`` (``fc``, ``classifier.1``, ``head``).
+    """
+    head = [m for m in model.modules() if isinstance(m, nn.Linear)][-1]
     feats = []
-    hook = model.fc.register_forward_hook(lambda m, i, o: feats.append(i[0]))
+    hook = head.register_forward_hook(lambda m, i, o: feats.append(i[0]))
     for chunk in x.split(500):
         model(chunk)
     hook.remove()
@@ -92,8 +110,8 @@ def fit_head(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> None:
     gram = phi.T @ phi
     ridge = 1e-3 * gram.trace() / len(gram) * torch.eye(len(gram), dtype=gram.dtype)
     w = torch.linalg.solve(gram + ridge, phi.T @ (nn.functional.one_hot(y, 10).double() * 10 - 5))
-    model.fc.weight.copy_(w[:-1].T.float())
-    model.fc.bias.copy_(w[-1].float())
+    head.weight.copy_(w[:-1].T.float())
+    head.bias.copy_(w[-1].float())
 
 
 def policies(space: SearchSpace) -> dict[str, Policy]:
@@ -215,15 +233,155 @@ def op_rows(args, train_loader, test_loader) -> list[dict]:
     return rows
 
 
+# Every model `mixbits list` shows, at small widths (28 px, one channel): the whole --zoo run takes about
+# 12 minutes of one CPU core, and ResNet-50 takes over a third of the time spent exporting and checking.
+ZOO = {"mobilenetv2": {"width": 0.25}, "resnet18": {}, "resnet20": {"width": 0.5}, "resnet32": {"width": 0.5},
+       "resnet50": {}, "resnet56": {"width": 0.25}, "small_cnn": {}, "vit_tiny": {}}
+ZOO_OPSETS = (13, 21, 25)
+ZOO_COLUMNS = ["model", "weights", "policy", "opset", "agreement_%", "unoptimized_%", "max_abs_diff", "differing",
+               "fp32_vs_fp64_%", "narrow_inputs", "widened", "seconds"]
+MIXED_CYCLE = ((2, 2), (4, 4), (3, 8))  # searchable layers in turn; first and last layer at W8A8
+
+
+def zoo_policies(space: SearchSpace) -> dict[str, Policy]:
+    cycle = {name: MIXED_CYCLE[i % len(MIXED_CYCLE)] for i, name in enumerate(space.searchable)}
+    return {"mixed 2/2,4/4,3/8": Policy.from_rules(space, (4, 4), cycle), "uniform W4A4": Policy.uniform(space, 4)}
+
+
+def trained_front_model(name: str) -> tuple[nn.Module, str] | None:
+    """The front benchmark's trained float weights of ``name`` (medium preset), built as it builds them, if kept."""
+    from front import MODELS as FRONT_MODELS
+    from front import PRESETS, STATE
+
+    path = STATE / f"{name}-medium" / "float.pt"
+    if name not in FRONT_MODELS or not path.is_file():
+        return None
+    model = create(name, num_classes=10, in_chans=1, width=PRESETS["medium"]["width"][name], **FRONT_MODELS[name])
+    try:
+        model.load_state_dict(torch.load(path, map_location="cpu"))
+    except RuntimeError as e:  # kept weights of another build of the model: say so, measure the rest
+        print(f"  {path} does not fit {name}: {str(e).splitlines()[0]}", flush=True)
+        return None
+    prepare_model(model)
+    return model.eval(), f"trained float ({path.relative_to(Path(__file__).parent)})"
+
+
+@torch.no_grad()
+def fp32_vs_fp64(model: nn.Module, x: torch.Tensor) -> float:
+    """Top-1 agreement (%) of the quantized model in float32 with the same model in float64: how far float
+    rounding alone moves its predictions (an activation within rounding of a midpoint between two levels
+    lands on either side), whatever runs it."""
+    wide = copy.deepcopy(model).double()
+    agree = sum(int((model(c).argmax(-1) == wide(c.double()).argmax(-1)).sum()) for c in x.split(500))
+    return round(100.0 * agree / len(x), 2)
+
+
+def zoo_bases(train_loader, names: list[str]):
+    """(model, weights, float model): each zoo model with random weights, then the front's trained ones."""
+    for name in names:
+        yield name, "random + least-squares head", random_model(train_loader, name, **ZOO.get(name, {}))
+    for name in names:
+        trained = trained_front_model(name)
+        if trained is not None:
+            yield name, trained[1], trained[0]
+
+
+def zoo_row(model: nn.Module, opset: int, batches, path: Path) -> dict:
+    start = time.perf_counter()
+    try:
+        report = export_onnx(model, SHAPE, path, opset=opset, check_inputs=batches, max_mismatch=1.0,
+                             min_agreement=0.0)
+    except Exception as e:  # noqa: BLE001 - a failed export is a result of this table, recorded with its message
+        return {"error": f"{type(e).__name__}: {e}", "seconds": round(time.perf_counter() - start, 1)}
+    types = [layer["act_type"] for layer in report.layers.values()]
+    narrow = sum(t not in ("int8", "uint8") for t in types)
+    return {**agreement(report.check), "rel_diff": report.check["rel_diff"],
+            "layer_rel_diff": report.check["layer_max_rel_diff"], "narrow_inputs": f"{narrow}/{len(types)}",
+            "widened": len(report.widened_inputs), "widened_layers": report.widened_inputs,
+            "seconds": round(time.perf_counter() - start, 1)}
+
+
+def zoo_rows(args, train_loader, test_loader) -> list[dict]:
+    calib, head_data = _take(train_loader, 256)[0], _take(train_loader, 5000)
+    x, y = _take(test_loader, args.samples)
+    batches = list(zip(x.split(500), y.split(500), strict=True))
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, weights, base in zoo_bases(train_loader, args.models or list_models()):
+            space = SearchSpace.from_model(base, range(2, 9), range(2, 9))
+            for label, policy in zoo_policies(space).items():
+                model = apply_policy(quantize_model(base, space), policy)
+                calibrate(model, calib)
+                if weights.startswith("random"):
+                    fit_head(model.eval(), *head_data)
+                    calibrate(model, calib)  # the new head's weight step
+                reference = fp32_vs_fp64(model.eval(), x)
+                for opset in ZOO_OPSETS:
+                    row = {"model": name, "options": ZOO.get(name, {}) if weights.startswith("random") else {},
+                           "weights": weights, "policy": label, "opset": opset, "fp32_vs_fp64_%": reference,
+                           **zoo_row(model.eval(), opset, batches, Path(tmp) / "zoo.onnx")}
+                    rows.append(row)
+                    print(f"  {name} {label} opset {opset}: " + (row.get("error") or
+                          f"{row['agreement_%']} % / {row['unoptimized_%']} %, max |diff| {row['max_abs_diff']:.3g}"),
+                          flush=True)
+    return rows
+
+
+def zoo_markdown(rows: list[dict], samples: int, target: float = 99.9) -> str:
+    done, failed = [r for r in rows if "error" not in r], [r for r in rows if "error" in r]
+    low = {}  # (model, weights, policy) -> the lowest agreement of its exports below the target
+    for r in done:
+        worst = min(r["agreement_%"], r["unoptimized_%"])
+        if worst < target:
+            key = (r["model"], r["weights"], r["policy"])
+            low[key] = min(low.get(key, (worst, r["fp32_vs_fp64_%"])), (worst, r["fp32_vs_fp64_%"]))
+    meta = metadata()
+    lines = ["# Export fidelity across the zoo", "",
+             f"`python benchmarks/export.py --zoo` at {meta['commit']} ({meta['date']}). Each model is exported to "
+             "QDQ ONNX at every opset and run by onnxruntime on "
+             f"{samples} Fashion-MNIST test images (28 px, one channel): `agreement_%` is top-1 agreement with "
+             "PyTorch under onnxruntime's default graph optimisations, `unoptimized_%` with none, `max_abs_diff` "
+             "the largest logit difference, `differing` the samples off by more than 1e-3 of the largest logit. "
+             "`fp32_vs_fp64_%` runs no export: it is the same quantized PyTorch model in float32 against float64, "
+             "so below 100 % float rounding alone moves its predictions (an activation within rounding of a "
+             "midpoint between two levels lands on either side, and in a deep network at 2-3 bits that one level "
+             "changes many later ones). `narrow_inputs`: layers whose input codes keep a 2- or 4-bit type; "
+             "`widened`: layers the whole graph made carry them in an 8-bit container.", "",
+             f"Exports: {len(rows)}, failed: {len(failed)}; at >= {target:g} % agreement both ways: "
+             f"{sum(min(r['agreement_%'], r['unoptimized_%']) >= target for r in done)}. Each layer alone, fed "
+             "PyTorch's own input, matches PyTorch to "
+             f"{max((r['layer_rel_diff'] for r in done), default=0.0):.2g} of its largest output at worst."]
+    if low:
+        lines += ["", f"Below {target:g} % (lowest agreement over the opsets; the model's own float32 against "
+                  "float64 beside it):", ""]
+        lines += [f"- {m} ({w}), {p}: {a} %; float32 against float64: {f} %" for (m, w, p), (a, f) in low.items()]
+    lines += ["", markdown_table(rows, ZOO_COLUMNS + (["error"] if failed else [])), ""]
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--run", help="trained run directory or checkpoint (default: random weights)")
-    parser.add_argument("--samples", type=int, default=10000, help="test images compared (default: all 10,000)")
+    parser.add_argument("--samples", type=int, help="test images compared (default: all 10,000; 1,000 with --zoo)")
     parser.add_argument("--opset", type=int, help="ONNX opset (default: the highest onnxruntime runs)")
     parser.add_argument("--data-dir", help="Fashion-MNIST directory (default: the Debian package's)")
-    parser.add_argument("--ops", action="store_true", help="the per-op table instead of the ResNet-20 policies")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--ops", action="store_true", help="the per-op table instead of the ResNet-20 policies")
+    mode.add_argument("--zoo", action="store_true", help="every zoo model at every opset instead")
+    parser.add_argument("--models", type=lambda v: v.split(","), help="with --zoo: these models only (comma-separated)")
     args = parser.parse_args()
+    args.samples = args.samples or (1000 if args.zoo else 10000)
     train_loader, _, test_loader, _ = build_loaders(DataConfig(root=args.data_dir, eval_batch_size=500), 0)
+    if args.zoo:
+        rows = zoo_rows(args, train_loader, test_loader)
+        text = zoo_markdown(rows, args.samples)
+        print(text)
+        if args.models:  # a subset is printed, never written over the whole table
+            return
+        (RESULTS / "export-zoo.md").write_text(text)
+        payload = {"samples": args.samples, "opsets": list(ZOO_OPSETS), "zoo_options": ZOO, "rows": rows}
+        print(f"wrote {write_result('export-zoo', payload)}")
+        return
     if args.ops:
         rows = op_rows(args, train_loader, test_loader)
         print(markdown_table(rows, OP_COLUMNS))
