@@ -25,3 +25,8 @@ def test_the_uniform_stage_is_the_highest_level_within_the_budget(bits, uniform,
 def test_a_budget_outside_the_bit_range_is_refused(tmp_path, capsys):
     assert main(["demo", "--bits", "9", "--out", str(tmp_path)]) == 2
     assert "--bits 9 is outside 2..8" in capsys.readouterr().err
+
+
+def test_the_default_budget_lies_between_w2a2_and_w3a3(tmp_path):
+    _, qat, mixed = stage_configs(_args("--out", str(tmp_path)))
+    assert qat.quant.policy == "uniform:2" and mixed.search.budget == "bitops<=uniform:2.5"
