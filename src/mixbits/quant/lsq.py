@@ -14,13 +14,15 @@ backward each become one compiled (torch.compile / inductor) kernel.
 
 from __future__ import annotations
 
-import os
 import warnings
 
 import torch
 from torch import Tensor
 
-_FUSED = {"enabled": os.environ.get("MIXBITS_FUSED", "0") == "1", "kernels": None}
+from ..compiler import fused_default
+
+# On where a C compiler is found, unless MIXBITS_FUSED pins it.
+_FUSED = {"enabled": fused_default(), "kernels": None}
 
 
 def set_fused(enabled: bool) -> None:
@@ -86,6 +88,34 @@ def _reduce_dims(x: Tensor, step: Tensor) -> tuple[int, ...]:
     return tuple(d for d in range(x.dim()) if shape[d] == 1)
 
 
+def row_forward(x: Tensor, steps: Tensor, row: int, shape: tuple[int, ...], qmin: float, qmax: float) -> Tensor:
+    """Quantize ``x`` with ``steps[row].view(shape)``: one compiled kernel when fused, else eager ops."""
+    step = steps[row].view(shape)
+    if _use_fused(x):
+        try:  # detached: the kernels see plain tensors, never Parameters (which would force a recompile)
+            return _kernels()[0](x.detach(), step.detach(), *_bounds(qmin, qmax, x.device))
+        except Exception as e:  # no compiler, unsupported backend: stay correct, just slower
+            warnings.warn(f"fused LSQ kernels unavailable ({type(e).__name__}: {e}); using eager ops", stacklevel=3)
+            set_fused(False)
+    # In place after the first op: one allocation instead of four.
+    return torch.div(x, step).clamp_(qmin, qmax).round_().mul_(step)
+
+
+def row_backward(grad: Tensor, x: Tensor, steps: Tensor, row: int, shape: tuple[int, ...], qmin: float,
+                 qmax: float, grad_scale: float) -> tuple[Tensor, Tensor]:
+    """(grad wrt x, grad wrt the whole step table) of ``row_forward``."""
+    step = steps[row].view(shape)
+    dims = _reduce_dims(x, step)
+    if _use_fused(x):
+        grad_x, grad_step = _kernels()[1](grad.detach(), x.detach(), step.detach(), *_bounds(qmin, qmax, x.device),
+                                          dims)
+    else:  # plain float bounds: a cached bound tensor made while compiling would leak out of its graph
+        grad_x, grad_step = _backward_reduced(grad, x, step, qmin, qmax, dims)
+    grad_steps = torch.zeros_like(steps)
+    grad_steps[row] = grad_step.reshape(-1) * grad_scale
+    return grad_x, grad_steps
+
+
 class _LsqFunction(torch.autograd.Function):
     """Quantizes with row ``row`` of a (candidates x channels) step table, viewed as ``shape``.
 
@@ -95,31 +125,14 @@ class _LsqFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, steps, row: int, shape: tuple[int, ...], qmin: float, qmax: float, grad_scale: float):
-        step = steps[row].view(shape)
-        lo, hi = _bounds(qmin, qmax, x.device)
         ctx.save_for_backward(x, steps)
-        ctx.row, ctx.shape, ctx.bounds, ctx.grad_scale = row, shape, (lo, hi), grad_scale
-        if _use_fused(x):
-            try:  # detached: the kernels see plain tensors, never Parameters (which would force a recompile)
-                return _kernels()[0](x.detach(), step.detach(), lo, hi)
-            except Exception as e:  # no compiler, unsupported backend: stay correct, just slower
-                warnings.warn(f"fused LSQ kernels unavailable ({type(e).__name__}: {e}); using eager ops", stacklevel=2)
-                set_fused(False)
-        # In place after the first op: one allocation instead of four.
-        return torch.div(x, step).clamp_(qmin, qmax).round_().mul_(step)
+        ctx.args = (row, shape, qmin, qmax, grad_scale)
+        return row_forward(x, steps, row, shape, qmin, qmax)
 
     @staticmethod
     def backward(ctx, grad):
         x, steps = ctx.saved_tensors
-        step = steps[ctx.row].view(ctx.shape)
-        lo, hi = ctx.bounds
-        dims = _reduce_dims(x, step)
-        if _use_fused(x):
-            grad_x, grad_step = _kernels()[1](grad.detach(), x.detach(), step.detach(), lo, hi, dims)
-        else:
-            grad_x, grad_step = _backward_reduced(grad, x, step, lo, hi, dims)
-        grad_steps = torch.zeros_like(steps)
-        grad_steps[ctx.row] = grad_step.reshape(-1) * ctx.grad_scale
+        grad_x, grad_steps = row_backward(grad, x, steps, *ctx.args)
         return grad_x, grad_steps, None, None, None, None, None
 
 

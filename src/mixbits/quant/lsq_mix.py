@@ -70,34 +70,45 @@ def _bound_tables(bounds: tuple[tuple[float, float], ...], device: torch.device)
     return _TABLES[key]
 
 
+def mix_forward(x: Tensor, steps: Tensor, probs: Tensor, shape: tuple[int, ...], bounds: tuple) -> Tensor:
+    """Σ_k probs[k] · Q_k(x): one compiled kernel when fused, else eager ops."""
+    table = steps.view(steps.shape[0], *shape)
+    if _use_fused(x):
+        try:
+            return _kernel("forward")(x.detach(), table.detach(), probs.detach(), *_bound_tables(bounds, x.device))
+        except Exception as e:  # no compiler, unsupported backend: stay correct, just slower
+            warnings.warn(f"fused LSQ kernels unavailable ({type(e).__name__}: {e}); using eager ops", stacklevel=3)
+            set_fused(False)
+    return _mix_forward(x, table, probs, *zip(*bounds, strict=True))
+
+
+def mix_backward(grad: Tensor, x: Tensor, steps: Tensor, probs: Tensor, shape: tuple[int, ...], bounds: tuple,
+                 grad_scales: tuple) -> tuple[Tensor, Tensor, Tensor]:
+    """(grad wrt x, grad wrt the step table, grad wrt probs) of ``mix_forward``."""
+    table = steps.view(steps.shape[0], *shape)
+    full = (1,) * (x.dim() - len(shape)) + tuple(shape)
+    dims = tuple(d for d in range(x.dim()) if full[d] == 1)
+    if _use_fused(x):
+        backward, (qmins, qmaxs) = _kernel("backward"), _bound_tables(bounds, x.device)
+    else:  # plain float bounds: a cached bound tensor made while compiling would leak out of its graph
+        backward, (qmins, qmaxs) = _mix_backward, tuple(zip(*bounds, strict=True))
+    grad_x, grad_p, grad_s = backward(grad.detach(), x.detach(), table.detach(), probs.detach(), qmins, qmaxs, dims)
+    scales = torch.tensor(grad_scales, dtype=grad_s.dtype, device=grad_s.device)
+    grad_steps = grad_s.reshape(steps.shape[0], -1) * scales[:, None]
+    return grad_x, grad_steps.reshape(steps.shape), grad_p.to(probs.dtype)
+
+
 class _LsqMixFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, steps, probs, shape: tuple[int, ...], bounds: tuple, grad_scales: tuple):
-        table = steps.view(steps.shape[0], *shape)
-        qmins, qmaxs = _bound_tables(bounds, x.device)
         ctx.save_for_backward(x, steps, probs)
-        ctx.shape, ctx.tables, ctx.grad_scales = shape, (qmins, qmaxs), grad_scales
-        if _use_fused(x):
-            try:
-                return _kernel("forward")(x.detach(), table.detach(), probs.detach(), qmins, qmaxs)
-            except Exception as e:  # no compiler, unsupported backend: stay correct, just slower
-                warnings.warn(f"fused LSQ kernels unavailable ({type(e).__name__}: {e}); using eager ops", stacklevel=2)
-                set_fused(False)
-        return _mix_forward(x, table, probs, qmins, qmaxs)
+        ctx.args = (shape, bounds, grad_scales)
+        return mix_forward(x, steps, probs, shape, bounds)
 
     @staticmethod
     def backward(ctx, grad):
         x, steps, probs = ctx.saved_tensors
-        table = steps.view(steps.shape[0], *ctx.shape)
-        qmins, qmaxs = ctx.tables
-        full = (1,) * (x.dim() - len(ctx.shape)) + tuple(ctx.shape)
-        dims = tuple(d for d in range(x.dim()) if full[d] == 1)
-        backward = _kernel("backward") if _use_fused(x) else _mix_backward
-        grad_x, grad_p, grad_s = backward(grad.detach(), x.detach(), table.detach(), probs.detach(), qmins, qmaxs,
-                                          dims)
-        scales = torch.tensor(ctx.grad_scales, dtype=grad_s.dtype, device=grad_s.device)
-        grad_steps = grad_s.reshape(steps.shape[0], -1) * scales[:, None]
-        return grad_x, grad_steps.reshape(steps.shape), grad_p.to(probs.dtype), None, None, None
+        return *mix_backward(grad, x, steps, probs, *ctx.args), None, None, None
 
 
 def lsq_mix(x: Tensor, steps: Tensor, probs: Tensor, shape: tuple[int, ...], bounds: list[tuple[int, int]],

@@ -1,0 +1,82 @@
+"""A quantized layer's input quantizer and its convolution (or linear product) as one autograd function.
+
+Written as two autograd nodes, the quantizer keeps the float input for its LSQ backward and the
+convolution keeps the quantized input for its weight gradient: two full-precision copies of every
+activation, where float training keeps one. Here the forward keeps only the input (which the layer
+before keeps anyway, e.g. a ReLU's output) and the backward recomputes the quantized input from it:
+one elementwise pass buys back a whole activation of memory. Forward and gradients are those of the
+two-node composition; the quantizer's own passes are those of ``lsq.py`` and ``lsq_mix.py``.
+
+The input quantizer is a *plan*: ``("row", row, shape, qmin, qmax, grad_scale)`` (one bit-width, a row
+of the step table) or ``("mix", shape, bounds, grad_scales)`` (the probability-weighted candidates).
+The layer is ``("conv", stride, padding, dilation, groups)`` or ``("linear",)``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .lsq import row_backward, row_forward
+from .lsq_mix import mix_backward, mix_forward
+
+
+def _quantize(plan: tuple, x: Tensor, steps: Tensor, probs: Tensor | None) -> Tensor:
+    if plan[0] == "row":
+        return row_forward(x, steps, *plan[1:5])
+    return mix_forward(x, steps, probs, *plan[1:3])
+
+
+def _quantize_backward(plan: tuple, grad: Tensor, x: Tensor, steps: Tensor, probs: Tensor | None):
+    """(grad wrt x, wrt the step table, wrt probs or None)."""
+    if plan[0] == "row":
+        return *row_backward(grad, x, steps, *plan[1:]), None
+    return mix_backward(grad, x, steps, probs, *plan[1:])
+
+
+def _layer(op: tuple, q: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    if op[0] == "conv":
+        return F.conv2d(q, weight, bias, *op[1:])
+    return F.linear(q, weight, bias)
+
+
+def _layer_backward(op: tuple, grad: Tensor, q: Tensor, weight: Tensor, has_bias: bool, need_w: bool,
+                    need_b: bool) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """(grad wrt the quantized input, wrt the weight, wrt the bias): the kernels autograd runs for F.conv2d."""
+    if op[0] == "conv":
+        stride, padding, dilation, groups = op[1:]
+        return torch.ops.aten.convolution_backward(
+            grad, q, weight, [weight.shape[0]] if has_bias else None, stride, padding, dilation, False, [0, 0],
+            groups, [True, need_w, need_b and has_bias])
+    grad_q = grad.matmul(weight)
+    flat = grad.reshape(-1, grad.shape[-1])
+    grad_w = flat.t().mm(q.reshape(-1, q.shape[-1])) if need_w else None
+    grad_b = flat.sum(0) if need_b and has_bias else None
+    return grad_q, grad_w, grad_b
+
+
+class _QuantLayerFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, steps, probs, weight, bias, plan: tuple, op: tuple):
+        ctx.save_for_backward(x, steps, probs, weight)
+        ctx.plan, ctx.op, ctx.has_bias = plan, op, bias is not None
+        return _layer(op, _quantize(plan, x, steps, probs), weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, steps, probs, weight = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        with torch.no_grad():
+            q = _quantize(ctx.plan, x, steps, probs)
+        grad_q, grad_w, grad_b = _layer_backward(ctx.op, grad, q, weight, ctx.has_bias, needs[3], needs[4])
+        del q  # before the quantizer's backward allocates its own
+        grad_x, grad_steps, grad_probs = _quantize_backward(ctx.plan, grad_q, x, steps, probs)
+        return grad_x if needs[0] else None, grad_steps, grad_probs, grad_w, grad_b, None, None
+
+
+def quantized_layer(x: Tensor, steps: Tensor, probs: Tensor | None, plan: tuple, weight: Tensor,
+                    bias: Tensor | None, op: tuple) -> Tensor:
+    """``op`` of the input quantized by ``plan`` (the step table ``steps``, mixture weights ``probs``), with
+    ``weight`` (already quantized) and ``bias``."""
+    return _QuantLayerFunction.apply(x, steps, probs, weight, bias, plan, op)
