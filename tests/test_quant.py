@@ -63,17 +63,20 @@ def test_lsq_output_lies_on_the_grid_and_in_range():
     assert torch.equal(x.grad, inside.float())
 
 
-def test_fused_kernels_match_eager():
-    x = torch.randn(16, 32, 8, 8)  # large enough for the fused path
-    step = torch.tensor([0.2])
+@pytest.mark.parametrize("shape,per_channel", [((16, 32, 8, 8), False), ((33001,), False), ((3, 7, 41, 43), False),
+                                               ((16, 32, 8, 8), True), ((5, 7, 31, 37), True), ((40000, 1), True)])
+def test_fused_kernels_match_eager(shape, per_channel):
+    """One compiled kernel per layout serves every shape (all large enough for the fused path)."""
+    x = torch.randn(shape) * 2
+    step = torch.rand(shape[0], *[1] * (len(shape) - 1)) * 0.3 + 0.1 if per_channel else torch.tensor([0.2])
     eager = _grads(lsq_quantize, x, step, -8, 7, 0.1)
     set_fused(True)
     try:
         fused = _grads(lsq_quantize, x, step, -8, 7, 0.1)
     finally:
         set_fused(False)
-    for a, b in zip(eager, fused, strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    for a, b in zip(eager, fused, strict=True):  # the step's gradient is a long sum, added in another order
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
 def test_quantizer_init_sign_and_per_bit_steps():

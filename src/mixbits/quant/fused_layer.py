@@ -23,16 +23,17 @@ from .lsq_mix import mix_backward, mix_forward
 
 
 def _quantize(plan: tuple, x: Tensor, steps: Tensor, probs: Tensor | None) -> Tensor:
+    """The quantized input, needed only until the layer's product (or its backward) returns."""
     if plan[0] == "row":
-        return row_forward(x, steps, *plan[1:5])
-    return mix_forward(x, steps, probs, *plan[1:3])
+        return row_forward(x, steps, *plan[1:5], transient=True)
+    return mix_forward(x, steps, probs, *plan[1:3], transient=True)
 
 
 def _quantize_backward(plan: tuple, grad: Tensor, x: Tensor, steps: Tensor, probs: Tensor | None):
-    """(grad wrt x, wrt the step table, wrt probs or None)."""
+    """(grad wrt x, wrt the step table, wrt probs or None); ``grad`` is ours, so it may be written over."""
     if plan[0] == "row":
-        return *row_backward(grad, x, steps, *plan[1:]), None
-    return mix_backward(grad, x, steps, probs, *plan[1:])
+        return *row_backward(grad, x, steps, *plan[1:], into_grad=True), None
+    return mix_backward(grad, x, steps, probs, *plan[1:], into_grad=True)
 
 
 def _layer(op: tuple, q: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:

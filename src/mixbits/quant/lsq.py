@@ -20,9 +20,10 @@ import torch
 from torch import Tensor
 
 from ..compiler import fused_default
+from . import kernels
 
 # On where a C compiler is found, unless MIXBITS_FUSED pins it.
-_FUSED = {"enabled": fused_default(), "kernels": None}
+_FUSED = {"enabled": fused_default()}
 
 
 def set_fused(enabled: bool) -> None:
@@ -53,23 +54,49 @@ def _backward_reduced(grad, x, step, qmin, qmax, dims: tuple[int, ...]):
     return grad_x, elems.sum(dim=dims, keepdim=True)
 
 
+# The compiled kernels, on flattened operands (quant/kernels.py): the step is reduced over the last dimension.
+def _forward_kernel(x, step, qmin, qmax):
+    return (_forward(x, step, qmin, qmax),)
+
+
+def _forward_into_kernel(out, x, step, qmin, qmax):
+    out.copy_(_forward(x, step, qmin, qmax))
+    return ()
+
+
+def _backward_kernel(grad, x, step, qmin, qmax):
+    return _backward_reduced(grad, x, step, qmin, qmax, (-1,))
+
+
+def _backward_into_kernel(grad, x, step, qmin, qmax):
+    """As ``_backward_kernel``, with the grad wrt x written over ``grad``: no new tensor to allocate."""
+    grad_x, grad_step = _backward_reduced(grad, x, step, qmin, qmax, (-1,))
+    grad.copy_(grad_x)
+    return (grad_step,)
+
+
 # Below this many elements (weights, small activations) launching a compiled kernel is not worth it.
 FUSED_MIN_NUMEL = 1 << 15
 
 
-def _use_fused(x: Tensor) -> bool:
+def fused_layout(x: Tensor, step_shape: tuple[int, ...]) -> str | None:
+    """The kernels' layout for ``x`` (see kernels.layout), or None when the eager ops run."""
     # Inside a compiled model the whole graph is fused already; nested compiled kernels would break it.
-    return _FUSED["enabled"] and x.numel() >= FUSED_MIN_NUMEL and not torch.compiler.is_compiling()
+    if (not _FUSED["enabled"] or x.numel() < FUSED_MIN_NUMEL or x.dtype != torch.float32
+            or torch.compiler.is_compiling()):
+        return None
+    return kernels.layout(x, step_shape)
 
 
-def _kernels():
-    """Compiled forward/backward, built once; bounds are tensors so one graph serves every bit-width."""
-    if _FUSED["kernels"] is None:
-        # One graph per (rank, per-tensor or per-channel step) pair; the default limit of 8 is too tight.
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
-        compile_ = torch.compile(dynamic=True, fullgraph=True)
-        _FUSED["kernels"] = (compile_(_forward), compile_(_backward_reduced))
-    return _FUSED["kernels"]
+def _kernel(fn, kind: str, device: torch.device):
+    def example():
+        x = kernels.example(kind, device)
+        step = torch.ones(1, device=device) if kind == "tensor" else torch.ones(x.shape[0], 1, device=device)
+        args = (x, step, torch.tensor(0.0, device=device), torch.tensor(3.0, device=device))
+        # all but the forward take a first tensor like x: the grad, or the output
+        return args if fn is _forward_kernel else (torch.randn_like(x), *args)
+
+    return kernels.compiled(fn, (kind, device), example)
 
 
 _BOUNDS: dict[tuple[float, float], tuple[Tensor, Tensor]] = {}
@@ -88,29 +115,45 @@ def _reduce_dims(x: Tensor, step: Tensor) -> tuple[int, ...]:
     return tuple(d for d in range(x.dim()) if shape[d] == 1)
 
 
-def row_forward(x: Tensor, steps: Tensor, row: int, shape: tuple[int, ...], qmin: float, qmax: float) -> Tensor:
-    """Quantize ``x`` with ``steps[row].view(shape)``: one compiled kernel when fused, else eager ops."""
-    step = steps[row].view(shape)
-    if _use_fused(x):
-        try:  # detached: the kernels see plain tensors, never Parameters (which would force a recompile)
-            return _kernels()[0](x.detach(), step.detach(), *_bounds(qmin, qmax, x.device))
+def row_forward(x: Tensor, steps: Tensor, row: int, shape: tuple[int, ...], qmin: float, qmax: float,
+                transient: bool = False) -> Tensor:
+    """Quantize ``x`` with ``steps[row].view(shape)``: one compiled kernel when fused, else eager ops.
+    ``transient``: the caller drops the result before its next call here, so it may live in scratch memory."""
+    kind = fused_layout(x, shape)
+    if kind is not None:
+        try:  # detached: the kernels see plain tensors, never Parameters
+            args = (kernels.flat(kind, x.detach()), kernels.flat_steps(kind, steps.detach())[row],
+                    *_bounds(qmin, qmax, x.device))
+            if transient:
+                out = kernels.scratch(x)
+                _kernel(_forward_into_kernel, kind, x.device)(kernels.flat(kind, out), *args)
+                return out
+            return _kernel(_forward_kernel, kind, x.device)(*args)[0].view(x.shape)
         except Exception as e:  # no compiler, unsupported backend: stay correct, just slower
             warnings.warn(f"fused LSQ kernels unavailable ({type(e).__name__}: {e}); using eager ops", stacklevel=3)
             set_fused(False)
+    step = steps[row].view(shape)
     # In place after the first op: one allocation instead of four.
     return torch.div(x, step).clamp_(qmin, qmax).round_().mul_(step)
 
 
 def row_backward(grad: Tensor, x: Tensor, steps: Tensor, row: int, shape: tuple[int, ...], qmin: float,
-                 qmax: float, grad_scale: float) -> tuple[Tensor, Tensor]:
-    """(grad wrt x, grad wrt the whole step table) of ``row_forward``."""
-    step = steps[row].view(shape)
-    dims = _reduce_dims(x, step)
-    if _use_fused(x):
-        grad_x, grad_step = _kernels()[1](grad.detach(), x.detach(), step.detach(), *_bounds(qmin, qmax, x.device),
-                                          dims)
+                 qmax: float, grad_scale: float, into_grad: bool = False) -> tuple[Tensor, Tensor]:
+    """(grad wrt x, grad wrt the whole step table) of ``row_forward``. ``into_grad``: ``grad`` is the caller's
+    own temporary, and the compiled kernel may write the grad wrt x over it."""
+    kind = fused_layout(x, shape)
+    if kind is not None:
+        args = (kernels.flat_steps(kind, steps.detach())[row], *_bounds(qmin, qmax, x.device))
+        flat_x, flat_grad = kernels.flat(kind, x.detach()), kernels.flat(kind, grad.detach())
+        if into_grad:
+            grad_step = _kernel(_backward_into_kernel, kind, x.device)(flat_grad, flat_x, *args)[0]
+            grad_x = flat_grad.view(x.shape)  # ``grad`` itself, or the contiguous copy the kernel wrote
+        else:
+            grad_x, grad_step = _kernel(_backward_kernel, kind, x.device)(flat_grad, flat_x, *args)
+            grad_x = grad_x.view(x.shape)
     else:  # plain float bounds: a cached bound tensor made while compiling would leak out of its graph
-        grad_x, grad_step = _backward_reduced(grad, x, step, qmin, qmax, dims)
+        step = steps[row].view(shape)
+        grad_x, grad_step = _backward_reduced(grad, x, step, qmin, qmax, _reduce_dims(x, step))
     grad_steps = torch.zeros_like(steps)
     grad_steps[row] = grad_step.reshape(-1) * grad_scale
     return grad_x, grad_steps

@@ -20,13 +20,14 @@ import warnings
 import torch
 from torch import Tensor
 
-from .lsq import FUSED_MIN_NUMEL, fused_enabled, set_fused
+from . import kernels
+from .lsq import fused_layout, set_fused
 
-_KERNELS: dict[str, object] = {}
 _TABLES: dict[tuple, tuple[Tensor, Tensor]] = {}
 
 
-def _mix_forward(x: Tensor, steps: Tensor, probs: Tensor, qmins: Tensor, qmaxs: Tensor) -> Tensor:
+def _mix_forward(x: Tensor, steps: Tensor, probs: Tensor, qmins, qmaxs) -> Tensor:
+    """``qmins``/``qmaxs``: the candidates' bounds, as tensors (compiled kernels) or floats (eager ops)."""
     out = None
     for k in range(steps.shape[0]):
         step = steps[k]
@@ -35,7 +36,7 @@ def _mix_forward(x: Tensor, steps: Tensor, probs: Tensor, qmins: Tensor, qmaxs: 
     return out
 
 
-def _mix_backward(grad: Tensor, x: Tensor, steps: Tensor, probs: Tensor, qmins: Tensor, qmaxs: Tensor,
+def _mix_backward(grad: Tensor, x: Tensor, steps: Tensor, probs: Tensor, qmins, qmaxs,
                   dims: tuple[int, ...]) -> tuple[Tensor, Tensor, Tensor]:
     """(grad wrt x, per-candidate grad wrt p (K,), per-candidate unscaled grad wrt the step, reduced over dims)."""
     grad_x, grad_p, grad_s = None, [], []
@@ -51,15 +52,38 @@ def _mix_backward(grad: Tensor, x: Tensor, steps: Tensor, probs: Tensor, qmins: 
     return grad_x, torch.stack(grad_p), torch.stack(grad_s)
 
 
-def _kernel(name: str):
-    if name not in _KERNELS:
-        compile_ = torch.compile(dynamic=True, fullgraph=True)
-        _KERNELS["forward"], _KERNELS["backward"] = compile_(_mix_forward), compile_(_mix_backward)
-    return _KERNELS[name]
+# The compiled kernels, on flattened operands (quant/kernels.py): steps reduced over the last dimension.
+def _forward_kernel(x, steps, probs, qmins, qmaxs):
+    return (_mix_forward(x, steps, probs, qmins, qmaxs),)
 
 
-def _use_fused(x: Tensor) -> bool:
-    return fused_enabled() and x.numel() >= FUSED_MIN_NUMEL and not torch.compiler.is_compiling()
+def _forward_into_kernel(out, x, steps, probs, qmins, qmaxs):
+    out.copy_(_mix_forward(x, steps, probs, qmins, qmaxs))
+    return ()
+
+
+def _backward_kernel(grad, x, steps, probs, qmins, qmaxs):
+    return _mix_backward(grad, x, steps, probs, qmins, qmaxs, (-1,))
+
+
+def _backward_into_kernel(grad, x, steps, probs, qmins, qmaxs):
+    """As ``_backward_kernel``, with the grad wrt x written over ``grad``: no new tensor to allocate."""
+    grad_x, grad_p, grad_s = _mix_backward(grad, x, steps, probs, qmins, qmaxs, (-1,))
+    grad.copy_(grad_x)
+    return grad_p, grad_s
+
+
+def _kernel(fn, kind: str, candidates: int, device: torch.device):
+    """The kernel for ``candidates`` bit-widths (a loop unrolled at tracing, so one graph per count)."""
+    def example():
+        x = kernels.example(kind, device)
+        steps = torch.ones(candidates, *((1,) if kind == "tensor" else (x.shape[0], 1)), device=device)
+        bounds = torch.zeros(candidates, device=device), torch.full((candidates,), 3.0, device=device)
+        args = (x, steps, torch.full((candidates,), 1.0 / candidates, device=device), *bounds)
+        # all but the forward take a first tensor like x: the grad, or the output
+        return args if fn is _forward_kernel else (torch.randn_like(x), *args)
+
+    return kernels.compiled(fn, (kind, candidates, device), example)
 
 
 def _bound_tables(bounds: tuple[tuple[float, float], ...], device: torch.device) -> tuple[Tensor, Tensor]:
@@ -70,29 +94,47 @@ def _bound_tables(bounds: tuple[tuple[float, float], ...], device: torch.device)
     return _TABLES[key]
 
 
-def mix_forward(x: Tensor, steps: Tensor, probs: Tensor, shape: tuple[int, ...], bounds: tuple) -> Tensor:
-    """Σ_k probs[k] · Q_k(x): one compiled kernel when fused, else eager ops."""
-    table = steps.view(steps.shape[0], *shape)
-    if _use_fused(x):
+def mix_forward(x: Tensor, steps: Tensor, probs: Tensor, shape: tuple[int, ...], bounds: tuple,
+                transient: bool = False) -> Tensor:
+    """Σ_k probs[k] · Q_k(x): one compiled kernel when fused, else eager ops. ``transient``: the caller drops
+    the result before its next call here, so it may live in scratch memory."""
+    kind = fused_layout(x, shape)
+    if kind is not None:
         try:
-            return _kernel("forward")(x.detach(), table.detach(), probs.detach(), *_bound_tables(bounds, x.device))
+            args = (kernels.flat(kind, x.detach()), kernels.flat_steps(kind, steps.detach()), probs.detach(),
+                    *_bound_tables(bounds, x.device))
+            if transient:
+                out = kernels.scratch(x)
+                _kernel(_forward_into_kernel, kind, len(bounds), x.device)(kernels.flat(kind, out), *args)
+                return out
+            return _kernel(_forward_kernel, kind, len(bounds), x.device)(*args)[0].view(x.shape)
         except Exception as e:  # no compiler, unsupported backend: stay correct, just slower
             warnings.warn(f"fused LSQ kernels unavailable ({type(e).__name__}: {e}); using eager ops", stacklevel=3)
             set_fused(False)
+    table = steps.view(steps.shape[0], *shape)
     return _mix_forward(x, table, probs, *zip(*bounds, strict=True))
 
 
 def mix_backward(grad: Tensor, x: Tensor, steps: Tensor, probs: Tensor, shape: tuple[int, ...], bounds: tuple,
-                 grad_scales: tuple) -> tuple[Tensor, Tensor, Tensor]:
-    """(grad wrt x, grad wrt the step table, grad wrt probs) of ``mix_forward``."""
-    table = steps.view(steps.shape[0], *shape)
-    full = (1,) * (x.dim() - len(shape)) + tuple(shape)
-    dims = tuple(d for d in range(x.dim()) if full[d] == 1)
-    if _use_fused(x):
-        backward, (qmins, qmaxs) = _kernel("backward"), _bound_tables(bounds, x.device)
+                 grad_scales: tuple, into_grad: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+    """(grad wrt x, grad wrt the step table, grad wrt probs) of ``mix_forward``. ``into_grad``: ``grad`` is the
+    caller's own temporary, and the compiled kernel may write the grad wrt x over it."""
+    kind = fused_layout(x, shape)
+    if kind is not None:
+        flat_grad = kernels.flat(kind, grad.detach())
+        args = (flat_grad, kernels.flat(kind, x.detach()), kernels.flat_steps(kind, steps.detach()), probs.detach(),
+                *_bound_tables(bounds, x.device))
+        if into_grad:
+            grad_p, grad_s = _kernel(_backward_into_kernel, kind, len(bounds), x.device)(*args)
+            grad_x = flat_grad.view(x.shape)  # ``grad`` itself, or the contiguous copy the kernel wrote
+        else:
+            grad_x, grad_p, grad_s = _kernel(_backward_kernel, kind, len(bounds), x.device)(*args)
+            grad_x = grad_x.view(x.shape)
     else:  # plain float bounds: a cached bound tensor made while compiling would leak out of its graph
-        backward, (qmins, qmaxs) = _mix_backward, tuple(zip(*bounds, strict=True))
-    grad_x, grad_p, grad_s = backward(grad.detach(), x.detach(), table.detach(), probs.detach(), qmins, qmaxs, dims)
+        table = steps.view(steps.shape[0], *shape)
+        full = (1,) * (x.dim() - len(shape)) + tuple(shape)
+        dims = tuple(d for d in range(x.dim()) if full[d] == 1)
+        grad_x, grad_p, grad_s = _mix_backward(grad, x, table, probs, *zip(*bounds, strict=True), dims)
     scales = torch.tensor(grad_scales, dtype=grad_s.dtype, device=grad_s.device)
     grad_steps = grad_s.reshape(steps.shape[0], -1) * scales[:, None]
     return grad_x, grad_steps.reshape(steps.shape), grad_p.to(probs.dtype)
