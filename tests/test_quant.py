@@ -184,10 +184,10 @@ def test_qconv_is_conv_of_quantized_input_and_weight(groups):
     assert errors[8] < errors[2] / 4
 
 
-def _layer_grads(layer, x, forward, probs=None):
+def _layer_grads(layer, x, forward, probs=None, input_grad=True):
     """Output and every gradient of ``forward(layer, x)`` (the input's, the steps', the weight's, the bias')."""
     layer.zero_grad(set_to_none=True)
-    x = x.clone().requires_grad_()
+    x = x.clone().requires_grad_(input_grad)
     if probs is not None:
         probs = [p.detach().clone().requires_grad_() for p in probs]
         layer.set_mixture(*probs)
@@ -247,6 +247,19 @@ def test_one_node_layer_with_fused_kernels_matches_quantizers_then_layer(mode):
     finally:
         set_fused(False)
     for got, want in zip(fused, reference, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("groups,per_channel", [(1, False), (1, True), (3, False)])
+def test_input_needing_no_gradient_gives_the_same_step_gradient(groups, per_channel):
+    """The network's input needs no gradient: the step's comes through the adjoint of the convolution."""
+    layer = QConv2d(3, 6, 3, stride=2, padding=1, groups=groups, w_bits=(8,), a_bits=(8,), per_channel=per_channel)
+    x = torch.randn(4, 3, 9, 9) * 3
+    calibrate(nn.Sequential(layer), x)
+    fused = _layer_grads(layer, x, lambda m, xs: m(xs), input_grad=False)
+    reference = _layer_grads(layer, x, _two_nodes, input_grad=False)
+    assert fused[1] is None and reference[1] is None
+    for got, want in zip(fused[:1] + fused[2:], reference[:1] + reference[2:], strict=True):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 

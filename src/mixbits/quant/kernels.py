@@ -17,11 +17,11 @@ import torch
 from torch import Tensor
 
 _CACHE: dict[tuple, Callable] = {}
-# Traced sizes. Inductor shapes a loop by its traced size: above 512 elements a thread it runs in parallel, and
-# above 65536 a thread it sums in cascade, through a stack in memory (on 2 cores a W4A4 training step took 1.5x
-# the float step's time with it, 1.25x without). Also unlike a count of candidates (2..7), which the mixture
-# kernels specialise on: equal sizes would share one symbol.
-_EXAMPLE_CHANNELS, _EXAMPLE_SIZE = 11, 20_011
+# Traced sizes: small, because inductor sums a reduction longer than 4096 (by its traced size) in cascade, through
+# a stack in memory, for accuracy a gradient step has no use for (on 2 cores a W4A4 training step took 1.5x the
+# float step's time with it, 1.25x without); the loops are still parallel (see _build). Also unlike a count of
+# candidates (2..7), which the mixture kernels specialise on: equal sizes would share one symbol.
+_EXAMPLE_CHANNELS, _EXAMPLE_SIZE = 11, 37
 
 
 def layout(x: Tensor, step_shape: tuple[int, ...]) -> str | None:
@@ -89,5 +89,6 @@ def _build(fn: Callable, example_args: tuple, n_threads: int) -> Callable:
     if standalone is None:
         return torch.compile(fn, dynamic=True, fullgraph=True)
     graph = make_fx(fn, tracing_mode="symbolic")(*example_args)
-    with torch._inductor.config.patch({"cpp.threads": n_threads}):
+    # min_chunk_size: parallelise whatever the traced size (the kernels run on at least FUSED_MIN_NUMEL elements)
+    with torch._inductor.config.patch({"cpp.threads": n_threads, "cpp.min_chunk_size": 1}):
         return standalone(graph, list(example_args))

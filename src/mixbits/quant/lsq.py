@@ -75,8 +75,9 @@ def _backward_into_kernel(grad, x, step, qmin, qmax):
     return (grad_step,)
 
 
-# Below this many elements (weights, small activations) launching a compiled kernel is not worth it.
-FUSED_MIN_NUMEL = 1 << 15
+# Below this many elements the eager ops cost no more than a kernel call (~15 us); above it, weights included,
+# the kernel's one pass is cheaper than their several (a mixture of K candidates is 5K eager ops).
+FUSED_MIN_NUMEL = 1 << 10
 
 
 def fused_layout(x: Tensor, step_shape: tuple[int, ...]) -> str | None:
@@ -157,6 +158,12 @@ def row_backward(grad: Tensor, x: Tensor, steps: Tensor, row: int, shape: tuple[
     grad_steps = torch.zeros_like(steps)
     grad_steps[row] = grad_step.reshape(-1) * grad_scale
     return grad_x, grad_steps
+
+
+def row_step_factor(x: Tensor, steps: Tensor, row: int, shape: tuple[int, ...], qmin: float, qmax: float) -> Tensor:
+    """d Q(x) / d step elementwise, before the LSQ scale: round(x/s) - x/s inside the clip range, the bound outside."""
+    step = steps[row].view(shape)
+    return _backward(torch.ones((), dtype=x.dtype, device=x.device), x, step, qmin, qmax)[1]
 
 
 class _LsqFunction(torch.autograd.Function):

@@ -38,18 +38,25 @@ def _mix_forward(x: Tensor, steps: Tensor, probs: Tensor, qmins, qmaxs) -> Tenso
 
 def _mix_backward(grad: Tensor, x: Tensor, steps: Tensor, probs: Tensor, qmins, qmaxs,
                   dims: tuple[int, ...]) -> tuple[Tensor, Tensor, Tensor]:
-    """(grad wrt x, per-candidate grad wrt p (K,), per-candidate unscaled grad wrt the step, reduced over dims)."""
-    grad_x, grad_p, grad_s = None, [], []
+    """(grad wrt x, per-candidate grad wrt p (K,), per-candidate unscaled grad wrt the step, reduced over dims).
+
+    Two sums per candidate: A = sum(grad * levels) and B = sum(grad * x/s inside the clip range); then
+    d/dp = sum(A * s) and d/ds = p * (A - B). The straight-through gradient is grad times the summed
+    probability of the candidates whose clip range holds x.
+    """
+    through, grad_p, grad_s = None, [], []
     for k in range(steps.shape[0]):
         step = steps[k]
         scaled = x / step
         inside = (scaled >= qmins[k]) & (scaled <= qmaxs[k])
         levels = torch.clamp(scaled, qmins[k], qmaxs[k]).round()
-        term = torch.where(inside, grad, 0.0) * probs[k]
-        grad_x = term if grad_x is None else grad_x + term
-        grad_p.append((grad * levels * step).sum())
-        grad_s.append((grad * torch.where(inside, levels - scaled, levels)).sum(dim=dims, keepdim=True) * probs[k])
-    return grad_x, torch.stack(grad_p), torch.stack(grad_s)
+        weight = torch.where(inside, probs[k], 0.0)
+        through = weight if through is None else through + weight
+        total = (grad * levels).sum(dim=dims, keepdim=True)
+        inner = torch.where(inside, grad * scaled, 0.0).sum(dim=dims, keepdim=True)
+        grad_p.append((total * step).sum())
+        grad_s.append((total - inner) * probs[k])
+    return grad * through, torch.stack(grad_p), torch.stack(grad_s)
 
 
 # The compiled kernels, on flattened operands (quant/kernels.py): steps reduced over the last dimension.
