@@ -8,8 +8,8 @@ factor ``grad_scale`` = 1 / sqrt(numel * q_max).
 
 Autograd through the plain expression makes about four times as many elementwise passes as needed;
 on a CPU those passes, not the convolutions, are what quantized training pays for. This function
-saves only the input and recomputes the rest in one backward. With ``set_fused(True)`` forward and
-backward each become one compiled (torch.compile / inductor) kernel.
+saves only the input and recomputes the rest in one backward. With ``set_fused(True)`` (the default
+where a C compiler is found) forward and backward each become one compiled kernel (kernels.py).
 """
 
 from __future__ import annotations

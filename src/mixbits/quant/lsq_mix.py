@@ -10,7 +10,8 @@ the K quantizations in one pass:
     d out / d p_b  = Q_b(x)
     d out / d s_b  = p_b · (round(clip(x/s_b)) − x/s_b inside, the clip bound outside) · grad_scale_b
 
-With ``set_fused(True)`` forward and backward are each one compiled kernel, as for a single quantizer.
+With ``set_fused(True)`` forward and backward are each one compiled kernel (kernels.py), as for a single
+quantizer.
 """
 
 from __future__ import annotations
