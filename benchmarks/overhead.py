@@ -1,6 +1,7 @@
 """Cost of quantization in training: one step of ResNet-20 (batch 128) as a ratio to the FP32 step.
 
-    python benchmarks/overhead.py [--batch 128] [--pairs 20] [--fused/--no-fused]
+    python benchmarks/overhead.py [--batch 128] [--pairs 20] [--fused/--no-fused] [--compile/--no-compile]
+                                  [--epochs/--no-epochs] [--epoch-pairs 4] [--epoch-batches 8] [--threads N]
 
 Each variant is one entry of VARIANTS (a search method adds its row there). Time is the median ratio
 of interleaved steps in one process; memory is the ratio of bytes autograd saves for backward
@@ -8,8 +9,10 @@ of interleaved steps in one process; memory is the ratio of bytes autograd saves
 A variant with its own ``train_step(x, y)`` (the one-shot supernet step: four passes, each backpropagated
 before the next) is timed by it, and its memory is that of one forward.
 Two modes: eager (the quantizers' own fused kernels), and whole-model torch.compile (`train.compile`),
-each against FP32 run the same way.
-Writes benchmarks/results/overhead.json.
+each against FP32 run the same way. In each mode a whole fine-tune epoch through the shared loop (Fashion-
+MNIST batches, augmentation and the optimiser included) is timed as well, uniform W4A4 against FP32.
+Every ratio is reported next to the noise floor: FP32 against itself, measured the same way.
+Writes benchmarks/results/overhead.json and overhead.md.
 """
 
 from __future__ import annotations
@@ -23,14 +26,17 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import markdown_table, ratio, write_result  # noqa: E402
+from common import RESULTS, markdown_table, ratio, write_result  # noqa: E402
 
 from mixbits import Policy, SearchSpace  # noqa: E402
+from mixbits.compiler import compile_model  # noqa: E402
+from mixbits.data import DataConfig, build_loaders  # noqa: E402
 from mixbits.models import create  # noqa: E402
 from mixbits.quant import apply_policy, calibrate, quant_layers, quantize_model, set_fused  # noqa: E402
 from mixbits.search.differentiable import ArchParams, apply_mixture, softmax_rows  # noqa: E402
 from mixbits.search.oneshot.bit_scheduler import PolicySampler  # noqa: E402
 from mixbits.search.sdq import BitParams, drive, set_current_bits  # noqa: E402
+from mixbits.train import TrainConfig, fit  # noqa: E402
 
 
 def fp32(model: nn.Module, x: torch.Tensor) -> nn.Module:
@@ -140,6 +146,7 @@ def oneshot_step(model: nn.Module, x: torch.Tensor) -> nn.Module:
     return SupernetStepNet(*calibrated(model, x)).to(x.device)
 
 
+EPOCH_FP32, EPOCH_W4A4 = "fp32 fine-tune epoch", "uniform W4A4 fine-tune epoch (mixbits.finetune's loop)"
 ONESHOT_PASS = "one-shot supernet, per sampled-policy pass"
 ONESHOT_STEP = "one-shot supernet step (largest + smallest + 2 sampled)"
 # A new policy every forward recompiles the whole model, and the supernet trains eager, so no compiled rows.
@@ -189,26 +196,54 @@ def saved_bytes(step_model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> int:
     return total
 
 
-def measure_mode(args, x, y, compiled: bool) -> list[dict]:
-    """Every variant against FP32, all models run the same way (eager or whole-model compiled)."""
+def build_mode(args, x, y, compiled: bool) -> dict[str, Callable[[], None]]:
+    """Every variant's step, all models run the same way (eager or whole-model compiled), each run twice so
+    that compiling is over before anything is timed."""
     variants = {name: build for name, build in VARIANTS.items() if not (compiled and name in EAGER_ONLY)}
     models = {name: build(create(args.model, 10, 1).to(args.device), x) for name, build in variants.items()}
     if compiled:
         for model in models.values():
-            model.compile()
+            compile_model(model)
     steps = {name: make_step(m, x, y) for name, m in models.items()}
-    base_name = next(iter(VARIANTS))
+    for step in steps.values():
+        step(), step()
+    return {"models": models, "steps": steps}
+
+
+def build_epochs(args, x, compiled: bool) -> dict[str, Callable[[], None]]:
+    """One fine-tune epoch through the shared loop (``fit``: data loading, optimiser, schedule, logging), FP32 and
+    uniform W4A4, each run once so that compiling is over before anything is timed."""
+    train = build_loaders(DataConfig(root=args.data_dir, batch_size=args.batch,
+                                     max_train_samples=args.epoch_batches * args.batch), seed=0)[0]
+    cfg = TrainConfig(epochs=1, lr=0.01, compile=compiled)
+    models = {EPOCH_FP32: create(args.model, 10, 1).to(args.device),
+              EPOCH_W4A4: uniform_w4a4(create(args.model, 10, 1).to(args.device), x)}
+
+    def epoch(model):
+        return lambda: fit(model, train, cfg, device=args.device, progress=False)
+
+    runs = {name: epoch(model) for name, model in models.items()}
+    for run in runs.values():
+        run()
+    return {"models": models, "steps": runs}
+
+
+def measure(args, built: dict, x, y, mode: str) -> list[dict]:
+    """Each entry against the first (FP32, which against itself is the noise floor, reported next to every ratio)."""
+    models, steps = built["models"], built["steps"]
+    base_name = next(iter(steps))
     base_mem = saved_bytes(models[base_name], x, y)
-    mode = "compiled" if compiled else "eager"
     rows = []
-    for name in variants:
-        r = ratio(steps[base_name], steps[name], pairs=args.pairs)
+    for name in steps:
+        r = ratio(steps[base_name], steps[name], pairs=args.pairs, warmup=args.warmup)
         mem = saved_bytes(models[name], x, y)
+        noise = rows[0]["raw"] if rows else r
         rows.append({"variant": name, "mode": mode, "time ratio": r["ratio"],
-                     "IQR": f"{r['iqr'][0]:.2f}-{r['iqr'][1]:.2f}", "step ms": r["other_ms"],
-                     "memory ratio": mem / base_mem, "raw": r})
-        print(f"{mode} {name}: {r['ratio']:.3f}x (IQR {r['iqr'][0]:.3f}-{r['iqr'][1]:.3f}), "
-              f"memory {mem / base_mem:.2f}x", flush=True)
+                     "IQR": f"{r['iqr'][0]:.2f}-{r['iqr'][1]:.2f}",
+                     "noise floor": f"{noise['ratio']:.2f} ({noise['iqr'][0]:.2f}-{noise['iqr'][1]:.2f})",
+                     "ms": r["other_ms"], "memory ratio": mem / base_mem, "raw": r})
+        print(f"{mode} {name}: {r['ratio']:.3f}x (IQR {r['iqr'][0]:.3f}-{r['iqr'][1]:.3f}; FP32 against itself "
+              f"{noise['ratio']:.3f}x), memory {mem / base_mem:.2f}x", flush=True)
     return rows
 
 
@@ -216,24 +251,46 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--pairs", type=int, default=20)
+    p.add_argument("--epoch-pairs", type=int, default=4, help="pairs of whole fine-tune epochs")
+    p.add_argument("--epoch-batches", type=int, default=8, help="batches per timed fine-tune epoch")
     p.add_argument("--model", default="resnet20")
+    p.add_argument("--data-dir", default=None, help="Fashion-MNIST directory for the fine-tune epoch")
     p.add_argument("--fused", action=argparse.BooleanOptionalAction, default=True,
                    help="compiled single-pass quantizer kernels in eager mode (default: on)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
                    help="also measure whole-model torch.compile, FP32 compiled as the base (default: on)")
+    p.add_argument("--epochs", action=argparse.BooleanOptionalAction, default=True,
+                   help="also measure the fine-tune epoch in each mode (default: on)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's, one per core)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     set_fused(args.fused)
     x = torch.randn(args.batch, 1, 28, 28, device=args.device)
     y = torch.randint(0, 10, (args.batch,), device=args.device)
-    rows = measure_mode(args, x, y, compiled=False)
-    if args.compile:
-        rows += measure_mode(args, x, y, compiled=True)
-    table = markdown_table(rows, ["variant", "mode", "time ratio", "IQR", "step ms", "memory ratio"])
-    print(f"\n{args.model}, batch {args.batch}, {args.device}, {torch.get_num_threads()} threads, "
-          f"fused quantizer kernels={args.fused}\n\n{table}")
+    modes = [False, True] if args.compile else [False]
+    # Everything is built and compiled first and timed after, so the timed part runs without compiler work.
+    built = []
+    for compiled in modes:
+        mode = "compiled" if compiled else "eager"
+        # warm-up before timing: a step has run twice in build_mode and runs three more times; an epoch once and once
+        built.append((mode, build_mode(args, x, y, compiled), args.pairs, 3))
+        if args.epochs:
+            built.append((mode, build_epochs(args, x, compiled), args.epoch_pairs, 1))
+    print("timing starts", flush=True)
+    rows = []
+    for mode, models, pairs, warmup in built:
+        rows += measure(argparse.Namespace(**{**vars(args), "pairs": pairs, "warmup": warmup}), models, x, y, mode)
+    print("timing ends", flush=True)
+    table = markdown_table(rows, ["variant", "mode", "time ratio", "IQR", "noise floor", "ms", "memory ratio"])
+    header = (f"{args.model}, batch {args.batch}, {args.device}, {torch.get_num_threads()} threads, fused quantizer "
+              f"kernels={args.fused}, {args.pairs} step pairs, {args.epoch_pairs} epoch pairs of "
+              f"{args.epoch_batches} batches")
+    print(f"\n{header}\n\n{table}")
     write_result("overhead", {"args": vars(args), "rows": rows, "table": table})
+    (RESULTS / "overhead.md").write_text(f"# Quantization overhead\n\n{header}\n\n{table}\n")
 
 
 if __name__ == "__main__":

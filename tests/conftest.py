@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import shutil
 from pathlib import Path
 from types import SimpleNamespace
@@ -10,6 +11,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 from torch import nn
+
+# Eager quantizers and eager models: no kernel compilation inside the suite (before mixbits is imported, which
+# reads them); set either to 1 in the environment to run the tests compiled.
+os.environ.setdefault("MIXBITS_FUSED", "0")
+os.environ.setdefault("MIXBITS_COMPILE", "0")
 
 # Settings every CLI run in the tests shares: small_cnn, 1 epoch on 512 images, eager quantizers (no compiler).
 TINY_RUN = ["--model", "small_cnn", "--epochs", "1", "--set", "data.max_train_samples=512",

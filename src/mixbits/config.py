@@ -84,7 +84,7 @@ class QuantConfig:
     fixed_bits: list[int] = field(default_factory=lambda: list(FIXED_BITS))
     per_channel: bool = False  # per-output-channel weight steps
     policy: str | None = None  # "uniform:4", "uniform:w4a8" or a policy JSON path; null = float training
-    fused: bool = True  # compiled single-pass quantizer kernels (falls back to eager ops if compiling fails)
+    fused: bool = True  # compiled single-pass quantizer kernels (eager ops if compiling fails; MIXBITS_FUSED pins it)
 
     def problems(self, prefix: str = "quant") -> list[str]:
         out = []

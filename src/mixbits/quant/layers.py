@@ -22,10 +22,10 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import MixbitsError
+from .fused_layer import quantized_layer
 from .quantizer import LsqQuantizer
 
 BitsSampler = Callable[[], tuple[int, int]]
@@ -103,6 +103,15 @@ class QuantLayer:
             return self.a_quant.mix(x, self._a_probs, self._mix_bits[1])
         return self.a_quant(x)
 
+    def _quantized_op(self, x: Tensor, op: tuple) -> Tensor:
+        """``op`` (see fused_layer) of the quantized input and weight, as one autograd node for the input side."""
+        if self._a_probs is not None:
+            steps, plan = self.a_quant.mix_plan(x, self._a_probs, self._mix_bits[1])
+            probs = self._a_probs
+        else:
+            steps, probs, plan = self.a_quant.steps, None, self.a_quant.row_plan(x, self.a_quant.bits)
+        return quantized_layer(x, steps, probs, plan, self.quantized_weight(), self.bias, op)
+
     def _apply_sampler(self) -> None:
         if self._sampler is not None:
             w, a = self._sampler()
@@ -140,7 +149,9 @@ class QConv2d(QuantLayer, nn.Conv2d):
 
     def forward(self, x: Tensor) -> Tensor:
         self._apply_sampler()
-        return self._conv_forward(self.quantized_input(x), self.quantized_weight(), self.bias)
+        if self.padding_mode != "zeros" or isinstance(self.padding, str):  # padded inside F.conv2d's caller
+            return self._conv_forward(self.quantized_input(x), self.quantized_weight(), self.bias)
+        return self._quantized_op(x, ("conv", self.stride, self.padding, self.dilation, self.groups))
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, {self.quant_repr()}"
@@ -164,7 +175,7 @@ class QLinear(QuantLayer, nn.Linear):
 
     def forward(self, x: Tensor) -> Tensor:
         self._apply_sampler()
-        return F.linear(self.quantized_input(x), self.quantized_weight(), self.bias)
+        return self._quantized_op(x, ("linear",))
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, {self.quant_repr()}"

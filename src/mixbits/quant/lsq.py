@@ -8,19 +8,22 @@ factor ``grad_scale`` = 1 / sqrt(numel * q_max).
 
 Autograd through the plain expression makes about four times as many elementwise passes as needed;
 on a CPU those passes, not the convolutions, are what quantized training pays for. This function
-saves only the input and recomputes the rest in one backward. With ``set_fused(True)`` forward and
-backward each become one compiled (torch.compile / inductor) kernel.
+saves only the input and recomputes the rest in one backward. With ``set_fused(True)`` (the default
+where a C compiler is found) forward and backward each become one compiled kernel (kernels.py).
 """
 
 from __future__ import annotations
 
-import os
 import warnings
 
 import torch
 from torch import Tensor
 
-_FUSED = {"enabled": os.environ.get("MIXBITS_FUSED", "0") == "1", "kernels": None}
+from ..compiler import fused_default
+from . import kernels
+
+# On where a C compiler is found, unless MIXBITS_FUSED pins it.
+_FUSED = {"enabled": fused_default()}
 
 
 def set_fused(enabled: bool) -> None:
@@ -51,23 +54,50 @@ def _backward_reduced(grad, x, step, qmin, qmax, dims: tuple[int, ...]):
     return grad_x, elems.sum(dim=dims, keepdim=True)
 
 
-# Below this many elements (weights, small activations) launching a compiled kernel is not worth it.
-FUSED_MIN_NUMEL = 1 << 15
+# The compiled kernels, on flattened operands (quant/kernels.py): the step is reduced over the last dimension.
+def _forward_kernel(x, step, qmin, qmax):
+    return (_forward(x, step, qmin, qmax),)
 
 
-def _use_fused(x: Tensor) -> bool:
+def _forward_into_kernel(out, x, step, qmin, qmax):
+    out.copy_(_forward(x, step, qmin, qmax))
+    return ()
+
+
+def _backward_kernel(grad, x, step, qmin, qmax):
+    return _backward_reduced(grad, x, step, qmin, qmax, (-1,))
+
+
+def _backward_into_kernel(grad, x, step, qmin, qmax):
+    """As ``_backward_kernel``, with the grad wrt x written over ``grad``: no new tensor to allocate."""
+    grad_x, grad_step = _backward_reduced(grad, x, step, qmin, qmax, (-1,))
+    grad.copy_(grad_x)
+    return (grad_step,)
+
+
+# Below this many elements the eager ops cost no more than a kernel call (~15 us); above it, weights included,
+# the kernel's one pass is cheaper than their several (a mixture of K candidates is 5K eager ops).
+FUSED_MIN_NUMEL = 1 << 10
+
+
+def fused_layout(x: Tensor, step_shape: tuple[int, ...]) -> str | None:
+    """The kernels' layout for ``x`` (see kernels.layout), or None when the eager ops run."""
     # Inside a compiled model the whole graph is fused already; nested compiled kernels would break it.
-    return _FUSED["enabled"] and x.numel() >= FUSED_MIN_NUMEL and not torch.compiler.is_compiling()
+    if (not _FUSED["enabled"] or x.numel() < FUSED_MIN_NUMEL or x.dtype != torch.float32
+            or torch.compiler.is_compiling()):
+        return None
+    return kernels.layout(x, step_shape)
 
 
-def _kernels():
-    """Compiled forward/backward, built once; bounds are tensors so one graph serves every bit-width."""
-    if _FUSED["kernels"] is None:
-        # One graph per (rank, per-tensor or per-channel step) pair; the default limit of 8 is too tight.
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
-        compile_ = torch.compile(dynamic=True, fullgraph=True)
-        _FUSED["kernels"] = (compile_(_forward), compile_(_backward_reduced))
-    return _FUSED["kernels"]
+def _kernel(fn, kind: str, device: torch.device):
+    def example():
+        x = kernels.example(kind, device)
+        step = torch.ones(1, device=device) if kind == "tensor" else torch.ones(x.shape[0], 1, device=device)
+        args = (x, step, torch.tensor(0.0, device=device), torch.tensor(3.0, device=device))
+        # all but the forward take a first tensor like x: the grad, or the output
+        return args if fn is _forward_kernel else (torch.randn_like(x), *args)
+
+    return kernels.compiled(fn, (kind, device), example)
 
 
 _BOUNDS: dict[tuple[float, float], tuple[Tensor, Tensor]] = {}
@@ -86,6 +116,56 @@ def _reduce_dims(x: Tensor, step: Tensor) -> tuple[int, ...]:
     return tuple(d for d in range(x.dim()) if shape[d] == 1)
 
 
+def row_forward(x: Tensor, steps: Tensor, row: int, shape: tuple[int, ...], qmin: float, qmax: float,
+                transient: bool = False) -> Tensor:
+    """Quantize ``x`` with ``steps[row].view(shape)``: one compiled kernel when fused, else eager ops.
+    ``transient``: the caller drops the result before its next call here, so it may live in scratch memory."""
+    kind = fused_layout(x, shape)
+    if kind is not None:
+        try:  # detached: the kernels see plain tensors, never Parameters
+            args = (kernels.flat(kind, x.detach()), kernels.flat_steps(kind, steps.detach())[row],
+                    *_bounds(qmin, qmax, x.device))
+            if transient:
+                out = kernels.scratch(x)
+                _kernel(_forward_into_kernel, kind, x.device)(kernels.flat(kind, out), *args)
+                return out
+            return _kernel(_forward_kernel, kind, x.device)(*args)[0].view(x.shape)
+        except Exception as e:  # no compiler, unsupported backend: stay correct, just slower
+            warnings.warn(f"fused LSQ kernels unavailable ({type(e).__name__}: {e}); using eager ops", stacklevel=3)
+            set_fused(False)
+    step = steps[row].view(shape)
+    # In place after the first op: one allocation instead of four.
+    return torch.div(x, step).clamp_(qmin, qmax).round_().mul_(step)
+
+
+def row_backward(grad: Tensor, x: Tensor, steps: Tensor, row: int, shape: tuple[int, ...], qmin: float,
+                 qmax: float, grad_scale: float, into_grad: bool = False) -> tuple[Tensor, Tensor]:
+    """(grad wrt x, grad wrt the whole step table) of ``row_forward``. ``into_grad``: ``grad`` is the caller's
+    own temporary, and the compiled kernel may write the grad wrt x over it."""
+    kind = fused_layout(x, shape)
+    if kind is not None:
+        args = (kernels.flat_steps(kind, steps.detach())[row], *_bounds(qmin, qmax, x.device))
+        flat_x, flat_grad = kernels.flat(kind, x.detach()), kernels.flat(kind, grad.detach())
+        if into_grad:
+            grad_step = _kernel(_backward_into_kernel, kind, x.device)(flat_grad, flat_x, *args)[0]
+            grad_x = flat_grad.view(x.shape)  # ``grad`` itself, or the contiguous copy the kernel wrote
+        else:
+            grad_x, grad_step = _kernel(_backward_kernel, kind, x.device)(flat_grad, flat_x, *args)
+            grad_x = grad_x.view(x.shape)
+    else:  # plain float bounds: a cached bound tensor made while compiling would leak out of its graph
+        step = steps[row].view(shape)
+        grad_x, grad_step = _backward_reduced(grad, x, step, qmin, qmax, _reduce_dims(x, step))
+    grad_steps = torch.zeros_like(steps)
+    grad_steps[row] = grad_step.reshape(-1) * grad_scale
+    return grad_x, grad_steps
+
+
+def row_step_factor(x: Tensor, steps: Tensor, row: int, shape: tuple[int, ...], qmin: float, qmax: float) -> Tensor:
+    """d Q(x) / d step elementwise, before the LSQ scale: round(x/s) - x/s inside the clip range, the bound outside."""
+    step = steps[row].view(shape)
+    return _backward(torch.ones((), dtype=x.dtype, device=x.device), x, step, qmin, qmax)[1]
+
+
 class _LsqFunction(torch.autograd.Function):
     """Quantizes with row ``row`` of a (candidates x channels) step table, viewed as ``shape``.
 
@@ -95,31 +175,14 @@ class _LsqFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, steps, row: int, shape: tuple[int, ...], qmin: float, qmax: float, grad_scale: float):
-        step = steps[row].view(shape)
-        lo, hi = _bounds(qmin, qmax, x.device)
         ctx.save_for_backward(x, steps)
-        ctx.row, ctx.shape, ctx.bounds, ctx.grad_scale = row, shape, (lo, hi), grad_scale
-        if _use_fused(x):
-            try:  # detached: the kernels see plain tensors, never Parameters (which would force a recompile)
-                return _kernels()[0](x.detach(), step.detach(), lo, hi)
-            except Exception as e:  # no compiler, unsupported backend: stay correct, just slower
-                warnings.warn(f"fused LSQ kernels unavailable ({type(e).__name__}: {e}); using eager ops", stacklevel=2)
-                set_fused(False)
-        # In place after the first op: one allocation instead of four.
-        return torch.div(x, step).clamp_(qmin, qmax).round_().mul_(step)
+        ctx.args = (row, shape, qmin, qmax, grad_scale)
+        return row_forward(x, steps, row, shape, qmin, qmax)
 
     @staticmethod
     def backward(ctx, grad):
         x, steps = ctx.saved_tensors
-        step = steps[ctx.row].view(ctx.shape)
-        lo, hi = ctx.bounds
-        dims = _reduce_dims(x, step)
-        if _use_fused(x):
-            grad_x, grad_step = _kernels()[1](grad.detach(), x.detach(), step.detach(), lo, hi, dims)
-        else:
-            grad_x, grad_step = _backward_reduced(grad, x, step, lo, hi, dims)
-        grad_steps = torch.zeros_like(steps)
-        grad_steps[ctx.row] = grad_step.reshape(-1) * ctx.grad_scale
+        grad_x, grad_steps = row_backward(grad, x, steps, *ctx.args)
         return grad_x, grad_steps, None, None, None, None, None
 
 

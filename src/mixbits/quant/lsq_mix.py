@@ -10,7 +10,8 @@ the K quantizations in one pass:
     d out / d p_b  = Q_b(x)
     d out / d s_b  = p_b · (round(clip(x/s_b)) − x/s_b inside, the clip bound outside) · grad_scale_b
 
-With ``set_fused(True)`` forward and backward are each one compiled kernel, as for a single quantizer.
+With ``set_fused(True)`` forward and backward are each one compiled kernel (kernels.py), as for a single
+quantizer.
 """
 
 from __future__ import annotations
@@ -20,13 +21,14 @@ import warnings
 import torch
 from torch import Tensor
 
-from .lsq import FUSED_MIN_NUMEL, fused_enabled, set_fused
+from . import kernels
+from .lsq import fused_layout, set_fused
 
-_KERNELS: dict[str, object] = {}
 _TABLES: dict[tuple, tuple[Tensor, Tensor]] = {}
 
 
-def _mix_forward(x: Tensor, steps: Tensor, probs: Tensor, qmins: Tensor, qmaxs: Tensor) -> Tensor:
+def _mix_forward(x: Tensor, steps: Tensor, probs: Tensor, qmins, qmaxs) -> Tensor:
+    """``qmins``/``qmaxs``: the candidates' bounds, as tensors (compiled kernels) or floats (eager ops)."""
     out = None
     for k in range(steps.shape[0]):
         step = steps[k]
@@ -35,31 +37,61 @@ def _mix_forward(x: Tensor, steps: Tensor, probs: Tensor, qmins: Tensor, qmaxs: 
     return out
 
 
-def _mix_backward(grad: Tensor, x: Tensor, steps: Tensor, probs: Tensor, qmins: Tensor, qmaxs: Tensor,
+def _mix_backward(grad: Tensor, x: Tensor, steps: Tensor, probs: Tensor, qmins, qmaxs,
                   dims: tuple[int, ...]) -> tuple[Tensor, Tensor, Tensor]:
-    """(grad wrt x, per-candidate grad wrt p (K,), per-candidate unscaled grad wrt the step, reduced over dims)."""
-    grad_x, grad_p, grad_s = None, [], []
+    """(grad wrt x, per-candidate grad wrt p (K,), per-candidate unscaled grad wrt the step, reduced over dims).
+
+    Two sums per candidate: A = sum(grad * levels) and B = sum(grad * x/s inside the clip range); then
+    d/dp = sum(A * s) and d/ds = p * (A - B). The straight-through gradient is grad times the summed
+    probability of the candidates whose clip range holds x.
+    """
+    through, grad_p, grad_s = None, [], []
     for k in range(steps.shape[0]):
         step = steps[k]
         scaled = x / step
         inside = (scaled >= qmins[k]) & (scaled <= qmaxs[k])
         levels = torch.clamp(scaled, qmins[k], qmaxs[k]).round()
-        term = torch.where(inside, grad, 0.0) * probs[k]
-        grad_x = term if grad_x is None else grad_x + term
-        grad_p.append((grad * levels * step).sum())
-        grad_s.append((grad * torch.where(inside, levels - scaled, levels)).sum(dim=dims, keepdim=True) * probs[k])
-    return grad_x, torch.stack(grad_p), torch.stack(grad_s)
+        weight = torch.where(inside, probs[k], 0.0)
+        through = weight if through is None else through + weight
+        total = (grad * levels).sum(dim=dims, keepdim=True)
+        inner = torch.where(inside, grad * scaled, 0.0).sum(dim=dims, keepdim=True)
+        grad_p.append((total * step).sum())
+        grad_s.append((total - inner) * probs[k])
+    return grad * through, torch.stack(grad_p), torch.stack(grad_s)
 
 
-def _kernel(name: str):
-    if name not in _KERNELS:
-        compile_ = torch.compile(dynamic=True, fullgraph=True)
-        _KERNELS["forward"], _KERNELS["backward"] = compile_(_mix_forward), compile_(_mix_backward)
-    return _KERNELS[name]
+# The compiled kernels, on flattened operands (quant/kernels.py): steps reduced over the last dimension.
+def _forward_kernel(x, steps, probs, qmins, qmaxs):
+    return (_mix_forward(x, steps, probs, qmins, qmaxs),)
 
 
-def _use_fused(x: Tensor) -> bool:
-    return fused_enabled() and x.numel() >= FUSED_MIN_NUMEL and not torch.compiler.is_compiling()
+def _forward_into_kernel(out, x, steps, probs, qmins, qmaxs):
+    out.copy_(_mix_forward(x, steps, probs, qmins, qmaxs))
+    return ()
+
+
+def _backward_kernel(grad, x, steps, probs, qmins, qmaxs):
+    return _mix_backward(grad, x, steps, probs, qmins, qmaxs, (-1,))
+
+
+def _backward_into_kernel(grad, x, steps, probs, qmins, qmaxs):
+    """As ``_backward_kernel``, with the grad wrt x written over ``grad``: no new tensor to allocate."""
+    grad_x, grad_p, grad_s = _mix_backward(grad, x, steps, probs, qmins, qmaxs, (-1,))
+    grad.copy_(grad_x)
+    return grad_p, grad_s
+
+
+def _kernel(fn, kind: str, candidates: int, device: torch.device):
+    """The kernel for ``candidates`` bit-widths (a loop unrolled at tracing, so one graph per count)."""
+    def example():
+        x = kernels.example(kind, device)
+        steps = torch.ones(candidates, *((1,) if kind == "tensor" else (x.shape[0], 1)), device=device)
+        bounds = torch.zeros(candidates, device=device), torch.full((candidates,), 3.0, device=device)
+        args = (x, steps, torch.full((candidates,), 1.0 / candidates, device=device), *bounds)
+        # all but the forward take a first tensor like x: the grad, or the output
+        return args if fn is _forward_kernel else (torch.randn_like(x), *args)
+
+    return kernels.compiled(fn, (kind, candidates, device), example)
 
 
 def _bound_tables(bounds: tuple[tuple[float, float], ...], device: torch.device) -> tuple[Tensor, Tensor]:
@@ -70,34 +102,63 @@ def _bound_tables(bounds: tuple[tuple[float, float], ...], device: torch.device)
     return _TABLES[key]
 
 
+def mix_forward(x: Tensor, steps: Tensor, probs: Tensor, shape: tuple[int, ...], bounds: tuple,
+                transient: bool = False) -> Tensor:
+    """Σ_k probs[k] · Q_k(x): one compiled kernel when fused, else eager ops. ``transient``: the caller drops
+    the result before its next call here, so it may live in scratch memory."""
+    kind = fused_layout(x, shape)
+    if kind is not None:
+        try:
+            args = (kernels.flat(kind, x.detach()), kernels.flat_steps(kind, steps.detach()), probs.detach(),
+                    *_bound_tables(bounds, x.device))
+            if transient:
+                out = kernels.scratch(x)
+                _kernel(_forward_into_kernel, kind, len(bounds), x.device)(kernels.flat(kind, out), *args)
+                return out
+            return _kernel(_forward_kernel, kind, len(bounds), x.device)(*args)[0].view(x.shape)
+        except Exception as e:  # no compiler, unsupported backend: stay correct, just slower
+            warnings.warn(f"fused LSQ kernels unavailable ({type(e).__name__}: {e}); using eager ops", stacklevel=3)
+            set_fused(False)
+    table = steps.view(steps.shape[0], *shape)
+    return _mix_forward(x, table, probs, *zip(*bounds, strict=True))
+
+
+def mix_backward(grad: Tensor, x: Tensor, steps: Tensor, probs: Tensor, shape: tuple[int, ...], bounds: tuple,
+                 grad_scales: tuple, into_grad: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+    """(grad wrt x, grad wrt the step table, grad wrt probs) of ``mix_forward``. ``into_grad``: ``grad`` is the
+    caller's own temporary, and the compiled kernel may write the grad wrt x over it."""
+    kind = fused_layout(x, shape)
+    if kind is not None:
+        flat_grad = kernels.flat(kind, grad.detach())
+        args = (flat_grad, kernels.flat(kind, x.detach()), kernels.flat_steps(kind, steps.detach()), probs.detach(),
+                *_bound_tables(bounds, x.device))
+        if into_grad:
+            grad_p, grad_s = _kernel(_backward_into_kernel, kind, len(bounds), x.device)(*args)
+            grad_x = flat_grad.view(x.shape)  # ``grad`` itself, or the contiguous copy the kernel wrote
+        else:
+            grad_x, grad_p, grad_s = _kernel(_backward_kernel, kind, len(bounds), x.device)(*args)
+            grad_x = grad_x.view(x.shape)
+    else:  # plain float bounds: a cached bound tensor made while compiling would leak out of its graph
+        table = steps.view(steps.shape[0], *shape)
+        full = (1,) * (x.dim() - len(shape)) + tuple(shape)
+        dims = tuple(d for d in range(x.dim()) if full[d] == 1)
+        grad_x, grad_p, grad_s = _mix_backward(grad, x, table, probs, *zip(*bounds, strict=True), dims)
+    scales = torch.tensor(grad_scales, dtype=grad_s.dtype, device=grad_s.device)
+    grad_steps = grad_s.reshape(steps.shape[0], -1) * scales[:, None]
+    return grad_x, grad_steps.reshape(steps.shape), grad_p.to(probs.dtype)
+
+
 class _LsqMixFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, steps, probs, shape: tuple[int, ...], bounds: tuple, grad_scales: tuple):
-        table = steps.view(steps.shape[0], *shape)
-        qmins, qmaxs = _bound_tables(bounds, x.device)
         ctx.save_for_backward(x, steps, probs)
-        ctx.shape, ctx.tables, ctx.grad_scales = shape, (qmins, qmaxs), grad_scales
-        if _use_fused(x):
-            try:
-                return _kernel("forward")(x.detach(), table.detach(), probs.detach(), qmins, qmaxs)
-            except Exception as e:  # no compiler, unsupported backend: stay correct, just slower
-                warnings.warn(f"fused LSQ kernels unavailable ({type(e).__name__}: {e}); using eager ops", stacklevel=2)
-                set_fused(False)
-        return _mix_forward(x, table, probs, qmins, qmaxs)
+        ctx.args = (shape, bounds, grad_scales)
+        return mix_forward(x, steps, probs, shape, bounds)
 
     @staticmethod
     def backward(ctx, grad):
         x, steps, probs = ctx.saved_tensors
-        table = steps.view(steps.shape[0], *ctx.shape)
-        qmins, qmaxs = ctx.tables
-        full = (1,) * (x.dim() - len(ctx.shape)) + tuple(ctx.shape)
-        dims = tuple(d for d in range(x.dim()) if full[d] == 1)
-        backward = _kernel("backward") if _use_fused(x) else _mix_backward
-        grad_x, grad_p, grad_s = backward(grad.detach(), x.detach(), table.detach(), probs.detach(), qmins, qmaxs,
-                                          dims)
-        scales = torch.tensor(ctx.grad_scales, dtype=grad_s.dtype, device=grad_s.device)
-        grad_steps = grad_s.reshape(steps.shape[0], -1) * scales[:, None]
-        return grad_x, grad_steps.reshape(steps.shape), grad_p.to(probs.dtype), None, None, None
+        return *mix_backward(grad, x, steps, probs, *ctx.args), None, None, None
 
 
 def lsq_mix(x: Tensor, steps: Tensor, probs: Tensor, shape: tuple[int, ...], bounds: list[tuple[int, int]],

@@ -117,18 +117,21 @@ class LsqQuantizer(nn.Module):
     def _grad_scale(self, x: Tensor, qmax: int) -> float:
         return 1.0 / math.sqrt(x.numel() // self.steps.shape[1] * qmax)
 
-    def quantize(self, x: Tensor, bits: int) -> Tensor:
+    def row_plan(self, x: Tensor, bits: int) -> tuple:
+        """How ``x`` is quantized at ``bits``, for ``fused_layer``: ("row", row, shape, qmin, qmax, grad_scale)."""
         row = self.index(bits)
         self._ensure_init(x)
         qmin, qmax = integer_range(bits, self.signed)
-        return lsq_quantize_row(x, self.steps, row, self._step_shape(x.dim()), qmin, qmax, self._grad_scale(x, qmax))
+        return "row", row, self._step_shape(x.dim()), float(qmin), float(qmax), self._grad_scale(x, qmax)
+
+    def quantize(self, x: Tensor, bits: int) -> Tensor:
+        return lsq_quantize_row(x, self.steps, *self.row_plan(x, bits)[1:])
 
     def forward(self, x: Tensor) -> Tensor:
         return self.quantize(x, self.bits)
 
-    def mix(self, x: Tensor, probs: Tensor, bits: Sequence[int] | None = None) -> Tensor:
-        """Σ_i probs[i] · Q_{bits[i]}(x) (probs may carry grad); ``bits`` defaults to every candidate. Naming
-        only the candidates with weight (SDQ's two adjacent ones) skips the passes of the others."""
+    def mix_plan(self, x: Tensor, probs: Tensor, bits: Sequence[int] | None = None) -> tuple[Tensor, tuple]:
+        """(the step rows taking part, ("mix", shape, bounds, grad_scales)): how ``mix`` quantizes ``x``."""
         bits = self.candidates if bits is None else tuple(bits)
         if probs.shape != (len(bits),):
             raise MixbitsError(f"mixture weights must have shape ({len(bits)},) for bit-widths {list(bits)}, "
@@ -137,8 +140,14 @@ class LsqQuantizer(nn.Module):
         self._ensure_init(x)
         bounds = [integer_range(b, self.signed) for b in bits]
         steps = self.steps if rows == list(range(len(self.candidates))) else self.steps[rows]
-        return lsq_mix(x, steps, probs, self._step_shape(x.dim()), bounds,
-                       [self._grad_scale(x, qmax) for _, qmax in bounds])
+        return steps, ("mix", self._step_shape(x.dim()), tuple((float(lo), float(hi)) for lo, hi in bounds),
+                       tuple(self._grad_scale(x, qmax) for _, qmax in bounds))
+
+    def mix(self, x: Tensor, probs: Tensor, bits: Sequence[int] | None = None) -> Tensor:
+        """Σ_i probs[i] · Q_{bits[i]}(x) (probs may carry grad); ``bits`` defaults to every candidate. Naming
+        only the candidates with weight (SDQ's two adjacent ones) skips the passes of the others."""
+        steps, plan = self.mix_plan(x, probs, bits)
+        return lsq_mix(x, steps, probs, *plan[1:])
 
     @torch.no_grad()
     def integers(self, x: Tensor, bits: int | None = None) -> tuple[Tensor, Tensor]:

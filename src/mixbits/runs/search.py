@@ -18,6 +18,7 @@ from pathlib import Path
 
 from ..api import search as search_model
 from ..budget import check_feasible, parse_budgets
+from ..compiler import fused_setting
 from ..config import RunConfig
 from ..cost import LatencyTable, average_bits, bitops, profile, size_bytes
 from ..data import build_loaders
@@ -66,7 +67,7 @@ def _search(cfg: RunConfig, dist_ctx, resume: bool, progress: bool | None, force
     if (out / "search.json").exists() and not resume:
         raise MixbitsError(f"{str(out)!r} already holds a search; pass --resume to reuse it or choose another --out")
     check_output_dir(out, "search", force=force, resume=resume)
-    set_fused(cfg.quant.fused)
+    set_fused(fused_setting(cfg.quant.fused))
     seed_everything(cfg.train.seed)
     global_data = replace(cfg.data, batch_size=cfg.data.batch_size * dist_ctx.world_size)
     train_loader, val_loader, test_loader, train_set = build_loaders(global_data, cfg.train.seed)

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from ..compiler import fused_setting
 from ..config import RunConfig
 from ..cost import bitops, compression, profile, size_bytes
 from ..data import build_loaders
@@ -66,7 +67,7 @@ def _train(cfg: RunConfig, ctx: DistContext, resume: bool, progress: bool | None
         raise MixbitsError(f"run directory {str(run_dir)!r} already holds a checkpoint; pass --resume to continue "
                            f"it or choose another --out")
     check_output_dir(run_dir, "train", force=force, resume=resume)
-    set_fused(cfg.quant.fused)
+    set_fused(fused_setting(cfg.quant.fused))
     seed_everything(cfg.train.seed)
     train_loader, val_loader, test_loader, train_set, global_loader = _loaders(cfg, ctx)
     card = float_card(cfg.model, train_set.num_classes, train_set.in_chans, train_set.image_size)

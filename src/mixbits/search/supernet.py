@@ -238,7 +238,7 @@ def train_supernet(search: BudgetSearch, opts: DifferentiableOptions, spec: Meth
     """Train weights and architecture parameters for ``opts.epochs``; returns the per-epoch trace."""
     ctx = search.ctx
     cfg = TrainConfig(epochs=opts.epochs, optimizer=opts.optimizer, lr=opts.lr, momentum=opts.momentum,
-                      weight_decay=opts.weight_decay, seed=ctx.seed)
+                      weight_decay=opts.weight_decay, seed=ctx.seed, compile=False)
     alternating = opts.updates == "alternating"
     weight_loader, arch_loader = (split_for_architecture(ctx.train_loader, opts.arch_fraction, ctx.seed)
                                   if alternating else (ctx.train_loader, None))

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from ..compiler import compile_enabled, compile_model
 from ..data.batches import set_epoch
 from ..errors import MixbitsError
 from ..progress import bar_enabled, progress_line
@@ -162,8 +163,8 @@ def fit(model: nn.Module, train_loader, cfg: TrainConfig, *, val_loader=None,
     device = torch.device(device)
     model.to(device)
     module = unwrap(model)  # what checkpoints hold and parameter-group names refer to
-    if cfg.compile:
-        model.compile()  # in place: state-dict keys and checkpoints stay those of the plain module
+    if cfg.compile and compile_enabled(device):
+        compile_model(model)
     if teacher is not None:
         teacher.to(device).eval()
     steps_per_epoch = _steps_per_epoch(train_loader)

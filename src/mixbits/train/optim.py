@@ -32,7 +32,9 @@ class TrainConfig:
     grad_clip: float | None = None
     seed: int = 0
     checkpoint_every: int = 1  # epochs between checkpoints
-    compile: bool = False  # torch.compile the model (fixed-policy training; bit-width changes would recompile)
+    # torch.compile the model where a C compiler works (MIXBITS_COMPILE pins it); for fixed-policy training: a
+    # search that changes bit-widths every step sets it off (each new policy would compile a graph)
+    compile: bool = True
 
     def problems(self, prefix: str = "train") -> list[str]:
         """Every bad field as ``"train.lr: must be > 0, got -1"``; empty when the config is usable."""

@@ -231,7 +231,7 @@ class BudgetRun:
             optimizer = torch.optim.SGD(params, lr=self.dbp_lr, momentum=0.9)
         step = DbpStep(self, optimizer)
         cfg = TrainConfig(epochs=opts.epochs, optimizer=opts.optimizer, lr=opts.lr, momentum=opts.momentum,
-                          weight_decay=opts.weight_decay, seed=ctx.seed)
+                          weight_decay=opts.weight_decay, seed=ctx.seed, compile=False)
         stopped_early = self.fits and opts.stop_at_budget
         # checkpointed every epoch with the DBPs and removals; `mixbits search --resume` continues it
         run_dir, resume = ctx.training_run(f"budget{self.index}")
