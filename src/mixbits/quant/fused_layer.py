@@ -73,7 +73,7 @@ class _QuantLayerFunction(torch.autograd.Function):
         with torch.no_grad():
             q = _quantize(ctx.plan, x, steps, probs)
         grad_q, grad_w, grad_b = _layer_backward(ctx.op, grad, q, weight, ctx.has_bias, needs[3], needs[4])
-        del q  # before the quantizer's backward allocates its own
+        del q  # scratch memory: the next layer's backward reuses it
         grad_x, grad_steps, grad_probs = _quantize_backward(ctx.plan, grad_q, x, steps, probs)
         return grad_x if needs[0] else None, grad_steps, grad_probs, grad_w, grad_b, None, None
 
