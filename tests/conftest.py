@@ -17,6 +17,8 @@ from torch import nn
 os.environ.setdefault("MIXBITS_FUSED", "0")
 os.environ.setdefault("MIXBITS_COMPILE", "0")
 
+from mixbits.train import Hook  # noqa: E402  (after the pins above)
+
 # Settings every CLI run in the tests shares: small_cnn, 1 epoch on 512 images, eager quantizers (no compiler).
 TINY_RUN = ["--model", "small_cnn", "--epochs", "1", "--set", "data.max_train_samples=512",
             "--set", "quant.fused=false"]
@@ -92,6 +94,17 @@ def toy_batches(n: int = 3, seed: int = 0) -> list[tuple[torch.Tensor, torch.Ten
     """``n`` seeded batches of 16 random 1x8x8 inputs with labels in 0..2: a loader for toy_net."""
     gen = torch.Generator().manual_seed(seed)
     return [(torch.randn(16, 1, 8, 8, generator=gen), torch.randint(0, 3, (16,), generator=gen)) for _ in range(n)]
+
+
+class Interrupt(Hook):
+    """A training hook that stops a run at the start of epoch ``at_epoch`` (None: never), as Ctrl-C would."""
+
+    def __init__(self, at_epoch: int | None):
+        self.at_epoch = at_epoch
+
+    def on_epoch_start(self, state):
+        if state.epoch == self.at_epoch:
+            raise KeyboardInterrupt
 
 
 class ToyLoader:

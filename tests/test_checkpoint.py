@@ -8,7 +8,7 @@ import random
 import numpy as np
 import pytest
 import torch
-from conftest import ToyLoader
+from conftest import Interrupt, ToyLoader
 from torch import nn
 
 from mixbits.errors import MixbitsError
@@ -124,15 +124,6 @@ class Counter(Hook):
 
     def load_state_dict(self, state):
         self.steps = state["steps"]
-
-
-class Interrupt(Hook):
-    def __init__(self, at_epoch: int | None):
-        self.at_epoch = at_epoch
-
-    def on_epoch_start(self, state):
-        if state.epoch == self.at_epoch:
-            raise KeyboardInterrupt
 
 
 def noisy_objective(state, x, y):

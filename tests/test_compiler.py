@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import toy_batches, toy_net
+from conftest import Interrupt, toy_batches, toy_net
 from torch._dynamo.testing import CompileCounter
 
 from mixbits import MixbitsError, Policy, SearchSpace, compiler
 from mixbits.quant import apply_policy, calibrate, quantize_model
-from mixbits.train import Hook, TrainConfig, fit
+from mixbits.train import TrainConfig, fit
 
 
 def test_environment_pins_compilation(monkeypatch):
@@ -66,20 +66,11 @@ def test_a_policy_compiles_once_however_often_it_comes_back(counted):
     assert graphs[1:] == [graphs[1]] * 4  # ... once: coming back to it, or to the first, compiles nothing
 
 
-class _StopAt(Hook):
-    def __init__(self, epoch: int | None):
-        self.epoch = epoch
-
-    def on_epoch_start(self, state):
-        if state.epoch == self.epoch:
-            raise KeyboardInterrupt
-
-
 def test_compiled_run_checkpoints_the_plain_module_and_resumes_exactly(counted, tmp_path):
     def run(run_dir, stop_at=None, resume=False):
         qmodel, space = _quantized_toy()
         apply_policy(qmodel, Policy.uniform(space, 4))
-        return fit(qmodel, toy_batches(3), TrainConfig(epochs=2, lr=0.01), hooks=[_StopAt(stop_at)], run_dir=run_dir,
+        return fit(qmodel, toy_batches(3), TrainConfig(epochs=2, lr=0.01), hooks=[Interrupt(stop_at)], run_dir=run_dir,
                    resume=resume)
 
     straight = run(tmp_path / "straight")
