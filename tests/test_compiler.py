@@ -32,8 +32,22 @@ def test_without_a_c_compiler_training_warns_and_runs_eager(monkeypatch):
     compiler._warn_once.cache_clear()
     model = toy_net()
     with pytest.warns(UserWarning, match="no C compiler found"):
-        fit(model, toy_batches(2), TrainConfig(epochs=1, lr=0.01))
+        fit(model, toy_batches(2), TrainConfig(epochs=1, lr=0.01, compile=True))
     assert getattr(model, "_compiled_call_impl", None) is None
+
+
+def test_auto_compiles_only_runs_long_enough_to_repay_it(monkeypatch):
+    monkeypatch.delenv("MIXBITS_COMPILE")
+    monkeypatch.setattr(compiler, "_compiles", lambda device_type: True)
+    monkeypatch.setattr(compiler, "c_compiler", lambda: "/usr/bin/c++")
+    least = compiler.COMPILE_MIN_STEPS
+    assert not compiler.compile_enabled("cpu", "auto", least - 1)
+    assert compiler.compile_enabled("cpu", "auto", least)
+    assert compiler.compile_enabled("cpu", True, 1) and not compiler.compile_enabled("cpu", False, 10 * least)
+    monkeypatch.setenv("MIXBITS_COMPILE", "1")  # the pin decides for "auto" too, but never overrides false
+    assert compiler.compile_enabled("cpu", "auto", 1) and not compiler.compile_enabled("cpu", False, 1)
+    assert TrainConfig().compile == "auto"
+    assert "train.compile: must be true, false or \"auto\", got 'yes'" in TrainConfig(compile="yes").problems()
 
 
 def _quantized_toy():

@@ -64,11 +64,24 @@ def _compiles(device_type: str) -> bool:
         return False
 
 
-def compile_enabled(device: torch.device | str) -> bool:
-    """Whole-model compilation where a configuration asks for it: MIXBITS_COMPILE, else whether it works here."""
+# A training run set to compile "auto" compiles when it has at least this many optimiser steps. Measured on
+# ResNet-20 (batch 128, Fashion-MNIST, 2 CPU cores): compiling costs about 70 s for the float model and 130 s
+# quantized, once per run, and saves 0.12-0.21 s a step (epochs of 93 steps: float 42 s against 54 s eager,
+# W2A2 46 s against 65 s), so it pays off after 550-650 steps; a 2-epoch W2A2 run took 1.7x eager's time.
+COMPILE_MIN_STEPS = 1000
+
+
+def compile_enabled(device: torch.device | str, setting: bool | str = True, steps: int | None = None) -> bool:
+    """Whether a training run of ``steps`` optimiser steps whose ``train.compile`` is ``setting`` (true, false or
+    "auto") compiles its model: never when false; MIXBITS_COMPILE, when set, decides for true and "auto" alike;
+    "auto" needs at least COMPILE_MIN_STEPS steps; and torch.compile must work here."""
+    if setting is False:
+        return False
     pinned = env_pin("MIXBITS_COMPILE")
     if pinned is not None:
         return pinned
+    if setting == "auto" and steps is not None and steps < COMPILE_MIN_STEPS:
+        return False
     device_type = torch.device(device).type
     if device_type == "cpu" and c_compiler() is None:
         _warn_once("no C compiler found (g++, c++ or clang++, or $CXX): training runs eager, without torch.compile")

@@ -163,11 +163,11 @@ def fit(model: nn.Module, train_loader, cfg: TrainConfig, *, val_loader=None,
     device = torch.device(device)
     model.to(device)
     module = unwrap(model)  # what checkpoints hold and parameter-group names refer to
-    if cfg.compile and compile_enabled(device):
+    steps_per_epoch = _steps_per_epoch(train_loader)
+    if compile_enabled(device, cfg.compile, cfg.epochs * steps_per_epoch):
         compile_model(model)
     if teacher is not None:
         teacher.to(device).eval()
-    steps_per_epoch = _steps_per_epoch(train_loader)
     optimizer = build_optimizer(params if params is not None else param_groups(module, cfg.weight_decay), cfg)
     state = TrainState(module, optimizer, build_scheduler(optimizer, cfg, steps_per_epoch), cfg, device,
                        steps_per_epoch=steps_per_epoch, teacher=teacher, generator=generator, run_dir=run_dir,

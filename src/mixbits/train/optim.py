@@ -32,9 +32,11 @@ class TrainConfig:
     grad_clip: float | None = None
     seed: int = 0
     checkpoint_every: int = 1  # epochs between checkpoints
-    # torch.compile the model where a C compiler works (MIXBITS_COMPILE pins it); for fixed-policy training: a
-    # search that changes bit-widths every step sets it off (each new policy would compile a graph)
-    compile: bool = True
+    # torch.compile the model where a C compiler works (MIXBITS_COMPILE pins it): true, false, or "auto", which
+    # compiles runs of at least COMPILE_MIN_STEPS optimiser steps, long enough to repay compiling. For
+    # fixed-policy training: a search that changes bit-widths every step sets it off (each new policy would
+    # compile a graph).
+    compile: bool | str = "auto"
 
     def problems(self, prefix: str = "train") -> list[str]:
         """Every bad field as ``"train.lr: must be > 0, got -1"``; empty when the config is usable."""
@@ -60,7 +62,7 @@ class TrainConfig:
             ("seed", _is_int(self.seed) and self.seed >= 0, "must be a whole number >= 0"),
             ("checkpoint_every", _is_int(self.checkpoint_every) and self.checkpoint_every >= 1,
              "must be a whole number >= 1"),
-            ("compile", isinstance(self.compile, bool), "must be true or false"),
+            ("compile", isinstance(self.compile, bool) or self.compile == "auto", 'must be true, false or "auto"'),
         ]
         out = []
         for name, ok, expectation in rules:
