@@ -16,6 +16,7 @@ def plot_front(rows: list[dict], summary: list[dict], float_top1: float, path: P
     except ImportError:
         return False
     fig, ax = plt.subplots(figsize=(7, 4.5))
+    summary = [s for s in summary if s["test_top1"] is not None]  # a point whose every run diverged has none
     refs = sorted((s["bitops"] / 1e6, s["test_top1"]) for s in summary if s["method"] == "uniform-ref")
     if refs:
         ax.plot(*zip(*refs, strict=True), color="black", marker="s", label="uniform front (W2A2, W3A3, W4A4)")

@@ -4,7 +4,8 @@ The uniform front at a cost is the uniform references' top-1 (W2A2, W3A3, W4A4 b
 interpolated in log(BitOPs) between the two neighbouring references; a point cheaper than the cheapest
 reference compares to it, a point dearer than the dearest to that one. A point's gain is paired: its
 top-1 minus the front of the references trained with the same seed (the same data order), so the
-seed-to-seed spread that both share cancels. Intervals are Student-t over the seeds.
+seed-to-seed spread that both share cancels. Intervals are Student-t over the seeds. A run whose training
+diverged has top-1 None: it is counted (``diverged``) and left out of every mean, the front included.
 """
 
 from __future__ import annotations
@@ -44,12 +45,15 @@ def add_gains(rows: list[dict], reference_method: str = "uniform-ref") -> list[d
     by_seed: dict[tuple, dict[float, float]] = defaultdict(dict)
     by_cost: dict[tuple, dict[float, list[float]]] = defaultdict(lambda: defaultdict(list))
     for r in rows:
-        if r["method"] == reference_method:
+        if r["method"] == reference_method and r["test_top1"] is not None:
             by_seed[r["model"], r["seed"]][r["bitops"]] = r["test_top1"]
             by_cost[r["model"],][r["bitops"]].append(r["test_top1"])
     for r in rows:
         if r["method"] == reference_method:
             r["gain_vs_uniform_front"] = r["gain_vs_mean_front"] = 0.0
+            continue
+        if r["test_top1"] is None:
+            r["gain_vs_uniform_front"] = r["gain_vs_mean_front"] = None
             continue
         refs = by_seed.get((r["model"], r["seed"]))
         r["gain_vs_uniform_front"] = r["test_top1"] - front_at(refs, r["bitops"]) if refs else None
@@ -59,18 +63,21 @@ def add_gains(rows: list[dict], reference_method: str = "uniform-ref") -> list[d
 
 
 def summarise(rows: Iterable[dict]) -> list[dict]:
-    """One row per (model, method, budget): means over seeds, the gain's mean and 95 % interval, n."""
+    """One row per (model, method, budget): means over the finished seeds, the gain's mean and 95 % interval, n
+    (finished runs) and diverged (runs whose training diverged); the means are None when none finished."""
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for r in rows:
         groups[r["model"], r["method"], r["budget"]].append(r)
     out = []
     for (model, method, budget), group in groups.items():
-        gains = [r["gain_vs_uniform_front"] for r in group if r.get("gain_vs_uniform_front") is not None]
-        top1 = [r["test_top1"] for r in group]
-        out.append({"model": model, "method": method, "budget": budget, "n": len(group),
-                    "bitops": statistics.fmean(r["bitops"] for r in group),
-                    "test_top1": statistics.fmean(top1), "top1_ci95": ci95(top1),
+        finished = [r for r in group if r["test_top1"] is not None]
+        gains = [r["gain_vs_uniform_front"] for r in finished if r.get("gain_vs_uniform_front") is not None]
+        top1 = [r["test_top1"] for r in finished]
+        costs = [r["bitops"] for r in group if r["bitops"] is not None]
+        out.append({"model": model, "method": method, "budget": budget, "n": len(finished),
+                    "diverged": len(group) - len(finished), "bitops": statistics.fmean(costs) if costs else None,
+                    "test_top1": statistics.fmean(top1) if top1 else None, "top1_ci95": ci95(top1),
                     "mean_gain": statistics.fmean(gains) if gains else None, "ci95": ci95(gains),
-                    "search_seconds": statistics.fmean(r.get("search_seconds", 0.0) for r in group),
-                    "finetune_seconds": statistics.fmean(r.get("finetune_seconds", 0.0) for r in group)})
-    return sorted(out, key=lambda s: (s["model"], s["bitops"], s["method"]))
+                    "search_seconds": statistics.fmean(r.get("search_seconds") or 0.0 for r in group),
+                    "finetune_seconds": statistics.fmean(r.get("finetune_seconds") or 0.0 for r in group)})
+    return sorted(out, key=lambda s: (s["model"], s["bitops"] or 0.0, s["method"]))

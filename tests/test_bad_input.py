@@ -378,11 +378,11 @@ def _separable(n: int = 256):
 def test_divergence_stops_the_run_with_step_and_checkpoint(tmp_path):
     from conftest import ToyLoader
 
-    from mixbits.errors import MixbitsError
+    from mixbits.errors import TrainingDiverged
     from mixbits.train import StepOutput, TrainConfig, fit, load_checkpoint, supervised_objective
 
     model, x, y = _separable()
-    with pytest.raises(MixbitsError, match="training diverged: loss .* is above 1e\\+03") as err:
+    with pytest.raises(TrainingDiverged, match="training diverged: loss .* is above 1e\\+03") as err:
         fit(model, ToyLoader(x, y), TrainConfig(epochs=2, lr=1e12))  # finite, but ~1e22 from the second step
     assert "step 2 " in str(err.value) and "none yet" in str(err.value)
 
@@ -391,7 +391,7 @@ def test_divergence_stops_the_run_with_step_and_checkpoint(tmp_path):
         return StepOutput(out.loss * 1e4, out.logits) if state.step == 11 else out
 
     model, x, y = _separable()
-    with pytest.raises(MixbitsError, match="training diverged") as err:
+    with pytest.raises(TrainingDiverged, match="training diverged") as err:
         fit(model, ToyLoader(x, y), TrainConfig(epochs=3, lr=0.05), objective=blows_up, run_dir=tmp_path)
     assert "epoch 2/3, step 12" in str(err.value) and str(tmp_path / "checkpoint.pt") in str(err.value)
     assert load_checkpoint(tmp_path / "checkpoint.pt")["loss_guard"]["early_steps"] == 8  # epoch 1's 8 steps

@@ -43,6 +43,29 @@ def test_gains_are_paired_by_seed_and_summarised():
     assert x["top1_ci95"] > 1.0  # unpaired, the seed offsets would swamp the gain
 
 
+def test_diverged_runs_are_counted_and_left_out_of_every_mean():
+    rows = []
+    for seed in (0, 1, 2):
+        rows += [{"model": "m", "method": "uniform-ref", "budget": "uniform:2", "seed": seed, "bitops": 100.0,
+                  "test_top1": None if seed == 0 else 80.0},  # W2A2 diverged at seed 0
+                 {"model": "m", "method": "uniform-ref", "budget": "uniform:4", "seed": seed, "bitops": 400.0,
+                  "test_top1": 90.0},
+                 {"model": "m", "method": "x", "budget": "bitops<=uniform:2.5", "seed": seed, "bitops": 200.0,
+                  "test_top1": None if seed == 2 else 86.0},
+                 {"model": "m", "method": "y", "budget": "bitops<=uniform:2.5", "seed": seed, "bitops": None,
+                  "test_top1": None}]  # a search that diverged: no policy, no cost
+    add_gains(rows)
+    x = [r["gain_vs_uniform_front"] for r in rows if r["method"] == "x"]
+    assert x[0] == pytest.approx(-4.0)  # seed 0's front is W4A4 alone, its W2A2 having diverged
+    assert x[1] == pytest.approx(1.0) and x[2] is None
+    summary = {(s["method"], s["budget"]): s for s in summarise(rows)}
+    ref2 = summary["uniform-ref", "uniform:2"]
+    assert (ref2["n"], ref2["diverged"], ref2["test_top1"]) == (2, 1, 80.0)
+    assert summary["x", "bitops<=uniform:2.5"]["n"] == 2 and summary["x", "bitops<=uniform:2.5"]["diverged"] == 1
+    y = summary["y", "bitops<=uniform:2.5"]
+    assert (y["n"], y["diverged"], y["test_top1"], y["bitops"], y["mean_gain"]) == (0, 3, None, None, None)
+
+
 def test_the_row_cache_reruns_or_marks_rows_from_other_code(tmp_path):
     from front import RowCache
 

@@ -9,6 +9,10 @@ class MixbitsError(ValueError):
     """Bad input or state that the user can fix (a name, a file, a budget, a bit-width)."""
 
 
+class TrainingDiverged(MixbitsError):
+    """The training loss became NaN, infinite or exploded: the run stopped, its last checkpoint is kept."""
+
+
 def did_you_mean(value: str, choices) -> str:
     """A hint naming the closest valid choice, or '' when nothing is close."""
     import difflib

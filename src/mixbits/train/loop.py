@@ -28,9 +28,10 @@ from tqdm import tqdm
 
 from ..compiler import compile_enabled, compile_model
 from ..data.batches import set_epoch
-from ..errors import MixbitsError
+from ..errors import MixbitsError, TrainingDiverged
 from ..progress import bar_enabled, progress_line
 from ..quant.ebr import model_ebr
+from ..quant.quantizer import keep_steps_positive, quantizer_steps
 from ..utils import atomic_write_text, seed_everything
 from .checkpoint import CHECKPOINT, open_run, restore_training, save_checkpoint, training_payload
 from .distill import kd_loss
@@ -235,6 +236,7 @@ def _train_epoch(state: TrainState, loader, objective: Objective, hooks: list[Ho
     for hook in hooks:
         hook.on_epoch_start(state)
     params = [p for group in optimizer.param_groups for p in group["params"]]
+    steps = quantizer_steps(state.module)
     running = _Running(state.device)
     with tqdm(loader, total=state.steps_per_epoch, desc=f"epoch {state.epoch + 1}/{cfg.epochs}", disable=not show,
               leave=False, dynamic_ncols=True) as bar:
@@ -258,6 +260,7 @@ def _train_epoch(state: TrainState, loader, objective: Objective, hooks: list[Ho
             if cfg.grad_clip is not None:
                 torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
             optimizer.step()
+            keep_steps_positive(steps)
             state.scheduler.step()
             state.step += 1
             for hook in hooks:
@@ -325,9 +328,9 @@ class _Running:
 _STANDARD = {"epoch", "step", "lr", "train_loss", "train_top1", "val_loss", "val_top1", "seconds"}
 
 
-def _bad_loss(state: TrainState, problem: str | None, batch: int, last_checkpoint: Path | None) -> MixbitsError:
+def _bad_loss(state: TrainState, problem: str | None, batch: int, last_checkpoint: Path | None) -> TrainingDiverged:
     what = problem or "training loss is not finite, or diverged, on another rank"
-    return MixbitsError(
+    return TrainingDiverged(
         f"{what} at epoch {state.epoch + 1}/{state.cfg.epochs}, step {state.step + 1} "
         f"(batch {batch + 1} of the epoch); last good checkpoint: {last_checkpoint or 'none yet'}. "
         f"Lower the learning rate (train.lr is {state.cfg.lr}) or set train.grad_clip."
