@@ -4,10 +4,10 @@ from .convert import apply_policy, calibrate, current_policy, quant_layers, quan
 from .fit import fit_steps, quantization_error
 from .layers import QConv2d, QLinear, QuantLayer
 from .lsq import fused_enabled, lsq_quantize, lsq_reference, set_fused
-from .quantizer import LsqQuantizer, integer_range, keep_steps_positive, quantizer_steps
+from .quantizer import LsqQuantizer, integer_range
 
 __all__ = [
     "LsqQuantizer", "QConv2d", "QLinear", "QuantLayer", "apply_policy", "calibrate", "current_policy",
-    "fit_steps", "fused_enabled", "integer_range", "keep_steps_positive", "lsq_quantize", "lsq_reference",
-    "quant_layers", "quantization_error", "quantize_model", "quantizer_steps", "set_fused", "space_of",
+    "fit_steps", "fused_enabled", "integer_range", "lsq_quantize", "lsq_reference", "quant_layers",
+    "quantization_error", "quantize_model", "set_fused", "space_of",
 ]

@@ -19,9 +19,6 @@ from .lsq import lsq_quantize_row
 from .lsq_mix import lsq_mix
 
 _UNKNOWN, _UNSIGNED, _SIGNED = -1, 0, 1
-# The smallest step a quantizer keeps. A large LSQ gradient can push a step to or below zero in one update
-# (seen on MobileNetV2 at 2 bits), which flips or zeroes the layer and then blows the loss up to NaN.
-STEP_FLOOR = 1e-8
 
 
 def integer_range(bits: int, signed: bool) -> tuple[int, int]:
@@ -98,7 +95,7 @@ class LsqQuantizer(nn.Module):
         mean_abs = self._mean_abs(x)
         for i in indices:
             _, qmax = integer_range(self.candidates[i], bool(int(self.sign_mode)))
-            self.steps[i].copy_((2 * mean_abs / math.sqrt(qmax)).clamp_min(STEP_FLOOR))
+            self.steps[i].copy_((2 * mean_abs / math.sqrt(qmax)).clamp_min(1e-8))
             self.initialized[i] = True
         self._refresh_cache()
 
@@ -164,15 +161,3 @@ class LsqQuantizer(nn.Module):
         sign = {_UNKNOWN: "?", _UNSIGNED: "unsigned", _SIGNED: "signed"}[int(self.sign_mode)]
         per = "per-channel" if self.steps.shape[1] > 1 else "per-tensor"
         return f"bits={self.bits}, candidates={list(self.candidates)}, {sign}, {per}"
-
-
-def quantizer_steps(model: nn.Module) -> list[Tensor]:
-    """The step tables of every quantizer in ``model``."""
-    return [m.steps for m in model.modules() if isinstance(m, LsqQuantizer)]
-
-
-@torch.no_grad()
-def keep_steps_positive(steps: Sequence[Tensor]) -> None:
-    """Raise every step below STEP_FLOOR to it; training calls this after each optimiser update."""
-    for table in steps:
-        table.clamp_(min=STEP_FLOOR)

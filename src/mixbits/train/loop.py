@@ -31,7 +31,6 @@ from ..data.batches import set_epoch
 from ..errors import MixbitsError, TrainingDiverged
 from ..progress import bar_enabled, progress_line
 from ..quant.ebr import model_ebr
-from ..quant.quantizer import keep_steps_positive, quantizer_steps
 from ..utils import atomic_write_text, seed_everything
 from .checkpoint import CHECKPOINT, open_run, restore_training, save_checkpoint, training_payload
 from .distill import kd_loss
@@ -236,7 +235,6 @@ def _train_epoch(state: TrainState, loader, objective: Objective, hooks: list[Ho
     for hook in hooks:
         hook.on_epoch_start(state)
     params = [p for group in optimizer.param_groups for p in group["params"]]
-    steps = quantizer_steps(state.module)
     running = _Running(state.device)
     with tqdm(loader, total=state.steps_per_epoch, desc=f"epoch {state.epoch + 1}/{cfg.epochs}", disable=not show,
               leave=False, dynamic_ncols=True) as bar:
@@ -260,7 +258,6 @@ def _train_epoch(state: TrainState, loader, objective: Objective, hooks: list[Ho
             if cfg.grad_clip is not None:
                 torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
             optimizer.step()
-            keep_steps_positive(steps)
             state.scheduler.step()
             state.step += 1
             for hook in hooks:
