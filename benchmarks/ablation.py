@@ -25,6 +25,7 @@ from common import RESULTS, markdown_table, write_result  # noqa: E402
 from front import MODELS, PRESETS, STATE, Bench, RowCache  # noqa: E402
 
 import mixbits  # noqa: E402
+from mixbits.errors import TrainingDiverged  # noqa: E402
 
 VARIANTS = {
     "oneshot": {"both on": {}, "scheduler off": {"scheduler": False}, "idm off": {"idm": False}},
@@ -42,7 +43,11 @@ def searched_variants(bench: Bench, method: str, seed: int) -> None:
         label = f"{method}[{name}]"
         if all(bench.cache.get(label, b, seed) for b in budgets):
             continue
-        result, search = bench.search(method, budgets, seed, options)
+        try:
+            result, search = bench.search(method, budgets, seed, options)
+        except TrainingDiverged as e:  # a variant that does not train is a finding: recorded, the others still run
+            bench.record_diverged_search([label], budgets, seed, e)
+            continue
         train = bench.loaders(seed)[0]
         for i, (budget, policy) in enumerate(zip(budgets, result.policies, strict=True)):
             if method == "oneshot":  # the one-shot claim is retraining-free accuracy
@@ -59,7 +64,11 @@ def stage2_variants(bench: Bench, seed: int) -> None:
     labels = [f"sdq[{name}]" for name in VARIANTS["sdq"]]
     if all(bench.cache.get(label, b, seed) for label in labels for b in budgets):
         return
-    result, search = bench.search("sdq", budgets, seed)
+    try:
+        result, search = bench.search("sdq", budgets, seed)
+    except TrainingDiverged as e:
+        bench.record_diverged_search(labels, budgets, seed, e)
+        return
     for name, settings in VARIANTS["sdq"].items():
         for i, (budget, policy) in enumerate(zip(budgets, result.policies, strict=True)):
             if bench.cache.get(f"sdq[{name}]", budget, seed):

@@ -260,11 +260,8 @@ class Bench:
         train = self.loaders(seed)[0]
         try:
             result, search = self.search(method, budgets, seed)
-        except TrainingDiverged as e:  # no policy at any budget: every row of this search says so
-            for label in labels:
-                for budget in budgets:
-                    self.record(self.row(label, budget, seed, None, None, {"diverged": str(e), "search_seconds": None,
-                                                                          "finetune_seconds": 0.0}))
+        except TrainingDiverged as e:
+            self.record_diverged_search(labels, budgets, seed, e)
             return
         for i, (budget, policy) in enumerate(zip(budgets, result.policies, strict=True)):
             if method == "oneshot" and not self.cache.get("oneshot-free", budget, seed):
@@ -279,6 +276,13 @@ class Bench:
                 model, seconds = self.finetuned(policy, result.space, seed, f"sdq2-b{i}-s{seed}",
                                                 teacher=copy.deepcopy(self.float_model), **own)
                 self.record(self.row("sdq-stage2", budget, seed, model, policy, {**search, **seconds}))
+
+    def record_diverged_search(self, labels: list[str], budgets: list[str], seed: int, error: Exception) -> None:
+        """A search that diverged found no policy at any budget: every row it would have made says so."""
+        for label in labels:
+            for budget in budgets:
+                self.record(self.row(label, budget, seed, None, None, {"diverged": str(error), "search_seconds": None,
+                                                                      "finetune_seconds": 0.0}))
 
     def record(self, row: dict) -> None:
         self.cache.put(row)

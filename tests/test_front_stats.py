@@ -79,3 +79,48 @@ def test_the_row_cache_reruns_or_marks_rows_from_other_code(tmp_path):
     fresh.put({"method": "hawq", "budget": "bitops<=uniform:2.5", "seed": 0, "test_top1": 81.0})
     again = RowCache(tmp_path, "code-b")
     assert again.stale == 0 and again.get("hawq", "bitops<=uniform:2.5", 0)["test_top1"] == 81.0
+
+
+def test_an_ablation_variant_whose_search_diverges_is_recorded_and_the_others_still_run(tmp_path):
+    from ablation import searched_variants
+    from front import Bench, RowCache
+
+    from mixbits.errors import TrainingDiverged
+
+    class FakeBench:  # Bench's bookkeeping, with searches that diverge for one variant and fine-tunes that cost nothing
+        record_diverged_search = Bench.record_diverged_search
+
+        def __init__(self):
+            self.cache, self.searched = RowCache(tmp_path, "code"), []
+
+        def budgets(self):
+            return ["bitops<=uniform:2.5", "bitops<=uniform:3.5"]
+
+        def search(self, method, budgets, seed, options):
+            self.searched.append(options)
+            if options.get("weights") == "separate":
+                raise TrainingDiverged("loss is nan at step 3")
+            return type("Result", (), {"policies": ["p25", "p35"], "space": None})(), {"search_seconds": 1.0}
+
+        def loaders(self, seed):
+            return [None]
+
+        def finetuned(self, policy, space, seed, name):
+            return f"model of {policy}", {"finetune_seconds": 2.0}
+
+        def row(self, method, budget, seed, model, policy, seconds):
+            return {"method": method, "budget": budget, "seed": seed, "test_top1": None if model is None else 80.0,
+                    **seconds}
+
+        def record(self, row):
+            self.cache.put(row)
+
+    bench = FakeBench()
+    searched_variants(bench, "dnas", seed=0)
+    assert bench.searched == [{}, {"weights": "separate"}]  # the diverged variant did not stop the run
+    for budget in bench.budgets():
+        assert bench.cache.get("dnas[shared]", budget, 0)["test_top1"] == 80.0
+        separate = bench.cache.get("dnas[separate]", budget, 0)
+        assert separate["test_top1"] is None and "nan" in separate["diverged"]
+    searched_variants(bench, "dnas", seed=0)  # every row is cached, diverged ones included: nothing re-runs
+    assert len(bench.searched) == 2
