@@ -199,6 +199,34 @@ def test_paired_moves_shift_a_layers_weight_and_activation_bits_together():
     assert result.policy == optimum and all(s["side"] == "wa" for s in result.steps)
 
 
+def test_a_walk_with_several_moves_a_step_scores_fewer_policies_and_still_protects_the_sensitive_layers():
+    names = tuple(f"l{i}" for i in range(12))
+    space = SearchSpace(("first", *names, "last"), (2, 4, 6), (2, 4, 6), {"first": (8, 8), "last": (8, 8)})
+    sensitivity = {n: 100.0 if i < 3 else 1.0 + 0.01 * i for i, n in enumerate(names)}  # l0-l2 far more sensitive
+
+    def loss(policy):
+        return {"loss": sum(s * (12 - sum(policy[n])) for n, s in sensitivity.items())}
+
+    def cost(policy):
+        return sum(policy[n][0] * policy[n][1] for n in names)
+
+    fits = lambda p: cost(p) <= 12 * 16  # noqa: E731  (uniform W4A4)
+    top = Policy.from_rules(space, default=(6, 6))
+    scored = {1: [], 4: []}
+    one, four = (greedy_search(top, space, lambda p, k=k: scored[k].append(p) or loss(p), cost, fits, lam=0.5,
+                               moves_per_step=k) for k in (1, 4))
+    assert fits(one.policy) and fits(four.policy)
+    assert len(scored[4]) * 2 < len(scored[1]) and len(four.steps) * 2 < len(one.steps)
+    for walk in (one, four):  # the sensitive layers keep their 6 bits; the cheap ones pay for the budget
+        assert all(walk.policy[n] == (6, 6) for n in names[:3])
+    for step in four.steps[:-1]:  # a step moves up to 4 distinct layers, all down, and stops once the policy fits
+        moved = [step["layer"]] + [m["layer"] for m in step.get("also", [])]
+        assert len(moved) == len(set(moved)) <= 4
+    assert any(len(s.get("also", [])) == 3 for s in four.steps)
+    assert all(not fits(p) for p in four.path[:-1])
+    assert abs(loss(four.policy)["loss"] - loss(one.policy)["loss"]) <= 0.1  # the same quality on an additive loss
+
+
 # end to end ---------------------------------------------------------------------------------------------------------
 def _latency_table(ctx):
     return LatencyTable({n: {LatencyTable.key(w, a): 0.01 * w * a for w in (2, 4, 6, 8) for a in (2, 4, 6, 8)}

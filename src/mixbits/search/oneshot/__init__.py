@@ -32,8 +32,9 @@ pair, ``quant.pair_bn``), and every returned policy is recalibrated on 32 traini
 tested; two sampled policies per step beside the largest and the smallest; the supernet starts from
 MSE-fitted steps; after each walk a fill raises w or a one step at a time while the budget holds; the walk
 starts at the highest candidates, never revisits a policy, goes descending-only after 2x the descents
-to the bottom; J's cost term is the budget's own metric (Σ cost/cap: BitOPs/cap equals the paper's
-normalised BitOPs), so size and latency budgets work too; budgets with the same cost term share one walk.
+to the bottom, and moves up to 10 % of the layers a step (``stride``: the step's next-best descents);
+J's cost term is the budget's own metric (Σ cost/cap: BitOPs/cap equals the paper's normalised BitOPs),
+so size and latency budgets work too; budgets with the same cost term share one walk.
 """
 
 from . import searcher  # noqa: F401  (registers "oneshot")

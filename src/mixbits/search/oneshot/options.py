@@ -49,6 +49,8 @@ class OneshotOptions:
     bidirectional: bool = True  # False: descending moves only
     moves: str = "layer"  # "layer": a layer's w and a move together (2L neighbours, paper); "separate": 4L
     start: int | str = "highest"  # start policy: "highest" or a bit-width k (W k A k on every searchable layer)
+    stride: float = 0.1  # a step moves up to this fraction of the searchable layers (at least one): the best move,
+    #   then the same step's next-best descents, until the budget holds (greedy.py); 0: one move a step (paper)
     max_steps: int | None = None  # bidirectional steps per budget before descending only (None: 2 x descents)
     cost_term: str = "budget"  # cost in J: "budget" (Σ cost/cap over the budget's caps) or "bitops" (paper)
     continue_path: bool = True  # a budget continues the path of an earlier one with the same cost term
@@ -95,6 +97,7 @@ def check_options(opts: OneshotOptions, candidates: tuple[int, ...]) -> None:
         ("bidirectional", isinstance(opts.bidirectional, bool), "true or false"),
         ("moves", one_of(opts.moves, MOVES), f"one of {list(MOVES)}"),
         ("start", start_ok, f"'highest' or one of the shared candidate bit-widths {list(candidates)}"),
+        ("stride", fraction(opts.stride, closed=True), "a number in [0, 1]"),
         ("max_steps", opts.max_steps is None or (is_int(opts.max_steps) and opts.max_steps >= 0),
          "a whole number >= 0, or null for twice the descents to the lowest bits"),
         ("cost_term", one_of(opts.cost_term, COST_TERMS), f"one of {list(COST_TERMS)}"),

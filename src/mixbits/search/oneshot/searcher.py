@@ -136,7 +136,8 @@ def _walk_for(ctx: SearchContext, opts: OneshotOptions, budget: Budget, start: P
     result = greedy_search(begin, ctx.space, score, cost, lambda p: ctx.fits(p, budget), opts.lam,
                            opts.bidirectional, max(0, limit - len(done)), ctx.progress,
                            description=f"greedy {budget}", visited={p.key() for p in (earlier.path if earlier else [])},
-                           paired=opts.moves == "layer", focus=score.evaluator.focus)
+                           paired=opts.moves == "layer", focus=score.evaluator.focus,
+                           moves_per_step=max(1, round(opts.stride * len(ctx.space.searchable))))
     steps = done + [{**s, "step": len(done) + s["step"]} for s in result.steps]
     walk = Walk((earlier.path if earlier else []) + result.path[(1 if earlier else 0):], steps, budget.text)
     if key is not None:
