@@ -124,3 +124,22 @@ def test_an_ablation_variant_whose_search_diverges_is_recorded_and_the_others_st
         assert separate["test_top1"] is None and "nan" in separate["diverged"]
     searched_variants(bench, "dnas", seed=0)  # every row is cached, diverged ones included: nothing re-runs
     assert len(bench.searched) == 2
+
+
+def test_two_runs_are_compared_paired_by_seed_only_where_both_finished():
+    from compare_runs import compare
+
+    def run(top1s, passes):
+        rows = []
+        for seed, top1 in enumerate(top1s):
+            common = {"model": "x", "seed": seed}
+            rows += [{**common, "method": "uniform-ref", "budget": "uniform:2", "bitops": 100.0, "test_top1": 80.0},
+                     {**common, "method": "uniform-ref", "budget": "uniform:4", "bitops": 400.0, "test_top1": 90.0},
+                     {**common, "method": "m", "budget": "bitops<=uniform:2.5", "bitops": 200.0, "test_top1": top1,
+                      "search_seconds": 10.0, "search_passes": passes}]
+        return add_gains(rows)
+
+    (line,) = compare(run([84.0, 85.0, 86.0], 1000), run([85.0, 87.0, None], 400), ["m"])
+    assert line["n"] == 2  # seed 2 did not finish in the second run: left out of both means
+    assert line["top1_a"] == pytest.approx(84.5) and line["diff_b_minus_a"] == pytest.approx(1.5)
+    assert line["gain_b"] == pytest.approx(1.0) and line["search_passes_b"] == 400

@@ -1,0 +1,83 @@
+"""Two runs of the front benchmark side by side: the same methods, budgets and seeds, two versions of the code.
+
+    python benchmarks/compare_runs.py A/rows.jsonl B/rows.jsonl --methods oneshot oneshot-free --name stride
+
+For a change to one method (e.g. the one-shot walk's ``stride``), run ``front.py --methods <method>`` at the
+new commit into another ``--state-dir`` and compare its rows with the committed ones: per method and budget,
+the mean test top-1 of each, their difference paired by seed with a 95 % Student-t interval, each one's
+gain over its own uniform front, and the search's compute (seconds and forward samples). Writes
+benchmarks/results/compare-<name>.json and .md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import RESULTS, markdown_table, write_result  # noqa: E402
+from front_stats import add_gains, ci95  # noqa: E402
+
+
+def read_rows(path: Path) -> list[dict]:
+    return add_gains([json.loads(line) for line in path.read_text().splitlines() if line.strip()])
+
+
+def _mean(values: list) -> float | None:
+    values = [v for v in values if v is not None]
+    return statistics.mean(values) if values else None
+
+
+def compare(a: list[dict], b: list[dict], methods: list[str]) -> list[dict]:
+    """One line per (method, budget) both runs have, paired by seed."""
+    index_b = {(r["method"], r["budget"], r["seed"]): r for r in b}
+    out = []
+    for method in methods:
+        for budget in sorted({r["budget"] for r in a if r["method"] == method}):
+            pairs = [(r, index_b[method, budget, r["seed"]]) for r in a
+                     if r["method"] == method and r["budget"] == budget and (method, budget, r["seed"]) in index_b]
+            pairs = [(x, y) for x, y in pairs if x["test_top1"] is not None and y["test_top1"] is not None]
+            if not pairs:
+                continue
+            diffs = [y["test_top1"] - x["test_top1"] for x, y in pairs]
+            out.append({"method": method, "budget": budget, "n": len(pairs),
+                        "top1_a": _mean([x["test_top1"] for x, _ in pairs]),
+                        "top1_b": _mean([y["test_top1"] for _, y in pairs]),
+                        "diff_b_minus_a": statistics.mean(diffs), "ci95": ci95(diffs) if len(diffs) > 1 else None,
+                        "gain_a": _mean([x.get("gain_vs_uniform_front") for x, _ in pairs]),
+                        "gain_b": _mean([y.get("gain_vs_uniform_front") for _, y in pairs]),
+                        "search_seconds_a": _mean([x.get("search_seconds") for x, _ in pairs]),
+                        "search_seconds_b": _mean([y.get("search_seconds") for _, y in pairs]),
+                        "search_passes_a": _mean([x.get("search_passes") for x, _ in pairs]),
+                        "search_passes_b": _mean([y.get("search_passes") for _, y in pairs])})
+    return out
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("a", type=Path, help="rows.jsonl of the first run (the baseline)")
+    p.add_argument("b", type=Path, help="rows.jsonl of the second run")
+    p.add_argument("--methods", nargs="+", required=True)
+    p.add_argument("--name", required=True, help="results are written as compare-<name>.json|md")
+    args = p.parse_args(argv)
+    a, b = read_rows(args.a), read_rows(args.b)
+    lines = compare(a, b, args.methods)
+    codes = {"a": sorted({r.get("code") for r in a}), "b": sorted({r.get("code") for r in b})}
+    columns = ["method", "budget", "n", "top1_a", "top1_b", "diff_b_minus_a", "ci95", "gain_a", "gain_b",
+               "search_seconds_a", "search_seconds_b", "search_passes_a", "search_passes_b"]
+    table = markdown_table(lines, columns)
+    header = (f"a: {args.a} (code {', '.join(map(str, codes['a']))}); b: {args.b} (code "
+              f"{', '.join(map(str, codes['b']))}). diff: b minus a, paired by seed, 95 % Student-t interval; "
+              "gain: over each run's own uniform front.")
+    print(f"{header}\n\n{table}")
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"compare-{args.name}.md").write_text(f"{header}\n\n{table}\n")
+    write_result(f"compare-{args.name}", {"args": {k: str(v) for k, v in vars(args).items()}, "codes": codes,
+                                          "rows": lines})
+
+
+if __name__ == "__main__":
+    main()
