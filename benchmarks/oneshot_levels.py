@@ -60,6 +60,7 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     bench = Bench(argparse.Namespace(**vars(args), keep_stale=False))
     front = bench.cache
+    bench.dir = bench.dir.with_name(bench.dir.name + "-oneshot-levels")  # its fine-tunes' checkpoints: not the front's
     bench.cache = RowCache(bench.state / "oneshot-levels", front.version)
     for row in front.rows.values():  # the front's references of this code are these references: not run twice
         if row["method"] == REFERENCE and not bench.cache.get(REFERENCE, row["budget"], row["seed"]):
