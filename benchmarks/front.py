@@ -126,6 +126,14 @@ class RowCache:
         self.path.write_text("".join(json.dumps(r) + "\n" for r in self.rows.values()))  # stale rows are dropped
 
 
+def finetune_dir(base: Path, name: str, policy, settings: dict) -> Path:
+    """Where a fine-tune checkpoints: named, and keyed by its policy and settings, so an interrupted fine-tune
+    resumes only into the same run (a name reused for another budget's policy starts afresh)."""
+    plain = sorted((k, k if isinstance(v, torch.nn.Module) else v) for k, v in settings.items())
+    what = repr((policy if isinstance(policy, str) else policy.key(), plain))
+    return base / f"{name}-{hashlib.sha256(what.encode()).hexdigest()[:8]}"
+
+
 @contextmanager
 def forward_counter(model_class: type):
     """Counts samples through the whole network (calls of ``model_class``'s forward) while active."""
@@ -214,7 +222,7 @@ class Bench:
 
     def finetuned(self, policy, space, seed: int, name: str, **extra) -> tuple[torch.nn.Module, dict]:
         train = self.loaders(seed)[0]
-        run_dir = self.dir / "finetune" / self.cache.version / name  # an interrupted fine-tune of this code resumes
+        run_dir = finetune_dir(self.dir / "finetune" / self.cache.version, name, policy, extra)
         started = time.perf_counter()
         with forward_counter(type(self.float_model)) as passes:
             try:

@@ -143,3 +143,17 @@ def test_two_runs_are_compared_paired_by_seed_only_where_both_finished():
     assert line["n"] == 2  # seed 2 did not finish in the second run: left out of both means
     assert line["top1_a"] == pytest.approx(84.5) and line["diff_b_minus_a"] == pytest.approx(1.5)
     assert line["gain_b"] == pytest.approx(1.0) and line["search_passes_b"] == 400
+
+
+def test_a_fine_tune_resumes_only_into_the_run_of_the_same_policy_and_settings(tmp_path):
+    from front import finetune_dir
+
+    from mixbits import Policy
+
+    p3, p4 = Policy({"a": (3, 3), "b": (4, 4)}), Policy({"a": (4, 4), "b": (4, 4)})
+    same = finetune_dir(tmp_path, "oneshot-b0-s0", p3, {"kd_alpha": 0.5})
+    assert same == finetune_dir(tmp_path, "oneshot-b0-s0", Policy({"a": (3, 3), "b": (4, 4)}), {"kd_alpha": 0.5})
+    assert same.name.startswith("oneshot-b0-s0-") and same.parent == tmp_path
+    assert same != finetune_dir(tmp_path, "oneshot-b0-s0", p4, {"kd_alpha": 0.5})  # another budget's policy
+    assert same != finetune_dir(tmp_path, "oneshot-b0-s0", p3, {"kd_alpha": 0.0})
+    assert finetune_dir(tmp_path, "ref", "uniform:2", {}) != finetune_dir(tmp_path, "ref", "uniform:3", {})
