@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import RESULTS, markdown_table, write_result  # noqa: E402
+from common import markdown_table, write_report  # noqa: E402
 from front import MODELS, PRESETS, STATE, Bench, RowCache  # noqa: E402
 
 import mixbits  # noqa: E402
@@ -104,10 +104,7 @@ def main(argv=None) -> None:
     name = f"ablation-{args.method}-{args.model}-{args.preset}"
     header = (f"{args.method} ablation, {args.model} preset {args.preset} ({bench.preset}); float "
               f"{bench.float_top1:.2f} %; seed {args.seed}; code {bench.cache.version}")
-    print(f"\n{header}\n\n{table}")
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{name}.md").write_text(f"{header}\n\n{table}\n")
-    write_result(name, {"args": vars(args), "preset": bench.preset, "rows": rows, "table": table})
+    write_report(name, header, table, {"args": vars(args), "preset": bench.preset, "rows": rows, "table": table})
 
 
 if __name__ == "__main__":

@@ -41,6 +41,14 @@ def write_result(name: str, payload: dict) -> Path:
     return path
 
 
+def write_report(name: str, header: str, table: str, payload: dict) -> Path:
+    """Print a result's header and Markdown table, and write them as results/<name>.md beside <name>.json."""
+    print(f"\n{header}\n\n{table}")
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{name}.md").write_text(f"{header}\n\n{table}\n")
+    return write_result(name, payload)
+
+
 def _sync() -> None:
     if torch.cuda.is_available():
         torch.cuda.synchronize()

@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import RESULTS, markdown_table, write_result  # noqa: E402
+from common import markdown_table, write_report  # noqa: E402
 from front_stats import add_gains, ci95  # noqa: E402
 
 
@@ -72,11 +72,8 @@ def main(argv=None) -> None:
     header = (f"a: {args.a} (code {', '.join(map(str, codes['a']))}); b: {args.b} (code "
               f"{', '.join(map(str, codes['b']))}). diff: b minus a, paired by seed, 95 % Student-t interval; "
               "gain: over each run's own uniform front.")
-    print(f"{header}\n\n{table}")
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"compare-{args.name}.md").write_text(f"{header}\n\n{table}\n")
-    write_result(f"compare-{args.name}", {"args": {k: str(v) for k, v in vars(args).items()}, "codes": codes,
-                                          "rows": lines})
+    write_report(f"compare-{args.name}", header, table,
+                 {"args": {k: str(v) for k, v in vars(args).items()}, "codes": codes, "rows": lines})
 
 
 if __name__ == "__main__":

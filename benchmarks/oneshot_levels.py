@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import RESULTS, markdown_table, write_result  # noqa: E402
+from common import markdown_table, write_report  # noqa: E402
 from front import MODELS, PRESETS, REFERENCE, STATE, Bench, RowCache  # noqa: E402
 from front_stats import ci95  # noqa: E402
 
@@ -78,12 +78,10 @@ def main(argv=None) -> None:
     header = (f"one-shot at the uniform levels, {args.model} preset {args.preset}; float {bench.float_top1:.2f} %; "
               f"seeds {seeds}; code {bench.cache.version}. diff: top-1 minus the fine-tuned uniform reference of "
               "the same seed, 95 % Student-t interval over seeds.")
-    print(f"\n{header}\n\n{table}")
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{name}.md").write_text(f"{header}\n\n{table}\n")
-    write_result(name, {"args": vars(args), "preset": bench.preset, "code": bench.cache.version,
-                        "rows": sorted(bench.cache.rows.values(), key=lambda r: (r["method"], r["budget"], r["seed"])),
-                        "summary": summary})
+    write_report(name, header, table, {
+        "args": vars(args), "preset": bench.preset, "code": bench.cache.version,
+        "rows": sorted(bench.cache.rows.values(), key=lambda r: (r["method"], r["budget"], r["seed"])),
+        "summary": summary})
 
 
 if __name__ == "__main__":
