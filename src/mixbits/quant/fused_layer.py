@@ -3,9 +3,10 @@
 Written as two autograd nodes, the quantizer keeps the float input for its LSQ backward and the
 convolution keeps the quantized input for its weight gradient: two full-precision copies of every
 activation, where float training keeps one. Here the forward keeps only the input (which the layer
-before keeps anyway, e.g. a ReLU's output) and the backward recomputes the quantized input from it:
-one elementwise pass buys back a whole activation of memory. Forward and gradients are those of the
-two-node composition; the quantizer's own passes are those of ``lsq.py`` and ``lsq_mix.py``.
+before keeps anyway, e.g. a ReLU's output) and the backward remakes the quantized input from it in the
+pass that makes the quantizer's gradients: a whole activation of memory saved for no extra pass.
+Forward and gradients are those of the two-node composition; the quantizer's own passes are those of
+``lsq.py`` and ``lsq_mix.py``.
 
 The input quantizer is a *plan*: ``("row", row, shape, qmin, qmax, grad_scale)`` (one bit-width, a row
 of the step table) or ``("mix", shape, bounds, grad_scales)`` (the probability-weighted candidates).
@@ -18,8 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .lsq import row_backward, row_forward, row_step_factor
-from .lsq_mix import mix_backward, mix_forward
+from .lsq import row_backward_requantized, row_forward, row_step_factor
+from .lsq_mix import mix_backward_requantized, mix_forward
 
 
 def _quantize(plan: tuple, x: Tensor, steps: Tensor, probs: Tensor | None) -> Tensor:
@@ -29,11 +30,11 @@ def _quantize(plan: tuple, x: Tensor, steps: Tensor, probs: Tensor | None) -> Te
     return mix_forward(x, steps, probs, *plan[1:3], transient=True)
 
 
-def _quantize_backward(plan: tuple, grad: Tensor, x: Tensor, steps: Tensor, probs: Tensor | None):
-    """(grad wrt x, wrt the step table, wrt probs or None); ``grad`` is ours, so it may be written over."""
+def _requantizing_backward(plan: tuple, grad: Tensor, x: Tensor, steps: Tensor, probs: Tensor | None):
+    """(the quantized input again, in scratch memory; grad wrt x, wrt the step table, wrt probs or None)."""
     if plan[0] == "row":
-        return *row_backward(grad, x, steps, *plan[1:], into_grad=True), None
-    return mix_backward(grad, x, steps, probs, *plan[1:], into_grad=True)
+        return *row_backward_requantized(grad, x, steps, *plan[1:]), None
+    return mix_backward_requantized(grad, x, steps, probs, *plan[1:])
 
 
 def _layer(op: tuple, q: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
@@ -50,7 +51,7 @@ def _layer_backward(op: tuple, grad: Tensor, q: Tensor, weight: Tensor, has_bias
         return torch.ops.aten.convolution_backward(
             grad, q, weight, [weight.shape[0]] if has_bias else None, stride, padding, dilation, False, [0, 0],
             groups, [need_q, need_w, need_b and has_bias])
-    grad_q = grad.matmul(weight)
+    grad_q = grad.matmul(weight) if need_q else None
     flat = grad.reshape(-1, grad.shape[-1])
     grad_w = flat.t().mm(q.reshape(-1, q.shape[-1])) if need_w else None
     grad_b = flat.sum(0) if need_b and has_bias else None
@@ -70,11 +71,15 @@ class _QuantLayerFunction(torch.autograd.Function):
         needs = ctx.needs_input_grad
         if not needs[0] and ctx.plan[0] == "row" and ctx.op[0] == "conv" and steps.shape[1] == 1:
             return _input_free_backward(ctx, grad, x, steps, weight)
+        # The input's gradient first (it needs no quantized input); then one pass over x makes the quantizer's
+        # gradients and the quantized input the weight's gradient needs: one pass fewer than recomputing it apart.
         with torch.no_grad():
-            q = _quantize(ctx.plan, x, steps, probs)
-        grad_q, grad_w, grad_b = _layer_backward(ctx.op, grad, q, weight, ctx.has_bias, needs[3], needs[4])
+            grad_q = _layer_backward(ctx.op, grad, x, weight, ctx.has_bias, need_w=False, need_b=False)[0]
+            q, grad_x, grad_steps, grad_probs = _requantizing_backward(ctx.plan, grad_q, x, steps, probs)
+            del grad_q
+            _, grad_w, grad_b = _layer_backward(ctx.op, grad, q, weight, ctx.has_bias, needs[3], needs[4],
+                                                need_q=False)
         del q  # scratch memory: the next layer's backward reuses it
-        grad_x, grad_steps, grad_probs = _quantize_backward(ctx.plan, grad_q, x, steps, probs)
         return grad_x if needs[0] else None, grad_steps, grad_probs, grad_w, grad_b, None, None
 
 

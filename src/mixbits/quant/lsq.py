@@ -68,11 +68,11 @@ def _backward_kernel(grad, x, step, qmin, qmax):
     return _backward_reduced(grad, x, step, qmin, qmax, (-1,))
 
 
-def _backward_into_kernel(grad, x, step, qmin, qmax):
-    """As ``_backward_kernel``, with the grad wrt x written over ``grad``: no new tensor to allocate."""
-    grad_x, grad_step = _backward_reduced(grad, x, step, qmin, qmax, (-1,))
-    grad.copy_(grad_x)
-    return (grad_step,)
+def _requantizing_backward_kernel(out, grad, x, step, qmin, qmax):
+    """As ``_backward_kernel``, also writing the forward's output into ``out``: one loop over ``x`` makes both.
+    (The grad wrt x is a new tensor: written over ``grad``, inductor would read ``grad`` in a second loop.)"""
+    out.copy_(_forward(x, step, qmin, qmax))
+    return _backward_reduced(grad, x, step, qmin, qmax, (-1,))
 
 
 # Below this many elements the eager ops cost no more than a kernel call (~15 us); above it, weights included,
@@ -94,8 +94,9 @@ def _kernel(fn, kind: str, device: torch.device):
         x = kernels.example(kind, device)
         step = torch.ones(1, device=device) if kind == "tensor" else torch.ones(x.shape[0], 1, device=device)
         args = (x, step, torch.tensor(0.0, device=device), torch.tensor(3.0, device=device))
-        # all but the forward take a first tensor like x: the grad, or the output
-        return args if fn is _forward_kernel else (torch.randn_like(x), *args)
+        # before those, tensors like x: none (forward), the output (into) or grad, or both (requantizing)
+        lead = {_forward_kernel: 0, _requantizing_backward_kernel: 2}.get(fn, 1)
+        return (*(torch.randn_like(x) for _ in range(lead)), *args)
 
     return kernels.compiled(fn, (kind, device), example)
 
@@ -139,25 +140,39 @@ def row_forward(x: Tensor, steps: Tensor, row: int, shape: tuple[int, ...], qmin
 
 
 def row_backward(grad: Tensor, x: Tensor, steps: Tensor, row: int, shape: tuple[int, ...], qmin: float,
-                 qmax: float, grad_scale: float, into_grad: bool = False) -> tuple[Tensor, Tensor]:
-    """(grad wrt x, grad wrt the whole step table) of ``row_forward``. ``into_grad``: ``grad`` is the caller's
-    own temporary, and the compiled kernel may write the grad wrt x over it."""
+                 qmax: float, grad_scale: float) -> tuple[Tensor, Tensor]:
+    """(grad wrt x, grad wrt the whole step table) of ``row_forward``."""
     kind = fused_layout(x, shape)
     if kind is not None:
-        args = (kernels.flat_steps(kind, steps.detach())[row], *_bounds(qmin, qmax, x.device))
-        flat_x, flat_grad = kernels.flat(kind, x.detach()), kernels.flat(kind, grad.detach())
-        if into_grad:
-            grad_step = _kernel(_backward_into_kernel, kind, x.device)(flat_grad, flat_x, *args)[0]
-            grad_x = flat_grad.view(x.shape)  # ``grad`` itself, or the contiguous copy the kernel wrote
-        else:
-            grad_x, grad_step = _kernel(_backward_kernel, kind, x.device)(flat_grad, flat_x, *args)
-            grad_x = grad_x.view(x.shape)
+        args = (kernels.flat(kind, grad.detach()), kernels.flat(kind, x.detach()),
+                kernels.flat_steps(kind, steps.detach())[row], *_bounds(qmin, qmax, x.device))
+        grad_x, grad_step = _kernel(_backward_kernel, kind, x.device)(*args)
     else:  # plain float bounds: a cached bound tensor made while compiling would leak out of its graph
         step = steps[row].view(shape)
         grad_x, grad_step = _backward_reduced(grad, x, step, qmin, qmax, _reduce_dims(x, step))
+    return grad_x.view(x.shape), _table_grad(steps, row, grad_step, grad_scale)
+
+
+def _table_grad(steps: Tensor, row: int, grad_step: Tensor, grad_scale: float) -> Tensor:
+    """The gradient wrt the whole step table: ``grad_step`` (scaled) in row ``row``, zeros elsewhere."""
     grad_steps = torch.zeros_like(steps)
     grad_steps[row] = grad_step.reshape(-1) * grad_scale
-    return grad_x, grad_steps
+    return grad_steps
+
+
+def row_backward_requantized(grad: Tensor, x: Tensor, steps: Tensor, row: int, shape: tuple[int, ...], qmin: float,
+                             qmax: float, grad_scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    """(``row_forward``'s output, then ``row_backward``'s two gradients) from one pass over ``x``: for a backward
+    that needs the quantized input again (a layer's weight gradient). The output lives in scratch memory."""
+    kind = fused_layout(x, shape)
+    if kind is None:
+        return row_forward(x, steps, row, shape, qmin, qmax, transient=True), *row_backward(
+            grad, x, steps, row, shape, qmin, qmax, grad_scale)
+    out = kernels.scratch(x)
+    args = (kernels.flat(kind, out), kernels.flat(kind, grad.detach()), kernels.flat(kind, x.detach()),
+            kernels.flat_steps(kind, steps.detach())[row], *_bounds(qmin, qmax, x.device))
+    grad_x, grad_step = _kernel(_requantizing_backward_kernel, kind, x.device)(*args)
+    return out, grad_x.view(x.shape), _table_grad(steps, row, grad_step, grad_scale)
 
 
 def row_step_factor(x: Tensor, steps: Tensor, row: int, shape: tuple[int, ...], qmin: float, qmax: float) -> Tensor:

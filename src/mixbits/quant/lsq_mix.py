@@ -74,11 +74,10 @@ def _backward_kernel(grad, x, steps, probs, qmins, qmaxs):
     return _mix_backward(grad, x, steps, probs, qmins, qmaxs, (-1,))
 
 
-def _backward_into_kernel(grad, x, steps, probs, qmins, qmaxs):
-    """As ``_backward_kernel``, with the grad wrt x written over ``grad``: no new tensor to allocate."""
-    grad_x, grad_p, grad_s = _mix_backward(grad, x, steps, probs, qmins, qmaxs, (-1,))
-    grad.copy_(grad_x)
-    return grad_p, grad_s
+def _requantizing_backward_kernel(out, grad, x, steps, probs, qmins, qmaxs):
+    """As ``_backward_kernel``, also writing the forward's output into ``out`` from the same loop over ``x``."""
+    out.copy_(_mix_forward(x, steps, probs, qmins, qmaxs))
+    return _mix_backward(grad, x, steps, probs, qmins, qmaxs, (-1,))
 
 
 def _kernel(fn, kind: str, candidates: int, device: torch.device):
@@ -88,8 +87,9 @@ def _kernel(fn, kind: str, candidates: int, device: torch.device):
         steps = torch.ones(candidates, *((1,) if kind == "tensor" else (x.shape[0], 1)), device=device)
         bounds = torch.zeros(candidates, device=device), torch.full((candidates,), 3.0, device=device)
         args = (x, steps, torch.full((candidates,), 1.0 / candidates, device=device), *bounds)
-        # all but the forward take a first tensor like x: the grad, or the output
-        return args if fn is _forward_kernel else (torch.randn_like(x), *args)
+        # before those, tensors like x: none (forward), the output (into) or grad, or both (requantizing)
+        lead = {_forward_kernel: 0, _requantizing_backward_kernel: 2}.get(fn, 1)
+        return (*(torch.randn_like(x) for _ in range(lead)), *args)
 
     return kernels.compiled(fn, (kind, candidates, device), example)
 
@@ -109,8 +109,7 @@ def mix_forward(x: Tensor, steps: Tensor, probs: Tensor, shape: tuple[int, ...],
     kind = fused_layout(x, shape)
     if kind is not None:
         try:
-            args = (kernels.flat(kind, x.detach()), kernels.flat_steps(kind, steps.detach()), probs.detach(),
-                    *_bound_tables(bounds, x.device))
+            args = _kernel_args(kind, x, steps, probs, bounds)
             if transient:
                 out = kernels.scratch(x)
                 _kernel(_forward_into_kernel, kind, len(bounds), x.device)(kernels.flat(kind, out), *args)
@@ -124,25 +123,43 @@ def mix_forward(x: Tensor, steps: Tensor, probs: Tensor, shape: tuple[int, ...],
 
 
 def mix_backward(grad: Tensor, x: Tensor, steps: Tensor, probs: Tensor, shape: tuple[int, ...], bounds: tuple,
-                 grad_scales: tuple, into_grad: bool = False) -> tuple[Tensor, Tensor, Tensor]:
-    """(grad wrt x, grad wrt the step table, grad wrt probs) of ``mix_forward``. ``into_grad``: ``grad`` is the
-    caller's own temporary, and the compiled kernel may write the grad wrt x over it."""
+                 grad_scales: tuple) -> tuple[Tensor, Tensor, Tensor]:
+    """(grad wrt x, grad wrt the step table, grad wrt probs) of ``mix_forward``."""
     kind = fused_layout(x, shape)
     if kind is not None:
-        flat_grad = kernels.flat(kind, grad.detach())
-        args = (flat_grad, kernels.flat(kind, x.detach()), kernels.flat_steps(kind, steps.detach()), probs.detach(),
-                *_bound_tables(bounds, x.device))
-        if into_grad:
-            grad_p, grad_s = _kernel(_backward_into_kernel, kind, len(bounds), x.device)(*args)
-            grad_x = flat_grad.view(x.shape)  # ``grad`` itself, or the contiguous copy the kernel wrote
-        else:
-            grad_x, grad_p, grad_s = _kernel(_backward_kernel, kind, len(bounds), x.device)(*args)
-            grad_x = grad_x.view(x.shape)
+        args = (kernels.flat(kind, grad.detach()), *_kernel_args(kind, x, steps, probs, bounds))
+        grad_x, grad_p, grad_s = _kernel(_backward_kernel, kind, len(bounds), x.device)(*args)
     else:  # plain float bounds: a cached bound tensor made while compiling would leak out of its graph
         table = steps.view(steps.shape[0], *shape)
         full = (1,) * (x.dim() - len(shape)) + tuple(shape)
         dims = tuple(d for d in range(x.dim()) if full[d] == 1)
         grad_x, grad_p, grad_s = _mix_backward(grad, x, table, probs, *zip(*bounds, strict=True), dims)
+    return _gradients(grad_x.view(x.shape), grad_p, grad_s, steps, probs, grad_scales)
+
+
+def mix_backward_requantized(grad: Tensor, x: Tensor, steps: Tensor, probs: Tensor, shape: tuple[int, ...],
+                             bounds: tuple, grad_scales: tuple) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(``mix_forward``'s output, then ``mix_backward``'s three gradients) from one pass over ``x``: for a backward
+    that needs the mixed input again (a layer's weight gradient). The output lives in scratch memory."""
+    kind = fused_layout(x, shape)
+    if kind is None:
+        return mix_forward(x, steps, probs, shape, bounds, transient=True), *mix_backward(
+            grad, x, steps, probs, shape, bounds, grad_scales)
+    out = kernels.scratch(x)
+    args = (kernels.flat(kind, out), kernels.flat(kind, grad.detach()), *_kernel_args(kind, x, steps, probs, bounds))
+    grad_x, grad_p, grad_s = _kernel(_requantizing_backward_kernel, kind, len(bounds), x.device)(*args)
+    return out, *_gradients(grad_x.view(x.shape), grad_p, grad_s, steps, probs, grad_scales)
+
+
+def _kernel_args(kind: str, x: Tensor, steps: Tensor, probs: Tensor, bounds: tuple) -> tuple:
+    """The arguments every mixture kernel takes after its leading tensors, flattened for layout ``kind``."""
+    return (kernels.flat(kind, x.detach()), kernels.flat_steps(kind, steps.detach()), probs.detach(),
+            *_bound_tables(bounds, x.device))
+
+
+def _gradients(grad_x: Tensor, grad_p: Tensor, grad_s: Tensor, steps: Tensor, probs: Tensor,
+               grad_scales: tuple) -> tuple[Tensor, Tensor, Tensor]:
+    """(grad wrt x, wrt the step table with the LSQ scales applied, wrt probs in their dtype)."""
     scales = torch.tensor(grad_scales, dtype=grad_s.dtype, device=grad_s.device)
     grad_steps = grad_s.reshape(steps.shape[0], -1) * scales[:, None]
     return grad_x, grad_steps.reshape(steps.shape), grad_p.to(probs.dtype)
