@@ -218,7 +218,8 @@ class Bench:
                 "bitops": None if policy is None else float(bitops(self.stats, policy)),
                 "size_bytes": None if policy is None else float(size_bytes(self.stats, policy)),
                 "policy": None if policy is None else {n: {"w": w, "a": a} for n, (w, a) in policy.bits.items()},
-                **seconds}
+                # seconds depend on it, and so (by summation order) does a 2-epoch result's last digit
+                "threads": torch.get_num_threads(), **seconds}
 
     def finetuned(self, policy, space, seed: int, name: str, **extra) -> tuple[torch.nn.Module, dict]:
         train = self.loaders(seed)[0]
