@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .lsq import row_backward_requantized, row_forward, row_step_factor
-from .lsq_mix import mix_backward_requantized, mix_forward
+from .lsq import fused_layout, row_backward, row_backward_requantized, row_forward, row_step_factor
+from .lsq_mix import mix_backward, mix_backward_requantized, mix_forward
 
 
 def _quantize(plan: tuple, x: Tensor, steps: Tensor, probs: Tensor | None) -> Tensor:
@@ -30,11 +30,23 @@ def _quantize(plan: tuple, x: Tensor, steps: Tensor, probs: Tensor | None) -> Te
     return mix_forward(x, steps, probs, *plan[1:3], transient=True)
 
 
+def _one_pass(plan: tuple, x: Tensor) -> bool:
+    """Whether the compiled kernels quantize ``x`` (so one of them can remake the quantized input in the backward)."""
+    return fused_layout(x, plan[2] if plan[0] == "row" else plan[1]) is not None
+
+
 def _requantizing_backward(plan: tuple, grad: Tensor, x: Tensor, steps: Tensor, probs: Tensor | None):
     """(the quantized input again, in scratch memory; grad wrt x, wrt the step table, wrt probs or None)."""
     if plan[0] == "row":
         return *row_backward_requantized(grad, x, steps, *plan[1:]), None
     return mix_backward_requantized(grad, x, steps, probs, *plan[1:])
+
+
+def _quantize_backward(plan: tuple, grad: Tensor, x: Tensor, steps: Tensor, probs: Tensor | None):
+    """(grad wrt x, wrt the step table, wrt probs or None)."""
+    if plan[0] == "row":
+        return *row_backward(grad, x, steps, *plan[1:]), None
+    return mix_backward(grad, x, steps, probs, *plan[1:])
 
 
 def _layer(op: tuple, q: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
@@ -71,14 +83,19 @@ class _QuantLayerFunction(torch.autograd.Function):
         needs = ctx.needs_input_grad
         if not needs[0] and ctx.plan[0] == "row" and ctx.op[0] == "conv" and steps.shape[1] == 1:
             return _input_free_backward(ctx, grad, x, steps, weight)
-        # The input's gradient first (it needs no quantized input); then one pass over x makes the quantizer's
-        # gradients and the quantized input the weight's gradient needs: one pass fewer than recomputing it apart.
         with torch.no_grad():
-            grad_q = _layer_backward(ctx.op, grad, x, weight, ctx.has_bias, need_w=False, need_b=False)[0]
-            q, grad_x, grad_steps, grad_probs = _requantizing_backward(ctx.plan, grad_q, x, steps, probs)
-            del grad_q
-            _, grad_w, grad_b = _layer_backward(ctx.op, grad, q, weight, ctx.has_bias, needs[3], needs[4],
-                                                need_q=False)
+            if _one_pass(ctx.plan, x):
+                # The input's gradient first (it needs no quantized input); then one compiled pass over x makes the
+                # quantizer's gradients and the quantized input the weight's gradient needs.
+                grad_q = _layer_backward(ctx.op, grad, x, weight, ctx.has_bias, need_w=False, need_b=False)[0]
+                q, grad_x, grad_steps, grad_probs = _requantizing_backward(ctx.plan, grad_q, x, steps, probs)
+                del grad_q
+                _, grad_w, grad_b = _layer_backward(ctx.op, grad, q, weight, ctx.has_bias, needs[3], needs[4],
+                                                    need_q=False)
+            else:  # eager ops, or a compiled model's graph (which fuses on its own): one product backward
+                q = _quantize(ctx.plan, x, steps, probs)
+                grad_q, grad_w, grad_b = _layer_backward(ctx.op, grad, q, weight, ctx.has_bias, needs[3], needs[4])
+                grad_x, grad_steps, grad_probs = _quantize_backward(ctx.plan, grad_q, x, steps, probs)
         del q  # scratch memory: the next layer's backward reuses it
         return grad_x if needs[0] else None, grad_steps, grad_probs, grad_w, grad_b, None, None
 

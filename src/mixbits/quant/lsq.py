@@ -163,11 +163,9 @@ def _table_grad(steps: Tensor, row: int, grad_step: Tensor, grad_scale: float) -
 def row_backward_requantized(grad: Tensor, x: Tensor, steps: Tensor, row: int, shape: tuple[int, ...], qmin: float,
                              qmax: float, grad_scale: float) -> tuple[Tensor, Tensor, Tensor]:
     """(``row_forward``'s output, then ``row_backward``'s two gradients) from one pass over ``x``: for a backward
-    that needs the quantized input again (a layer's weight gradient). The output lives in scratch memory."""
+    that needs the quantized input again (a layer's weight gradient). The output lives in scratch memory.
+    Only where ``fused_layout`` gives a layout: a compiled kernel is what makes one pass of it."""
     kind = fused_layout(x, shape)
-    if kind is None:
-        return row_forward(x, steps, row, shape, qmin, qmax, transient=True), *row_backward(
-            grad, x, steps, row, shape, qmin, qmax, grad_scale)
     out = kernels.scratch(x)
     args = (kernels.flat(kind, out), kernels.flat(kind, grad.detach()), kernels.flat(kind, x.detach()),
             kernels.flat_steps(kind, steps.detach())[row], *_bounds(qmin, qmax, x.device))

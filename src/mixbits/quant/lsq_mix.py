@@ -140,11 +140,9 @@ def mix_backward(grad: Tensor, x: Tensor, steps: Tensor, probs: Tensor, shape: t
 def mix_backward_requantized(grad: Tensor, x: Tensor, steps: Tensor, probs: Tensor, shape: tuple[int, ...],
                              bounds: tuple, grad_scales: tuple) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(``mix_forward``'s output, then ``mix_backward``'s three gradients) from one pass over ``x``: for a backward
-    that needs the mixed input again (a layer's weight gradient). The output lives in scratch memory."""
+    that needs the mixed input again (a layer's weight gradient). The output lives in scratch memory.
+    Only where ``fused_layout`` gives a layout: a compiled kernel is what makes one pass of it."""
     kind = fused_layout(x, shape)
-    if kind is None:
-        return mix_forward(x, steps, probs, shape, bounds, transient=True), *mix_backward(
-            grad, x, steps, probs, shape, bounds, grad_scales)
     out = kernels.scratch(x)
     args = (kernels.flat(kind, out), kernels.flat(kind, grad.detach()), *_kernel_args(kind, x, steps, probs, bounds))
     grad_x, grad_p, grad_s = _kernel(_requantizing_backward_kernel, kind, len(bounds), x.device)(*args)
