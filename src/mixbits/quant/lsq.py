@@ -111,6 +111,13 @@ def _bounds(qmin: float, qmax: float, device: torch.device) -> tuple[Tensor, Ten
     return _BOUNDS[key]
 
 
+def _kernel_args(kind: str, x: Tensor, steps: Tensor, row: int, qmin: float, qmax: float) -> tuple:
+    """The arguments every kernel takes after its leading tensors: ``x``, row ``row`` of the step table and the
+    clip bounds, flattened for layout ``kind`` (detached: the kernels see plain tensors, never Parameters)."""
+    return (kernels.flat(kind, x.detach()), kernels.flat_steps(kind, steps.detach())[row],
+            *_bounds(qmin, qmax, x.device))
+
+
 def _reduce_dims(x: Tensor, step: Tensor) -> tuple[int, ...]:
     """Dimensions of ``x`` over which one step value is shared (all of them for per-tensor)."""
     shape = (1,) * (x.dim() - step.dim()) + tuple(step.shape)
@@ -123,9 +130,8 @@ def row_forward(x: Tensor, steps: Tensor, row: int, shape: tuple[int, ...], qmin
     ``transient``: the caller drops the result before its next call here, so it may live in scratch memory."""
     kind = fused_layout(x, shape)
     if kind is not None:
-        try:  # detached: the kernels see plain tensors, never Parameters
-            args = (kernels.flat(kind, x.detach()), kernels.flat_steps(kind, steps.detach())[row],
-                    *_bounds(qmin, qmax, x.device))
+        try:
+            args = _kernel_args(kind, x, steps, row, qmin, qmax)
             if transient:
                 out = kernels.scratch(x)
                 _kernel(_forward_into_kernel, kind, x.device)(kernels.flat(kind, out), *args)
@@ -144,8 +150,7 @@ def row_backward(grad: Tensor, x: Tensor, steps: Tensor, row: int, shape: tuple[
     """(grad wrt x, grad wrt the whole step table) of ``row_forward``."""
     kind = fused_layout(x, shape)
     if kind is not None:
-        args = (kernels.flat(kind, grad.detach()), kernels.flat(kind, x.detach()),
-                kernels.flat_steps(kind, steps.detach())[row], *_bounds(qmin, qmax, x.device))
+        args = (kernels.flat(kind, grad.detach()), *_kernel_args(kind, x, steps, row, qmin, qmax))
         grad_x, grad_step = _kernel(_backward_kernel, kind, x.device)(*args)
     else:  # plain float bounds: a cached bound tensor made while compiling would leak out of its graph
         step = steps[row].view(shape)
@@ -167,8 +172,7 @@ def row_backward_requantized(grad: Tensor, x: Tensor, steps: Tensor, row: int, s
     Only where ``fused_layout`` gives a layout: a compiled kernel is what makes one pass of it."""
     kind = fused_layout(x, shape)
     out = kernels.scratch(x)
-    args = (kernels.flat(kind, out), kernels.flat(kind, grad.detach()), kernels.flat(kind, x.detach()),
-            kernels.flat_steps(kind, steps.detach())[row], *_bounds(qmin, qmax, x.device))
+    args = (kernels.flat(kind, out), kernels.flat(kind, grad.detach()), *_kernel_args(kind, x, steps, row, qmin, qmax))
     grad_x, grad_step = _kernel(_requantizing_backward_kernel, kind, x.device)(*args)
     return out, grad_x.view(x.shape), _table_grad(steps, row, grad_step, grad_scale)
 
