@@ -8,6 +8,13 @@ Trains a float model and a one-shot supernet briefly on Fashion-MNIST, then scor
 validation images, and compares the two rankings: Spearman's ρ over all moves and whether both pick the same
 best move. Repeated on up to ``--repeats`` disjoint pairs of sets per N (as many as the held-out split
 holds). Writes benchmarks/results/score_stability.json.
+
+With ``--screen``, what the walk's screened step keeps instead (``screen_samples``, ``screen_keep``): on each of
+``--repeats`` disjoint sets of 1024 images, the step's paired moves from W6A6 and from W4A4 are ranked by J (as
+the walk does, BitOPs as the cost) on all 1024, and by the screened step (all moves on the first N, the best
+``--keep`` share re-scored on all 1024). Reports how often both pick the same move, the full ranking's place of
+the screened pick, and its J above the best; and the same for the pick of another 1024 images scoring every move
+(the noise of the unscreened walk itself). Writes benchmarks/results/score_screening.json.
 """
 
 from __future__ import annotations
@@ -30,13 +37,14 @@ from mixbits.data import DataConfig, build_loaders  # noqa: E402
 from mixbits.models import create  # noqa: E402
 from mixbits.quant import quantize_model  # noqa: E402
 from mixbits.search import PolicyEvaluator, SearchContext, run_searcher  # noqa: E402
-from mixbits.search.greedy import neighbours  # noqa: E402
+from mixbits.search.greedy import min_max, neighbours, step_losses  # noqa: E402
 from mixbits.train import TrainConfig, fit  # noqa: E402
 from mixbits.utils import seed_everything  # noqa: E402
 
 
-def trained_supernet(args) -> tuple[torch.nn.Module, SearchSpace, object]:
-    """A briefly trained float model, then a one-shot supernet trained from it; returns it, its space, val data."""
+def trained_supernet(args) -> tuple[SearchContext, object]:
+    """A briefly trained float model, then a one-shot supernet trained from it; returns the search context (its
+    model is the trained supernet) and the validation data."""
     seed_everything(0)
     data = DataConfig(max_train_samples=args.train_samples, eval_batch_size=1024)
     train, val, _, train_set = build_loaders(data, seed=0)
@@ -49,7 +57,7 @@ def trained_supernet(args) -> tuple[torch.nn.Module, SearchSpace, object]:
                         train_loader=train, val_loader=val, float_model=model.eval(), progress=False,
                         options={"epochs": args.supernet_epochs, "save_supernet": False, "fill": False})
     run_searcher("oneshot", ctx)  # the model is the trained supernet afterwards
-    return ctx.model, space, val
+    return ctx, val
 
 
 def agreement(model, space, images, labels, n: int, repeats: int) -> dict:
@@ -69,6 +77,37 @@ def agreement(model, space, images, labels, n: int, repeats: int) -> dict:
             "same best move": f"{sum(same_best)}/{repeats}", "raw": rhos}
 
 
+def screening(ctx, images, labels, n: int, keep: float, repeats: int, lam: float = 1.5) -> list[dict]:
+    """Per start policy: does the screened step pick the move that scoring every move on 1024 images picks? As a
+    yardstick, the pick of all moves scored on another 1024 images, placed in the same ranking."""
+    rows = []
+    starts = (("W6A6", Policy.from_rules(ctx.space, default=(6, 6))), ("W4A4", Policy.uniform(ctx.space, 4)))
+    for label, start in starts:
+        moves = [p for _, p in neighbours(start, ctx.space)]
+        costs = [ctx.cost(p)["bitops"] for p in moves]
+        sets = [[(images[r * 1024:(r + 1) * 1024], labels[r * 1024:(r + 1) * 1024])] for r in range(repeats)]
+        full = [PolicyEvaluator(ctx.model, b, None, eval_batches=1, bn_batches=0, bn_mode="batch") for b in sets]
+        j = [[lo + lam * c for lo, c in zip(min_max([f(p)["loss"] for p in moves]), min_max(costs), strict=True)]
+             for f in full]
+        screened, other = [], []
+        for r in range(repeats):
+            cheap = PolicyEvaluator(ctx.model, sets[r], None, eval_batches=1, bn_batches=0, bn_mode="batch",
+                                    eval_samples=n)
+            losses, kept = step_losses(moves, costs, full[r], cheap, keep, lam)
+            screened_j = [lo + lam * c for lo, c in zip(min_max(losses), min_max(costs), strict=True)]
+            order = sorted(range(len(moves)), key=j[r].__getitem__)
+            for pick, out in ((min(kept, key=screened_j.__getitem__), screened),
+                              (min(range(len(moves)), key=j[(r + 1) % repeats].__getitem__), other)):
+                out.append((pick == order[0], order.index(pick) + 1, j[r][pick] - j[r][order[0]]))
+        row = {"start": label, "moves": len(moves), "screen images": n, "keep": keep, "rescored": len(kept)}
+        for name, picks in (("screened", screened), ("other 1024", other)):
+            row[f"{name}: same pick"] = f"{sum(p[0] for p in picks)}/{repeats}"
+            row[f"{name}: place (mean)"] = statistics.mean(p[1] for p in picks)
+            row[f"{name}: J above best (mean)"] = statistics.mean(p[2] for p in picks)
+        rows.append(row)
+    return rows
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="resnet20")
@@ -78,10 +117,24 @@ def main(argv=None) -> None:
     p.add_argument("--train-samples", type=int, default=8192)
     p.add_argument("--float-epochs", type=int, default=2)
     p.add_argument("--supernet-epochs", type=int, default=1)
+    p.add_argument("--screen", action="store_true", help="measure the walk's screened step instead")
+    p.add_argument("--keep", type=float, default=0.15, help="with --screen: the share of moves re-scored")
     args = p.parse_args(argv)
     sizes = [int(s) for s in args.sizes.split(",")]
-    model, space, val = trained_supernet(args)
+    ctx, val = trained_supernet(args)
+    model, space = ctx.model, ctx.space
     images, labels = (torch.cat(t) for t in zip(*val, strict=True))
+    if args.screen:
+        repeats = min(args.repeats, len(labels) // 1024)
+        rows = [row for n in sizes if n < 1024 for row in screening(ctx, images, labels, n, args.keep, repeats)]
+        columns = ["start", "moves", "screen images", "rescored"] + [
+            f"{name}: {what}" for name in ("screened", "other 1024") for what in ("same pick", "place (mean)",
+                                                                                 "J above best (mean)")]
+        table = markdown_table(rows, columns)
+        print(f"\n{args.model} (width {args.width or 1}), {args.train_samples} training images, "
+              f"{args.supernet_epochs} supernet epoch(s)\n\n{table}")
+        write_result("score_screening", {"args": vars(args), "rows": rows, "table": table})
+        return
     # as many disjoint pairs of sets as the held-out images allow, at most --repeats
     rows = [agreement(model, space, images, labels, n, min(args.repeats, len(labels) // (2 * n))) for n in sizes]
     table = markdown_table(rows, ["images", "moves", "spearman (mean)", "spearman (min)", "same best move"])

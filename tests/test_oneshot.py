@@ -227,6 +227,38 @@ def test_a_walk_with_several_moves_a_step_scores_fewer_policies_and_still_protec
     assert abs(loss(four.policy)["loss"] - loss(one.policy)["loss"]) <= 0.1  # the same quality on an additive loss
 
 
+def test_a_screened_walk_rescores_a_share_of_each_step_and_moves_only_to_rescored_neighbours():
+    names = tuple(f"l{i}" for i in range(12))
+    space = SearchSpace(names, (2, 4, 6), (2, 4, 6))
+    sensitivity = {n: 100.0 if i < 3 else 1.0 + 0.01 * i for i, n in enumerate(names)}
+
+    def loss(policy):
+        return {"loss": sum(s * (12 - sum(policy[n])) for n, s in sensitivity.items())}
+
+    def cost(policy):
+        return sum(policy[n][0] * policy[n][1] for n in names)
+
+    fits = lambda p: cost(p) <= 12 * 16  # noqa: E731
+    top = Policy.from_rules(space, default=(6, 6))
+    exact, rough = [], []
+    plain = greedy_search(top, space, loss, cost, fits, lam=0.5, paired=False)
+    # a cheap scorer on another image set: the same ranking, another loss level
+    screened = greedy_search(top, space, lambda p: exact.append(p) or loss(p), cost, fits, lam=0.5, paired=False,
+                             screen=lambda p: rough.append(p) or {"loss": loss(p)["loss"] + 7.0}, keep=0.25)
+    assert screened.policy == plain.policy and screened.path == plain.path  # the offset is taken out
+    rescored = [s.get("rescored", s["candidates"]) for s in screened.steps]
+    assert rescored == [min(s["candidates"], max(3, math.ceil(0.25 * s["candidates"]))) for s in screened.steps]
+    assert len(exact) == sum(rescored) and len(rough) > 3 * len(exact)
+    assert all(any(p == q for q in exact) for p in screened.path[1:])  # every move taken was re-scored
+
+    # a scorer that ranks the moves backwards: the walk still moves only to re-scored neighbours, and still fits
+    exact.clear()
+    misled = greedy_search(top, space, lambda p: exact.append(p) or loss(p), cost, fits, lam=0.5, paired=False,
+                           screen=lambda p: {"loss": -loss(p)["loss"]}, keep=0.25)
+    assert fits(misled.policy) and all(any(p == q for q in exact) for p in misled.path[1:])
+    assert loss(misled.policy)["loss"] > loss(plain.policy)["loss"]  # and it can be misled: what --screen measures
+
+
 # end to end ---------------------------------------------------------------------------------------------------------
 def _latency_table(ctx):
     return LatencyTable({n: {LatencyTable.key(w, a): 0.01 * w * a for w in (2, 4, 6, 8) for a in (2, 4, 6, 8)}
@@ -261,6 +293,20 @@ def test_end_to_end_several_budgets_from_one_supernet():
             assert str(bits) not in p["sampled_w"].get(name, {})
     again = run_searcher("oneshot", _context(budgets, FAST, latency=ctx.latency))
     assert [p.key() for p in again.policies] == [p.key() for p in result.policies]  # deterministic given the seed
+
+
+def test_the_walk_screens_on_the_first_images_and_rescores_the_best_on_all():
+    budgets = parse_budgets("bitops<=uniform:3")
+    options = {**FAST, "fill": False, "eval_batches": 2, "screen_keep": 0.25, "moves": "separate"}  # 4L moves
+    plain = run_searcher("oneshot", _context(budgets, {**options, "screen_samples": None}))
+    ctx = _context(budgets, {**options, "screen_samples": 8})  # of the 2 x 16 scored images
+    screened = run_searcher("oneshot", ctx)
+    assert ctx.fits(screened.policies[0], budgets[0])
+    steps = screened.trace[1]["steps"]
+    assert steps and all(s["rescored"] == max(3, math.ceil(0.25 * s["candidates"])) for s in steps)
+    assert screened.info["evaluations"] < plain.info["evaluations"]  # fewer policies scored on all the images
+    assert screened.info["screen_evaluations"] >= sum(s["candidates"] for s in steps) - len(steps)
+    assert plain.info["screen_evaluations"] == 0 and "rescored" not in plain.trace[1]["steps"][0]
 
 
 def test_every_feature_can_be_switched_off():

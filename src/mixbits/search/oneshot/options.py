@@ -59,6 +59,9 @@ class OneshotOptions:
     eval_samples: int | None = 1024  # at most this many of their images per score (None: the whole batches);
     #   benchmarks/score_stability.py: two scorings of a walk step's moves on 256 images rank them alike at
     #   Spearman ρ 0.45, on 1024 at 0.72 (ResNet-20)
+    screen_samples: int | None = 128  # a step first scores every neighbour on this many of the scored images ...
+    screen_keep: float = 0.15  # ... and re-scores this share of them (at least 3), ranked best, on all of them;
+    #   None: every neighbour on all (the paper). benchmarks/score_stability.py --screen measures what it keeps
     bn_batches: int = 2  # training batches for BatchNorm recalibration per score (score_bn: recalibrate)
     score_bn: str = "batch"  # BatchNorm: "batch" (each scored batch's own statistics), "recalibrate", or "pair"
     #   (one BatchNorm per (w, a) pair of the layer before it, trained with the supernet; scores use its statistics)
@@ -107,6 +110,9 @@ def check_options(opts: OneshotOptions, candidates: tuple[int, ...]) -> None:
         ("bn_batches", is_int(opts.bn_batches) and opts.bn_batches >= 0, "a whole number >= 0"),
         ("eval_samples", opts.eval_samples is None or (is_int(opts.eval_samples) and opts.eval_samples >= 1),
          "a whole number >= 1, or null for the whole batches"),
+        ("screen_samples", opts.screen_samples is None or (is_int(opts.screen_samples) and opts.screen_samples >= 1),
+         "a whole number >= 1, or null to score every neighbour on all the images"),
+        ("screen_keep", is_number(opts.screen_keep) and 0 < opts.screen_keep <= 1, "a number in (0, 1]"),
         ("score_bn", one_of(opts.score_bn, SCORE_BN), f"one of {list(SCORE_BN)}"),
         ("reuse_prefix", isinstance(opts.reuse_prefix, bool), "true or false"),
         ("save_supernet", isinstance(opts.save_supernet, bool), "true or false"),

@@ -44,13 +44,14 @@ def oneshot_search(ctx: SearchContext) -> SearchResult:
                                 eval_samples=opts.eval_samples,
                                 reuse_prefix=opts.reuse_prefix and opts.score_bn == "batch", loss_fn=ctx.loss_fn)
     front = FrontRecorder(ctx, evaluator)
+    screen = _screening_evaluator(ctx, opts, evaluator)
     start = start_policy(ctx, opts)
     walks: dict[tuple, Walk] = {}
     policies, trace = [], [{"stage": "supernet", **supernet}]
     for budget in ctx.budgets:
         front.budget = budget.text
         began = time.perf_counter()
-        walk, continued = _walk_for(ctx, opts, budget, start, front, walks)
+        walk, continued = _walk_for(ctx, opts, budget, start, front, walks, screen)
         policy, filled = walk.path[-1], []
         if opts.fill:
             raised = fill_up(policy, ctx.space, front, lambda p, b=budget: ctx.fits(p, b), evaluator.focus)
@@ -64,7 +65,8 @@ def oneshot_search(ctx: SearchContext) -> SearchResult:
                       "policy": policy.describe(), **ctx.cost(policy), **front(policy)})
     return SearchResult("oneshot", list(ctx.budgets), policies, trace=trace, front=front.entries(),
                         retraining_free=True,
-                        info={"options": asdict(opts), "evaluations": evaluator.evaluations, "supernet": saved,
+                        info={"options": asdict(opts), "evaluations": evaluator.evaluations,
+                              "screen_evaluations": screen.evaluations if screen is not None else 0, "supernet": saved,
                               "scored_with": "PolicyEvaluator (BatchNorm recalibration + held-out loss)"})
 
 
@@ -117,8 +119,19 @@ def _cost_term(ctx: SearchContext, opts: OneshotOptions, budget: Budget):
     return relative, (tuple(limits) if len(limits) == 1 else None)
 
 
+def _screening_evaluator(ctx: SearchContext, opts: OneshotOptions, evaluator: PolicyEvaluator):
+    """The walk's cheap first scorer: the evaluator's first ``screen_samples`` images, scored the same way;
+    None when screening is off or would not be cheaper (a user's loss_fn scores whole batches)."""
+    scored = sum(len(y) for _, y in evaluator.batches) if ctx.loss_fn is None else 0
+    if opts.screen_samples is None or opts.screen_samples >= scored:
+        return None
+    return PolicyEvaluator(ctx.model, evaluator.batches, ctx.train_loader, len(evaluator.batches), opts.bn_batches,
+                           ctx.device, bn_mode=evaluator.bn_mode, eval_samples=opts.screen_samples,
+                           reuse_prefix=evaluator.prefix is not None)
+
+
 def _walk_for(ctx: SearchContext, opts: OneshotOptions, budget: Budget, start: Policy, score: FrontRecorder,
-              walks: dict[tuple, Walk]) -> tuple[Walk, str | None]:
+              walks: dict[tuple, Walk], screen: PolicyEvaluator | None = None) -> tuple[Walk, str | None]:
     """The budget's greedy walk; an earlier walk with the same J is reused up to its first fitting policy,
     or continued from its end (the same walk a fresh start would take, without re-scoring its steps)."""
     lowest = Policy.from_rules(ctx.space, default=(ctx.space.w_bits[0], ctx.space.a_bits[0]))
@@ -136,13 +149,23 @@ def _walk_for(ctx: SearchContext, opts: OneshotOptions, budget: Budget, start: P
     result = greedy_search(begin, ctx.space, score, cost, lambda p: ctx.fits(p, budget), opts.lam,
                            opts.bidirectional, max(0, limit - len(done)), ctx.progress,
                            description=f"greedy {budget}", visited={p.key() for p in (earlier.path if earlier else [])},
-                           paired=opts.moves == "layer", focus=score.evaluator.focus,
-                           moves_per_step=max(1, round(opts.stride * len(ctx.space.searchable))))
+                           paired=opts.moves == "layer", focus=_focus(score.evaluator, screen),
+                           moves_per_step=max(1, round(opts.stride * len(ctx.space.searchable))),
+                           screen=screen, keep=opts.screen_keep)
     steps = done + [{**s, "step": len(done) + s["step"]} for s in result.steps]
     walk = Walk((earlier.path if earlier else []) + result.path[(1 if earlier else 0):], steps, budget.text)
     if key is not None:
         walks[key] = walk
     return walk, (earlier.budget if earlier is not None else None)
+
+
+def _focus(*evaluators: PolicyEvaluator | None):
+    """Tell every scorer of the walk its current policy (each records the shared blocks on its own images)."""
+    def focus(policy: Policy) -> None:
+        for evaluator in evaluators:
+            if evaluator is not None:
+                evaluator.focus(policy)
+    return focus
 
 
 def only_lowest_fits(ctx: SearchContext, budget: Budget, lowest: Policy) -> bool:
