@@ -37,7 +37,7 @@ from mixbits.data import DataConfig, build_loaders  # noqa: E402
 from mixbits.models import create  # noqa: E402
 from mixbits.quant import quantize_model  # noqa: E402
 from mixbits.search import PolicyEvaluator, SearchContext, run_searcher  # noqa: E402
-from mixbits.search.greedy import min_max, neighbours, step_losses  # noqa: E402
+from mixbits.search.greedy import neighbours, objective, step_losses  # noqa: E402
 from mixbits.train import TrainConfig, fit  # noqa: E402
 from mixbits.utils import seed_everything  # noqa: E402
 
@@ -87,14 +87,13 @@ def screening(ctx, images, labels, n: int, keep: float, repeats: int, lam: float
         costs = [ctx.cost(p)["bitops"] for p in moves]
         sets = [[(images[r * 1024:(r + 1) * 1024], labels[r * 1024:(r + 1) * 1024])] for r in range(repeats)]
         full = [PolicyEvaluator(ctx.model, b, None, eval_batches=1, bn_batches=0, bn_mode="batch") for b in sets]
-        j = [[lo + lam * c for lo, c in zip(min_max([f(p)["loss"] for p in moves]), min_max(costs), strict=True)]
-             for f in full]
+        j = [objective([f(p)["loss"] for p in moves], costs, lam) for f in full]
         screened, other = [], []
         for r in range(repeats):
             cheap = PolicyEvaluator(ctx.model, sets[r], None, eval_batches=1, bn_batches=0, bn_mode="batch",
                                     eval_samples=n)
             losses, kept = step_losses(moves, costs, full[r], cheap, keep, lam)
-            screened_j = [lo + lam * c for lo, c in zip(min_max(losses), min_max(costs), strict=True)]
+            screened_j = objective(losses, costs, lam)
             order = sorted(range(len(moves)), key=j[r].__getitem__)
             for pick, out in ((min(kept, key=screened_j.__getitem__), screened),
                               (min(range(len(moves)), key=j[(r + 1) % repeats].__getitem__), other)):

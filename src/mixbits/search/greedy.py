@@ -88,6 +88,11 @@ def min_max(values: Sequence[float]) -> list[float]:
     return [(v - low) / (high - low) for v in values]
 
 
+def objective(losses: Sequence[float], costs: Sequence[float], lam: float) -> list[float]:
+    """J of Eq. 9 for each of a step's neighbours: min-max normalised loss + λ · min-max normalised cost."""
+    return [lo + lam * c for lo, c in zip(min_max(losses), min_max(costs), strict=True)]
+
+
 def descents_to_bottom(policy: Policy, space: SearchSpace) -> int:
     """How many one-step descents lead from ``policy`` to the lowest candidates everywhere."""
     return sum(space.w_bits.index(policy[n][0]) + space.a_bits.index(policy[n][1]) for n in space.searchable)
@@ -126,7 +131,7 @@ def greedy_search(start: Policy, space: SearchSpace, evaluate: Callable[[Policy]
             policies = [p for _, p in options]
             costs = [float(cost_term(p)) for p in policies]
             losses, kept = step_losses(policies, costs, evaluate, screen, keep, lam)
-            scores = [lo + lam * c for lo, c in zip(min_max(losses), min_max(costs), strict=True)]
+            scores = objective(losses, costs, lam)
             # stable: ties keep layer order; re-scored neighbours rank before the rest
             ranking = sorted(range(len(options)), key=lambda i: (i not in kept, scores[i]))
             best = ranking[0]
@@ -152,8 +157,7 @@ def step_losses(policies: list[Policy], costs: list[float], evaluate: Callable[[
     if screen is None or count >= len(policies):
         return [float(evaluate(p)["loss"]) for p in policies], set(range(len(policies)))
     rough = [float(screen(p)["loss"]) for p in policies]
-    rough_j = [lo + lam * c for lo, c in zip(min_max(rough), min_max(costs), strict=True)]
-    kept = sorted(range(len(policies)), key=rough_j.__getitem__)[:count]
+    kept = sorted(range(len(policies)), key=objective(rough, costs, lam).__getitem__)[:count]
     exact = {i: float(evaluate(policies[i])["loss"]) for i in kept}
     offset = statistics.fmean(exact[i] - rough[i] for i in kept)  # the two image sets' loss levels differ
     return [exact.get(i, rough[i] + offset) for i in range(len(policies))], set(kept)

@@ -122,12 +122,13 @@ def _cost_term(ctx: SearchContext, opts: OneshotOptions, budget: Budget):
 def _screening_evaluator(ctx: SearchContext, opts: OneshotOptions, evaluator: PolicyEvaluator):
     """The walk's cheap first scorer: the evaluator's first ``screen_samples`` images, scored the same way;
     None when screening is off or would not be cheaper (a user's loss_fn scores whole batches)."""
-    scored = sum(len(y) for _, y in evaluator.batches) if ctx.loss_fn is None else 0
-    if opts.screen_samples is None or opts.screen_samples >= scored:
+    if opts.screen_samples is None or ctx.loss_fn is not None:
         return None
-    return PolicyEvaluator(ctx.model, evaluator.batches, ctx.train_loader, len(evaluator.batches), opts.bn_batches,
-                           ctx.device, bn_mode=evaluator.bn_mode, eval_samples=opts.screen_samples,
-                           reuse_prefix=evaluator.prefix is not None)
+    if opts.screen_samples >= sum(len(y) for _, y in evaluator.batches):
+        return None
+    return PolicyEvaluator(ctx.model, evaluator.batches, evaluator.bn_batches, len(evaluator.batches),
+                           len(evaluator.bn_batches), ctx.device, bn_mode=evaluator.bn_mode,
+                           eval_samples=opts.screen_samples, reuse_prefix=evaluator.prefix is not None)
 
 
 def _walk_for(ctx: SearchContext, opts: OneshotOptions, budget: Budget, start: Policy, score: FrontRecorder,
