@@ -5,8 +5,10 @@
 For a change to one method (e.g. the one-shot walk's ``stride``), run ``front.py --methods <method>`` at the
 new commit into another ``--state-dir`` and compare its rows with the committed ones: per method and budget,
 the mean test top-1 of each, their difference paired by seed with a 95 % Student-t interval, each one's
-gain over its own uniform front, and the search's compute (seconds and forward samples). Writes
-benchmarks/results/compare-<name>.json and .md.
+gain over its own uniform front, and the search's compute (seconds and forward samples), also as a multiple
+of one uniform QAT run of the search's epochs (the run's own uniform references' fine-tunes, scaled from the
+preset's fine-tune epochs to its search epochs; a QAT sample is a forward and a backward, a scored one a
+forward only, so the seconds are the fairer ratio). Writes benchmarks/results/compare-<name>.json and .md.
 """
 
 from __future__ import annotations
@@ -26,6 +28,23 @@ def read_rows(path: Path) -> list[dict]:
     return add_gains([json.loads(line) for line in path.read_text().splitlines() if line.strip()])
 
 
+def qat_run(rows: list[dict]) -> dict:
+    """Seconds and forward samples of one uniform QAT run of the preset's search epochs (mean over references)."""
+    from front import PRESETS, REFERENCE  # the presets' epochs; imported here, front.py loads the library
+
+    refs = [r for r in rows if r["method"] == REFERENCE and r.get("finetune_passes")]
+    if not refs:
+        return {}
+    preset = PRESETS[refs[0]["preset"]]
+    scale = preset["search_epochs"] / preset["finetune_epochs"]
+    return {"seconds": scale * statistics.mean(r["finetune_seconds"] for r in refs),
+            "passes": scale * statistics.mean(r["finetune_passes"] for r in refs)}
+
+
+def _ratio(value: float | None, base: float | None) -> float | None:
+    return None if value is None or not base else value / base
+
+
 def _mean(values: list) -> float | None:
     values = [v for v in values if v is not None]
     return statistics.mean(values) if values else None
@@ -34,6 +53,7 @@ def _mean(values: list) -> float | None:
 def compare(a: list[dict], b: list[dict], methods: list[str]) -> list[dict]:
     """One line per (method, budget) both runs have, paired by seed."""
     index_b = {(r["method"], r["budget"], r["seed"]): r for r in b}
+    qat_a, qat_b = qat_run(a), qat_run(b)
     out = []
     for method in methods:
         for budget in sorted({r["budget"] for r in a if r["method"] == method}):
@@ -53,6 +73,10 @@ def compare(a: list[dict], b: list[dict], methods: list[str]) -> list[dict]:
                         "search_seconds_b": _mean([y.get("search_seconds") for _, y in pairs]),
                         "search_passes_a": _mean([x.get("search_passes") for x, _ in pairs]),
                         "search_passes_b": _mean([y.get("search_passes") for _, y in pairs])})
+            line = out[-1]
+            for side, qat in (("a", qat_a), ("b", qat_b)):
+                line[f"search_vs_qat_seconds_{side}"] = _ratio(line[f"search_seconds_{side}"], qat.get("seconds"))
+                line[f"search_vs_qat_passes_{side}"] = _ratio(line[f"search_passes_{side}"], qat.get("passes"))
     return out
 
 
@@ -67,11 +91,13 @@ def main(argv=None) -> None:
     lines = compare(a, b, args.methods)
     codes = {"a": sorted({r.get("code") for r in a}), "b": sorted({r.get("code") for r in b})}
     columns = ["method", "budget", "n", "top1_a", "top1_b", "diff_b_minus_a", "ci95", "gain_a", "gain_b",
-               "search_seconds_a", "search_seconds_b", "search_passes_a", "search_passes_b"]
+               "search_seconds_a", "search_seconds_b", "search_passes_a", "search_passes_b",
+               "search_vs_qat_seconds_a", "search_vs_qat_seconds_b", "search_vs_qat_passes_a", "search_vs_qat_passes_b"]
     table = markdown_table(lines, columns)
     header = (f"a: {args.a} (code {', '.join(map(str, codes['a']))}); b: {args.b} (code "
               f"{', '.join(map(str, codes['b']))}). diff: b minus a, paired by seed, 95 % Student-t interval; "
-              "gain: over each run's own uniform front.")
+              "gain: over each run's own uniform front; search_vs_qat: the search's compute over one uniform QAT "
+              "run of the search's epochs (the run's own references, fine-tune epochs scaled to search epochs).")
     write_report(f"compare-{args.name}", header, table,
                  {"args": {k: str(v) for k, v in vars(args).items()}, "codes": codes, "rows": lines})
 

@@ -19,7 +19,8 @@ completed over several sittings and machines: rerun the same command at the comm
 results' meta (``git worktree add ../bench <commit>``, then ``--state-dir`` pointing at this checkout's
 front-state). A row from other code is re-run, never mixed in (``--keep-stale`` keeps it, marked). The
 float model is trained once per (model, preset), kept beside the rows (float.pt) and shared by every
-code version; interrupted fine-tunes resume from checkpoints in benchmarks/cache/. Writes
+code version; interrupted fine-tunes resume from checkpoints in benchmarks/cache/, and every search's
+trace is kept there too (front/<model>-<preset>/search/<code>/<method>-s<seed>.json). Writes
 benchmarks/results/front-<model>-<preset>.json (meta, rows, summary), .md and .png; statistics in
 front_stats.py.
 """
@@ -258,7 +259,12 @@ class Bench:
         with forward_counter(type(self.float_model)) as passes:
             result = mixbits.search(self.float_model, train, ",".join(budgets), method=method, val=val,
                                     options=options, seed=seed, device=self.device)
-        return result, {"search_seconds": time.perf_counter() - started, "search_passes": passes["samples"]}
+        compute = {"search_seconds": time.perf_counter() - started, "search_passes": passes["samples"]}
+        # What the search did (e.g. a walk's steps and scores per budget), kept for reading its cost and choices.
+        trace = self.dir / "search" / self.cache.version / f"{method}-s{seed}.json"
+        trace.parent.mkdir(parents=True, exist_ok=True)
+        trace.write_text(json.dumps({**result.to_dict(), **compute}, indent=1, default=str))
+        return result, compute
 
     def method(self, method: str, seed: int) -> None:
         budgets = self.budgets()

@@ -349,13 +349,28 @@ def test_each_step_trains_the_largest_the_smallest_and_k_sampled_policies(monkey
     applied = []
     original = PolicySampler.apply
     monkeypatch.setattr(PolicySampler, "apply", lambda self, bits: (applied.append(dict(bits)), original(self, bits)))
-    ctx = _context(parse_budgets("bitops<=uniform:4"), {**FAST, "epochs": 1, "scheduler": False, "idm": False})
+    ctx = _context(parse_budgets("bitops<=uniform:4"), {**FAST, "epochs": 1, "scheduler": False, "idm": False,
+                                                         "policies_per_step": 2, "sandwich_every": 1})
     run_searcher("oneshot", ctx)
     steps = len(toy_batches())
     training = applied[: 4 * steps]  # then the greedy walk applies its own policies
     lowest, highest = (2, 2), (6, 6)
     for i in range(steps):  # largest, smallest, then policies_per_step = 2 sampled ones
         assert set(training[4 * i].values()) == {highest} and set(training[4 * i + 1].values()) == {lowest}
+
+
+def test_sandwich_every_k_trains_the_largest_and_smallest_on_one_step_in_k(monkeypatch):
+    applied = []
+    original = PolicySampler.apply
+    monkeypatch.setattr(PolicySampler, "apply", lambda self, bits: (applied.append(dict(bits)), original(self, bits)))
+    options = {**FAST, "epochs": 1, "scheduler": False, "sandwich_every": 2, "policies_per_step": 1}
+    run_searcher("oneshot", _context(parse_budgets("bitops<=uniform:4"), options))  # IDM on: skipped off-sandwich
+    lowest, highest = {(2, 2)}, {(6, 6)}
+    # three steps: 0 and 2 train largest, smallest, one sampled (3 passes); step 1 only the sampled one
+    training = [set(bits.values()) for bits in applied[:7]]
+    assert training[0] == highest and training[1] == lowest
+    assert training[4] == highest and training[5] == lowest
+    assert training[3] != highest  # step 1 has no largest pass (every step would: largest at 3, smallest at 4)
 
 
 def test_batch_statistics_scoring_leaves_the_stored_statistics_alone():
@@ -393,6 +408,23 @@ def test_fill_raises_the_lowest_loss_step_until_nothing_more_fits():
     for _, up in neighbours(result.policy, space, paired=False):  # every raise left breaks the budget
         if _toy_cost(up) > _toy_cost(result.policy):
             assert not fits(up)
+
+
+def test_a_screened_fill_rescores_the_best_raises_and_takes_one_of_them():
+    space = _toy_space()
+    start = Policy.uniform(space, 2)
+    fits = lambda p: _toy_cost(p) <= 40  # noqa: E731
+    plain = fill_up(start, space, _toy_loss, fits)
+    exact = []
+    screened = fill_up(start, space, lambda p: exact.append(p) or _toy_loss(p), fits,
+                       screen=lambda p: {"loss": _toy_loss(p)["loss"] + 3.0}, keep=0.25)
+    assert screened.path == plain.path  # a screen that ranks alike changes nothing
+    assert any(s.get("rescored") == 3 for s in screened.steps)  # four raises at the start: three re-scored
+    assert len(exact) == sum(s.get("rescored", s["candidates"]) for s in screened.steps)
+    exact.clear()
+    misled = fill_up(start, space, lambda p: exact.append(p) or _toy_loss(p), fits,
+                     screen=lambda p: {"loss": -_toy_loss(p)["loss"]}, keep=0.25)
+    assert fits(misled.policy) and all(any(p == q for q in exact) for p in misled.path[1:])
 
 
 def test_walk_is_followed_by_a_fill_of_the_budget():

@@ -187,12 +187,14 @@ def _further_descents(options: list[tuple[Move, Policy]], ranking: list[int], po
 
 
 def fill_up(policy: Policy, space: SearchSpace, evaluate: Callable[[Policy], dict], fits: Callable[[Policy], bool],
-            focus: Callable[[Policy], None] | None = None) -> GreedyResult:
+            focus: Callable[[Policy], None] | None = None, screen: Callable[[Policy], dict] | None = None,
+            keep: float = 1.0) -> GreedyResult:
     """Spend what ``policy`` leaves of the budget: while some layer's w or a can go one candidate up and still
     fit, take the raise with the lowest loss (ties: the first in layer order, w before a).
 
     A walk stops at the first policy that fits, often well under the budget (one step down can cost a
-    layer's whole w·a share); the raises are scored like the walk's moves, so this costs a few scores per step.
+    layer's whole w·a share); the raises are scored like the walk's moves (screened alike with ``screen``:
+    ranked by the screen's loss, the best ``keep`` share re-scored, the lowest re-scored loss taken).
     """
     path, steps = [policy], []
     while True:
@@ -202,9 +204,10 @@ def fill_up(policy: Policy, space: SearchSpace, evaluate: Callable[[Policy], dic
             return GreedyResult(policy, path, steps)
         if focus is not None:
             focus(policy)
-        losses = [float(evaluate(p)["loss"]) for _, p in ups]
-        best = min(range(len(ups)), key=losses.__getitem__)
+        losses, kept = step_losses([p for _, p in ups], [0.0] * len(ups), evaluate, screen, keep, lam=0.0)
+        best = min(sorted(kept), key=losses.__getitem__)
         (name, side, direction), policy = ups[best]
         path.append(policy)
         steps.append({"step": len(steps) + 1, "layer": name, "side": side, "direction": direction,
-                      "bits": list(policy[name]), "loss": losses[best], "candidates": len(ups)})
+                      "bits": list(policy[name]), "loss": losses[best], "candidates": len(ups),
+                      **({"rescored": len(kept)} if len(kept) < len(ups) else {})})

@@ -54,7 +54,8 @@ def oneshot_search(ctx: SearchContext) -> SearchResult:
         walk, continued = _walk_for(ctx, opts, budget, start, front, walks, screen)
         policy, filled = walk.path[-1], []
         if opts.fill:
-            raised = fill_up(policy, ctx.space, front, lambda p, b=budget: ctx.fits(p, b), evaluator.focus)
+            raised = fill_up(policy, ctx.space, front, lambda p, b=budget: ctx.fits(p, b), _focus(evaluator, screen),
+                             screen=screen, keep=opts.screen_keep)
             policy, filled = raised.policy, raised.steps
         seconds = time.perf_counter() - began
         policies.append(policy)

@@ -4,8 +4,10 @@ One optimiser step accumulates the gradients of ``policies_per_step`` sampled po
 estimate of Eq. 2), plus the largest policy (every searchable layer at its highest candidates) when
 ``train_largest`` is set and the smallest (every layer at its lowest available bits) when
 ``train_smallest`` is set (the "sandwich rule" of weight-sharing NAS: without it the all-low corner,
-which the tightest budgets need, is almost never drawn); each pass's loss is divided by the number of
-passes, so the step follows the mean loss. The largest policy trains with cross-entropy; the others with
+which the tightest budgets need, is almost never drawn); with ``sandwich_every`` k > 1 those two train on
+one step in k only (the others train the sampled policies alone, with the task loss: no teacher, no IDM),
+so a step costs K + 2/k passes on average instead of K + 2. Each pass's loss is divided by the step's
+number of passes, so the step follows the mean loss. The largest policy trains with cross-entropy; the others with
 (1 − d)·CE + d·KL to the largest policy's detached output (in-place distillation, d = ``distill``), plus
 the IDM term of Eq. 8.
 
@@ -85,18 +87,25 @@ class SupernetObjective:
                  capture: OutputCapture | None, fair: FairDecay | None, loss_fn=None):
         self.opts, self.sampler, self.align, self.capture, self.fair = opts, sampler, align, capture, fair
         self.loss_fn = loss_fn  # the user's task loss; None = cross-entropy
-        self.passes = opts.policies_per_step + int(opts.train_largest) + int(opts.train_smallest)
+        self.passes = 1
+
+    def sandwich(self, state: TrainState) -> bool:
+        """Whether this step trains the largest and smallest (counted in optimiser steps: a resume agrees)."""
+        return state.step % self.opts.sandwich_every == 0
 
     def __call__(self, state: TrainState, x: Tensor, y: Tensor) -> StepOutput:
         if self.fair is not None:
             self.fair.start_step()
-        teacher, targets = self._largest(state, x, y)
+        sandwich = self.sandwich(state)
+        self.passes = self.opts.policies_per_step + (int(self.opts.train_largest) + int(self.opts.train_smallest)
+                                                     if sandwich else 0)
+        teacher, targets = self._largest(state, x, y) if sandwich else (None, {})
         total, metrics, logits = 0.0, {}, None
         if teacher is not None:
             total = F.cross_entropy(teacher, y).detach()
             metrics["ce_largest"] = total
         idm_terms = []
-        draws = [self.sampler.smallest()] if self.opts.train_smallest else []
+        draws = [self.sampler.smallest()] if self.opts.train_smallest and sandwich else []
         draws += [self.sampler.sample(state.generator) for _ in range(self.opts.policies_per_step)]
         for bits in draws:
             loss, logits, idm = self._sampled_pass(state, x, y, bits, teacher, targets)
@@ -130,14 +139,14 @@ class SupernetObjective:
     def _sampled_pass(self, state: TrainState, x: Tensor, y: Tensor, bits: Mapping[str, Bits], teacher: Tensor | None,
                       targets: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor | None]:
         self.sampler.apply(bits)
-        if self.capture is not None:  # layers at their smallest available weight bits are aligned (Eq. 8)
+        if self.capture is not None and targets:  # layers at their smallest available weight bits are aligned (Eq. 8)
             self.capture.start(n for n, (w, _) in bits.items()
                                if w == self.sampler.smallest_w(n) and len(self.sampler.available_w(n)) > 1)
         loss, logits = task_loss(self.loss_fn, state.model, x, y)
         if teacher is not None and logits is not None and self.opts.distill > 0:
             loss = (1 - self.opts.distill) * loss + self.opts.distill * kd_loss(logits, teacher, 1.0)
         idm = None
-        if self.capture is not None:
+        if self.capture is not None and targets:
             idm = self.align.loss(self.capture.stop(), targets)
             if idm is not None:
                 loss = loss + self.opts.idm_weight * idm
