@@ -8,8 +8,9 @@ One float model per (model, preset) is trained once. Then, for every seed: the u
 (W2A2, W3A3, W4A4) are fine-tuned from it, and every search method finds one policy per budget (most
 budgets lie strictly between the uniform levels) with :func:`mixbits.search`, each policy fine-tuned
 with the references' one recipe (:func:`mixbits.finetune`: same epochs, optimiser, schedule, no
-distillation). Extra rows, labelled: one-shot retraining-free (the supernet's own weights), and SDQ
-with its own stage 2 (distillation and bin regularisation). The same seed gives every method the same
+distillation). Extra rows, labelled: one-shot retraining-free (the supernet's own weights) and fine-tuned
+with the recipe from the supernet's weights instead of the float model's (oneshot-kept), and SDQ with its
+own stage 2 (distillation and bin regularisation). The same seed gives every method the same
 data order. Each row records test top-1, BitOPs, size, the policy, and the compute of its search and
 fine-tune in seconds and in forward passes of the whole network (samples).
 
@@ -85,6 +86,14 @@ MODEL_RECIPE = {"resnet20": {}, "mobilenetv2": {"grad_clip": 1.0}}
 # Each method's options at a preset: the training searches train `search_epochs` per budget.
 TRAINING_SEARCHES = ("dnas", "ssps", "dmpq", "sdq", "oneshot")
 DEFAULT_METHODS = ("hawq", "random", "dnas", "ssps", "dmpq", "sdq", "oneshot")
+# Extra, labelled rows beside a method's own: one-shot retraining-free and fine-tuned from its supernet's weights
+# (keep_weights) instead of the float model's; SDQ with its own stage 2.
+EXTRA_ROWS = {"oneshot": ("oneshot-free", "oneshot-kept"), "sdq": ("sdq-stage2",)}
+KEEPS_WEIGHTS = {"oneshot"}  # searched with keep_weights: true, for its "-kept" row
+
+
+def labels_of(method: str) -> list[str]:
+    return [method, *EXTRA_ROWS.get(method, ())]
 
 
 def code_version() -> str:
@@ -222,14 +231,18 @@ class Bench:
                 # seconds depend on it, and so (by summation order) does a 2-epoch result's last digit
                 "threads": torch.get_num_threads(), **seconds}
 
-    def finetuned(self, policy, space, seed: int, name: str, **extra) -> tuple[torch.nn.Module, dict]:
+    def finetuned(self, policy, space, seed: int, name: str, searched=None, **extra) -> tuple[torch.nn.Module, dict]:
+        """``policy`` fine-tuned with the recipe; ``searched`` = (result, index): from the weights the search
+        kept for that budget instead of the float model's."""
         train = self.loaders(seed)[0]
-        run_dir = finetune_dir(self.dir / "finetune" / self.cache.version, name, policy, extra)
+        run_dir = finetune_dir(self.dir / "finetune" / self.cache.version, name, policy,
+                               {**extra, **({"searched": True} if searched else {})})
+        target, index = searched if searched else (policy, 0)
         started = time.perf_counter()
         with forward_counter(type(self.float_model)) as passes:
             try:
-                model = mixbits.finetune(self.float_model, policy, train, epochs=self.preset["finetune_epochs"],
-                                         space=space, seed=seed, device=self.device, run_dir=run_dir,
+                model = mixbits.finetune(self.float_model, target, train, epochs=self.preset["finetune_epochs"],
+                                         index=index, space=space, seed=seed, device=self.device, run_dir=run_dir,
                                          resume=(run_dir / "checkpoint.pt").is_file(), **{**self.recipe, **extra})
                 diverged = {}
             except TrainingDiverged as e:  # a result too: this policy does not train with the recipe
@@ -254,11 +267,14 @@ class Bench:
         """One search at every budget, with the preset's epochs; the result and its compute."""
         train, val, _ = self.loaders(seed)
         epochs = {"epochs": self.preset["search_epochs"]} if method in TRAINING_SEARCHES else {}
-        options = {**epochs, **(options or {})}
+        kept = {"keep_weights": True} if method in KEEPS_WEIGHTS else {}
+        options = {**epochs, **kept, **(options or {})}
+        # where kept weights are written (a fresh search each time: no resume)
+        run_dir = self.dir / "search" / self.cache.version / f"{method}-s{seed}" if kept else None
         started = time.perf_counter()
         with forward_counter(type(self.float_model)) as passes:
             result = mixbits.search(self.float_model, train, ",".join(budgets), method=method, val=val,
-                                    options=options, seed=seed, device=self.device)
+                                    options=options, seed=seed, device=self.device, run_dir=run_dir)
         compute = {"search_seconds": time.perf_counter() - started, "search_passes": passes["samples"]}
         # What the search did (e.g. a walk's steps and scores per budget), kept for reading its cost and choices.
         trace = self.dir / "search" / self.cache.version / f"{method}-s{seed}.json"
@@ -268,8 +284,7 @@ class Bench:
 
     def method(self, method: str, seed: int) -> None:
         budgets = self.budgets()
-        labels = [method] + (["oneshot-free"] if method == "oneshot" else []) + (
-            ["sdq-stage2"] if method == "sdq" else [])
+        labels = labels_of(method)
         if all(self.cache.get(label, b, seed) for label in labels for b in budgets):
             return
         train = self.loaders(seed)[0]
@@ -286,6 +301,10 @@ class Bench:
             if not self.cache.get(method, budget, seed):
                 model, seconds = self.finetuned(policy, result.space, seed, f"{method}-b{i}-s{seed}")
                 self.record(self.row(method, budget, seed, model, policy, {**search, **seconds}))
+            if method in KEEPS_WEIGHTS and not self.cache.get(f"{method}-kept", budget, seed):
+                model, seconds = self.finetuned(policy, result.space, seed, f"{method}-kept-b{i}-s{seed}",
+                                                searched=(result, i))
+                self.record(self.row(f"{method}-kept", budget, seed, model, policy, {**search, **seconds}))
             if method == "sdq" and not self.cache.get("sdq-stage2", budget, seed):
                 own = result.finetune  # SDQ's stage 2: distillation from the float model and bin regularisation
                 model, seconds = self.finetuned(policy, result.space, seed, f"sdq2-b{i}-s{seed}",
@@ -308,8 +327,7 @@ class Bench:
 
 
 def write_results(bench: Bench, methods: list[str]) -> Path:
-    wanted = {REFERENCE, *methods, *(["oneshot-free"] if "oneshot" in methods else []),
-              *(["sdq-stage2"] if "sdq" in methods else [])}
+    wanted = {REFERENCE, *(label for method in methods for label in labels_of(method))}
     rows = [r for r in bench.cache.rows.values() if r["method"] in wanted]
     rows = add_gains(sorted(rows, key=lambda r: (r["method"], r["budget"], r["seed"])), REFERENCE)
     summary = summarise(rows)

@@ -373,6 +373,28 @@ def test_sandwich_every_k_trains_the_largest_and_smallest_on_one_step_in_k(monke
     assert training[3] != highest  # step 1 has no largest pass (every step would: largest at 3, smallest at 4)
 
 
+def test_kept_supernet_weights_load_into_the_float_model_and_start_the_fine_tune(tmp_path):
+    from mixbits import finetune
+    from mixbits.train import load_checkpoint, load_model_state
+
+    ctx = _context(parse_budgets("bitops<=uniform:3,uniform:5"), {**FAST, "keep_weights": True})
+    ctx.run_dir = tmp_path
+    result = run_searcher("oneshot", ctx)
+    paths = result.info["finetune_init"]
+    assert paths == [str(tmp_path / "searched" / f"budget{i}.pt") for i in range(2)]
+    start = _net()
+    load_model_state(start, load_checkpoint(paths[0])["model"], paths[0])  # strict: every float name, no other
+    assert not torch.equal(start[3].weight, _net()[3].weight)  # the supernet's training, not the float start
+    result.space = ctx.space
+    tuned = finetune(_net(), result, toy_batches(), epochs=1, lr=1e-12, index=1)  # a rate that moves nothing
+    assert torch.allclose(dict(tuned.named_parameters())["3.weight"], start[3].weight, atol=1e-9)
+    ctx.run_dir = None
+    with pytest.raises(MixbitsError, match="keep_weights.*run directory"):
+        run_searcher("oneshot", ctx)
+    with pytest.raises(MixbitsError, match="keep_weights.*score_bn 'pair'"):
+        run_searcher("oneshot", _context([], {"keep_weights": True, "score_bn": "pair"}))
+
+
 def test_batch_statistics_scoring_leaves_the_stored_statistics_alone():
     ctx = _context(parse_budgets("bitops<=uniform:4"))
     bn = ctx.model[1]

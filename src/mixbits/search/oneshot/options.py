@@ -69,6 +69,8 @@ class OneshotOptions:
     #   (one BatchNorm per (w, a) pair of the layer before it, trained with the supernet; scores use its statistics)
     reuse_prefix: bool = True  # score_bn "batch": a neighbour replays the blocks it shares with the current policy
     save_supernet: bool = True  # with a run directory, write the trained weights to oneshot_supernet.pt
+    keep_weights: bool = False  # a fine-tune starts from the supernet's weights, not the float model's (ours: the
+    #   paper retrains nothing); written per budget to <run_dir>/searched/ (search/searched.py)
 
 
 def check_options(opts: OneshotOptions, candidates: tuple[int, ...]) -> None:
@@ -119,6 +121,8 @@ def check_options(opts: OneshotOptions, candidates: tuple[int, ...]) -> None:
         ("score_bn", one_of(opts.score_bn, SCORE_BN), f"one of {list(SCORE_BN)}"),
         ("reuse_prefix", isinstance(opts.reuse_prefix, bool), "true or false"),
         ("save_supernet", isinstance(opts.save_supernet, bool), "true or false"),
+        ("keep_weights", isinstance(opts.keep_weights, bool) and not (opts.keep_weights and opts.score_bn == "pair"),
+         "true or false, and false with score_bn 'pair' (its BatchNorms have no float counterpart to start from)"),
     ]
     problems = [f"{name}: must be {expected}, got {getattr(opts, name)!r}" for name, ok, expected in rules if not ok]
     if problems:

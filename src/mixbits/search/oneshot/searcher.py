@@ -19,6 +19,7 @@ from ...train import save_checkpoint
 from ..base import SEARCHERS, SearchContext, SearchResult, method_options
 from ..evaluator import PolicyEvaluator
 from ..greedy import descents_to_bottom, fill_up, greedy_search, neighbours
+from ..searched import save_searched_weights, searched_dir
 from .options import OneshotOptions, check_options
 from .supernet import train_supernet
 
@@ -34,6 +35,8 @@ def oneshot_search(ctx: SearchContext) -> SearchResult:
     if not ctx.space.searchable:
         raise MixbitsError("search method 'oneshot' has nothing to search: every quantized layer is fixed")
     layers = {n: by_name[n] for n in ctx.space.searchable}
+    if opts.keep_weights:
+        searched_dir(ctx, "oneshot")  # no run directory: fail before training
     # The supernet is the result (its weights are what the policies run on), so the model is not put back.
     fit_steps(ctx.model, ctx.calibration_input())  # LSQ's initial steps clip heavy-tailed layers (search/start.py)
     pair_bn = _pair_batchnorm(ctx) if opts.score_bn == "pair" else None
@@ -64,11 +67,13 @@ def oneshot_search(ctx: SearchContext) -> SearchResult:
                       "seconds": seconds, "evaluated_so_far": evaluator.evaluations, "steps": walk.steps,
                       "walked_to": walk.path[-1].describe(), "fill": filled,
                       "policy": policy.describe(), **ctx.cost(policy), **front(policy)})
+    info = {"options": asdict(opts), "evaluations": evaluator.evaluations,
+            "screen_evaluations": screen.evaluations if screen is not None else 0, "supernet": saved,
+            "scored_with": "PolicyEvaluator (BatchNorm recalibration + held-out loss)"}
+    if opts.keep_weights:  # every budget's file holds the same shared weights, under the float model's names
+        info["finetune_init"] = [save_searched_weights(ctx, "oneshot", i, p) for i, p in enumerate(policies)]
     return SearchResult("oneshot", list(ctx.budgets), policies, trace=trace, front=front.entries(),
-                        retraining_free=True,
-                        info={"options": asdict(opts), "evaluations": evaluator.evaluations,
-                              "screen_evaluations": screen.evaluations if screen is not None else 0, "supernet": saved,
-                              "scored_with": "PolicyEvaluator (BatchNorm recalibration + held-out loss)"})
+                        retraining_free=True, info=info)
 
 
 @dataclass
