@@ -32,7 +32,7 @@ def finetune(model: nn.Module, policy: PolicySpec | SearchResult, train: Iterabl
 
     ``policy``: a Policy, ``"uniform:4"``/``"uniform:w8a8"``/a policy JSON, or a :class:`SearchResult`
     (its policy ``index``, its space, the method's own fine-tune settings, e.g. SDQ's distillation, and
-    the searched weights as the start when the search kept them: ``keep_weights`` of dnas/ssps/dmpq).
+    the searched weights as the start when the search kept them: ``keep_weights`` of dnas/ssps/dmpq/oneshot).
     ``lr`` defaults to ``FINETUNE_LR`` (SGD 0.01, Adam 1e-4) with a cosine schedule. ``teacher``: a model
     to distil from when ``kd_alpha`` > 0 (default: the float model itself). ``settings`` are any
     :class:`mixbits.train.TrainConfig` field (``kd_alpha=0.5``, ``weight_decay=1e-4``, ``optimizer="adam"``).

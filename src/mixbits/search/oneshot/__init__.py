@@ -19,7 +19,7 @@ low-bit weights; the bidirectional greedy search with J = L̄_val + λ·BitOPs̄
 stopping once the budget holds (Eq. 9); candidates {2..6}, first and last layers at 8 bits (the space);
 weight decay 2.5e-5.
 
-Ours (each an option, see ``options.py`` and docs/search.md): the largest policy trained every step with
+Ours (each an option, see ``options.py`` and docs/search.md): the largest policy trained with
 CE and in-place distillation (½·CE + ½·KL) for the sampled ones (as the released code); the mean of the
 passes' losses; freezing events at fractions of training (first after 10 %, then every 10 %), K from
 0.5·L to 0.2·L (the released code's ratios); IDM on the layer's own output, target detached with an
@@ -29,12 +29,13 @@ per-policy BatchNorm statistics by default: each score normalises with the stati
 validation images themselves (``score_bn: batch``; ``recalibrate`` re-estimates running statistics on
 training batches first, twice the forwards; ``pair`` is the released code's one BatchNorm per bit-width
 pair, ``quant.pair_bn``), and every returned policy is recalibrated on 32 training batches before it is
-tested; two sampled policies per step beside the largest and the smallest; the supernet starts from
+tested; one sampled policy per step, the largest and the smallest on every 2nd step; the supernet starts from
 MSE-fitted steps; after each walk a fill raises w or a one step at a time while the budget holds; the walk
 starts at the highest candidates, never revisits a policy, goes descending-only after 2x the descents
 to the bottom, and moves up to 10 % of the layers a step (``stride``: the step's next-best descents);
 J's cost term is the budget's own metric (Σ cost/cap: BitOPs/cap equals the paper's normalised BitOPs),
-so size and latency budgets work too; budgets with the same cost term share one walk.
+so size and latency budgets work too; budgets with the same cost term share one walk; the walk's steps and
+the fill are screened on 128 of the scored images; ``keep_weights`` lets a fine-tune start from the supernet.
 """
 
 from . import searcher  # noqa: F401  (registers "oneshot")
