@@ -22,8 +22,8 @@ from ..quant.attention import prepare_model
 from ..quant.pair_bn import PairBatchNorm, collapse_pair_bn
 from ..search import SearchResult
 from ..space import Policy, SearchSpace, training_space
+from ..train import SUBNET_BN_BATCHES, recalibrate_bn
 from ..train import evaluate as evaluate_loader
-from ..train import recalibrate_bn
 from ..train.evaluate import LossFn
 from ..utils import atomic_write_text
 
@@ -105,7 +105,7 @@ def export(model: nn.Module, out_dir: str | os.PathLike, example_input: torch.Te
 
 
 def subnet(result: SearchResult, index: int = 0, *, bn_data: Iterable | None = None,
-           bn_batches: int = 32, device: str | torch.device = "cpu") -> nn.Module:
+           bn_batches: int = SUBNET_BN_BATCHES, device: str | torch.device = "cpu") -> nn.Module:
     """Policy ``index`` of a retraining-free search (one-shot) on the supernet's own weights, no fine-tune.
 
     A copy of the supernet set to the policy, with BatchNorm statistics re-estimated on ``bn_batches``

@@ -26,7 +26,7 @@ from ..pipeline import ModelCard
 from ..quant import apply_policy, quantize_model
 from ..quant.pair_bn import PairBatchNorm, attach_pair_bn, collapse_pair_bn
 from ..space import Policy, SearchSpace
-from ..train import evaluate, load_checkpoint, load_model_state, recalibrate_bn, save_checkpoint
+from ..train import SUBNET_BN_BATCHES, evaluate, load_checkpoint, load_model_state, recalibrate_bn, save_checkpoint
 from ..utils import atomic_write_text
 
 
@@ -42,7 +42,7 @@ def load_supernet(path: str | os.PathLike, card: ModelCard, per_channel: bool) -
 
 
 def evaluate_subnets(supernet: str | os.PathLike, card: ModelCard, per_channel: bool, policies: list[Policy],
-                     train_loader, test_loader, out_dirs: list[Path], bn_batches: int = 32,
+                     train_loader, test_loader, out_dirs: list[Path], bn_batches: int = SUBNET_BN_BATCHES,
                      device: torch.device | str = "cpu") -> list[dict]:
     """Test each policy on the supernet's weights after BN recalibration; one run directory per policy.
 

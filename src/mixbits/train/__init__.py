@@ -1,7 +1,7 @@
 """The shared training loop, its optimiser/schedule, checkpoints, distillation, BN recalibration, evaluation,
 and data-parallel (torch.distributed) helpers."""
 
-from .bn import recalibrate_bn
+from .bn import SUBNET_BN_BATCHES, recalibrate_bn
 from .checkpoint import load_checkpoint, load_model_state, rng_state, save_checkpoint, set_rng_state
 from .distill import kd_loss
 from .distributed import (
@@ -55,6 +55,7 @@ __all__ = [
     "lr_factor",
     "param_groups",
     "recalibrate_bn",
+    "SUBNET_BN_BATCHES",
     "rng_state",
     "save_checkpoint",
     "set_rng_state",

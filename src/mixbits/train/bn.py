@@ -8,6 +8,9 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+# Training batches a subnet of a supernet re-estimates its BatchNorm statistics on before it is used.
+SUBNET_BN_BATCHES = 32
+
 
 def recalibrate_bn(model: nn.Module, batches: Iterable, num_batches: int | None = None,
                    device: str | torch.device = "cpu", forward: Callable | None = None) -> int:
