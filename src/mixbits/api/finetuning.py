@@ -13,7 +13,16 @@ from ..data.batches import Batches
 from ..errors import MixbitsError
 from ..search import SearchResult
 from ..space import SearchSpace
-from ..train import TrainConfig, fit, load_checkpoint, load_model_state, loss_objective, supervised_objective
+from ..train import (
+    SUBNET_BN_BATCHES,
+    TrainConfig,
+    fit,
+    load_checkpoint,
+    load_model_state,
+    loss_objective,
+    recalibrate_bn,
+    supervised_objective,
+)
 from ..train.evaluate import LossFn
 from .model import PolicySpec, _quantized, example_of, prepared_copy
 
@@ -56,6 +65,9 @@ def finetune(model: nn.Module, policy: PolicySpec | SearchResult, train: Iterabl
         teacher = copy.deepcopy(float_model).eval()
     if start is not None:  # the search's trained latent weights, saved under the float model's names
         load_model_state(float_model, load_checkpoint(start)["model"], str(start))
+        # Their BatchNorm statistics were gathered by the quantized supernet; calibrating the fine-tune's
+        # quantizers through them mis-sets the activation steps (a 2-bit MobileNetV2 then trained at chance).
+        recalibrate_bn(float_model, train, SUBNET_BN_BATCHES, device=next(float_model.parameters()).device)
     device = torch.device(device)
     qmodel, _ = _quantized(float_model.to(device), policy, example_of(train, example_input), space, per_channel)
     fit(qmodel, train, cfg, val_loader=Batches(val, "val") if val is not None else None,

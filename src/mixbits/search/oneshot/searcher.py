@@ -12,10 +12,10 @@ from pathlib import Path
 
 from ...budget import Budget
 from ...errors import MixbitsError
-from ...quant import apply_policy, fit_steps, quant_layers
+from ...quant import fit_steps, quant_layers
 from ...quant.pair_bn import attach_pair_bn, follows
 from ...space import Policy
-from ...train import SUBNET_BN_BATCHES, recalibrate_bn, save_checkpoint
+from ...train import save_checkpoint
 from ..base import SEARCHERS, SearchContext, SearchResult, method_options
 from ..evaluator import PolicyEvaluator
 from ..greedy import descents_to_bottom, fill_up, greedy_search, neighbours
@@ -71,7 +71,7 @@ def oneshot_search(ctx: SearchContext) -> SearchResult:
             "screen_evaluations": screen.evaluations if screen is not None else 0, "supernet": saved,
             "scored_with": "PolicyEvaluator (BatchNorm recalibration + held-out loss)"}
     if opts.keep_weights:
-        info["finetune_init"] = _keep_subnet_weights(ctx, policies)
+        info["finetune_init"] = [save_searched_weights(ctx, "oneshot", i, p) for i, p in enumerate(policies)]
     return SearchResult("oneshot", list(ctx.budgets), policies, trace=trace, front=front.entries(),
                         retraining_free=True, info=info)
 
@@ -186,22 +186,6 @@ def only_lowest_fits(ctx: SearchContext, budget: Budget, lowest: Policy) -> bool
         return False
     ups = [p for _, p in neighbours(lowest, ctx.space, bidirectional=True, paired=False)]
     return not any(ctx.fits(p, budget) for p in ups)
-
-
-def _keep_subnet_weights(ctx: SearchContext, policies: list[Policy]) -> list[str]:
-    """Each budget's subnet as a fine-tune's start: the shared latent weights, and BatchNorm re-estimated at
-    its policy as :func:`mixbits.subnet` does (the supernet's own statistics mix every policy's: a fine-tune
-    calibrating its quantizers through them started at chance on MobileNetV2). The supernet's are put back."""
-    stats = {k: v.clone() for k, v in ctx.model.state_dict().items() if "running_" in k or "num_batches" in k}
-    try:
-        paths = []
-        for index, policy in enumerate(policies):
-            apply_policy(ctx.model, policy)
-            recalibrate_bn(ctx.model, ctx.train_loader, SUBNET_BN_BATCHES, device=ctx.device)
-            paths.append(save_searched_weights(ctx, "oneshot", index, policy))
-        return paths
-    finally:
-        ctx.model.load_state_dict(stats, strict=False)
 
 
 def _pair_batchnorm(ctx: SearchContext) -> dict[str, str]:
