@@ -269,15 +269,15 @@ class Bench:
         epochs = {"epochs": self.preset["search_epochs"]} if method in TRAINING_SEARCHES else {}
         kept = {"keep_weights": True} if method in KEEPS_WEIGHTS else {}
         options = {**epochs, **kept, **(options or {})}
-        # where kept weights are written (a fresh search each time: no resume)
-        run_dir = self.dir / "search" / self.cache.version / f"{method}-s{seed}" if kept else None
+        where = self.dir / "search" / self.cache.version / f"{method}-s{seed}"
+        run_dir = where if kept else None  # where kept weights are written (a fresh search each time: no resume)
         started = time.perf_counter()
         with forward_counter(type(self.float_model)) as passes:
             result = mixbits.search(self.float_model, train, ",".join(budgets), method=method, val=val,
                                     options=options, seed=seed, device=self.device, run_dir=run_dir)
         compute = {"search_seconds": time.perf_counter() - started, "search_passes": passes["samples"]}
         # What the search did (e.g. a walk's steps and scores per budget), kept for reading its cost and choices.
-        trace = self.dir / "search" / self.cache.version / f"{method}-s{seed}.json"
+        trace = where.with_suffix(".json")
         trace.parent.mkdir(parents=True, exist_ok=True)
         trace.write_text(json.dumps({**result.to_dict(), **compute}, indent=1, default=str))
         return result, compute

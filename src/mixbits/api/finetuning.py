@@ -20,11 +20,10 @@ from ..train import (
     load_checkpoint,
     load_model_state,
     loss_objective,
-    recalibrate_bn,
     supervised_objective,
 )
 from ..train.evaluate import LossFn
-from .model import PolicySpec, _quantized, example_of, prepared_copy
+from .model import PolicySpec, _quantized, example_of, prepared_copy, recalibrate_on_first_batches
 
 # Fine-tuning starts from trained weights, so it takes a tenth of the from-scratch SGD rate (TrainConfig's
 # 0.1), as the shipped QAT recipe does; Adam's usual fine-tuning rate otherwise.
@@ -67,7 +66,7 @@ def finetune(model: nn.Module, policy: PolicySpec | SearchResult, train: Iterabl
         load_model_state(float_model, load_checkpoint(start)["model"], str(start))
         # Their BatchNorm statistics were gathered by the quantized supernet; calibrating the fine-tune's
         # quantizers through them mis-sets the activation steps (a 2-bit MobileNetV2 then trained at chance).
-        recalibrate_bn(float_model, train, SUBNET_BN_BATCHES, device=next(float_model.parameters()).device)
+        recalibrate_on_first_batches(float_model, train, SUBNET_BN_BATCHES, next(float_model.parameters()).device)
     device = torch.device(device)
     qmodel, _ = _quantized(float_model.to(device), policy, example_of(train, example_input), space, per_channel)
     fit(qmodel, train, cfg, val_loader=Batches(val, "val") if val is not None else None,

@@ -123,10 +123,15 @@ def subnet(result: SearchResult, index: int = 0, *, bn_data: Iterable | None = N
     if any(isinstance(m, PairBatchNorm) for m in model.modules()):
         return collapse_pair_bn(model).eval()
     if bn_data is not None:
-        batches = Batches(bn_data, "bn_data")
-        batches.set_epoch(0)  # the same batches whatever epoch a search or fine-tune left the loader at
-        recalibrate_bn(model, batches, bn_batches, device=device)
+        recalibrate_on_first_batches(model, Batches(bn_data, "bn_data"), bn_batches, device)
     return model.eval()
+
+
+def recalibrate_on_first_batches(model: nn.Module, batches: Batches, count: int, device) -> None:
+    """Re-estimate ``model``'s BatchNorm statistics on the first ``count`` batches of epoch 0: the same batches
+    whatever epoch a search or fine-tune left the loader at."""
+    batches.set_epoch(0)
+    recalibrate_bn(model, batches, count, device=device)
 
 
 def example_of(data: Iterable, example_input) -> torch.Tensor:

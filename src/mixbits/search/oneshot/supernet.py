@@ -139,14 +139,15 @@ class SupernetObjective:
     def _sampled_pass(self, state: TrainState, x: Tensor, y: Tensor, bits: Mapping[str, Bits], teacher: Tensor | None,
                       targets: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor | None]:
         self.sampler.apply(bits)
-        if self.capture is not None and targets:  # layers at their smallest available weight bits are aligned (Eq. 8)
+        aligned = self.capture is not None and bool(targets)  # no targets off the sandwich steps
+        if aligned:  # layers at their smallest available weight bits are aligned (Eq. 8)
             self.capture.start(n for n, (w, _) in bits.items()
                                if w == self.sampler.smallest_w(n) and len(self.sampler.available_w(n)) > 1)
         loss, logits = task_loss(self.loss_fn, state.model, x, y)
         if teacher is not None and logits is not None and self.opts.distill > 0:
             loss = (1 - self.opts.distill) * loss + self.opts.distill * kd_loss(logits, teacher, 1.0)
         idm = None
-        if self.capture is not None and targets:
+        if aligned:
             idm = self.align.loss(self.capture.stop(), targets)
             if idm is not None:
                 loss = loss + self.opts.idm_weight * idm
