@@ -24,6 +24,8 @@ from mixbits.search.oneshot.bit_scheduler import (
     unstable_weight_criterion,
 )
 from mixbits.search.oneshot.idm import FeatureAlignment, alignment_loss
+from mixbits.search.oneshot.options import OneshotOptions
+from mixbits.search.oneshot.searcher import start_policy
 from mixbits.search.oneshot.supernet import FairDecay
 
 FAST = {"epochs": 2, "eval_batches": 1, "bn_batches": 1}
@@ -293,6 +295,19 @@ def test_end_to_end_several_budgets_from_one_supernet():
             assert str(bits) not in p["sampled_w"].get(name, {})
     again = run_searcher("oneshot", _context(budgets, FAST, latency=ctx.latency))
     assert [p.key() for p in again.policies] == [p.key() for p in result.policies]  # deterministic given the seed
+
+
+def test_an_auto_start_is_the_lowest_uniform_level_above_every_budget_and_scores_less():
+    budgets = parse_budgets("bitops<=uniform:2.5,uniform:3")  # uniform 2 fits both, 4 neither (space 2, 4, 6)
+    auto_ctx = _context(budgets, {**FAST, "start": "auto"})
+    assert start_policy(auto_ctx, OneshotOptions(start="auto")) == Policy.uniform(auto_ctx.space, 4)
+    loose = _context(parse_budgets("bitops<=uniform:5"))  # uniform 4 fits: a walk from there would not walk
+    assert start_policy(loose, OneshotOptions(start="auto")) == Policy.uniform(loose.space, 6)
+    auto = run_searcher("oneshot", auto_ctx)
+    highest = run_searcher("oneshot", _context(budgets, {**FAST, "start": "highest"}))
+    assert auto.trace[1]["start"] == Policy.uniform(auto_ctx.space, 4).describe()
+    assert all(auto_ctx.fits(p, b) for p, b in zip(auto.policies, budgets, strict=True))
+    assert auto.info["evaluations"] < highest.info["evaluations"]
 
 
 def test_the_walk_screens_on_the_first_images_and_rescores_the_best_on_all():

@@ -50,7 +50,9 @@ class OneshotOptions:
     lam: float = 1.5  # λ of Eq. 9
     bidirectional: bool = True  # False: descending moves only
     moves: str = "layer"  # "layer": a layer's w and a move together (2L neighbours, paper); "separate": 4L
-    start: int | str = "highest"  # start policy: "highest" or a bit-width k (W k A k on every searchable layer)
+    start: int | str = "auto"  # start policy: "auto", the lowest uniform W k A k above every budget (searcher.py;
+    #   the walk from the highest would only pass policies that fit nothing until there), "highest" (the paper), or
+    #   a bit-width k
     stride: float = 0.1  # a step moves up to this fraction of the searchable layers (at least one): the best move,
     #   then the same step's next-best descents, until the budget holds (greedy.py); 0: one move a step (paper)
     max_steps: int | None = None  # bidirectional steps per budget before descending only (None: 2 x descents)
@@ -75,7 +77,7 @@ class OneshotOptions:
 
 def check_options(opts: OneshotOptions, candidates: tuple[int, ...]) -> None:
     """Raise one MixbitsError listing every bad option, its value and what it must be."""
-    start_ok = opts.start == "highest" or (is_int(opts.start) and opts.start in candidates)
+    start_ok = opts.start in ("highest", "auto") or (is_int(opts.start) and opts.start in candidates)
     rules = [
         ("epochs", is_int(opts.epochs) and opts.epochs >= 0, "a whole number >= 0"),
         ("lr", positive(opts.lr), "a number > 0"),
@@ -104,7 +106,7 @@ def check_options(opts: OneshotOptions, candidates: tuple[int, ...]) -> None:
         ("lam", non_negative(opts.lam), "a number >= 0"),
         ("bidirectional", isinstance(opts.bidirectional, bool), "true or false"),
         ("moves", one_of(opts.moves, MOVES), f"one of {list(MOVES)}"),
-        ("start", start_ok, f"'highest' or one of the shared candidate bit-widths {list(candidates)}"),
+        ("start", start_ok, f"'highest', 'auto' or one of the shared candidate bit-widths {list(candidates)}"),
         ("stride", fraction(opts.stride, closed=True), "a number in [0, 1]"),
         ("max_steps", opts.max_steps is None or (is_int(opts.max_steps) and opts.max_steps >= 0),
          "a whole number >= 0, or null for twice the descents to the lowest bits"),

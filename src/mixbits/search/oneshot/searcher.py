@@ -106,9 +106,26 @@ class FrontRecorder:
 
 
 def start_policy(ctx: SearchContext, opts: OneshotOptions) -> Policy:
+    highest = Policy.from_rules(ctx.space, default=(ctx.space.w_bits[-1], ctx.space.a_bits[-1]))
     if opts.start == "highest":
-        return Policy.from_rules(ctx.space, default=(ctx.space.w_bits[-1], ctx.space.a_bits[-1]))
+        return highest
+    if opts.start == "auto":
+        return lowest_above_budgets(ctx, highest)
     return Policy.uniform(ctx.space, opts.start)
+
+
+def lowest_above_budgets(ctx: SearchContext, highest: Policy) -> Policy:
+    """The lowest uniform policy k (over the bit-widths weights and activations share) such that neither it nor
+    any uniform policy above it fits a budget; ``highest`` when even that fits one. Under BitOPs and size caps
+    every policy with all layers at k bits or more costs more than uniform k, so a walk from the highest
+    candidates would pass only policies that fit nothing before reaching this level: starting here skips
+    their scores. Each budget's walk still begins above its budget."""
+    shared = sorted(set(ctx.space.w_bits) & set(ctx.space.a_bits))
+    fits_any = [any(ctx.fits(Policy.uniform(ctx.space, k), b) for b in ctx.budgets) for k in shared]
+    if fits_any[-1]:
+        return highest
+    last_fitting = max((i for i, fits in enumerate(fits_any) if fits), default=-1)
+    return Policy.uniform(ctx.space, shared[last_fitting + 1])
 
 
 def _cost_term(ctx: SearchContext, opts: OneshotOptions, budget: Budget):
