@@ -303,6 +303,9 @@ def test_an_auto_start_is_the_lowest_uniform_level_above_every_budget_and_scores
     assert start_policy(auto_ctx, OneshotOptions(start="auto")) == Policy.uniform(auto_ctx.space, 4)
     loose = _context(parse_budgets("bitops<=uniform:5"))  # uniform 4 fits: a walk from there would not walk
     assert start_policy(loose, OneshotOptions(start="auto")) == Policy.uniform(loose.space, 6)
+    timed = _context(parse_budgets("bitops<=uniform:3") + parse_budgets("latency<=uniform:2"))
+    timed.latency = _latency_table(timed)  # a table need not grow with the bits: no level is safely above it
+    assert start_policy(timed, OneshotOptions(start="auto")) == Policy.uniform(timed.space, 6)
     auto = run_searcher("oneshot", auto_ctx)
     highest = run_searcher("oneshot", _context(budgets, {**FAST, "start": "highest"}))
     assert auto.trace[1]["start"] == Policy.uniform(auto_ctx.space, 4).describe()

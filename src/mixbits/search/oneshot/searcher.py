@@ -119,7 +119,10 @@ def lowest_above_budgets(ctx: SearchContext, highest: Policy) -> Policy:
     any uniform policy above it fits a budget; ``highest`` when even that fits one. Under BitOPs and size caps
     every policy with all layers at k bits or more costs more than uniform k, so a walk from the highest
     candidates would pass only policies that fit nothing before reaching this level: starting here skips
-    their scores. Each budget's walk still begins above its budget."""
+    their scores. Each budget's walk still begins above its budget. A latency table need not grow with the bits
+    (a policy above uniform k may be faster than it), so with a latency cap the walk starts at ``highest``."""
+    if any("latency" in b.limits(ctx.stats, ctx.space, ctx.latency) for b in ctx.budgets):
+        return highest
     shared = sorted(set(ctx.space.w_bits) & set(ctx.space.a_bits))
     fits_any = [any(ctx.fits(Policy.uniform(ctx.space, k), b) for b in ctx.budgets) for k in shared]
     if fits_any[-1]:
