@@ -475,6 +475,30 @@ def test_a_screened_fill_rescores_the_best_raises_and_takes_one_of_them():
     assert fits(misled.policy) and all(any(p == q for q in exact) for p in misled.path[1:])
 
 
+def test_a_fill_round_takes_several_raises_on_different_layers_while_the_budget_holds():
+    space = SearchSpace(("first", "b", "c", "d", "e", "last"), (2, 4, 6), (2, 4, 6), {"first": (8, 8), "last": (8, 8)})
+    cost = lambda p: sum(p[n][0] * p[n][1] for n in "bcde")  # noqa: E731
+    fits = lambda p: cost(p) <= 70  # noqa: E731
+    weights = {"b": 8, "c": 4, "d": 2, "e": 1}  # how much each layer's lost bits cost in loss
+
+    def loss(p):
+        return {"loss": sum(k * (12 - sum(p[n])) for n, k in weights.items()), "top1": 0.0}
+
+    start = Policy.uniform(space, 2)
+    scored = []
+    one = fill_up(start, space, lambda p: scored.append(p) or loss(p), fits)
+    single_scores = len(scored)
+    scored.clear()
+    several = fill_up(start, space, lambda p: scored.append(p) or loss(p), fits, raises_per_round=3)
+    assert fits(several.policy) and len(scored) < single_scores and len(several.steps) < len(one.steps)
+    first = several.steps[0]  # the best raise, then the next-ranked on other layers: c and d, never b twice
+    assert first["layer"] == "b" and [r["layer"] for r in first["also"]] == ["c", "d"]
+    for _, up in neighbours(several.policy, space, paired=False):  # the budget is still spent
+        if cost(up) > cost(several.policy):
+            assert not fits(up)
+    assert fill_up(start, space, loss, fits, raises_per_round=1).path == one.path  # one a round: as before
+
+
 def test_walk_is_followed_by_a_fill_of_the_budget():
     budgets = parse_budgets("bitops<=uniform:4.5")
     result = run_searcher("oneshot", _context(budgets, FAST))

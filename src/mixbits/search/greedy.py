@@ -188,13 +188,15 @@ def _further_descents(options: list[tuple[Move, Policy]], ranking: list[int], po
 
 def fill_up(policy: Policy, space: SearchSpace, evaluate: Callable[[Policy], dict], fits: Callable[[Policy], bool],
             focus: Callable[[Policy], None] | None = None, screen: Callable[[Policy], dict] | None = None,
-            keep: float = 1.0) -> GreedyResult:
+            keep: float = 1.0, raises_per_round: int = 1) -> GreedyResult:
     """Spend what ``policy`` leaves of the budget: while some layer's w or a can go one candidate up and still
     fit, take the raise with the lowest loss (ties: the first in layer order, w before a).
 
     A walk stops at the first policy that fits, often well under the budget (one step down can cost a
     layer's whole w·a share); the raises are scored like the walk's moves (screened alike with ``screen``:
     ranked by the screen's loss, the best ``keep`` share re-scored, the lowest re-scored loss taken).
+    With ``raises_per_round`` k > 1 a round also takes the same ranking's next raises on other layers
+    (re-scored ones first), up to k in all, each only if the policy still fits: the walk's stride, upwards.
     """
     path, steps = [policy], []
     while True:
@@ -205,9 +207,32 @@ def fill_up(policy: Policy, space: SearchSpace, evaluate: Callable[[Policy], dic
         if focus is not None:
             focus(policy)
         losses, kept = step_losses([p for _, p in ups], [0.0] * len(ups), evaluate, screen, keep, lam=0.0)
-        best = min(sorted(kept), key=losses.__getitem__)
+        ranking = sorted(sorted(kept), key=losses.__getitem__)
+        ranking += sorted((i for i in range(len(ups)) if i not in kept), key=losses.__getitem__)
+        best = ranking[0]
         (name, side, direction), policy = ups[best]
+        also, policy = _further_raises(ups, ranking, policy, raises_per_round, fits)
         path.append(policy)
         steps.append({"step": len(steps) + 1, "layer": name, "side": side, "direction": direction,
                       "bits": list(policy[name]), "loss": losses[best], "candidates": len(ups),
+                      **({"also": also} if also else {}),
                       **({"rescored": len(kept)} if len(kept) < len(ups) else {})})
+
+
+def _further_raises(ups: list[tuple[Move, Policy]], ranking: list[int], policy: Policy, limit: int,
+                    fits: Callable[[Policy], bool]) -> tuple[list[dict], Policy]:
+    """After the best raise (already in ``policy``): the next-ranked raises on layers not yet raised this round,
+    each kept only if the policy still fits, until ``limit`` raises in all. Returns (the raises added, the policy)."""
+    raised, added = {ups[ranking[0]][0][0]}, []
+    for i in ranking[1:]:
+        if len(raised) >= limit:
+            break
+        (layer, side, _), neighbour = ups[i]
+        if layer in raised:
+            continue
+        combined = policy.replace(layer, *neighbour[layer])
+        if fits(combined):
+            policy = combined
+            raised.add(layer)
+            added.append({"layer": layer, "side": side, "bits": list(neighbour[layer])})
+    return added, policy

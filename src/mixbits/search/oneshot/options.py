@@ -54,11 +54,13 @@ class OneshotOptions:
     #   the walk from the highest would only pass policies that fit nothing until there), "highest" (the paper), or
     #   a bit-width k
     stride: float = 0.1  # a step moves up to this fraction of the searchable layers (at least one): the best move,
-    #   then the same step's next-best descents, until the budget holds (greedy.py); 0: one move a step (paper)
+    #   then the same step's next-best descents, until the budget holds (greedy.py); 0: one move a step (paper).
+    #   A fill round likewise takes up to as many raises
     max_steps: int | None = None  # bidirectional steps per budget before descending only (None: 2 x descents)
     cost_term: str = "budget"  # cost in J: "budget" (Σ cost/cap over the budget's caps) or "bitops" (paper)
     continue_path: bool = True  # a budget continues the path of an earlier one with the same cost term
     fill: bool = True  # after the walk, raise w or a one step at a time, lowest loss first, while the budget holds
+    #   (a round takes up to the stride's count of raises on different layers, each while the budget holds)
     eval_batches: int = 2  # validation batches per score
     eval_samples: int | None = 1024  # at most this many of their images per score (None: the whole batches);
     #   benchmarks/score_stability.py: two scorings of a walk step's moves on 256 images rank them alike at

@@ -58,7 +58,7 @@ def oneshot_search(ctx: SearchContext) -> SearchResult:
         policy, filled = walk.path[-1], []
         if opts.fill:
             raised = fill_up(policy, ctx.space, front, lambda p, b=budget: ctx.fits(p, b), _focus(evaluator, screen),
-                             screen=screen, keep=opts.screen_keep)
+                             screen=screen, keep=opts.screen_keep, raises_per_round=moves_per_step(ctx, opts))
             policy, filled = raised.policy, raised.steps
         seconds = time.perf_counter() - began
         policies.append(policy)
@@ -177,13 +177,18 @@ def _walk_for(ctx: SearchContext, opts: OneshotOptions, budget: Budget, start: P
                            opts.bidirectional, max(0, limit - len(done)), ctx.progress,
                            description=f"greedy {budget}", visited={p.key() for p in (earlier.path if earlier else [])},
                            paired=opts.moves == "layer", focus=_focus(score.evaluator, screen),
-                           moves_per_step=max(1, round(opts.stride * len(ctx.space.searchable))),
+                           moves_per_step=moves_per_step(ctx, opts),
                            screen=screen, keep=opts.screen_keep)
     steps = done + [{**s, "step": len(done) + s["step"]} for s in result.steps]
     walk = Walk((earlier.path if earlier else []) + result.path[(1 if earlier else 0):], steps, budget.text)
     if key is not None:
         walks[key] = walk
     return walk, (earlier.budget if earlier is not None else None)
+
+
+def moves_per_step(ctx: SearchContext, opts: OneshotOptions) -> int:
+    """Moves a walk step, or raises a fill round, may take: ``stride`` of the searchable layers, at least one."""
+    return max(1, round(opts.stride * len(ctx.space.searchable)))
 
 
 def _focus(*evaluators: PolicyEvaluator | None):
