@@ -50,9 +50,8 @@ class OneshotOptions:
     lam: float = 1.5  # λ of Eq. 9
     bidirectional: bool = True  # False: descending moves only
     moves: str = "layer"  # "layer": a layer's w and a move together (2L neighbours, paper); "separate": 4L
-    start: int | str = "auto"  # start policy: "auto", the lowest uniform W k A k above every budget (searcher.py;
-    #   the walk from the highest would only pass policies that fit nothing until there), "highest" (the paper), or
-    #   a bit-width k
+    start: int | str = "highest"  # start policy: "highest" (the paper), a bit-width k, or "auto": the lowest uniform
+    #   W k A k above every budget (searcher.py; fewer scores, docs/search.md for what it changes)
     stride: float = 0.1  # a step moves up to this fraction of the searchable layers (at least one): the best move,
     #   then the same step's next-best descents, until the budget holds (greedy.py); 0: one move a step (paper).
     #   A fill round likewise takes up to as many raises
