@@ -132,8 +132,7 @@ def greedy_search(start: Policy, space: SearchSpace, evaluate: Callable[[Policy]
             costs = [float(cost_term(p)) for p in policies]
             losses, kept = step_losses(policies, costs, evaluate, screen, keep, lam)
             scores = objective(losses, costs, lam)
-            # stable: ties keep layer order; re-scored neighbours rank before the rest
-            ranking = sorted(range(len(options)), key=lambda i: (i not in kept, scores[i]))
+            ranking = rescored_first(scores, kept)
             best = ranking[0]
             (name, side, direction), policy = options[best]
             extra, policy = _further_descents(options, ranking, policy, moves_per_step, fits, visited)
@@ -161,6 +160,12 @@ def step_losses(policies: list[Policy], costs: list[float], evaluate: Callable[[
     exact = {i: float(evaluate(policies[i])["loss"]) for i in kept}
     offset = statistics.fmean(exact[i] - rough[i] for i in kept)  # the two image sets' loss levels differ
     return [exact.get(i, rough[i] + offset) for i in range(len(policies))], set(kept)
+
+
+def rescored_first(scores: list[float], kept: set[int]) -> list[int]:
+    """Neighbour indices, best first: the re-scored ones (``kept``) before the rest, each part by score.
+    Stable, so ties keep layer order."""
+    return sorted(range(len(scores)), key=lambda i: (i not in kept, scores[i]))
 
 
 def _further_descents(options: list[tuple[Move, Policy]], ranking: list[int], policy: Policy, limit: int,
@@ -207,8 +212,7 @@ def fill_up(policy: Policy, space: SearchSpace, evaluate: Callable[[Policy], dic
         if focus is not None:
             focus(policy)
         losses, kept = step_losses([p for _, p in ups], [0.0] * len(ups), evaluate, screen, keep, lam=0.0)
-        ranking = sorted(sorted(kept), key=losses.__getitem__)
-        ranking += sorted((i for i in range(len(ups)) if i not in kept), key=losses.__getitem__)
+        ranking = rescored_first(losses, kept)
         best = ranking[0]
         (name, side, direction), policy = ups[best]
         also, policy = _further_raises(ups, ranking, policy, raises_per_round, fits)
