@@ -114,8 +114,15 @@ def test_feature_alignment_averages_over_the_low_bit_layers_only():
     align = FeatureAlignment(layers)
     assert [p.shape[0] for p in align.eta] == [3, 5]
     x = torch.randn(4, 3, 2, 2)
-    assert align.loss({}, {"a": x}) is None
-    assert float(align.loss({"a": x}, {"a": x}).detach()) == pytest.approx(0.0, abs=1e-6)
+    assert align.loss({}, align.targets({"a": x})) is None
+    assert float(align.loss({"a": x}, align.targets({"a": x})).detach()) == pytest.approx(0.0, abs=1e-6)
+    assert float(align.loss({"a": 3 * x}, align.targets({"a": x + 1})).detach()) == pytest.approx(0.0, abs=1e-5)
+    # a target made once per step (for all its aligned passes) gives the loss made from the raw output, exactly
+    low, high = torch.randn(4, 3, 2, 2), torch.randn(4, 3, 2, 2)
+    with torch.no_grad():
+        align.eta[0].mul_(1.5), align.xi[0].add_(0.25)
+    assert torch.equal(align.loss({"a": low}, align.targets({"a": high})),
+                       alignment_loss(low, high, align.eta[0], align.xi[0]))
 
 
 # fairness weight regularisation -------------------------------------------------------------------------------------

@@ -32,12 +32,8 @@ def _channel_dim(x: Tensor) -> int:
     return 1 if x.dim() == 4 else x.dim() - 1
 
 
-def channel_normalise(x: Tensor) -> Tensor:
-    """Per channel, zero mean and unit variance over every other dimension."""
-    dims = [d for d in range(x.dim()) if d != _channel_dim(x)]
-    mean = x.mean(dim=dims, keepdim=True)
-    var = x.var(dim=dims, keepdim=True, unbiased=False)
-    return (x - mean) / torch.sqrt(var + NORM_EPS)
+def _channel_dims(x: Tensor) -> list[int]:
+    return [d for d in range(x.dim()) if d != _channel_dim(x)]
 
 
 def _channel_shape(x: Tensor) -> tuple[int, ...]:
@@ -46,19 +42,37 @@ def _channel_shape(x: Tensor) -> tuple[int, ...]:
     return tuple(shape)
 
 
-def alignment_loss(low: Tensor, high: Tensor, eta: Tensor | None = None, xi: Tensor | None = None,
-                   floor: float = 0.0, form: str = "paper") -> Tensor:
-    """Eq. 8 distance between ``low`` (trained) and ``high`` (the target: no gradient reaches it)."""
-    high = high.detach()
+def channel_normalise(x: Tensor) -> Tensor:
+    """Per channel, zero mean and unit variance over every other dimension."""
+    dims = _channel_dims(x)
+    mean = x.mean(dim=dims, keepdim=True)
+    var = x.var(dim=dims, keepdim=True, unbiased=False)
+    return (x - mean) / torch.sqrt(var + NORM_EPS)
+
+
+@torch.no_grad()
+def alignment_target(high: Tensor, floor: float = 0.0, form: str = "paper") -> Tensor:
+    """What Eq. 8 compares a low-bit output with, from the high-bit output ``high``: max(Q, N(O^H)) (paper form),
+    ``high`` itself (mse). It carries no gradient, so the aligned passes of a step share one, made once."""
+    return high.detach() if form == "mse" else channel_normalise(high).clamp_min(floor)
+
+
+def target_distance(low: Tensor, target: Tensor, eta: Tensor | None = None, xi: Tensor | None = None,
+                    floor: float = 0.0, form: str = "paper") -> Tensor:
+    """Eq. 8 distance between ``low`` (trained) and an ``alignment_target``."""
     if form == "mse":
-        return (low - high).square().mean()
+        return (low - target).square().mean()
     student = channel_normalise(low)
     if eta is not None:
         student = student * eta.view(_channel_shape(low)) + xi.view(_channel_shape(low))
-    student = student.clamp_min(floor)
-    target = channel_normalise(high).clamp_min(floor)
-    per_sample = (student - target).flatten(1)
+    per_sample = (student.clamp_min(floor) - target).flatten(1)
     return (per_sample.norm(dim=1) / per_sample.shape[1] ** 0.5).mean()
+
+
+def alignment_loss(low: Tensor, high: Tensor, eta: Tensor | None = None, xi: Tensor | None = None,
+                   floor: float = 0.0, form: str = "paper") -> Tensor:
+    """Eq. 8 distance between ``low`` (trained) and ``high`` (the target: no gradient reaches it)."""
+    return target_distance(low, alignment_target(high, floor, form), eta, xi, floor, form)
 
 
 class FeatureAlignment(nn.Module):
@@ -72,12 +86,17 @@ class FeatureAlignment(nn.Module):
         self.eta = nn.ParameterList([nn.Parameter(torch.ones(c)) for c in channels])
         self.xi = nn.ParameterList([nn.Parameter(torch.zeros(c)) for c in channels])
 
-    def loss(self, low: Mapping[str, Tensor], high: Mapping[str, Tensor]) -> Tensor | None:
-        """Mean over the layers in ``low`` of their alignment loss; None when no layer ran at its lowest bits."""
+    def targets(self, high: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """Each layer's ``alignment_target`` from its high-bit output."""
+        return {name: alignment_target(out, self.floor, self.form) for name, out in high.items()}
+
+    def loss(self, low: Mapping[str, Tensor], targets: Mapping[str, Tensor]) -> Tensor | None:
+        """Mean over the layers in ``low`` of their distance to ``targets`` (from :meth:`targets`); None when no
+        layer ran at its lowest bits."""
         terms = []
         for name, out in low.items():
             i = self.index[name]
-            terms.append(alignment_loss(out, high[name], self.eta[i], self.xi[i], self.floor, self.form))
+            terms.append(target_distance(out, targets[name], self.eta[i], self.xi[i], self.floor, self.form))
         return torch.stack(terms).mean() if terms else None
 
 

@@ -132,7 +132,7 @@ class SupernetObjective:
         else:
             with torch.no_grad():
                 _, logits = task_loss(self.loss_fn, state.model, x, y)
-        targets = {n: t.detach() for n, t in self.capture.stop().items()} if self.capture is not None else {}
+        targets = self.align.targets(self.capture.stop()) if self.capture is not None else {}
         # The largest policy's logits teach the sampled ones (none with a user's loss_fn, which gives no logits).
         return (logits.detach() if self.opts.train_largest and logits is not None else None), targets
 
