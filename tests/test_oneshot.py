@@ -346,13 +346,26 @@ def test_every_feature_can_be_switched_off():
     assert [w["continued_from"] for w in result.trace[1:]] == [None, None]
 
 
+def test_the_supernet_clips_each_steps_gradient_norm():
+    """The clip reaches the supernet's loop: at a tiny norm the latent weights hardly move, without a clip they do."""
+    moved = {}
+    for clip in (1e-6, None):
+        ctx = _context(parse_budgets("bitops<=uniform:4"), {**FAST, "grad_clip": clip, "epochs": 1})
+        before = ctx.model[3].weight.detach().clone()
+        run_searcher("oneshot", ctx)
+        moved[clip] = float((ctx.model[3].weight.detach() - before).abs().max())
+    assert moved[1e-6] < 1e-5 < moved[None]
+
+
 def test_bad_options_are_named():
-    ctx = _context(parse_budgets("bitops<=uniform:4"), {"epsilon": 2.0, "idm_form": "l2", "start": 3})
+    ctx = _context(parse_budgets("bitops<=uniform:4"), {"epsilon": 2.0, "idm_form": "l2", "start": 3,
+                                                        "grad_clip": 0})
     with pytest.raises(MixbitsError) as err:
         run_searcher("oneshot", ctx)
     message = str(err.value)
     assert "epsilon: must be a number in [0, 1], got 2.0" in message
     assert "idm_form" in message and "'l2'" in message and "start" in message
+    assert "grad_clip: must be a number > 0, or null for no clip, got 0" in message
     with pytest.raises(MixbitsError, match="unknown option.*epsilom.*Did you mean 'epsilon'"):
         run_searcher("oneshot", _context(parse_budgets("bitops<=uniform:4"), {"epsilom": 0.1}))
 

@@ -24,6 +24,10 @@ class OneshotOptions:
     momentum: float = 0.9
     weight_decay: float = 2.5e-5  # the paper's value
     warmup_epochs: float = 0.0  # linear lr warm-up, then cosine to 0
+    grad_clip: float | None = 1.0  # clip each step's gradient norm (None: no clip). Ours: at 2-3 bits a heavy-tailed
+    #   layer's fitted per-tensor step rounds whole channels to 0, and the BatchNorm after it divides their ~0 spread
+    #   by sqrt(eps); the sensitivity toy's latent weights then took gradients of 130-650 (0.2-1 at higher bits),
+    #   which wrecked every policy the weights serve (tests/test_sensitivity.py; docs/search.md)
     policies_per_step: int = 1  # K sampled policies per step, gradients accumulated before one update
     train_largest: bool = True  # also train the all-highest policy (in-place distillation teacher) ...
     train_smallest: bool = True  # ... and the all-lowest available policy (the "sandwich rule") ...
@@ -87,6 +91,7 @@ def check_options(opts: OneshotOptions, candidates: tuple[int, ...]) -> None:
         ("weight_decay", non_negative(opts.weight_decay), "a number >= 0"),
         ("warmup_epochs", non_negative(opts.warmup_epochs)
          and (not is_number(opts.epochs) or opts.warmup_epochs <= opts.epochs), "a number in [0, epochs]"),
+        ("grad_clip", opts.grad_clip is None or positive(opts.grad_clip), "a number > 0, or null for no clip"),
         ("policies_per_step", is_int(opts.policies_per_step) and opts.policies_per_step >= 1, "a whole number >= 1"),
         ("train_largest", isinstance(opts.train_largest, bool), "true or false"),
         ("train_smallest", isinstance(opts.train_smallest, bool), "true or false"),

@@ -191,7 +191,8 @@ def train_supernet(ctx: SearchContext, layers: Mapping[str, QuantLayer], opts: O
                                       opts.freeze_ratio_end, opts.freeze_start, opts.freeze_period)
         hooks.append(scheduler)
     cfg = TrainConfig(epochs=opts.epochs, optimizer=opts.optimizer, lr=opts.lr, momentum=opts.momentum,
-                      weight_decay=opts.weight_decay, warmup_epochs=opts.warmup_epochs, seed=ctx.seed, compile=False)
+                      weight_decay=opts.weight_decay, warmup_epochs=opts.warmup_epochs, grad_clip=opts.grad_clip,
+                      seed=ctx.seed, compile=False)
     objective = SupernetObjective(opts, sampler, align, capture, fair, ctx.loss_fn)
     run_dir, resume = ctx.training_run()  # checkpointed every epoch
     try:
