@@ -23,7 +23,7 @@ from mixbits.search.oneshot.bit_scheduler import (
     layer_criterion,
     unstable_weight_criterion,
 )
-from mixbits.search.oneshot.idm import FeatureAlignment, alignment_loss
+from mixbits.search.oneshot.idm import FeatureAlignment, alignment_loss, alignment_loss_reference
 from mixbits.search.oneshot.options import OneshotOptions
 from mixbits.search.oneshot.searcher import start_policy
 from mixbits.search.oneshot.supernet import FairDecay
@@ -123,6 +123,22 @@ def test_feature_alignment_averages_over_the_low_bit_layers_only():
         align.eta[0].mul_(1.5), align.xi[0].add_(0.25)
     assert torch.equal(align.loss({"a": low}, align.targets({"a": high})),
                        alignment_loss(low, high, align.eta[0], align.xi[0]))
+
+
+@pytest.mark.parametrize("shape", [(16, 6, 5, 5), (16, 7)])
+@pytest.mark.parametrize("floor", [0.0, -0.5])
+def test_idm_loss_and_its_gradients_equal_eq8_written_out(shape, floor):
+    gen = torch.Generator().manual_seed(3)
+    high = torch.randn(shape, generator=gen) * 2 + 1
+    low = (high + torch.randn(shape, generator=gen)).requires_grad_()
+    eta = (1 + 0.3 * torch.randn(shape[1], generator=gen)).requires_grad_()
+    xi = (0.2 * torch.randn(shape[1], generator=gen)).requires_grad_()
+    fast = alignment_loss(low, high, eta, xi, floor)
+    plain = alignment_loss_reference(low, high, eta, xi, floor)
+    assert float(fast) == pytest.approx(float(plain), rel=1e-5)
+    for got, want in zip(torch.autograd.grad(fast, (low, eta, xi)), torch.autograd.grad(plain, (low, eta, xi)),
+                         strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
 
 
 # fairness weight regularisation -------------------------------------------------------------------------------------
