@@ -26,7 +26,7 @@ class OneshotOptions:
     warmup_epochs: float = 0.0  # linear lr warm-up, then cosine to 0
     grad_clip: float | None = 1.0  # clip each step's gradient norm (None: no clip). Ours: at 2-3 bits a heavy-tailed
     #   layer's fitted per-tensor step rounds whole channels to 0, and the BatchNorm after it divides their ~0 spread
-    #   by sqrt(eps); the sensitivity toy's latent weights then took gradients of 130-650 (0.2-1 at higher bits),
+    #   by sqrt(eps); the sensitivity toy's latent weights then took gradients of 130-650 (0.1-1.2 at higher bits),
     #   which wrecked every policy the weights serve (tests/test_sensitivity.py; docs/search.md)
     policies_per_step: int = 1  # K sampled policies per step, gradients accumulated before one update
     train_largest: bool = True  # also train the all-highest policy (in-place distillation teacher) ...
