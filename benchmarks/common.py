@@ -91,3 +91,19 @@ def _fmt(v) -> str:
     if isinstance(v, float):
         return f"{v:.3g}" if abs(v) < 1000 else f"{v:.0f}"
     return "" if v is None else str(v)
+
+
+def front_float_model(name: str) -> torch.nn.Module | None:
+    """The float weights the front benchmark trained for ``name`` at the medium preset (front-state/<name>-medium/
+    float.pt), in the model as the front builds it, in eval mode; None when they were not kept. Raises
+    RuntimeError when the kept weights do not fit that model."""
+    from front import MODELS, PRESETS, STATE  # the front imports this module
+
+    from mixbits.models import create
+
+    path = STATE / f"{name}-medium" / "float.pt"
+    if name not in MODELS or not path.is_file():
+        return None
+    model = create(name, num_classes=10, in_chans=1, width=PRESETS["medium"]["width"][name], **MODELS[name])
+    model.load_state_dict(torch.load(path, map_location="cpu"))
+    return model.eval()

@@ -53,7 +53,7 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import RESULTS, markdown_table, metadata, write_result  # noqa: E402
+from common import RESULTS, front_float_model, markdown_table, metadata, write_result  # noqa: E402
 
 from mixbits import Policy, SearchSpace  # noqa: E402
 from mixbits.data import DataConfig, build_loaders  # noqa: E402
@@ -255,20 +255,15 @@ def zoo_policies(space: SearchSpace) -> dict[str, Policy]:
 
 def trained_front_model(name: str) -> tuple[nn.Module, str] | None:
     """The front benchmark's trained float weights of ``name`` (medium preset), built as it builds them, if kept."""
-    from front import MODELS as FRONT_MODELS
-    from front import PRESETS, STATE
-
-    path = STATE / f"{name}-medium" / "float.pt"
-    if name not in FRONT_MODELS or not path.is_file():
-        return None
-    model = create(name, num_classes=10, in_chans=1, width=PRESETS["medium"]["width"][name], **FRONT_MODELS[name])
     try:
-        model.load_state_dict(torch.load(path, map_location="cpu"))
+        model = front_float_model(name)
     except RuntimeError as e:  # kept weights of another build of the model: say so, measure the rest
-        print(f"  {path} does not fit {name}: {str(e).splitlines()[0]}", flush=True)
+        print(f"  the front's float.pt does not fit {name}: {str(e).splitlines()[0]}", flush=True)
+        return None
+    if model is None:
         return None
     prepare_model(model)
-    return model.eval(), f"trained float ({path.relative_to(Path(__file__).parent)})"
+    return model, f"trained float (front-state/{name}-medium/float.pt)"
 
 
 @torch.no_grad()
@@ -366,10 +361,9 @@ def zoo_rows(args, train_loader, test_loader) -> list[dict]:
 
 def _weights_kind(weights: str) -> str:
     """The kind of a row's weights, without the per-model figures its label carries."""
-    for kind in ("random", "trained float", "trained"):
-        if weights.startswith(kind):
-            return {"trained": "briefly trained", "trained float": "the front's trained"}.get(kind, kind)
-    return weights
+    if weights.startswith("random"):
+        return "random"
+    return "the front's trained" if weights.startswith("trained float") else "briefly trained"
 
 
 def _passing_by_weights(rows: list[dict], target: float) -> str:

@@ -24,25 +24,15 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import RESULTS, markdown_table, metadata, write_result  # noqa: E402
-from front import BUDGETS, MODEL_RECIPE, MODELS, PRESETS, RECIPE, STATE, code_version, forward_counter  # noqa: E402
+from common import RESULTS, front_float_model, markdown_table, metadata, write_result  # noqa: E402
+from front import BUDGETS, MODEL_RECIPE, MODELS, RECIPE, code_version, forward_counter  # noqa: E402
 
 import mixbits  # noqa: E402
 from mixbits.data import DataConfig, build_loaders  # noqa: E402
-from mixbits.models import create  # noqa: E402
 
 CACHE = Path(__file__).parent / "cache" / "oneshot-cost"
 COLUMNS = ["train_samples", "start", "epochs", "search_seconds", "qat_seconds", "seconds_ratio", "search_samples",
            "qat_samples", "samples_ratio", "supernet_seconds", "walk_seconds"]
-
-
-def float_model(name: str) -> torch.nn.Module:
-    path = STATE / f"{name}-medium" / "float.pt"
-    if not path.is_file():
-        raise SystemExit(f"{path} is missing: run benchmarks/front.py --model {name} --preset medium first")
-    model = create(name, num_classes=10, in_chans=1, width=PRESETS["medium"]["width"][name], **MODELS[name])
-    model.load_state_dict(torch.load(path, map_location="cpu"))
-    return model.eval()
 
 
 def timed(model_class: type, run) -> tuple[object, float, int]:
@@ -76,7 +66,10 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=1, help="supernet epochs, and the QAT run's")
     parser.add_argument("--starts", nargs="+", default=["highest", "auto"], help="one-shot's walk starts")
     args = parser.parse_args()
-    model = float_model(args.model)
+    model = front_float_model(args.model)
+    if model is None:
+        raise SystemExit(f"no kept float weights for {args.model}: run benchmarks/front.py --model "
+                         f"{args.model} --preset medium first")
     cache = CACHE / f"{args.model}-{code_version()}.jsonl"
     done = [json.loads(line) for line in cache.read_text().splitlines()] if cache.is_file() else []
     rows = []
