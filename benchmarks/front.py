@@ -32,6 +32,7 @@ import argparse
 import copy
 import hashlib
 import json
+import shutil
 import sys
 import time
 from contextlib import contextmanager
@@ -271,6 +272,8 @@ class Bench:
         options = {**epochs, **kept, **(options or {})}
         where = self.dir / "search" / self.cache.version / f"{method}-s{seed}"
         run_dir = where if kept else None  # where kept weights are written (a fresh search each time: no resume)
+        if run_dir is not None and run_dir.exists():  # left by an interrupted search, whose checkpoint would
+            shutil.rmtree(run_dir)  # make the library refuse the run directory
         started = time.perf_counter()
         with forward_counter(type(self.float_model)) as passes:
             result = mixbits.search(self.float_model, train, ",".join(budgets), method=method, val=val,
