@@ -54,8 +54,9 @@ class OneshotOptions:
     lam: float = 1.5  # λ of Eq. 9
     bidirectional: bool = True  # False: descending moves only
     moves: str = "layer"  # "layer": a layer's w and a move together (2L neighbours, paper); "separate": 4L
-    start: int | str = "highest"  # start policy: "highest" (the paper), a bit-width k, or "auto": the lowest uniform
-    #   W k A k above every budget (searcher.py; fewer scores, docs/search.md for what it changes)
+    start: int | str = "auto"  # start policy: "auto" (ours), the lowest uniform W k A k above every budget; "highest"
+    #   (the paper); or a bit-width k. Auto scores fewer policies: those a walk from the highest scores fit no budget
+    #   (searcher.py; docs/search.md for what it changed on the fronts)
     stride: float = 0.1  # a step moves up to this fraction of the searchable layers (at least one): the best move,
     #   then the same step's next-best descents, until the budget holds (greedy.py); 0: one move a step (paper).
     #   A fill round likewise takes up to as many raises
