@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import toy_batches
+from conftest import ToyLoader, toy_batches
 from torch import nn
 
 import mixbits
@@ -165,3 +165,14 @@ def test_a_one_pass_generator_is_read_once_and_reused_every_epoch():
     data = (batch for batch in toy_batches(2))
     qmodel = mixbits.finetune(UserNet(), "uniform:4", data, epochs=2, progress=False)
     assert quant_layers(qmodel)
+
+
+def test_finetune_calibrates_on_epoch_0_whatever_epoch_the_loader_was_left_at():
+    # A benchmark fine-tunes many policies on one loader; each run ends with the loader at its last epoch.
+    gen = torch.Generator().manual_seed(0)
+    loader = ToyLoader(torch.randn(96, 1, 8, 8, generator=gen), torch.randint(0, 3, (96,), generator=gen), 16)
+    fresh = mixbits.finetune(UserNet(), "uniform:3", loader, epochs=1, progress=False)
+    loader.set_epoch(5)
+    after_another = mixbits.finetune(UserNet(), "uniform:3", loader, epochs=1, progress=False)
+    for (name, a), b in zip(fresh.state_dict().items(), after_another.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name

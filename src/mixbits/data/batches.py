@@ -57,9 +57,12 @@ def model_input(batch: Any) -> Any:
 
 def first_input(data: torch.Tensor | Iterable) -> Any:
     """The model input of ``data``: an input tensor as it is, else the inputs of its first batch (an
-    ``(inputs, targets)`` pair counts too: its first item is the inputs)."""
+    ``(inputs, targets)`` pair counts too: its first item is the inputs). A loader that takes ``set_epoch``
+    is set to epoch 0 first: what is calibrated on it must not depend on the epoch an earlier run left it at
+    (a fine-tune after another on the same loader would otherwise calibrate on a different batch)."""
     if isinstance(data, torch.Tensor):
         return data
+    set_epoch(data, 0)
     for batch in data:
         return model_input(batch)
     raise MixbitsError("the data yields no batches, so there is no example input; pass example_input=")
