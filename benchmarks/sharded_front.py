@@ -124,6 +124,7 @@ class Shards:
                     self.start(f"{method}-s{seed}", seed, method)
                 if time.monotonic() > deadline:
                     self.stop_all()
+                    self.merge()
                     print(f"deadline: {len(pending)} shards not started", flush=True)
                     return False
                 if time.monotonic() - last_merge > self.args.merge_every:
