@@ -8,7 +8,10 @@ the mean test top-1 of each, their difference paired by seed with a 95 % Student
 gain over its own uniform front, and the search's compute (seconds and forward samples), also as a multiple
 of one uniform QAT run of the search's epochs (the run's own uniform references' fine-tunes, scaled from the
 preset's fine-tune epochs to its search epochs; a QAT sample is a forward and a backward, a scored one a
-forward only, so the seconds are the fairer ratio). Writes benchmarks/results/compare-<name>.json and .md.
+forward only, so the seconds are the fairer ratio). A second table pools each method's budgets: per seed
+the mean difference over the budgets both runs finished for every compared seed, then the interval over
+seeds; the budgets of one seed share a search, so this is the fairer test of a change that acts on all of
+them. Writes benchmarks/results/compare-<name>.json and .md.
 """
 
 from __future__ import annotations
@@ -80,6 +83,29 @@ def compare(a: list[dict], b: list[dict], methods: list[str]) -> list[dict]:
     return out
 
 
+def pooled(a: list[dict], b: list[dict], methods: list[str]) -> list[dict]:
+    """One line per method: its budgets averaged within each seed, the difference's interval taken over seeds."""
+    def finished(rows):
+        return {(r["method"], r["budget"], r["seed"]): r["test_top1"] for r in rows if r["test_top1"] is not None}
+
+    top1_a, top1_b = finished(a), finished(b)
+    out = []
+    for method in methods:
+        keys = [k for k in top1_a if k[0] == method and k in top1_b]
+        seeds = sorted({k[2] for k in keys})
+        # only budgets every seed finished in both runs, so each seed's mean is over the same budgets
+        budgets = sorted(set.intersection(*({k[1] for k in keys if k[2] == s} for s in seeds))) if seeds else []
+        if not budgets:
+            continue
+        per_seed = [statistics.mean(top1_b[method, x, s] - top1_a[method, x, s] for x in budgets) for s in seeds]
+        out.append({"method": method, "budgets": len(budgets), "n": len(seeds),
+                    "top1_a": statistics.mean(top1_a[method, x, s] for x in budgets for s in seeds),
+                    "top1_b": statistics.mean(top1_b[method, x, s] for x in budgets for s in seeds),
+                    "diff_b_minus_a": statistics.mean(per_seed), "ci95": ci95(per_seed) if len(seeds) > 1 else None,
+                    "per_seed_diff": [round(d, 2) for d in per_seed]})
+    return out
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("a", type=Path, help="rows.jsonl of the first run (the baseline)")
@@ -93,13 +119,18 @@ def main(argv=None) -> None:
     columns = ["method", "budget", "n", "top1_a", "top1_b", "diff_b_minus_a", "ci95", "gain_a", "gain_b",
                "search_seconds_a", "search_seconds_b", "search_passes_a", "search_passes_b",
                "search_vs_qat_seconds_a", "search_vs_qat_seconds_b", "search_vs_qat_passes_a", "search_vs_qat_passes_b"]
-    table = markdown_table(lines, columns)
+    pooled_lines = pooled(a, b, args.methods)
+    pooled_table = markdown_table(pooled_lines, ["method", "budgets", "n", "top1_a", "top1_b", "diff_b_minus_a",
+                                                 "ci95", "per_seed_diff"])
+    table = (f"{markdown_table(lines, columns)}\n\nPooled over budgets (per seed the mean difference over them, "
+             f"interval over seeds):\n\n{pooled_table}")
     header = (f"a: {args.a} (code {', '.join(map(str, codes['a']))}); b: {args.b} (code "
               f"{', '.join(map(str, codes['b']))}). diff: b minus a, paired by seed, 95 % Student-t interval; "
               "gain: over each run's own uniform front; search_vs_qat: the search's compute over one uniform QAT "
               "run of the search's epochs (the run's own references, fine-tune epochs scaled to search epochs).")
     write_report(f"compare-{args.name}", header, table,
-                 {"args": {k: str(v) for k, v in vars(args).items()}, "codes": codes, "rows": lines})
+                 {"args": {k: str(v) for k, v in vars(args).items()}, "codes": codes, "rows": lines,
+                  "pooled": pooled_lines})
 
 
 if __name__ == "__main__":

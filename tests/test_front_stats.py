@@ -145,6 +145,23 @@ def test_two_runs_are_compared_paired_by_seed_only_where_both_finished():
     assert line["gain_b"] == pytest.approx(1.0) and line["search_passes_b"] == 400
 
 
+def test_pooled_comparison_averages_budgets_within_a_seed_before_the_interval():
+    from compare_runs import pooled
+
+    def run(table):  # table: {seed: {budget: top1}}
+        return [{"method": "m", "budget": b, "seed": s, "test_top1": t}
+                for s, by_budget in table.items() for b, t in by_budget.items()]
+
+    a = run({0: {"x": 80.0, "y": 70.0}, 1: {"x": 81.0, "y": 71.0}, 2: {"x": 82.0, "y": 72.0}})
+    b = run({0: {"x": 81.0, "y": 72.0}, 1: {"x": 81.0, "y": 73.0}, 2: {"x": 83.0, "y": None}})
+    (line,) = pooled(a, b, ["m"])
+    # budget y did not finish for seed 2 in b: only x is pooled, so every seed's mean is over the same budgets
+    assert line["budgets"] == 1 and line["n"] == 3
+    assert line["per_seed_diff"] == [1.0, 0.0, 1.0]
+    assert line["diff_b_minus_a"] == pytest.approx(2 / 3) and line["ci95"] > 0
+    assert pooled(a, b, ["other"]) == []
+
+
 def test_a_fine_tune_resumes_only_into_the_run_of_the_same_policy_and_settings(tmp_path):
     from front import finetune_dir
 
