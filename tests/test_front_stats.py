@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from front_stats import add_gains, ci95, front_at, summarise  # noqa: E402
@@ -174,3 +175,21 @@ def test_a_fine_tune_resumes_only_into_the_run_of_the_same_policy_and_settings(t
     assert same != finetune_dir(tmp_path, "oneshot-b0-s0", p4, {"kd_alpha": 0.5})  # another budget's policy
     assert same != finetune_dir(tmp_path, "oneshot-b0-s0", p3, {"kd_alpha": 0.0})
     assert finetune_dir(tmp_path, "ref", "uniform:2", {}) != finetune_dir(tmp_path, "ref", "uniform:3", {})
+
+
+def test_policy_layers_groups_bits_by_kind_of_layer():
+    from policy_layers import layer_kind, summarise
+
+    assert layer_kind(torch.nn.Conv2d(8, 8, 3, groups=8)) == "depthwise"
+    assert layer_kind(torch.nn.Conv2d(8, 16, 1)) == "pointwise"
+    assert layer_kind(torch.nn.Conv2d(8, 16, 3)) == "conv"
+    assert layer_kind(torch.nn.Conv2d(8, 16, 3, groups=2)) == "conv"  # grouped, not depthwise
+    assert layer_kind(torch.nn.Linear(8, 2)) == "linear"
+
+    kinds, macs = {"dw": "depthwise", "pw": "pointwise"}, {"dw": 10, "pw": 90}
+    rows = [{"method": "m", "budget": "b", "seed": s, "test_top1": 70.0 + s,
+             "policy": {"dw": {"w": 2, "a": 4}, "pw": {"w": w, "a": 3}}} for s, w in ((0, 4), (1, 6))]
+    rows.append({"method": "m", "budget": "b", "seed": 2, "test_top1": None, "policy": None})  # diverged: left out
+    dw, pw = summarise(rows, kinds, macs)
+    assert (dw["kind"], dw["macs_share"], dw["mean_w"], dw["mean_a"], dw["w2_share"]) == ("depthwise", 0.1, 2, 4, 1.0)
+    assert (pw["mean_w"], pw["w2_share"], pw["top1"], pw["n"]) == (5, 0.0, 70.5, 2)
