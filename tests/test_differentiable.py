@@ -348,3 +348,43 @@ def test_dnas_with_separate_weights_trains_one_weight_per_bit_width_and_drops_th
     ctx.options = {"weights": "per-pair"}
     with pytest.raises(MixbitsError, match="weights: must be one of"):
         run_searcher("dnas", ctx)
+
+
+def test_dmpq_decisive_walk_gives_the_decided_mean_probability():
+    from mixbits.search.dmpq import DECIDED, concentration, decisive_walk
+
+    for k in (2, 5, 25):
+        d = decisive_walk(k)
+        logits = torch.full((k,), -d)
+        logits[0] = d
+        conc = concentration(logits)
+        assert float(conc[0] / conc.sum()) == pytest.approx(DECIDED, abs=1e-6)
+    assert decisive_walk(25) > decisive_walk(5) > decisive_walk(2)  # more candidates: a longer walk
+
+
+def test_dmpq_automatic_architecture_rate_scales_with_the_search_length():
+    from mixbits.search.dmpq import decisive_walk
+
+    budgets = [parse_budget("bitops<=uniform:4")]
+
+    def rate(options):
+        ctx = toy_search_context(budgets, options)
+        weight_steps = len(split_for_architecture(ctx.train_loader, 0.2, ctx.seed)[0])
+        candidates = max(len(ctx.space.w_bits), len(ctx.space.a_bits))  # one per bit-width of the larger side
+        return run_searcher("dmpq", ctx).trace[0]["epochs"][-1]["arch_lr"], weight_steps, candidates
+
+    one, steps, candidates = rate({"epochs": 1})
+    two, _, _ = rate({"epochs": 2})
+    assert steps > 2 and one == pytest.approx(decisive_walk(candidates) / (0.5 * steps))
+    assert two == pytest.approx(one / 2)  # twice the steps, half the rate: the same walk within the search
+    fixed, _, _ = rate({"epochs": 1, "arch_lr": 0.01})
+    assert fixed == 0.01
+
+
+def test_only_dmpq_takes_the_automatic_architecture_rate():
+    ctx = toy_search_context(parse_budgets("bitops<=uniform:4"), {"arch_lr": None})
+    with pytest.raises(MixbitsError, match="arch_lr: must be a number > 0, got None"):
+        run_searcher("dnas", ctx)
+    ctx.options = {"arch_lr": None, "arch_optimizer": "sgd"}
+    with pytest.raises(MixbitsError, match=r"arch_lr: must be a number > 0, or null .*adam only\), got None"):
+        run_searcher("dmpq", ctx)
