@@ -22,9 +22,7 @@ class DifferentiableOptions:
     optimizer: str = "sgd"  # weights: "sgd" (momentum, Nesterov) or "adam"
     momentum: float = 0.9
     weight_decay: float = 5e-4
-    arch_lr: float | None = 0.01  # architecture parameters; None (Adam, where the method defines it): automatic,
-    #   the rate at which a steadily pushed candidate decides its layer within decide_fraction of the search
-    decide_fraction: float = 0.5  # sets the automatic arch_lr (see there)
+    arch_lr: float = 0.01  # architecture parameters
     arch_optimizer: str = "adam"  # "adam" (betas 0.5, 0.999) or "sgd" (momentum 0.9)
     arch_weight_decay: float = 0.0
     updates: str = "alternating"  # "alternating": weights on one split, architecture on the other; "single"
@@ -63,22 +61,15 @@ def one_of(v, choices: Sequence[str]) -> bool:
 Rule = tuple[str, bool, str]  # (option name, is it valid, what is expected)
 
 
-def check_options(opts: DifferentiableOptions, method: str, rules: Sequence[Rule] = (),
-                  automatic_arch_lr: bool = False) -> None:
-    """Raise one MixbitsError naming every bad option, its value and what it must be; ``automatic_arch_lr``:
-    the method defines the automatic architecture rate (``arch_lr: null``)."""
-    automatic = automatic_arch_lr and opts.arch_lr is None and opts.arch_optimizer == "adam"
+def check_options(opts: DifferentiableOptions, method: str, rules: Sequence[Rule] = ()) -> None:
+    """Raise one MixbitsError naming every bad option, its value and what it must be."""
     shared: list[Rule] = [
         ("epochs", is_int(opts.epochs) and opts.epochs >= 1, "a whole number >= 1"),
         ("lr", positive(opts.lr), "a number > 0"),
         ("optimizer", one_of(opts.optimizer, OPTIMIZERS), f"one of {list(OPTIMIZERS)}"),
         ("momentum", is_number(opts.momentum) and 0 <= opts.momentum < 1, "a number in [0, 1)"),
         ("weight_decay", non_negative(opts.weight_decay), "a number >= 0"),
-        ("arch_lr", positive(opts.arch_lr) or automatic,
-         "a number > 0, or null for the automatic rate (arch_optimizer: adam only)" if automatic_arch_lr
-         else "a number > 0"),
-        ("decide_fraction", fraction(opts.decide_fraction, closed=True) and opts.decide_fraction > 0,
-         "a number in (0, 1]"),
+        ("arch_lr", positive(opts.arch_lr), "a number > 0"),
         ("arch_optimizer", one_of(opts.arch_optimizer, ARCH_OPTIMIZERS), f"one of {list(ARCH_OPTIMIZERS)}"),
         ("arch_weight_decay", non_negative(opts.arch_weight_decay), "a number >= 0"),
         ("updates", one_of(opts.updates, UPDATES), f"one of {list(UPDATES)}"),

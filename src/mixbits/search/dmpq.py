@@ -15,15 +15,11 @@ Dirichlet(``prior``) (``regularizer: l2`` penalises (concentration − prior)² 
 mixing weights (exact: cost is linear in them); the skip is parameter-free (average-pooled to the
 output size, channels zero-padded or truncated) and added to the convolution's output, its weight
 falling from ``skip_init`` to 0 over the search on a cosine (``skip_schedule: linear``); alternating
-updates on an 80/20 split; the architecture rate by default automatic (``arch_lr: null``): Adam at the rate
-that moves a steadily pushed α by ``decisive_walk`` (one candidate at +d, the others at −d: mean probability
-0.8) within ``decide_fraction`` of the search, so a short search decides as a long one does. Dirichlet
-samples use torch's global generator, which the loop seeds.
+updates on an 80/20 split. Dirichlet samples use torch's global generator, which the loop seeds.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -44,10 +40,6 @@ REGULARIZERS = ("kl", "l2", "none")
 
 @dataclass
 class DmpqOptions(DifferentiableOptions):
-    arch_lr: float | None = None  # automatic (see DifferentiableOptions): at a fixed 0.01 a search of 50
-    #   architecture steps moved each α by at most 0.5, and MobileNetV2's mean distributions ended near uniform
-    #   (largest pair probability 0.08 of 25; expected BitOPs 2.2x the cap), so the argmax followed the penalty's
-    #   push, which Adam makes equal for every layer, and put depthwise layers below the pointwise ones
     regularizer: str = "kl"  # "kl" to Dirichlet(prior), "l2" on concentration − prior, or "none"
     reg_weight: float = 1e-3
     prior: float = 1.0  # concentration of the symmetric prior
@@ -61,7 +53,7 @@ class DmpqOptions(DifferentiableOptions):
 def dmpq_search(ctx: SearchContext) -> SearchResult:
     """DMPQ: Dirichlet distributions over bit-widths, decaying skip connections, expected-BitOPs penalty."""
     opts = method_options(DmpqOptions, ctx.options, "dmpq")
-    check_options(opts, "dmpq", automatic_arch_lr=True, rules=[
+    check_options(opts, "dmpq", [
         ("regularizer", one_of(opts.regularizer, REGULARIZERS), f"one of {list(REGULARIZERS)}"),
         ("reg_weight", non_negative(opts.reg_weight), "a number >= 0"),
         ("prior", positive(opts.prior), "a number > 0"),
@@ -75,20 +67,6 @@ def dmpq_search(ctx: SearchContext) -> SearchResult:
 
 def concentration(logits: Tensor) -> Tensor:
     return F.elu(logits) + 1.0
-
-
-DECIDED = 0.8  # the mean probability at which a layer's distribution counts as decided (the automatic arch_lr)
-
-
-def decisive_walk(candidates: int, decided: float = DECIDED) -> float:
-    """The d for which one candidate at α = d, the others at −d, has mean probability ``decided``:
-    (1 + d) / (1 + d + (K − 1)·e^(−d)) = decided, solved by bisection (the left side rises with d)."""
-    target = (candidates - 1) * decided / (1.0 - decided)
-    low, high = 0.0, 50.0
-    for _ in range(60):
-        mid = (low + high) / 2
-        low, high = (mid, high) if (1 + mid) * math.exp(mid) < target else (low, mid)
-    return (low + high) / 2
 
 
 def dirichlet_regularizer(arch: ArchParams, kind: str, prior: float) -> Tensor:
@@ -152,9 +130,8 @@ def _search_budget(search: BudgetSearch, opts: DmpqOptions) -> Derived:
         return loss, {"ce": ce.detach(), "penalty": penalty.detach(), "regularizer": reg.detach()}
 
     skip = DecayingSkip(search.layers, opts.skip_schedule, opts.skip_init)
-    candidates = len(arch.pairs) if arch.joint else max(len(arch.w_bits), len(arch.a_bits))
     spec = MethodSpec(sampled, arch_loss, mean, hooks=[skip],
-                      epoch_info=lambda state: {"skip_weight": skip.weight}, decisive_walk=decisive_walk(candidates))
+                      epoch_info=lambda state: {"skip_weight": skip.weight})
     try:
         history = train_supernet(search, opts, spec)
     finally:

@@ -62,9 +62,6 @@ class MethodSpec:
     distribution: Callable[[], LayerProbs]  # the learned distribution, without sampling noise
     hooks: list[Hook] = field(default_factory=list)
     epoch_info: Callable[[TrainState], dict] | None = None  # extra per-epoch trace entries (temperature, ...)
-    # How far a steadily pushed candidate's logit must move for its layer to count as decided: with ``arch_lr:
-    # null`` it sets the rate (Adam moves a steadily pushed parameter by about its rate a step)
-    decisive_walk: float | None = None
 
 
 @dataclass
@@ -170,7 +167,6 @@ class ArchitectureStep(Hook):
         entry = {"epoch": state.epoch + 1, **{k: float(v) / max(1, self._count) for k, v in self._sums.items()},
                  "p_lowest_w": float(probs.w[:, 0].mean()), "p_lowest_a": float(probs.a[:, 0].mean()),
                  "p_max": float(probs.pairs.max(dim=-1).values.mean()),
-                 "arch_lr": self.optimizer.param_groups[0]["lr"],
                  **{f"expected_{m}_over_cap": float(r) for m, r in ratios.items()}}
         if self.spec.epoch_info is not None:
             entry.update(self.spec.epoch_info(state))
@@ -219,19 +215,10 @@ class _Positions:
         return (batch for i, batch in enumerate(self.loader) if i in self.positions)
 
 
-def _arch_optimizer(params, opts: DifferentiableOptions, lr: float) -> torch.optim.Optimizer:
+def _arch_optimizer(params, opts: DifferentiableOptions) -> torch.optim.Optimizer:
     if opts.arch_optimizer == "adam":
-        return torch.optim.Adam(params, lr=lr, betas=(0.5, 0.999), weight_decay=opts.arch_weight_decay)
-    return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=opts.arch_weight_decay)
-
-
-def architecture_rate(opts: DifferentiableOptions, spec: MethodSpec, weight_loader) -> float:
-    """``opts.arch_lr``, or with ``null`` the rate that walks a steadily pushed candidate ``spec.decisive_walk``
-    within ``decide_fraction`` of the architecture steps (one a weight step after the warm-up)."""
-    if opts.arch_lr is not None:
-        return opts.arch_lr
-    arch_steps = opts.epochs * len(weight_loader) * (1.0 - opts.arch_warmup)
-    return spec.decisive_walk / max(1.0, opts.decide_fraction * arch_steps)
+        return torch.optim.Adam(params, lr=opts.arch_lr, betas=(0.5, 0.999), weight_decay=opts.arch_weight_decay)
+    return torch.optim.SGD(params, lr=opts.arch_lr, momentum=0.9, weight_decay=opts.arch_weight_decay)
 
 
 def _objective(search: BudgetSearch, spec: MethodSpec, alternating: bool):
@@ -255,8 +242,7 @@ def train_supernet(search: BudgetSearch, opts: DifferentiableOptions, spec: Meth
     alternating = opts.updates == "alternating"
     weight_loader, arch_loader = (split_for_architecture(ctx.train_loader, opts.arch_fraction, ctx.seed)
                                   if alternating else (ctx.train_loader, None))
-    arch_lr = architecture_rate(opts, spec, weight_loader)
-    step = ArchitectureStep(search, spec, _arch_optimizer(search.arch.parameters(), opts, arch_lr), arch_loader,
+    step = ArchitectureStep(search, spec, _arch_optimizer(search.arch.parameters(), opts), arch_loader,
                             opts.arch_warmup)
     # checkpointed every epoch with the architecture state; `mixbits search --resume` continues it
     run_dir, resume = ctx.training_run(f"budget{search.index}")
