@@ -348,4 +348,3 @@ def test_dnas_with_separate_weights_trains_one_weight_per_bit_width_and_drops_th
     ctx.options = {"weights": "per-pair"}
     with pytest.raises(MixbitsError, match="weights: must be one of"):
         run_searcher("dnas", ctx)
-
