@@ -8,8 +8,9 @@ the medium preset's five budgets (supernet training, then the walk and its fills
 front) and, from the same float model, fine-tuned at uniform W4A4 for the same epochs with the front's recipe
 (:func:`mixbits.finetune`), both on the first N training images at seed 0. Each row gives the seconds and the
 forward samples of both, and their ratios. The supernet's cost grows with the data and the walk's does not, so
-the ratio is measured at several sizes rather than inferred. It times: run it on an otherwise idle machine.
-Finished rows are kept in benchmarks/cache/oneshot-cost/ (an interrupted run resumes after them).
+the ratio is measured at several sizes and epochs rather than inferred. It times: run it on an otherwise idle
+machine. Finished rows are kept in benchmarks/cache/oneshot-cost/ per code version (an interrupted run resumes
+after them), and the report lists every row of the current code, so calls with other --epochs add to it.
 Writes benchmarks/results/oneshot-cost-<model>.json and .md.
 """
 
@@ -84,9 +85,13 @@ def main() -> None:
                     f.write(json.dumps(row) + "\n")
             rows.append(row)
             print(json.dumps(row), flush=True)
+    # the report holds every row this code has measured (other epochs and sizes from earlier calls too)
+    done = [json.loads(line) for line in cache.read_text().splitlines()]
+    rows = sorted(done, key=lambda r: (r["train_samples"], r["epochs"], r["start"]))
     meta = metadata()
     text = "\n".join([f"# One-shot front against one uniform QAT run, {args.model}", "",
-                      f"`python benchmarks/oneshot_cost.py --model {args.model}` at {meta['commit']} ({meta['date']}), "
+                      f"`python benchmarks/oneshot_cost.py --model {args.model}` (`--epochs E --train-samples N "
+                      f"--starts S` for each row) at {meta['commit']} ({meta['date']}, code {code_version()}), "
                       f"{torch.get_num_threads()} threads. search: one-shot at the medium budgets "
                       f"({', '.join(BUDGETS)}), supernet then walk and fills; qat: uniform W4A4 fine-tuned for the "
                       "same epochs with the front's recipe; samples: forward samples through the whole network.", "",
