@@ -73,7 +73,6 @@ def main() -> None:
                          f"{args.model} --preset medium first")
     cache = CACHE / f"{args.model}-{code_version()}.jsonl"
     done = [json.loads(line) for line in cache.read_text().splitlines()] if cache.is_file() else []
-    rows = []
     for samples in args.train_samples:
         for start in args.starts:
             row = next((r for r in done if (r["train_samples"], r["start"], r["epochs"]) == (samples, start,
@@ -83,10 +82,9 @@ def main() -> None:
                 cache.parent.mkdir(parents=True, exist_ok=True)
                 with cache.open("a") as f:
                     f.write(json.dumps(row) + "\n")
-            rows.append(row)
+                done.append(row)
             print(json.dumps(row), flush=True)
     # the report holds every row this code has measured (other epochs and sizes from earlier calls too)
-    done = [json.loads(line) for line in cache.read_text().splitlines()]
     rows = sorted(done, key=lambda r: (r["train_samples"], r["epochs"], r["start"]))
     meta = metadata()
     text = "\n".join([f"# One-shot front against one uniform QAT run, {args.model}", "",
