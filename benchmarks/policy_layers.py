@@ -8,7 +8,8 @@ linear layers. Per method, budget and kind it gives the mean weight and activati
 seeds, the share of the kind's layers with 2-bit weights or activations, the kind's share of the model's
 MACs, and the method's mean top-1. A depthwise convolution holds few MACs, so low bits there buy little
 BitOPs; a method that puts them at 2 bits pays accuracy for almost nothing. Writes
-benchmarks/results/policy-layers-<model>-<preset>.json and .md.
+benchmarks/results/policy-layers-<model>-<preset>.json and .md (with ``--state-dir`` another directory:
+...-<preset>-<its name>).
 """
 
 from __future__ import annotations
@@ -83,7 +84,11 @@ def main(argv=None) -> None:
                "top1", "n"]
     header = (f"bits per kind of layer on the {args.model} {args.preset} front ({rows_file}); means over the "
               "kind's layers and the seeds; w2/a2_share: share of those layers at 2-bit weights / activations.")
-    write_report(f"policy-layers-{args.model}-{args.preset}", header, markdown_table(summary, columns),
+    # another state directory (an experiment's rows) gets its own report, not the committed front's
+    state = Path(args.state_dir)
+    suffix = "" if state.resolve() == STATE.resolve() else f"-{state.name}"
+    name = f"policy-layers-{args.model}-{args.preset}{suffix}"
+    write_report(name, header, markdown_table(summary, columns),
                  {"args": vars(args), "codes": sorted({str(r.get("code")) for r in rows}), "summary": summary})
 
 
