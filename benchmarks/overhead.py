@@ -2,6 +2,7 @@
 
     python benchmarks/overhead.py [--batch 128] [--pairs 20] [--fused/--no-fused] [--compile/--no-compile]
                                   [--epochs/--no-epochs] [--epoch-pairs 4] [--epoch-batches 8] [--threads N]
+                                  [--retain-memory/--no-retain-memory]
 
 Each variant is one entry of VARIANTS (a search method adds its row there). Time is the median ratio
 of interleaved steps in one process; memory is the ratio of bytes autograd saves for backward
@@ -12,6 +13,8 @@ Two modes: eager (the quantizers' own fused kernels), and whole-model torch.comp
 each against FP32 run the same way. In each mode a whole fine-tune epoch through the shared loop (Fashion-
 MNIST batches, augmentation and the optimiser included) is timed as well, uniform W4A4 against FP32.
 Every ratio is reported next to the noise floor: FP32 against itself, measured the same way.
+Freed memory stays in the process (``retain_freed_memory``), as in every run of the training loop on a CPU;
+``--no-retain-memory`` measures malloc's default instead.
 Writes benchmarks/results/overhead.json and overhead.md.
 """
 
@@ -37,6 +40,7 @@ from mixbits.search.differentiable import ArchParams, apply_mixture, softmax_row
 from mixbits.search.oneshot.bit_scheduler import PolicySampler  # noqa: E402
 from mixbits.search.sdq import BitParams, drive, set_current_bits  # noqa: E402
 from mixbits.train import TrainConfig, fit  # noqa: E402
+from mixbits.train.memory import retain_freed_memory  # noqa: E402
 
 
 def fp32(model: nn.Module, x: torch.Tensor) -> nn.Module:
@@ -266,7 +270,10 @@ def main(argv=None) -> None:
                    help="also measure the fine-tune epoch in each mode (default: on)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's, one per core)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--retain-memory", action=argparse.BooleanOptionalAction, default=True,
+                   help="keep freed memory in the process, as the training loop does on a CPU (default: on)")
     args = p.parse_args(argv)
+    retained = retain_freed_memory() if args.retain_memory else False
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -289,8 +296,8 @@ def main(argv=None) -> None:
     print("timing ends", flush=True)
     table = markdown_table(rows, ["variant", "mode", "time ratio", "IQR", "noise floor", "ms", "memory ratio"])
     header = (f"{args.model}, batch {args.batch}, {args.device}, {torch.get_num_threads()} threads, fused quantizer "
-              f"kernels={args.fused}, {args.pairs} step pairs, {args.epoch_pairs} epoch pairs of "
-              f"{args.epoch_batches} batches")
+              f"kernels={args.fused}, freed memory retained={retained}, {args.pairs} step pairs, {args.epoch_pairs} "
+              f"epoch pairs of {args.epoch_batches} batches")
     print(f"\n{header}\n\n{table}")
     write_result("overhead", {"args": vars(args), "rows": rows, "table": table})
     (RESULTS / "overhead.md").write_text(f"# Quantization overhead\n\n{header}\n\n{table}\n")

@@ -37,6 +37,7 @@ from .distill import kd_loss
 from .distributed import all_reduce_sum, broadcast_object, is_distributed, is_main, unwrap
 from .evaluate import evaluate
 from .guard import LossGuard
+from .memory import retain_freed_memory
 from .optim import TrainConfig, build_optimizer, build_scheduler, param_groups
 from .stopping import Stopped, pending_signal, stop_pending, stops_deferred
 
@@ -161,6 +162,8 @@ def fit(model: nn.Module, train_loader, cfg: TrainConfig, *, val_loader=None,
     saved = open_run(run_dir, resume)
     generator = seed_everything(cfg.seed) if saved is None else torch.Generator()
     device = torch.device(device)
+    if device.type == "cpu":
+        retain_freed_memory()
     model.to(device)
     module = unwrap(model)  # what checkpoints hold and parameter-group names refer to
     steps_per_epoch = _steps_per_epoch(train_loader)

@@ -1,0 +1,73 @@
+"""Freed memory kept in the process (train/memory.py): a block freed and allocated again faults in no new pages.
+
+Each case runs in a fresh interpreter: malloc's settings are process-wide and cannot be undone."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="malloc settings are glibc's")
+
+# 64 MiB, above the largest block glibc ever serves from its heap by default (32 MiB): mmap'd afresh each time
+_FAULTS_PER_BLOCK = """
+import json, resource, sys
+import torch
+from mixbits.train.memory import retain_freed_memory
+retained = retain_freed_memory() if sys.argv[1] == "retain" else False
+for _ in range(3):  # the first blocks fault in whatever happens (the heap grows to hold two of them)
+    torch.ones(16 << 20)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(4):
+    torch.ones(16 << 20)  # allocated, written, freed
+print(json.dumps({"retained": retained, "faults": (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 4}))
+"""
+
+
+def _faults(mode: str, **env: str) -> dict:
+    done = subprocess.run([sys.executable, "-c", _FAULTS_PER_BLOCK, mode], capture_output=True, text=True,
+                          timeout=120, env={**os.environ, **env}, check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_retained_memory_is_reused_without_page_faults():
+    pages = (64 << 20) // os.sysconf("SC_PAGE_SIZE")
+    default = _faults("default")
+    retained = _faults("retain")
+    assert not default["retained"] and default["faults"] > pages / 2  # the test sees faults where they happen
+    assert retained["retained"] and retained["faults"] < pages / 100
+
+
+def test_environment_pin_leaves_malloc_alone():
+    pinned = _faults("retain", MIXBITS_RETAIN_MEMORY="0")
+    assert not pinned["retained"] and pinned["faults"] > (64 << 20) // os.sysconf("SC_PAGE_SIZE") / 2
+
+
+def test_fit_retains_freed_memory_on_cpu_with_the_same_numbers():
+    code = """
+import json
+import torch
+from mixbits.quant import QConv2d
+from mixbits.train import TrainConfig, fit
+from mixbits.train.memory import _STATE
+torch.manual_seed(0)
+model = torch.nn.Sequential(QConv2d(1, 4, 3, w_bits=(4,), a_bits=(4,)), torch.nn.ReLU(), torch.nn.Flatten(),
+                            torch.nn.Linear(4 * 6 * 6, 2))
+data = [(torch.randn(8, 1, 8, 8), torch.randint(0, 2, (8,))) for _ in range(4)]
+history = fit(model, data, TrainConfig(epochs=2, lr=0.1, compile=False), progress=False).history
+print(json.dumps({"retained": _STATE["retained"], "losses": [epoch["train_loss"] for epoch in history]}))
+"""
+
+    def run(**env: str) -> dict:
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                              env={**os.environ, **env}, check=True)
+        return json.loads(done.stdout.strip().splitlines()[-1])
+
+    kept, default = run(), run(MIXBITS_RETAIN_MEMORY="0")
+    assert kept["retained"] and not default["retained"]
+    assert kept["losses"] == default["losses"]  # where memory comes from changes no number
