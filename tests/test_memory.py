@@ -29,23 +29,27 @@ print(json.dumps({"retained": retained, "faults": (resource.getrusage(resource.R
 """
 
 
-def _faults(mode: str, **env: str) -> dict:
-    done = subprocess.run([sys.executable, "-c", _FAULTS_PER_BLOCK, mode], capture_output=True, text=True,
-                          timeout=120, env={**os.environ, **env}, check=True)
+def _pages_per_block() -> int:
+    return (64 << 20) // os.sysconf("SC_PAGE_SIZE")  # inside a test: no os.sysconf where the module is skipped
+
+
+def _run_json(code: str, *args: str, **env: str) -> dict:
+    """The JSON line ``code`` prints last, run in a fresh interpreter with ``env`` added to the environment."""
+    done = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, **env}, check=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def test_retained_memory_is_reused_without_page_faults():
-    pages = (64 << 20) // os.sysconf("SC_PAGE_SIZE")
-    default = _faults("default")
-    retained = _faults("retain")
-    assert not default["retained"] and default["faults"] > pages / 2  # the test sees faults where they happen
-    assert retained["retained"] and retained["faults"] < pages / 100
+    default = _run_json(_FAULTS_PER_BLOCK, "default")
+    retained = _run_json(_FAULTS_PER_BLOCK, "retain")
+    assert not default["retained"] and default["faults"] > _pages_per_block() / 2  # the test sees real faults
+    assert retained["retained"] and retained["faults"] < _pages_per_block() / 100
 
 
 def test_environment_pin_leaves_malloc_alone():
-    pinned = _faults("retain", MIXBITS_RETAIN_MEMORY="0")
-    assert not pinned["retained"] and pinned["faults"] > (64 << 20) // os.sysconf("SC_PAGE_SIZE") / 2
+    pinned = _run_json(_FAULTS_PER_BLOCK, "retain", MIXBITS_RETAIN_MEMORY="0")
+    assert not pinned["retained"] and pinned["faults"] > _pages_per_block() / 2
 
 
 def test_fit_retains_freed_memory_on_cpu_with_the_same_numbers():
@@ -62,12 +66,6 @@ data = [(torch.randn(8, 1, 8, 8), torch.randint(0, 2, (8,))) for _ in range(4)]
 history = fit(model, data, TrainConfig(epochs=2, lr=0.1, compile=False), progress=False).history
 print(json.dumps({"retained": _STATE["retained"], "losses": [epoch["train_loss"] for epoch in history]}))
 """
-
-    def run(**env: str) -> dict:
-        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                              env={**os.environ, **env}, check=True)
-        return json.loads(done.stdout.strip().splitlines()[-1])
-
-    kept, default = run(), run(MIXBITS_RETAIN_MEMORY="0")
+    kept, default = _run_json(code), _run_json(code, MIXBITS_RETAIN_MEMORY="0")
     assert kept["retained"] and not default["retained"]
     assert kept["losses"] == default["losses"]  # where memory comes from changes no number
