@@ -4,9 +4,10 @@
 
 On ResNet-20's 18 searchable conv outputs at 28 px (batch 128): the smallest policy's pass aligns all 18
 layers and the sampled pass, on average, a fifth of them (those drawn at their smallest weight bits). Timed
-two ways, interleaved in one process: Eq. 8 written out step by step (``alignment_loss_reference``, each
-pass normalising the targets again) against the library's form (targets made once per step, one
-multiply-add per element for the normalisation and the affine). Writes benchmarks/results/idm-cost.json and .md.
+three ways, interleaved in one process: Eq. 8 written out step by step (``alignment_loss_reference``, each
+pass normalising the targets again) against the library's form (targets made once per step, a hand-written
+backward), run as eager ops and as the compiled kernels the quantizers also use (``set_fused``, the default
+where a C compiler is found). Writes benchmarks/results/idm-cost.json and .md.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from common import RESULTS, markdown_table, metadata, write_result  # noqa: E402
 
+from mixbits.quant import set_fused  # noqa: E402
 from mixbits.search.oneshot.idm import alignment_loss_reference, alignment_target, target_distance  # noqa: E402
 
 # ResNet-20's searchable convolutions on 28 px images: three stages of six, (channels, side)
@@ -53,13 +55,22 @@ def library_step(highs, lows, etas, xis) -> None:
         torch.stack(terms).mean().backward()
 
 
+def library_with(fused: bool):
+    def step(*inputs) -> None:
+        set_fused(fused)
+        library_step(*inputs)
+
+    return step
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--pairs", type=int, default=15)
     parser.add_argument("--batch", type=int, default=128)
     args = parser.parse_args()
     inputs = step_inputs(args.batch)
-    steps = {"Eq. 8 written out": reference_step, "mixbits (targets once a step, one multiply-add)": library_step}
+    steps = {"Eq. 8 written out": reference_step, "mixbits, eager ops": library_with(False),
+             "mixbits, compiled kernels": library_with(True)}
     seconds = {name: [] for name in steps}
     for _ in range(2):  # warm-up
         for step in steps.values():

@@ -11,7 +11,7 @@ from torch import nn
 from mixbits import MixbitsError, Policy, SearchSpace
 from mixbits.budget import parse_budgets
 from mixbits.cost import LatencyTable, profile
-from mixbits.quant import QConv2d, apply_policy, calibrate, quantize_model
+from mixbits.quant import QConv2d, apply_policy, calibrate, kernels, quantize_model, set_fused
 from mixbits.quant.pair_bn import PairBatchNorm, attach_pair_bn, collapse_pair_bn, follows
 from mixbits.search import PolicyEvaluator, SearchContext, run_searcher
 from mixbits.search.greedy import fill_up, greedy_search, neighbours
@@ -23,7 +23,13 @@ from mixbits.search.oneshot.bit_scheduler import (
     layer_criterion,
     unstable_weight_criterion,
 )
-from mixbits.search.oneshot.idm import FeatureAlignment, alignment_loss, alignment_loss_reference
+from mixbits.search.oneshot.idm import (
+    FeatureAlignment,
+    _distance_backward,
+    _distance_forward,
+    alignment_loss,
+    alignment_loss_reference,
+)
 from mixbits.search.oneshot.options import OneshotOptions
 from mixbits.search.oneshot.searcher import start_policy
 from mixbits.search.oneshot.supernet import FairDecay
@@ -138,6 +144,31 @@ def test_idm_loss_and_its_gradients_equal_eq8_written_out(shape, floor):
     assert float(fast.detach()) == pytest.approx(float(plain.detach()), rel=1e-5)
     for got, want in zip(torch.autograd.grad(fast, (low, eta, xi)), torch.autograd.grad(plain, (low, eta, xi)),
                          strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("shape", [(16, 6, 9, 9), (64, 40), (8, 13, 24)])
+def test_idm_compiled_kernels_match_eq8_written_out(shape):
+    """One compiled kernel per layout (convolution or linear outputs) serves every shape, with the same gradients."""
+    gen = torch.Generator().manual_seed(5)
+    high = torch.randn(shape, generator=gen) * 2 + 1
+    low = (high + torch.randn(shape, generator=gen)).requires_grad_()
+    channels = shape[1] if len(shape) == 4 else shape[-1]
+    eta = (1 + 0.3 * torch.randn(channels, generator=gen)).requires_grad_()
+    xi = (0.2 * torch.randn(channels, generator=gen)).requires_grad_()
+    plain = alignment_loss_reference(low, high, eta, xi, -0.5)
+    set_fused(True)
+    try:
+        fused = alignment_loss(low, high, eta, xi, -0.5)
+        grads = torch.autograd.grad(fused, (low, eta, xi))
+    finally:
+        set_fused(False)
+    cdim = 1 if len(shape) == 4 else 2  # the kernels ran (built now, or for an earlier shape of this layout)
+    assert {fn for fn in (_distance_forward, _distance_backward) if any(
+        getattr(key[0], "func", None) is fn and key[0].keywords == {"cdim": cdim} for key in kernels._CACHE)} == {
+        _distance_forward, _distance_backward}
+    assert float(fused.detach()) == pytest.approx(float(plain.detach()), rel=1e-5)
+    for got, want in zip(grads, torch.autograd.grad(plain, (low, eta, xi)), strict=True):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
 
 

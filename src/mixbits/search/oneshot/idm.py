@@ -13,16 +13,23 @@ would never learn and is the identity here; the distance is divided by sqrt(elem
 scale does not depend on the layer's size; the layer's own output (before any BatchNorm) is aligned: in
 training mode a following BatchNorm normalises each channel just as N does, so nothing is lost.
 ``idm_form: mse`` is the released code's plain mean squared error between the raw outputs.
+
+Speed: the paper form's forward and backward are written by hand and, where the quantizers' compiled kernels
+are on (``set_fused``), run as compiled kernels too: a sandwich step aligns every searchable layer once, so
+autograd through the expression cost as much as a fifth pass (benchmarks/idm_cost.py).
 """
 
 from __future__ import annotations
 
+import functools
+import warnings
 from collections.abc import Mapping
 
 import torch
 from torch import Tensor, nn
 
-from ...quant import QuantLayer
+from ...quant import QuantLayer, fused_enabled, kernels, set_fused
+from ...quant.lsq import FUSED_MIN_NUMEL
 
 NORM_EPS = 1e-5
 
@@ -42,41 +49,140 @@ def _channel_shape(x: Tensor) -> tuple[int, ...]:
     return tuple(shape)
 
 
-def _scale_and_shift(x: Tensor) -> tuple[Tensor, Tensor]:
-    """Per channel, (1/std, -mean/std): ``x * scale + shift`` normalises ``x``. Mean and variance in one pass."""
-    var, mean = torch.var_mean(x, dim=_channel_dims(x), correction=0, keepdim=True)
-    scale = torch.rsqrt(var + NORM_EPS)
-    return scale, -mean * scale
+# The arithmetic, on a three-dimensional view of a layer's output: (N, C, S) for a convolution's, (N, S, C) for a
+# linear layer's (``cdim`` names the channel dimension). Plain tensor functions, so the same code runs eager or as
+# compiled kernels (quant/kernels.py): one pass for the statistics and one for the rest, where autograd through
+# the eager expression makes about fifteen passes over every aligned output a step.
+def _stat_dims(cdim: int) -> tuple[int, int]:
+    return (0, 3 - cdim)
 
 
-def channel_normalise(x: Tensor) -> Tensor:
-    """Per channel, zero mean and unit variance over every other dimension."""
-    scale, shift = _scale_and_shift(x)
-    return torch.addcmul(shift, x, scale)
+def _per_channel(v: Tensor, cdim: int) -> Tensor:
+    return v.view(1, -1, 1) if cdim == 1 else v.view(1, 1, -1)
+
+
+def _normalised(x: Tensor, cdim: int) -> tuple[Tensor, Tensor, Tensor]:
+    """(x - mean) / sqrt(var + eps) per channel, with the mean and 1/sqrt(var + eps)."""
+    var, mean = torch.var_mean(x, dim=_stat_dims(cdim), correction=0, keepdim=True)
+    rstd = torch.rsqrt(var + NORM_EPS)
+    return (x - mean) * rstd, mean, rstd
+
+
+def _target(high: Tensor, floor: Tensor, cdim: int) -> tuple[Tensor]:
+    return (torch.clamp_min(_normalised(high, cdim)[0], floor),)
+
+
+def _distance_forward(low: Tensor, target: Tensor, eta: Tensor, xi: Tensor, floor: Tensor,
+                      cdim: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Per sample, the squared distance between max(Q, N(low)·η + ξ) and ``target``; the channels' mean and rstd."""
+    normal, mean, rstd = _normalised(low, cdim)
+    diff = torch.clamp_min(normal * _per_channel(eta, cdim) + _per_channel(xi, cdim), floor) - target
+    return diff.square().sum(dim=(1, 2)), mean, rstd
+
+
+def _distance_backward(coef: Tensor, low: Tensor, target: Tensor, eta: Tensor, xi: Tensor, floor: Tensor,
+                       mean: Tensor, rstd: Tensor, cdim: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients wrt (low, η, ξ) of Σ_n coef_n · ‖diff_n‖² / 2. Through N (batch statistics, biased variance) as
+    a BatchNorm's backward: rstd·η·(g - mean(g) - n·mean(g·n)) for g the gradient wrt the affine's output."""
+    normal = (low - mean) * rstd
+    affine = normal * _per_channel(eta, cdim) + _per_channel(xi, cdim)
+    grad = torch.where(affine >= floor, (torch.clamp_min(affine, floor) - target) * coef, 0.0)
+    dims = _stat_dims(cdim)
+    grad_xi = grad.sum(dim=dims, keepdim=True)
+    grad_eta = (grad * normal).sum(dim=dims, keepdim=True)
+    count = low.shape[0] * low.shape[3 - cdim]
+    grad_low = (rstd * _per_channel(eta, cdim)) * (grad - grad_xi / count - normal * (grad_eta / count))
+    return grad_low, grad_eta.reshape(-1), grad_xi.reshape(-1)
+
+
+_KERNELS = {fn: {c: functools.partial(fn, cdim=c) for c in (1, 2)}
+            for fn in (_target, _distance_forward, _distance_backward)}
+
+
+def _view3(x: Tensor) -> tuple[Tensor, int]:
+    """``x`` as (N, C, S) (a convolution's output) or (N, S, C) (a linear layer's), and which dim is C."""
+    if x.dim() == 4:
+        return x.reshape(x.shape[0], x.shape[1], -1), 1
+    return x.reshape(x.shape[0], -1, x.shape[-1]), 2
+
+
+def _example(fn, cdim: int, device: torch.device) -> tuple[Tensor, ...]:
+    """Traced stand-ins for ``fn``'s arguments (distinct small sizes, so each stays its own symbol)."""
+    n, c, s = 5, kernels._EXAMPLE_CHANNELS, kernels._EXAMPLE_SIZE
+    x = torch.randn((n, c, s) if cdim == 1 else (n, s, c), device=device)
+    floor = torch.tensor(0.0, device=device)
+    if fn is _target:
+        return x, floor
+    eta, xi = torch.ones(c, device=device), torch.zeros(c, device=device)
+    if fn is _distance_forward:
+        return x, torch.randn_like(x), eta, xi, floor
+    mean, rstd = (_per_channel(torch.rand(c, device=device), cdim) for _ in range(2))  # two tensors: one each
+    return torch.rand(n, 1, 1, device=device), x, torch.randn_like(x), eta, xi, floor, mean, rstd
+
+
+def _run(fn, cdim: int, *args: Tensor) -> tuple[Tensor, ...]:
+    """``fn`` on ``args``: a compiled kernel when the quantizers' are on (``set_fused``), else eager ops."""
+    x = args[1] if fn is _distance_backward else args[0]
+    if fused_enabled() and x.numel() >= FUSED_MIN_NUMEL and x.dtype == torch.float32:
+        try:
+            kernel = kernels.compiled(_KERNELS[fn][cdim], (x.device,), lambda: _example(fn, cdim, x.device))
+            return kernel(*args)
+        except Exception as e:  # no compiler, unsupported backend: stay correct, just slower
+            warnings.warn(f"fused IDM kernels unavailable ({type(e).__name__}: {e}); using eager ops", stacklevel=3)
+            set_fused(False)
+    return _KERNELS[fn][cdim](*args)
+
+
+def _floor(value: float, like: Tensor) -> Tensor:
+    return torch.tensor(float(value), dtype=like.dtype, device=like.device)
+
+
+class _Distance(torch.autograd.Function):
+    """Eq. 8's distance with a hand-written backward; saves the output and the target, recomputes the rest."""
+
+    @staticmethod
+    def forward(ctx, low: Tensor, target: Tensor, eta: Tensor, xi: Tensor, floor: float) -> Tensor:
+        low3, cdim = _view3(low.detach())
+        floor_t = _floor(floor, low)
+        squared, mean, rstd = _run(_distance_forward, cdim, low3, target.detach().reshape(low3.shape),
+                                   eta.detach(), xi.detach(), floor_t)
+        ctx.save_for_backward(low, target, eta, xi, squared, mean, rstd)
+        ctx.floor = floor_t
+        size = low3[0].numel()
+        return squared.sqrt().sum() / (low3.shape[0] * size ** 0.5)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        low, target, eta, xi, squared, mean, rstd = ctx.saved_tensors
+        low3, cdim = _view3(low.detach())
+        norm = squared.sqrt()
+        # d loss / d diff_n = diff_n / (N · sqrt(size) · ‖diff_n‖); 0 for a sample that already matches
+        coef = torch.where(norm > 0, grad / (low3.shape[0] * low3[0].numel() ** 0.5 * norm.clamp_min(1e-30)), 0.0)
+        grad_low, grad_eta, grad_xi = _run(_distance_backward, cdim, coef.view(-1, 1, 1), low3,
+                                           target.detach().reshape(low3.shape), eta.detach(), xi.detach(),
+                                           ctx.floor, mean, rstd)
+        return grad_low.view(low.shape), None, grad_eta, grad_xi, None
 
 
 @torch.no_grad()
 def alignment_target(high: Tensor, floor: float = 0.0, form: str = "paper") -> Tensor:
     """What Eq. 8 compares a low-bit output with, from the high-bit output ``high``: max(Q, N(O^H)) (paper form),
     ``high`` itself (mse). It carries no gradient, so the aligned passes of a step share one, made once."""
-    return high.detach() if form == "mse" else channel_normalise(high).clamp_min(floor)
+    if form == "mse":
+        return high.detach()
+    high3, cdim = _view3(high.detach())
+    return _run(_target, cdim, high3, _floor(floor, high))[0].view(high.shape)
 
 
 def target_distance(low: Tensor, target: Tensor, eta: Tensor | None = None, xi: Tensor | None = None,
                     floor: float = 0.0, form: str = "paper") -> Tensor:
-    """Eq. 8 distance between ``low`` (trained) and an ``alignment_target``.
-
-    N(O^S)·η + ξ is one multiply-add per element with the per-channel scale η/σ and shift ξ - μη/σ, not
-    a normalisation followed by the affine (five passes over the output, forward and backward alike).
-    """
+    """Eq. 8 distance between ``low`` (trained) and an ``alignment_target`` (no gradient reaches it)."""
     if form == "mse":
         return (low - target).square().mean()
-    scale, shift = _scale_and_shift(low)
-    if eta is not None:
-        scale = scale * eta.view(_channel_shape(low))
-        shift = shift * eta.view(_channel_shape(low)) + xi.view(_channel_shape(low))
-    per_sample = (torch.addcmul(shift, low, scale).clamp_min(floor) - target).flatten(1)
-    return (torch.linalg.vector_norm(per_sample, dim=1) / per_sample.shape[1] ** 0.5).mean()
+    channels = low.shape[_channel_dim(low)]
+    if eta is None:
+        eta, xi = torch.ones(channels, device=low.device), torch.zeros(channels, device=low.device)
+    return _Distance.apply(low, target, eta, xi, float(floor))
 
 
 def alignment_loss(low: Tensor, high: Tensor, eta: Tensor | None = None, xi: Tensor | None = None,
