@@ -11,7 +11,7 @@ from torch import nn
 from mixbits import MixbitsError, Policy, SearchSpace
 from mixbits.budget import parse_budgets
 from mixbits.cost import LatencyTable, profile
-from mixbits.quant import QConv2d, apply_policy, calibrate, kernels, quantize_model, set_fused
+from mixbits.quant import QConv2d, apply_policy, calibrate, fused_enabled, kernels, quantize_model, set_fused
 from mixbits.quant.pair_bn import PairBatchNorm, attach_pair_bn, collapse_pair_bn, follows
 from mixbits.search import PolicyEvaluator, SearchContext, run_searcher
 from mixbits.search.greedy import fill_up, greedy_search, neighbours
@@ -170,6 +170,23 @@ def test_idm_compiled_kernels_match_eq8_written_out(shape):
     assert float(fused.detach()) == pytest.approx(float(plain.detach()), rel=1e-5)
     for got, want in zip(grads, torch.autograd.grad(plain, (low, eta, xi)), strict=True):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+
+
+def test_idm_falls_back_to_eager_ops_with_a_warning_where_kernels_cannot_be_built(monkeypatch):
+    def no_compiler(*args, **kwargs):
+        raise RuntimeError("no C compiler")
+
+    monkeypatch.setattr(kernels, "compiled", no_compiler)
+    gen = torch.Generator().manual_seed(6)
+    high, low = torch.randn(16, 6, 9, 9, generator=gen), torch.randn(16, 6, 9, 9, generator=gen)
+    set_fused(True)
+    try:
+        with pytest.warns(UserWarning, match="fused IDM kernels unavailable.*no C compiler"):
+            loss = alignment_loss(low, high)
+        assert not fused_enabled()  # one warning, then eager ops for the rest of the run
+    finally:
+        set_fused(False)
+    assert float(loss) == pytest.approx(float(alignment_loss_reference(low, high)), rel=1e-5)
 
 
 # fairness weight regularisation -------------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ _CACHE: dict[tuple, Callable] = {}
 # a stack in memory, for accuracy a gradient step has no use for (on 2 cores a W4A4 training step took 1.5x the
 # float step's time with it, 1.25x without); the loops are still parallel (see _build). Also unlike a count of
 # candidates (2..7), which the mixture kernels specialise on: equal sizes would share one symbol.
-_EXAMPLE_CHANNELS, _EXAMPLE_SIZE = 11, 37
+EXAMPLE_CHANNELS, EXAMPLE_SIZE = 11, 37
 
 
 def layout(x: Tensor, step_shape: tuple[int, ...]) -> str | None:
@@ -48,7 +48,7 @@ def flat_steps(kind: str, steps: Tensor) -> Tensor:
 
 def example(kind: str, device: torch.device) -> Tensor:
     """A traced stand-in for a flattened operand of layout ``kind``."""
-    shape = (_EXAMPLE_SIZE,) if kind == "tensor" else (_EXAMPLE_CHANNELS, _EXAMPLE_SIZE)
+    shape = (EXAMPLE_SIZE,) if kind == "tensor" else (EXAMPLE_CHANNELS, EXAMPLE_SIZE)
     return torch.randn(shape, device=device)
 
 

@@ -80,13 +80,22 @@ def _requantizing_backward_kernel(out, grad, x, step, qmin, qmax):
 FUSED_MIN_NUMEL = 1 << 10
 
 
+def fused_applies(x: Tensor) -> bool:
+    """Whether an operation on ``x`` runs as a compiled kernel (``set_fused``) rather than as eager ops."""
+    # Inside a compiled model the whole graph is fused already; nested compiled kernels would break it.
+    return (_FUSED["enabled"] and x.numel() >= FUSED_MIN_NUMEL and x.dtype == torch.float32
+            and not torch.compiler.is_compiling())
+
+
+def fused_unavailable(what: str, error: Exception) -> None:
+    """A kernel could not be built or run here (no compiler, an unsupported backend): warn once, go eager."""
+    warnings.warn(f"fused {what} kernels unavailable ({type(error).__name__}: {error}); using eager ops", stacklevel=4)
+    set_fused(False)
+
+
 def fused_layout(x: Tensor, step_shape: tuple[int, ...]) -> str | None:
     """The kernels' layout for ``x`` (see kernels.layout), or None when the eager ops run."""
-    # Inside a compiled model the whole graph is fused already; nested compiled kernels would break it.
-    if (not _FUSED["enabled"] or x.numel() < FUSED_MIN_NUMEL or x.dtype != torch.float32
-            or torch.compiler.is_compiling()):
-        return None
-    return kernels.layout(x, step_shape)
+    return kernels.layout(x, step_shape) if fused_applies(x) else None
 
 
 def _kernel(fn, kind: str, device: torch.device):
@@ -137,9 +146,8 @@ def row_forward(x: Tensor, steps: Tensor, row: int, shape: tuple[int, ...], qmin
                 _kernel(_forward_into_kernel, kind, x.device)(kernels.flat(kind, out), *args)
                 return out
             return _kernel(_forward_kernel, kind, x.device)(*args)[0].view(x.shape)
-        except Exception as e:  # no compiler, unsupported backend: stay correct, just slower
-            warnings.warn(f"fused LSQ kernels unavailable ({type(e).__name__}: {e}); using eager ops", stacklevel=3)
-            set_fused(False)
+        except Exception as e:  # stay correct, just slower
+            fused_unavailable("LSQ", e)
     step = steps[row].view(shape)
     # In place after the first op: one allocation instead of four.
     return torch.div(x, step).clamp_(qmin, qmax).round_().mul_(step)

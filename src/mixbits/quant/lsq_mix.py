@@ -16,13 +16,11 @@ quantizer.
 
 from __future__ import annotations
 
-import warnings
-
 import torch
 from torch import Tensor
 
 from . import kernels
-from .lsq import fused_layout, set_fused
+from .lsq import fused_layout, fused_unavailable
 
 _TABLES: dict[tuple, tuple[Tensor, Tensor]] = {}
 
@@ -115,9 +113,8 @@ def mix_forward(x: Tensor, steps: Tensor, probs: Tensor, shape: tuple[int, ...],
                 _kernel(_forward_into_kernel, kind, len(bounds), x.device)(kernels.flat(kind, out), *args)
                 return out
             return _kernel(_forward_kernel, kind, len(bounds), x.device)(*args)[0].view(x.shape)
-        except Exception as e:  # no compiler, unsupported backend: stay correct, just slower
-            warnings.warn(f"fused LSQ kernels unavailable ({type(e).__name__}: {e}); using eager ops", stacklevel=3)
-            set_fused(False)
+        except Exception as e:  # stay correct, just slower
+            fused_unavailable("LSQ", e)
     table = steps.view(steps.shape[0], *shape)
     return _mix_forward(x, table, probs, *zip(*bounds, strict=True))
 

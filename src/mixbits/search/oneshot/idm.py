@@ -22,14 +22,13 @@ autograd through the expression cost as much as a fifth pass (benchmarks/idm_cos
 from __future__ import annotations
 
 import functools
-import warnings
 from collections.abc import Mapping
 
 import torch
 from torch import Tensor, nn
 
-from ...quant import QuantLayer, fused_enabled, kernels, set_fused
-from ...quant.lsq import FUSED_MIN_NUMEL
+from ...quant import QuantLayer, kernels
+from ...quant.lsq import fused_applies, fused_unavailable
 
 NORM_EPS = 1e-5
 
@@ -108,7 +107,7 @@ def _view3(x: Tensor) -> tuple[Tensor, int]:
 
 def _example(fn, cdim: int, device: torch.device) -> tuple[Tensor, ...]:
     """Traced stand-ins for ``fn``'s arguments (distinct small sizes, so each stays its own symbol)."""
-    n, c, s = 5, kernels._EXAMPLE_CHANNELS, kernels._EXAMPLE_SIZE
+    n, c, s = 5, kernels.EXAMPLE_CHANNELS, kernels.EXAMPLE_SIZE
     x = torch.randn((n, c, s) if cdim == 1 else (n, s, c), device=device)
     floor = torch.tensor(0.0, device=device)
     if fn is _target:
@@ -123,13 +122,12 @@ def _example(fn, cdim: int, device: torch.device) -> tuple[Tensor, ...]:
 def _run(fn, cdim: int, *args: Tensor) -> tuple[Tensor, ...]:
     """``fn`` on ``args``: a compiled kernel when the quantizers' are on (``set_fused``), else eager ops."""
     x = args[1] if fn is _distance_backward else args[0]
-    if fused_enabled() and x.numel() >= FUSED_MIN_NUMEL and x.dtype == torch.float32:
+    if fused_applies(x):
         try:
             kernel = kernels.compiled(_KERNELS[fn][cdim], (x.device,), lambda: _example(fn, cdim, x.device))
             return kernel(*args)
-        except Exception as e:  # no compiler, unsupported backend: stay correct, just slower
-            warnings.warn(f"fused IDM kernels unavailable ({type(e).__name__}: {e}); using eager ops", stacklevel=3)
-            set_fused(False)
+        except Exception as e:  # stay correct, just slower
+            fused_unavailable("IDM", e)
     return _KERNELS[fn][cdim](*args)
 
 
