@@ -184,6 +184,71 @@ def test_qconv_is_conv_of_quantized_input_and_weight(groups):
     assert errors[8] < errors[2] / 4
 
 
+@pytest.mark.parametrize("kind", ["conv", "depthwise", "linear", "tokens"])
+@pytest.mark.parametrize("per_channel", [False, True])
+@pytest.mark.parametrize("fused", [False, True])
+def test_inference_runs_the_integer_form(kind, per_channel, fused):
+    """Eval mode without autograd: the integer codes' product (exact, here checked in float64), one multiply by
+    the two steps' product, one bias add; the same function as the fake-quant forward up to float rounding."""
+    set_fused(fused)
+    try:
+        if kind == "linear" or kind == "tokens":
+            layer = QLinear.from_float(nn.Linear(96, 12), (2, 4), (3, 8), per_channel=per_channel)
+            x = torch.randn(64, 5, 96) if kind == "tokens" else torch.randn(64, 96)
+        else:
+            groups = 16 if kind == "depthwise" else 1
+            layer = QConv2d.from_float(nn.Conv2d(16, 16, 3, padding=1, groups=groups), (2, 4), (3, 8),
+                                       per_channel=per_channel)
+            x = torch.randn(8, 16, 12, 12)
+        calibrate(nn.Sequential(layer), x)
+        layer.set_bits(4, 3)
+        layer.eval()
+        fake = layer(x)  # autograd on: the fake-quant forward
+        with torch.no_grad():
+            got = layer(x)
+        x_codes = torch.clamp(x / layer.a_quant.step(3, x.dim()), *integer_range(3, layer.a_quant.signed)).round()
+        w_codes, w_step = layer.w_quant.integers(layer.weight, 4)
+        shape = (-1, 1, 1) if isinstance(layer, QConv2d) else (-1,)
+        if isinstance(layer, QConv2d):
+            exact = nn.functional.conv2d(x_codes.double(), w_codes.double(), None, 1, 1, 1, layer.groups)
+        else:
+            exact = nn.functional.linear(x_codes.double(), w_codes.double())
+        scale = (layer.a_quant.step(3, 1).reshape(-1) * w_step.reshape(-1)).view(shape)
+        assert torch.equal(got, exact.float() * scale + layer.bias.view(shape))
+        fake = fake.detach() if fake.requires_grad else pytest.fail("the fake-quant forward lost its gradient")
+        torch.testing.assert_close(got, fake, rtol=0, atol=1e-5 * float(fake.abs().max()))
+        assert not got.requires_grad
+    finally:
+        set_fused(False)
+
+
+def test_quantized_model_batchnorm_infers_as_multiply_then_add():
+    """Two roundings, as the exported graph's Mul and Add make them; training is BatchNorm's own."""
+    from mixbits.quant.batchnorm import TwoRoundingBatchNorm2d
+
+    model = nn.Sequential(nn.Conv2d(3, 6, 3), nn.BatchNorm2d(6), nn.ReLU(), nn.Flatten(), nn.Linear(6 * 36, 4))
+    plain = model[1]
+    qmodel = quantize_model(model, SearchSpace.from_model(model, (4,), (4,), fixed="none"))
+    bn = qmodel[1]
+    assert type(bn) is TwoRoundingBatchNorm2d and type(plain) is nn.BatchNorm2d  # the original is left alone
+    x = torch.randn(16, 6, 6, 6) * 2 + 1
+    bn.train()
+    reference = nn.BatchNorm2d(6).train()
+    reference.load_state_dict(bn.state_dict())
+    torch.testing.assert_close(bn(x), reference(x), rtol=0, atol=0)
+    torch.testing.assert_close(bn.running_mean, reference.running_mean, rtol=0, atol=0)
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 1.5)
+        bn.bias.uniform_(-1, 1)
+    reference.load_state_dict(bn.state_dict())
+    bn.eval(), reference.eval()
+    std = (bn.running_var + bn.eps).sqrt()
+    scale = (bn.weight / std).view(1, -1, 1, 1)
+    shift = (bn.bias - bn.running_mean * (bn.weight / std)).view(1, -1, 1, 1)
+    assert torch.equal(bn(x), (x * scale) + shift)
+    torch.testing.assert_close(bn(x), reference(x), rtol=1e-6, atol=1e-6)
+
+
 def _layer_grads(layer, x, forward, probs=None, input_grad=True):
     """Output and every gradient of ``forward(layer, x)`` (the input's, the steps', the weight's, the bias')."""
     layer.zero_grad(set_to_none=True)

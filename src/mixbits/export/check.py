@@ -36,10 +36,10 @@ def check_layers(model: nn.Module, specs: dict[str, LayerSpec], types: dict[str,
                  x: torch.Tensor, tolerance: float = 1e-3) -> dict:
     """Each quantized layer's QDQ subgraph alone, fed the very input PyTorch gave that layer.
 
-    With identical inputs the integer codes are identical, so only float summation order separates
-    the two: this is where "equal up to float rounding" is checked, and the first layer that breaks
-    it is named. (End to end, that rounding can flip an activation sitting exactly between two
-    levels in a later layer; ``check_onnx`` allows for those.)
+    With identical inputs the integer codes are identical, and the integer form (quant/layers.py) makes
+    the outputs identical too: a layer off by more than ``tolerance`` is named. (End to end, a float op
+    between layers that rounds differently in the two runtimes can flip an activation sitting exactly
+    between two levels in a later layer; ``check_onnx`` allows for those.)
     """
     layers, seen = quant_layers(model), {}
 
@@ -109,9 +109,9 @@ def check_onnx(model: nn.Module, onnx_model: bytes | str | Path, inputs, outputs
     Both onnxruntime sessions are compared with PyTorch: the default one (graph optimisations at
     onnxruntime's default level, what users deploy) in the top-level fields, the unoptimised one under
     ``unoptimized``. A sample "differs" when some output of it is off by more than ``tolerance`` times
-    that output's largest |value| over all samples. Float summation order differs between the runtimes,
-    so an activation lying within rounding error of a midpoint between two levels can land on the
-    other level; a few samples then differ by about one quantization step. A wrong graph makes most
+    that output's largest |value| over all samples. Where a float op between layers rounds differently
+    in the two runtimes, an activation lying within rounding error of a midpoint between two levels can
+    land on the other level; a few samples then differ by about one quantization step. A wrong graph makes most
     samples differ instead: more than ``max_mismatch`` (a fraction) of them, or a top-1 agreement below
     ``min_agreement`` percent, in either session raises, naming the first node that differs. Returns
     max |diff|, its relative size, the differing samples, top-1 agreement (first output), and both

@@ -8,8 +8,8 @@ samples that differed, and walk the nodes in graph order:
   numbers); the tensors it still shares with the original graph are compared. Nodes the optimiser
   fused away have no tensor to compare, so the answer is the first kept node that differs, the last
   kept node before it that agrees, and the original nodes rewritten in between.
-- ``against_pytorch``: the unoptimised graph against PyTorch, at each quantized layer's dequantized
-  input (the first DequantizeLinear whose scale is ``<layer>.input_scale``) and at the outputs.
+- ``against_pytorch``: the unoptimised graph against PyTorch, at each quantized layer's input codes
+  (the output of its ``DequantizeInput`` node) and at the outputs.
 """
 
 from __future__ import annotations
@@ -54,9 +54,9 @@ def _first_divergence(order: list[tuple], ref: dict, got: dict, tolerance: float
 
 
 def _layer_of(node) -> str | None:
-    """The quantized layer whose input this Quantize/Clip/DequantizeLinear node handles (by its scale's name)."""
-    scale = next((t for t in node.input if t.endswith(".input_scale")), None)
-    return scale.removesuffix(".input_scale") if scale else None
+    """The quantized layer whose input or weight this Quantize/DequantizeLinear node handles (by its scale's name)."""
+    scale = next((t for t in node.input if t.endswith((".input_scale", ".unit_scale"))), None)
+    return scale.rsplit(".", 1)[0] if scale else None
 
 
 def _optimized(data: bytes) -> onnx.ModelProto:
@@ -102,9 +102,9 @@ def against_optimized(data: bytes, x: np.ndarray, tolerance: float) -> dict | No
 def against_pytorch(model: nn.Module, data: bytes, x: torch.Tensor, tolerance: float) -> dict | None:
     """The first quantized layer input (or output) of the unoptimised graph that differs from PyTorch's."""
     proto, layers = onnx.load_from_string(data), quant_layers(model)
-    order, tensors = [], {}  # the first DequantizeLinear of each layer's input, in graph order
+    order, tensors = [], {}  # the first input codes of each layer, in graph order
     for node in proto.graph.node:
-        name = _layer_of(node) if node.op_type == "DequantizeLinear" else None
+        name = _layer_of(node) if node.name.endswith("/DequantizeInput") else None
         if name in layers and name not in tensors:
             order.append((node, node.output[0]))
             tensors[name] = node.output[0]
@@ -119,12 +119,13 @@ def against_pytorch(model: nn.Module, data: bytes, x: torch.Tensor, tolerance: f
 
 
 def _quantized_inputs(model: nn.Module, tensors: dict[str, str], x: torch.Tensor) -> dict[str, np.ndarray]:
-    """PyTorch's quantized input of each layer in ``tensors`` (its first call), keyed by that layer's ONNX tensor."""
+    """PyTorch's input codes of each layer in ``tensors`` (its first call), keyed by that layer's ONNX tensor."""
     layers, seen = quant_layers(model), {}
 
     def record(name):
         def hook(module, inputs):
-            seen.setdefault(tensors[name], module.quantized_input(padded(module, inputs[0])).float().numpy())
+            codes, _ = module.a_quant.codes(padded(module, inputs[0]), module.a_quant.bits)
+            seen.setdefault(tensors[name], codes.float().numpy())
         return hook
 
     hooks = [layers[name].register_forward_pre_hook(record(name)) for name in tensors]

@@ -3,14 +3,17 @@
 torch's exporter refuses fake-quant below 8 bits, so each quantized layer is traced as one opaque
 placeholder node (``mixbits::QLayer``) and then replaced by a subgraph (built in ``qdq``):
 
-    x -> QuantizeLinear -> [Clip] -> DequantizeLinear -> Conv/Gemm/MatMul <- DequantizeLinear <- integer weight
+    x -> QuantizeLinear -> [Clip] -> DequantizeLinear(1) -> Conv/Gemm/MatMul -> Mul scale -> Add bias
+                                    integer weight -> DequantizeLinear(1) -^
 
-Everything else (BatchNorm, pooling, residual adds, reshapes, float layers) comes from torch's own
-TorchScript-based exporter, untouched: the placeholder keeps BatchNorm from being folded into the
-weights, which would destroy the integer codes. The integers are the ones PyTorch computes, and ONNX
-QuantizeLinear rounds half to even like ``torch.round``, so each layer reproduces the fake-quant layer
-up to float summation order (``check.check_layers``); end to end, that rounding can flip rare
-activations lying on a midpoint between two levels (``check.check_onnx`` says how often).
+the layer's integer form, which PyTorch's inference runs too (quant/layers.py). Everything else
+(BatchNorm, pooling, residual adds, reshapes, float layers) comes from torch's own TorchScript-based
+exporter, untouched: the placeholder keeps BatchNorm from being folded into the weights, which would
+destroy the integer codes, and the quantized model's BatchNorm infers as the Mul and Add it traces to
+(quant/batchnorm.py). The integers are the ones PyTorch computes, ONNX QuantizeLinear divides and
+rounds half to even like PyTorch, and the integer products do not depend on summation order, so each
+layer reproduces PyTorch to the bit (``check.check_layers``) and so does the whole graph wherever the
+float ops between layers round alike (``check.check_onnx`` says how often they do not).
 """
 
 from __future__ import annotations

@@ -140,12 +140,15 @@ def _scalar(name: str, value, dtype: int):
 
 
 def _weight_inits(spec: LayerSpec, types: QTypes) -> list:
+    """The weight codes, the unit scale that dequantizes codes to themselves, and the product's scale (input
+    step times weight step, rounded once in float32 as PyTorch rounds it) shaped to broadcast over channels."""
     n = spec.name
-    zeros = np.zeros(spec.w_scale.shape if spec.per_channel else (), np.int64)
-    scale = spec.w_scale if spec.per_channel else spec.w_scale.reshape(())
+    shape = ((-1, 1, 1) if spec.kind == "conv" else (-1,)) if spec.per_channel else ()
+    scale = (np.float32(spec.a_scale) * spec.w_scale.astype(np.float32)).reshape(shape)
     inits = [_int_tensor(f"{n}.weight_int", spec.codes, types.weight),
-             numpy_helper.from_array(scale.astype(np.float32), f"{n}.weight_scale"),
-             _int_tensor(f"{n}.weight_zero_point", zeros, types.weight)]
+             _int_tensor(f"{n}.weight_zero_point", np.zeros((), np.int64), types.weight),
+             numpy_helper.from_array(np.array(1.0, np.float32), f"{n}.unit_scale"),
+             numpy_helper.from_array(scale.astype(np.float32), f"{n}.scale")]
     if spec.bias is not None:  # (C, 1, 1) for a convolution, so that Add broadcasts over (N, C, H, W)
         shape = (-1, 1, 1) if spec.kind == "conv" else (-1,)
         inits.append(numpy_helper.from_array(spec.bias.astype(np.float32).reshape(shape), f"{n}.bias"))
@@ -164,23 +167,26 @@ def _input_inits(spec: LayerSpec, types: QTypes) -> list:
 
 
 def layer_nodes(spec: LayerSpec, x: str, y: str, types: QTypes) -> tuple[list, list]:
-    """(nodes, initializers) computing ``y`` from ``x`` like the quantized layer; node names derive from ``y``."""
+    """(nodes, initializers) computing ``y`` from ``x`` like the quantized layer's integer form (the form
+    PyTorch runs at inference, quant/layers.py); node names derive from ``y``.
+
+    Both DequantizeLinear nodes take a unit scale, so the Conv/Gemm/MatMul multiplies integer codes (exact,
+    in any summation order); one Mul by the product's scale and one Add of the bias follow, the two
+    roundings PyTorch makes."""
     n, node = spec.name, helper.make_node
     codes = f"{y}/input_int"
     nodes = [node("QuantizeLinear", [x, f"{n}.input_scale", f"{n}.input_zero_point"], [codes], name=f"{y}/Quantize")]
     if types.clip:
         nodes.append(node("Clip", [codes, f"{n}.input_min", f"{n}.input_max"], [f"{y}/input_clip"], name=f"{y}/Clip"))
         codes = f"{y}/input_clip"
-    nodes.append(node("DequantizeLinear", [codes, f"{n}.input_scale", f"{n}.input_zero_point"], [f"{y}/input_dq"],
+    nodes.append(node("DequantizeLinear", [codes, f"{n}.unit_scale", f"{n}.input_zero_point"], [f"{y}/input_codes"],
                       name=f"{y}/DequantizeInput"))
-    axis = {"axis": 0} if spec.per_channel else {}
-    nodes.append(node("DequantizeLinear", [f"{n}.weight_int", f"{n}.weight_scale", f"{n}.weight_zero_point"],
-                      [f"{y}/weight_dq"], name=f"{y}/DequantizeWeight", **axis))
-    xd, wd = f"{y}/input_dq", f"{y}/weight_dq"
+    nodes.append(node("DequantizeLinear", [f"{n}.weight_int", f"{n}.unit_scale", f"{n}.weight_zero_point"],
+                      [f"{y}/weight_codes"], name=f"{y}/DequantizeWeight"))
+    xd, wd, product = f"{y}/input_codes", f"{y}/weight_codes", f"{y}/integer_product"
     # The bias is a separate Add, never an input of Conv/Gemm: onnxruntime's default optimisations
-    # quantize a Conv/Gemm bias to int32 at scale input_scale * weight_scale, which moves the outputs
-    # by up to half that step and, through a later low-bit quantizer, flips whole levels.
-    product = f"{y}/product" if spec.bias is not None else y
+    # quantize a Conv/Gemm bias to int32, which moves the outputs and, through a later low-bit quantizer,
+    # flips whole levels.
     if spec.kind == "conv":
         nodes.append(node("Conv", [xd, wd], [product], name=f"{y}/Conv", **spec.conv))
     elif max(spec.in_ranks or (2,)) <= 2:
@@ -188,8 +194,10 @@ def layer_nodes(spec: LayerSpec, x: str, y: str, types: QTypes) -> tuple[list, l
     else:  # inputs of rank > 2 (tokens): MatMul with the transposed weight
         nodes += [node("Transpose", [wd], [f"{y}/weight_t"], name=f"{y}/Transpose", perm=[1, 0]),
                   node("MatMul", [xd, f"{y}/weight_t"], [product], name=f"{y}/MatMul")]
+    scaled = f"{y}/product" if spec.bias is not None else y
+    nodes.append(node("Mul", [product, f"{n}.scale"], [scaled], name=f"{y}/Scale"))
     if spec.bias is not None:
-        nodes.append(node("Add", [product, f"{n}.bias"], [y], name=f"{y}/AddBias"))
+        nodes.append(node("Add", [scaled, f"{n}.bias"], [y], name=f"{y}/AddBias"))
     return nodes, _input_inits(spec, types) + _weight_inits(spec, types)
 
 

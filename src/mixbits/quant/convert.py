@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from ..data.batches import first_input
 from ..errors import MixbitsError, did_you_mean
 from ..space import Policy, SearchSpace
+from .batchnorm import two_rounding_batchnorms
 from .layers import QuantLayer, quantized_class
 
 
@@ -22,8 +23,10 @@ def quantize_model(model: nn.Module, space: SearchSpace, per_channel: bool = Fal
     """Replace every layer of ``space`` by its quantized counterpart, keeping module names.
 
     Searchable layers get the space's candidate bit-widths and start at the largest; fixed layers
-    (default: first and last) get their single fixed (w, a). Returns the quantized model (a copy
-    unless ``inplace``). Call ``calibrate`` on one batch before training or evaluation.
+    (default: first and last) get their single fixed (w, a); BatchNorms get the inference of
+    ``batchnorm.py`` (the same function, rounded as the exported graph rounds it). Returns the
+    quantized model (a copy unless ``inplace``). Call ``calibrate`` on one batch before training or
+    evaluation.
     """
     if not inplace:
         model = copy.deepcopy(model)
@@ -35,6 +38,7 @@ def quantize_model(model: nn.Module, space: SearchSpace, per_channel: bool = Fal
         w_bits, a_bits = space.candidates(name)
         qlayer = quantized_class(modules[name]).from_float(modules[name], w_bits, a_bits, per_channel)
         _set_submodule(model, name, qlayer)
+    two_rounding_batchnorms(model)  # so that exported graphs reproduce inference to the bit
     return model
 
 

@@ -16,12 +16,18 @@ activation. Search methods drive a layer through four calls and never touch its 
 ``set_candidate_weights(list)`` gives each weight candidate its own latent weight (DNAS with separate
 edges): every mode then quantizes candidate *b*'s weight at *b* bits, and the mixture stays one
 convolution (Σ_b p_b·Q_b(W_b) is still one tensor).
+
+At fixed bits, inference (eval mode, no autograd) runs the *integer form*: the product of the integer
+codes, then one multiply by the steps and one bias add (``_integer_forward``), the same function as
+the fake-quant forward, exact where that one rounds, and what the exported ONNX graph computes.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
+import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import MixbitsError
@@ -85,18 +91,20 @@ class QuantLayer:
                                f"{tuple(self.weight.shape)} (one per candidate {list(self.w_quant.candidates)})")
         self.candidate_weights = weights
 
+    def latent_weight(self) -> Tensor:
+        """The float weight quantized at the fixed bits: ``weight``, or that bit-width's own candidate weight."""
+        separate = getattr(self, "candidate_weights", None)
+        return self.weight if separate is None else separate[self.w_quant.index(self.w_quant.bits)]
+
     def quantized_weight(self) -> Tensor:
         separate = getattr(self, "candidate_weights", None)
-        if separate is not None:
-            if self._w_probs is not None:
-                bits = self._mix_bits[0] or self.w_quant.candidates
-                return sum(p * self.w_quant.quantize(separate[self.w_quant.index(b)], b)
-                           for p, b in zip(self._w_probs, bits, strict=True))
-            bits = self.w_quant.bits
-            return self.w_quant.quantize(separate[self.w_quant.candidates.index(bits)], bits)
+        if separate is not None and self._w_probs is not None:
+            bits = self._mix_bits[0] or self.w_quant.candidates
+            return sum(p * self.w_quant.quantize(separate[self.w_quant.index(b)], b)
+                       for p, b in zip(self._w_probs, bits, strict=True))
         if self._w_probs is not None:
             return self.w_quant.mix(self.weight, self._w_probs, self._mix_bits[0])
-        return self.w_quant(self.weight)
+        return self.w_quant(self.latent_weight())
 
     def quantized_input(self, x: Tensor) -> Tensor:
         if self._a_probs is not None:
@@ -111,6 +119,24 @@ class QuantLayer:
         else:
             steps, probs, plan = self.a_quant.steps, None, self.a_quant.row_plan(x, self.a_quant.bits)
         return quantized_layer(x, steps, probs, plan, self.quantized_weight(), self.bias, op)
+
+    def _runs_integer_form(self) -> bool:
+        """Inference (eval mode, no autograd) at fixed bits runs the integer form (``_integer_forward``)."""
+        return not self.training and not torch.is_grad_enabled() and self.mode == "fixed"
+
+    def _integer_forward(self, x: Tensor, product: Callable[[Tensor, Tensor], Tensor], channel_shape) -> Tensor:
+        """The layer as deployed: ``product`` of the integer codes of input and weight, one multiply by the
+        two steps' product, one bias add. The same function as the fake-quant forward, but exact where that
+        one rounds: integer codes multiply and sum without rounding in float32 (while every partial sum
+        stays below 2^24, far above what 2-8 bit codes reach in common layers), so the result does not
+        depend on summation order, and the exported graph repeats the two roundings after it, so onnxruntime
+        and PyTorch agree to the bit (export/qdq.py)."""
+        w_bits, a_bits = self.bits
+        x_codes, x_step = self.a_quant.codes(x, a_bits, transient=True)  # dropped once the product is made
+        w_codes, w_step = self.w_quant.codes(self.latent_weight(), w_bits)
+        y = product(x_codes, w_codes)
+        y.mul_((x_step.reshape(-1) * w_step.reshape(-1)).view(channel_shape))
+        return y if self.bias is None else y.add_(self.bias.view(channel_shape))
 
     def _apply_sampler(self) -> None:
         if self._sampler is not None:
@@ -149,6 +175,8 @@ class QConv2d(QuantLayer, nn.Conv2d):
 
     def forward(self, x: Tensor) -> Tensor:
         self._apply_sampler()
+        if self._runs_integer_form():
+            return self._integer_forward(x, lambda q, w: self._conv_forward(q, w, None), (-1, 1, 1))
         if self.padding_mode != "zeros" or isinstance(self.padding, str):  # padded inside F.conv2d's caller
             return self._conv_forward(self.quantized_input(x), self.quantized_weight(), self.bias)
         return self._quantized_op(x, ("conv", self.stride, self.padding, self.dilation, self.groups))
@@ -175,6 +203,8 @@ class QLinear(QuantLayer, nn.Linear):
 
     def forward(self, x: Tensor) -> Tensor:
         self._apply_sampler()
+        if self._runs_integer_form():
+            return self._integer_forward(x, F.linear, (-1,))
         return self._quantized_op(x, ("linear",))
 
     def extra_repr(self) -> str:

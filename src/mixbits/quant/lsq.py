@@ -59,6 +59,11 @@ def _forward_kernel(x, step, qmin, qmax):
     return (_forward(x, step, qmin, qmax),)
 
 
+def _codes_into_kernel(out, x, step, qmin, qmax):
+    out.copy_(torch.clamp(x / step, qmin, qmax).round())
+    return ()
+
+
 def _forward_into_kernel(out, x, step, qmin, qmax):
     out.copy_(_forward(x, step, qmin, qmax))
     return ()
@@ -151,6 +156,23 @@ def row_forward(x: Tensor, steps: Tensor, row: int, shape: tuple[int, ...], qmin
     step = steps[row].view(shape)
     # In place after the first op: one allocation instead of four.
     return torch.div(x, step).clamp_(qmin, qmax).round_().mul_(step)
+
+
+def row_codes(x: Tensor, steps: Tensor, row: int, shape: tuple[int, ...], qmin: float, qmax: float,
+              transient: bool = False) -> Tensor:
+    """The integer codes ``clamp(x / step, qmin, qmax).round()`` in ``x``'s dtype (no gradient): one compiled
+    kernel when fused, else eager ops. The same division, clamp and rounding as onnx QuantizeLinear.
+    ``transient`` as for ``row_forward``."""
+    kind = fused_layout(x, shape)
+    if kind is not None:
+        try:
+            out = kernels.scratch(x) if transient else torch.empty_like(x, memory_format=torch.contiguous_format)
+            _kernel(_codes_into_kernel, kind, x.device)(kernels.flat(kind, out),
+                                                         *_kernel_args(kind, x, steps, row, qmin, qmax))
+            return out
+        except Exception as e:  # stay correct, just slower
+            fused_unavailable("LSQ", e)
+    return torch.div(x.detach(), steps.detach()[row].view(shape)).clamp_(qmin, qmax).round_()
 
 
 def row_backward(grad: Tensor, x: Tensor, steps: Tensor, row: int, shape: tuple[int, ...], qmin: float,

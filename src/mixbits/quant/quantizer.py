@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import MixbitsError
-from .lsq import lsq_quantize_row
+from .lsq import lsq_quantize_row, row_codes
 from .lsq_mix import lsq_mix
 
 _UNKNOWN, _UNSIGNED, _SIGNED = -1, 0, 1
@@ -150,12 +150,17 @@ class LsqQuantizer(nn.Module):
         return lsq_mix(x, steps, probs, *plan[1:])
 
     @torch.no_grad()
+    def codes(self, x: Tensor, bits: int | None = None, transient: bool = False) -> tuple[Tensor, Tensor]:
+        """(the integer codes of ``x`` at ``bits``, in ``x``'s float dtype; the step shaped for ``x``): the
+        operands of a layer's integer form. ``transient``: dropped before the next transient call (lsq.py)."""
+        bits = self.bits if bits is None else bits
+        _, row, shape, qmin, qmax, _ = self.row_plan(x, bits)
+        return row_codes(x, self.steps, row, shape, qmin, qmax, transient), self.step(bits, x.dim())
+
     def integers(self, x: Tensor, bits: int | None = None) -> tuple[Tensor, Tensor]:
         """(integer codes as int32, step) of ``x`` at ``bits``: what an exporter stores."""
-        bits = self.bits if bits is None else bits
-        qmin, qmax = integer_range(bits, self.signed)
-        step = self.step(bits, x.dim())
-        return torch.clamp(torch.round(x / step), qmin, qmax).to(torch.int32), step.detach().clone()
+        codes, step = self.codes(x.detach(), bits)
+        return codes.to(torch.int32), step.detach().clone()
 
     def extra_repr(self) -> str:
         sign = {_UNKNOWN: "?", _UNSIGNED: "unsigned", _SIGNED: "signed"}[int(self.sign_mode)]
