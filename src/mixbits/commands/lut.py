@@ -5,7 +5,7 @@
 
 Every layer of the search space (default: W2..6 A2..6, first and last layer at 8 bits) is timed at
 every (w, a) it may take, alone, at batch 1: with onnxruntime, as the layer's QDQ ONNX subgraph
-(what `mixbits export` writes), or with --runtime torch, as the fake-quant PyTorch layer. Each entry
+(what `mixbits export` writes), or with --runtime torch, as the PyTorch layer's inference. Each entry
 is the median of --repeats runs; the file is in the mixbits.latency/1 format that --latency-table reads.
 An existing --out file is replaced only with --force.
 """

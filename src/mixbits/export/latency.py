@@ -2,9 +2,9 @@
 
 Every (layer, w, a) the search space allows is timed on its own: the layer's QDQ subgraph, exactly
 as ``export_onnx`` writes it (input QuantizeLinear/DequantizeLinear, integer weight and its
-DequantizeLinear, Conv or Gemm), with the layer's real shapes at batch 1, run by onnxruntime. The
+DequantizeLinear, Conv or Gemm, Mul by the scales), with the layer's real shapes at batch 1, run by onnxruntime. The
 weights are random codes: timing does not depend on their values. ``runtime="torch"`` times the
-fake-quant PyTorch layer instead (what training and evaluation pay, not a deployment figure).
+PyTorch layer's inference instead (its integer form: what evaluation pays, not a deployment figure).
 
 A table only says what this runtime does here: onnxruntime's CPU kernels compute in 8 bits or in
 float whatever the bit-width, so below 8 bits the entries differ by noise and by narrow-type
@@ -116,7 +116,7 @@ def _torch_timer(name, module, space, in_shape):
 def _device(runtime: str, threads: int | None) -> str:
     cpu = platform.processor() or platform.machine() or "cpu"
     if runtime == "torch":
-        return f"{cpu}, torch {torch.__version__} fake-quant, {torch.get_num_threads()} threads"
+        return f"{cpu}, torch {torch.__version__} integer form, {torch.get_num_threads()} threads"
     import onnxruntime as ort
 
     return f"{cpu}, onnxruntime {ort.__version__} CPUExecutionProvider, {threads or 'default'} threads"
