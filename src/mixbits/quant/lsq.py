@@ -35,8 +35,18 @@ def fused_enabled() -> bool:
     return _FUSED["enabled"]
 
 
+def _codes(x: Tensor, step: Tensor, qmin: Tensor, qmax: Tensor) -> Tensor:
+    """The integer levels of ``x``: the same division, clamp and rounding as onnx QuantizeLinear."""
+    return torch.clamp(x / step, qmin, qmax).round()
+
+
+def _eager_codes(x: Tensor, step: Tensor, qmin: float, qmax: float) -> Tensor:
+    """``_codes`` as eager ops, in place after the first one (one allocation instead of three)."""
+    return torch.div(x, step).clamp_(qmin, qmax).round_()
+
+
 def _forward(x: Tensor, step: Tensor, qmin: Tensor, qmax: Tensor) -> Tensor:
-    return torch.clamp(x / step, qmin, qmax).round() * step
+    return _codes(x, step, qmin, qmax) * step
 
 
 def _backward(grad: Tensor, x: Tensor, step: Tensor, qmin: Tensor, qmax: Tensor) -> tuple[Tensor, Tensor]:
@@ -60,7 +70,7 @@ def _forward_kernel(x, step, qmin, qmax):
 
 
 def _codes_into_kernel(out, x, step, qmin, qmax):
-    out.copy_(torch.clamp(x / step, qmin, qmax).round())
+    out.copy_(_codes(x, step, qmin, qmax))
     return ()
 
 
@@ -154,15 +164,13 @@ def row_forward(x: Tensor, steps: Tensor, row: int, shape: tuple[int, ...], qmin
         except Exception as e:  # stay correct, just slower
             fused_unavailable("LSQ", e)
     step = steps[row].view(shape)
-    # In place after the first op: one allocation instead of four.
-    return torch.div(x, step).clamp_(qmin, qmax).round_().mul_(step)
+    return _eager_codes(x, step, qmin, qmax).mul_(step)
 
 
 def row_codes(x: Tensor, steps: Tensor, row: int, shape: tuple[int, ...], qmin: float, qmax: float,
               transient: bool = False) -> Tensor:
-    """The integer codes ``clamp(x / step, qmin, qmax).round()`` in ``x``'s dtype (no gradient): one compiled
-    kernel when fused, else eager ops. The same division, clamp and rounding as onnx QuantizeLinear.
-    ``transient`` as for ``row_forward``."""
+    """The integer codes (``_codes``) of ``x`` with ``steps[row].view(shape)``, in ``x``'s dtype and with no
+    gradient: one compiled kernel when fused, else eager ops. ``transient`` as for ``row_forward``."""
     kind = fused_layout(x, shape)
     if kind is not None:
         try:
@@ -172,7 +180,7 @@ def row_codes(x: Tensor, steps: Tensor, row: int, shape: tuple[int, ...], qmin: 
             return out
         except Exception as e:  # stay correct, just slower
             fused_unavailable("LSQ", e)
-    return torch.div(x.detach(), steps.detach()[row].view(shape)).clamp_(qmin, qmax).round_()
+    return _eager_codes(x.detach(), steps.detach()[row].view(shape), qmin, qmax)
 
 
 def row_backward(grad: Tensor, x: Tensor, steps: Tensor, row: int, shape: tuple[int, ...], qmin: float,

@@ -159,7 +159,7 @@ class LsqQuantizer(nn.Module):
 
     def integers(self, x: Tensor, bits: int | None = None) -> tuple[Tensor, Tensor]:
         """(integer codes as int32, step) of ``x`` at ``bits``: what an exporter stores."""
-        codes, step = self.codes(x.detach(), bits)
+        codes, step = self.codes(x, bits)
         return codes.to(torch.int32), step.detach().clone()
 
     def extra_repr(self) -> str:
