@@ -400,7 +400,7 @@ def test_the_walk_screens_on_the_first_images_and_rescores_the_best_on_all():
 
 def test_every_feature_can_be_switched_off():
     options = {**FAST, "scheduler": False, "idm": False, "fairness": False, "bidirectional": False,
-               "train_largest": False, "train_smallest": False, "continue_path": False, "cost_term": "bitops"}
+               "largest": "off", "train_smallest": False, "continue_path": False, "cost_term": "bitops"}
     budgets = parse_budgets("bitops<=uniform:3,uniform:4")
     result = run_searcher("oneshot", _context(budgets, options))
     supernet = result.trace[0]
@@ -473,6 +473,26 @@ def test_sandwich_every_k_trains_the_largest_and_smallest_on_one_step_in_k(monke
     assert training[0] == highest and training[1] == lowest
     assert training[4] == highest and training[5] == lowest
     assert training[3] != highest  # step 1 has no largest pass (every step would: largest at 3, smallest at 4)
+
+
+@pytest.mark.parametrize("largest, grads, distilled", [("train", [True, True, True], 2),
+                                                      ("teach", [False, True, True], 2),
+                                                      ("off", [True, True], 0)])
+def test_the_largest_policy_trains_teaches_forward_only_or_is_left_out(monkeypatch, largest, grads, distilled):
+    """Per step (sandwich every step, one sampled policy): whether each forward builds a graph, and how many
+    passes learn from the largest policy's output. "teach" runs the largest without autograd and still teaches."""
+    from mixbits.search.oneshot import supernet
+
+    forwards, teachings = [], []
+    task_loss, kd_loss = supernet.task_loss, supernet.kd_loss
+    monkeypatch.setattr(supernet, "task_loss", lambda *a: (forwards.append(torch.is_grad_enabled()), task_loss(*a))[1])
+    monkeypatch.setattr(supernet, "kd_loss", lambda *a: (teachings.append(1), kd_loss(*a))[1])
+    options = {**FAST, "epochs": 1, "scheduler": False, "idm": False, "sandwich_every": 1, "policies_per_step": 1,
+               "largest": largest}
+    result = run_searcher("oneshot", _context(parse_budgets("bitops<=uniform:4"), options))
+    steps = len(toy_batches())
+    assert forwards == grads * steps and len(teachings) == distilled * steps
+    assert ("ce_largest" in result.trace[0]["epochs"][0]) == (largest != "off")
 
 
 def test_kept_supernet_weights_load_into_the_float_model_and_start_the_fine_tune(tmp_path):

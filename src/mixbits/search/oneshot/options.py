@@ -13,6 +13,7 @@ IDM_FORMS = ("paper", "mse")
 COST_TERMS = ("budget", "bitops")
 MOVES = ("layer", "separate")
 SCORE_BN = ("batch", "recalibrate", "pair")
+LARGEST = ("train", "teach", "off")
 
 
 @dataclass
@@ -29,7 +30,9 @@ class OneshotOptions:
     #   by sqrt(eps); the sensitivity toy's latent weights then took gradients of 130-650 (0.1-1.2 at higher bits),
     #   which wrecked every policy the weights serve (tests/test_sensitivity.py; docs/search.md)
     policies_per_step: int = 1  # K sampled policies per step, gradients accumulated before one update
-    train_largest: bool = True  # also train the all-highest policy (in-place distillation teacher) ...
+    largest: str = "train"  # the all-highest policy on a sandwich step: "train" it with the task loss (in-place
+    #   distillation teacher, a pass with backward); "teach": run it forward only (no gradient) for the distillation
+    #   and IDM targets, about a third of a pass; "off": no teacher (no distillation; IDM still gets its targets) ...
     train_smallest: bool = True  # ... and the all-lowest available policy (the "sandwich rule") ...
     sandwich_every: int = 2  # ... on one step in this many; the other steps train the K sampled policies alone
     #   (task loss only). Default: 2 passes a step on average; the released code runs largest + 3 sampled, 4 passes,
@@ -94,7 +97,7 @@ def check_options(opts: OneshotOptions, candidates: tuple[int, ...]) -> None:
          and (not is_number(opts.epochs) or opts.warmup_epochs <= opts.epochs), "a number in [0, epochs]"),
         ("grad_clip", opts.grad_clip is None or positive(opts.grad_clip), "a number > 0, or null for no clip"),
         ("policies_per_step", is_int(opts.policies_per_step) and opts.policies_per_step >= 1, "a whole number >= 1"),
-        ("train_largest", isinstance(opts.train_largest, bool), "true or false"),
+        ("largest", one_of(opts.largest, LARGEST), f"one of {list(LARGEST)}"),
         ("train_smallest", isinstance(opts.train_smallest, bool), "true or false"),
         ("sandwich_every", is_int(opts.sandwich_every) and opts.sandwich_every >= 1, "a whole number >= 1"),
         ("distill", fraction(opts.distill, closed=True), "a number in [0, 1]"),

@@ -2,14 +2,16 @@
 
 One optimiser step accumulates the gradients of ``policies_per_step`` sampled policies (Monte-Carlo
 estimate of Eq. 2), plus the largest policy (every searchable layer at its highest candidates) when
-``train_largest`` is set and the smallest (every layer at its lowest available bits) when
+``largest`` is "train" and the smallest (every layer at its lowest available bits) when
 ``train_smallest`` is set (the "sandwich rule" of weight-sharing NAS: without it the all-low corner,
 which the tightest budgets need, is almost never drawn); with ``sandwich_every`` k > 1 those two train on
 one step in k only (the others train the sampled policies alone, with the task loss: no teacher, no IDM),
-so a step costs K + 2/k passes on average instead of K + 2. Each pass's loss is divided by the step's
-number of passes, so the step follows the mean loss. The largest policy trains with cross-entropy; the others with
-(1 − d)·CE + d·KL to the largest policy's detached output (in-place distillation, d = ``distill``), plus
-the IDM term of Eq. 8.
+so a step costs K + 2/k passes on average instead of K + 2. Each trained pass's loss is divided by the step's
+number of trained passes, so the step follows the mean loss. The largest policy trains with cross-entropy; the
+others with (1 − d)·CE + d·KL to the largest policy's detached output (in-place distillation, d = ``distill``),
+plus the IDM term of Eq. 8. With ``largest`` "teach" the largest policy only runs forward, without autograd, for
+those targets: it still teaches, its weights (shared with every policy) are trained by the others, and a step
+costs about a third of a pass less.
 
 Fairness weight regularisation: a "low-bit pass" of a layer is a forward in which it ran at its smallest
 candidate weight bit-width. The searchable layers' weights leave the optimiser's decayed group; the
@@ -97,13 +99,14 @@ class SupernetObjective:
         if self.fair is not None:
             self.fair.start_step()
         sandwich = self.sandwich(state)
-        self.passes = self.opts.policies_per_step + (int(self.opts.train_largest) + int(self.opts.train_smallest)
+        self.passes = self.opts.policies_per_step + (int(self.opts.largest == "train") + int(self.opts.train_smallest)
                                                      if sandwich else 0)
         teacher, targets = self._largest(state, x, y) if sandwich else (None, {})
         total, metrics, logits = 0.0, {}, None
         if teacher is not None:
-            total = F.cross_entropy(teacher, y).detach()
-            metrics["ce_largest"] = total
+            metrics["ce_largest"] = F.cross_entropy(teacher, y).detach()
+            if self.opts.largest == "train":  # the step's loss is the mean over its trained passes
+                total = metrics["ce_largest"]
         idm_terms = []
         draws = [self.sampler.smallest()] if self.opts.train_smallest and sandwich else []
         draws += [self.sampler.sample(state.generator) for _ in range(self.opts.policies_per_step)]
@@ -117,14 +120,15 @@ class SupernetObjective:
         return StepOutput(total / self.passes, logits, metrics)
 
     def _largest(self, state: TrainState, x: Tensor, y: Tensor) -> tuple[Tensor | None, dict[str, Tensor]]:
-        """Train the largest policy (or only run it for IDM targets); its detached logits and layer outputs."""
-        if not self.opts.train_largest and self.align is None:
+        """Train the largest policy (or only run it forward for the targets); its detached logits and layer outputs."""
+        mode = self.opts.largest
+        if mode == "off" and self.align is None:
             return None, {}
         bits = self.sampler.largest()
         self.sampler.apply(bits)
         if self.capture is not None:
             self.capture.start(self.sampler.layers)
-        if self.opts.train_largest:
+        if mode == "train":
             loss, logits = task_loss(self.loss_fn, state.model, x, y)
             (loss / self.passes).backward()
             if self.fair is not None:
@@ -134,7 +138,7 @@ class SupernetObjective:
                 _, logits = task_loss(self.loss_fn, state.model, x, y)
         targets = self.align.targets(self.capture.stop()) if self.capture is not None else {}
         # The largest policy's logits teach the sampled ones (none with a user's loss_fn, which gives no logits).
-        return (logits.detach() if self.opts.train_largest and logits is not None else None), targets
+        return (logits.detach() if mode != "off" and logits is not None else None), targets
 
     def _sampled_pass(self, state: TrainState, x: Tensor, y: Tensor, bits: Mapping[str, Bits], teacher: Tensor | None,
                       targets: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor | None]:
