@@ -1,7 +1,7 @@
 """What a one-shot front costs against one uniform QAT run of the same epochs, as the training set grows.
 
     python benchmarks/oneshot_cost.py [--model resnet20] [--train-samples 8000 60000] [--epochs 1]
-                                      [--starts highest auto]
+                                      [--starts highest auto] [--options '{"largest": "train"}']
 
 The front benchmark's float model (benchmarks/front-state/<model>-medium/float.pt) is searched by one-shot at
 the medium preset's five budgets (supernet training, then the walk and its fills: the whole retraining-free
@@ -10,7 +10,8 @@ front) and, from the same float model, fine-tuned at uniform W4A4 for the same e
 forward samples of both, and their ratios. The supernet's cost grows with the data and the walk's does not, so
 the ratio is measured at several sizes and epochs rather than inferred. It times: run it on an otherwise idle
 machine. Finished rows are kept in benchmarks/cache/oneshot-cost/ per code version (an interrupted run resumes
-after them), and the report lists every row of the current code, so calls with other --epochs add to it.
+after them), and the report lists every row of the current code, so calls with other --epochs or --options add
+to it (``--options``: one-shot options other than the defaults, e.g. to time a change beside them).
 Writes benchmarks/results/oneshot-cost-<model>.json and .md.
 """
 
@@ -32,8 +33,8 @@ import mixbits  # noqa: E402
 from mixbits.data import DataConfig, build_loaders  # noqa: E402
 
 CACHE = Path(__file__).parent / "cache" / "oneshot-cost"
-COLUMNS = ["train_samples", "start", "epochs", "search_seconds", "qat_seconds", "seconds_ratio", "search_samples",
-           "qat_samples", "samples_ratio", "supernet_seconds", "walk_seconds"]
+COLUMNS = ["train_samples", "start", "epochs", "options", "search_seconds", "qat_seconds", "seconds_ratio",
+           "search_samples", "qat_samples", "samples_ratio", "supernet_seconds", "walk_seconds"]
 
 
 def timed(model_class: type, run) -> tuple[object, float, int]:
@@ -44,20 +45,29 @@ def timed(model_class: type, run) -> tuple[object, float, int]:
     return out, time.perf_counter() - started, passes["samples"]
 
 
-def measure(model: torch.nn.Module, name: str, samples: int, start: str, epochs: int) -> dict:
+def measure(model: torch.nn.Module, name: str, samples: int, start: str, epochs: int, options: dict) -> dict:
     train, val = build_loaders(DataConfig(max_train_samples=samples), 0)[:2]
     budgets = ",".join(f"bitops<={b}" for b in BUDGETS)
     result, search_s, search_n = timed(type(model), lambda: mixbits.search(
-        model, train, budgets, method="oneshot", val=val, options={"epochs": epochs, "start": start}, seed=0,
+        model, train, budgets, method="oneshot", val=val, options={**options, "epochs": epochs, "start": start}, seed=0,
         progress=False))
     supernet_s = sum(e["seconds"] for stage in result.trace if stage.get("stage") == "supernet"
                      for e in stage.get("epochs", []))
     _, qat_s, qat_n = timed(type(model), lambda: mixbits.finetune(
         model, "uniform:4", train, epochs=epochs, seed=0, progress=False, **{**RECIPE, **MODEL_RECIPE[name]}))
-    return {"train_samples": samples, "start": start, "epochs": epochs, "search_seconds": round(search_s, 1),
+    return {"train_samples": samples, "start": start, "epochs": epochs, "options": _label(options),
+            "search_seconds": round(search_s, 1),
             "qat_seconds": round(qat_s, 1), "seconds_ratio": round(search_s / qat_s, 2), "search_samples": search_n,
             "qat_samples": qat_n, "samples_ratio": round(search_n / qat_n, 2), "supernet_seconds": round(supernet_s, 1),
             "walk_seconds": round(search_s - supernet_s, 1), "threads": torch.get_num_threads()}
+
+
+def _label(options: dict) -> str:
+    return ", ".join(f"{k}={v}" for k, v in sorted(options.items())) or "defaults"
+
+
+def _label_of(row: dict) -> str:
+    return row.get("options", "defaults")  # rows from before --options ran at the defaults
 
 
 def main() -> None:
@@ -66,7 +76,11 @@ def main() -> None:
     parser.add_argument("--train-samples", type=int, nargs="+", default=[8000, 60000])
     parser.add_argument("--epochs", type=int, default=1, help="supernet epochs, and the QAT run's")
     parser.add_argument("--starts", nargs="+", default=["highest", "auto"], help="one-shot's walk starts")
+    parser.add_argument("--options", type=json.loads, default={},
+                        help="one-shot options other than the defaults, as JSON (not epochs or start)")
     args = parser.parse_args()
+    if {"epochs", "start"} & set(args.options):
+        raise SystemExit("--options: give epochs and start with --epochs and --starts")
     model = front_float_model(args.model)
     if model is None:
         raise SystemExit(f"no kept float weights for {args.model}: run benchmarks/front.py --model "
@@ -75,24 +89,25 @@ def main() -> None:
     done = [json.loads(line) for line in cache.read_text().splitlines()] if cache.is_file() else []
     for samples in args.train_samples:
         for start in args.starts:
-            row = next((r for r in done if (r["train_samples"], r["start"], r["epochs"]) == (samples, start,
-                                                                                            args.epochs)), None)
+            key = (samples, start, args.epochs, _label(args.options))
+            row = next((r for r in done if (r["train_samples"], r["start"], r["epochs"], _label_of(r)) == key), None)
             if row is None:
-                row = measure(model, args.model, samples, start, args.epochs)
+                row = measure(model, args.model, samples, start, args.epochs, args.options)
                 cache.parent.mkdir(parents=True, exist_ok=True)
                 with cache.open("a") as f:
                     f.write(json.dumps(row) + "\n")
                 done.append(row)
             print(json.dumps(row), flush=True)
     # the report holds every row this code has measured (other epochs and sizes from earlier calls too)
-    rows = sorted(done, key=lambda r: (r["train_samples"], r["epochs"], r["start"]))
+    rows = sorted(done, key=lambda r: (r["train_samples"], r["epochs"], r["start"], _label_of(r)))
     meta = metadata()
     text = "\n".join([f"# One-shot front against one uniform QAT run, {args.model}", "",
                       f"`python benchmarks/oneshot_cost.py --model {args.model}` (`--epochs E --train-samples N "
-                      f"--starts S` for each row) at {meta['commit']} ({meta['date']}, code {code_version()}), "
-                      f"{torch.get_num_threads()} threads. search: one-shot at the medium budgets "
+                      f"--starts S [--options O]` for each row) at {meta['commit']} ({meta['date']}, code "
+                      f"{code_version()}), {torch.get_num_threads()} threads. search: one-shot at the medium budgets "
                       f"({', '.join(BUDGETS)}), supernet then walk and fills; qat: uniform W4A4 fine-tuned for the "
-                      "same epochs with the front's recipe; samples: forward samples through the whole network.", "",
+                      "same epochs with the front's recipe; samples: forward samples through the whole network; "
+                      "options: one-shot options other than the defaults.", "",
                       markdown_table(rows, COLUMNS), ""])
     print(text)
     (RESULTS / f"oneshot-cost-{args.model}.md").write_text(text)
