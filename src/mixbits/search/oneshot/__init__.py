@@ -19,9 +19,10 @@ low-bit weights; the bidirectional greedy search with J = L̄_val + λ·BitOPs̄
 stopping once the budget holds (Eq. 9); candidates {2..6}, first and last layers at 8 bits (the space);
 weight decay 2.5e-5.
 
-Ours (each an option, see ``options.py`` and docs/search.md): the largest policy trained with
-CE and in-place distillation (½·CE + ½·KL) for the sampled ones (as the released code); the mean of the
-passes' losses; freezing events at fractions of training (first after 10 %, then every 10 %), K from
+Ours (each an option, see ``options.py`` and docs/search.md): the largest policy as the teacher of
+in-place distillation (½·CE + ½·KL) for the sampled ones, run forward only (the released code also trains
+it with CE: ``largest: train``); the mean of the trained passes' losses; freezing events at fractions of
+training (first after 10 %, then every 10 %), K from
 0.5·L to 0.2·L (the released code's ratios); IDM on the layer's own output, target detached with an
 identity affine, distance divided by sqrt(elements per sample), floor Q = 0, weight 0.1; "low-bit" for
 fair decay = the smallest candidate weight bit-width, decay scaled by the share of non-low-bit passes;

@@ -30,13 +30,14 @@ class OneshotOptions:
     #   by sqrt(eps); the sensitivity toy's latent weights then took gradients of 130-650 (0.1-1.2 at higher bits),
     #   which wrecked every policy the weights serve (tests/test_sensitivity.py; docs/search.md)
     policies_per_step: int = 1  # K sampled policies per step, gradients accumulated before one update
-    largest: str = "train"  # the all-highest policy on a sandwich step: "train" it with the task loss (in-place
+    largest: str = "teach"  # the all-highest policy on a sandwich step: "train" it with the task loss (in-place
     #   distillation teacher, a pass with backward); "teach": run it forward only (no gradient) for the distillation
-    #   and IDM targets, about a third of a pass; "off": no teacher (no distillation; IDM still gets its targets) ...
+    #   and IDM targets, about a third of a pass (default, ours: its weights are every policy's and the others train
+    #   them; front-state/teach/README.md); "off": no teacher (no distillation; IDM still gets its targets) ...
     train_smallest: bool = True  # ... and the all-lowest available policy (the "sandwich rule") ...
     sandwich_every: int = 2  # ... on one step in this many; the other steps train the K sampled policies alone
-    #   (task loss only). Default: 2 passes a step on average; the released code runs largest + 3 sampled, 4 passes,
-    #   and policies_per_step 2 with sandwich_every 1 is our sandwich form of that (supernet.py)
+    #   (task loss only). Default: 1.5 trained passes and 0.5 forward-only a step on average; the released code runs
+    #   largest + 3 sampled, 4 passes, and policies_per_step 2 with sandwich_every 1 is our sandwich form of that
     distill: float = 0.5  # sampled policies: (1 - distill)·CE + distill·KL to the largest policy's output
     # bit-width scheduler (Eq. 6-7) ---------------------------------------------------------------------------
     scheduler: bool = True

@@ -92,7 +92,8 @@ class SupernetObjective:
         self.passes = 1
 
     def sandwich(self, state: TrainState) -> bool:
-        """Whether this step trains the largest and smallest (counted in optimiser steps: a resume agrees)."""
+        """Whether this step runs the largest policy and trains the smallest (counted in optimiser steps: a resume
+        agrees)."""
         return state.step % self.opts.sandwich_every == 0
 
     def __call__(self, state: TrainState, x: Tensor, y: Tensor) -> StepOutput:
