@@ -89,6 +89,9 @@ def main() -> None:
     parser.add_argument("--options", type=json.loads, default={},
                         help="one-shot options other than the defaults, as JSON (not epochs or start)")
     args = parser.parse_args()
+    if not isinstance(args.options, dict):
+        raise SystemExit(f"--options: expected a JSON object such as '{{\"largest\": \"train\"}}', got "
+                         f"{args.options!r}")
     if {"epochs", "start"} & set(args.options):
         raise SystemExit("--options: give epochs and start with --epochs and --starts")
     model = front_float_model(args.model)
