@@ -193,12 +193,3 @@ def test_policy_layers_groups_bits_by_kind_of_layer():
     dw, pw = summarise(rows, kinds, macs)
     assert (dw["kind"], dw["macs_share"], dw["mean_w"], dw["mean_a"], dw["w2_share"]) == ("depthwise", 0.1, 2, 4, 1.0)
     assert (pw["mean_w"], pw["w2_share"], pw["top1"], pw["n"]) == (5, 0.0, 70.5, 2)
-
-
-def test_oneshot_cost_derives_the_epochs_from_which_the_front_costs_2x_qat():
-    from oneshot_cost import epochs_to_2x
-
-    # 3 epochs measured: 20 s a supernet epoch against 15 s a QAT epoch, a 50 s walk: 20E + 50 <= 30E from E = 5
-    row = {"epochs": 3, "supernet_seconds": 60.0, "qat_seconds": 45.0, "walk_seconds": 50.0}
-    assert epochs_to_2x(row) == 5.0
-    assert epochs_to_2x({**row, "supernet_seconds": 90.0}) == "never"  # the supernet epoch alone is 2x
