@@ -15,6 +15,13 @@ the walk does, BitOPs as the cost) on all 1024, and by the screened step (all mo
 ``--keep`` share re-scored on all 1024). Reports how often both pick the same move, the full ranking's place of
 the screened pick, and its J above the best; and the same for the pick of another 1024 images scoring every move
 (the noise of the unscreened walk itself). Writes benchmarks/results/score_screening.json.
+
+With ``--truth``, which score ranks a step's moves closer to their ranking by cross-entropy on every held-out
+image (chunks of 1024, as the walk scores): cross-entropy to the labels, or the KL divergence to the largest
+policy's output on the same images (which leaves out how hard each image is, the same for every move), each on
+``--repeats`` sets of N images, by Spearman's ρ to that ranking. The sets are drawn from the same held-out
+images, so at large N cross-entropy shares data with the ranking it is measured against (KL is helped by
+none). Writes benchmarks/results/score_truth.json.
 """
 
 from __future__ import annotations
@@ -77,6 +84,41 @@ def agreement(model, space, images, labels, n: int, repeats: int) -> dict:
             "same best move": f"{sum(same_best)}/{repeats}", "raw": rhos}
 
 
+def against_truth(model, space, images, labels, sizes: list[int], repeats: int) -> list[dict]:
+    """Spearman ρ of cross-entropy and of KL-to-the-largest-policy scores on N images to the all-images ranking."""
+    moves = [p for _, p in neighbours(Policy.uniform(space, 4), space, paired=False)]
+    chunks = [(images[i:i + 1024], labels[i:i + 1024]) for i in range(0, len(labels), 1024)]
+    everything = PolicyEvaluator(model, chunks, None, eval_batches=len(chunks), bn_batches=0, bn_mode="batch")
+    truth = [everything(p)["loss"] for p in moves]
+    largest = Policy.from_rules(space, default=(space.w_bits[-1], space.a_bits[-1]))
+    rows = []
+    for n in sizes:
+        rho = {"cross-entropy": [], "KL to largest": []}
+        for r in range(min(repeats, len(labels) // n)):
+            x, y = images[r * n:(r + 1) * n], labels[r * n:(r + 1) * n]
+            labelled = PolicyEvaluator(model, [(x, y)], None, eval_batches=1, bn_batches=0, bn_mode="batch")
+            teacher = PolicyEvaluator(model, [(x, y)], None, eval_batches=1, bn_batches=0, bn_mode="batch",
+                                      loss_fn=_kl_recording(store := {}))
+            teacher(largest)  # records the largest policy's log-probabilities under the same batch statistics
+            target = store["log_probs"]
+            kl = PolicyEvaluator(model, [(x, y)], None, eval_batches=1, bn_batches=0, bn_mode="batch",
+                                 loss_fn=lambda m, batch, t=target: torch.nn.functional.kl_div(
+                                     torch.log_softmax(m(batch[0]).float(), -1), t, log_target=True,
+                                     reduction="batchmean"))
+            for name, scorer in (("cross-entropy", labelled), ("KL to largest", kl)):
+                rho[name].append(float(spearmanr([scorer(p)["loss"] for p in moves], truth).statistic))
+        rows += [{"images": n, "score": name, "sets": len(v), "spearman to all (mean)": statistics.mean(v),
+                  "spearman to all (min)": min(v)} for name, v in rho.items()]
+    return rows
+
+
+def _kl_recording(store: dict):
+    def loss(model, batch):
+        store["log_probs"] = torch.log_softmax(model(batch[0]).float(), -1)
+        return torch.zeros(())
+    return loss
+
+
 def screening(ctx, images, labels, n: int, keep: float, repeats: int, lam: float = 1.5) -> list[dict]:
     """Per start policy: does the screened step pick the move that scoring every move on 1024 images picks? As a
     yardstick, the pick of all moves scored on another 1024 images, placed in the same ranking."""
@@ -118,11 +160,20 @@ def main(argv=None) -> None:
     p.add_argument("--supernet-epochs", type=int, default=1)
     p.add_argument("--screen", action="store_true", help="measure the walk's screened step instead")
     p.add_argument("--keep", type=float, default=0.15, help="with --screen: the share of moves re-scored")
+    p.add_argument("--truth", action="store_true",
+                   help="rank moves by cross-entropy and by KL to the largest policy against all held-out images")
     args = p.parse_args(argv)
     sizes = [int(s) for s in args.sizes.split(",")]
     ctx, val = trained_supernet(args)
     model, space = ctx.model, ctx.space
     images, labels = (torch.cat(t) for t in zip(*val, strict=True))
+    if args.truth:
+        rows = against_truth(model, space, images, labels, sizes, args.repeats)
+        table = markdown_table(rows, ["images", "score", "sets", "spearman to all (mean)", "spearman to all (min)"])
+        print(f"\n{args.model} (width {args.width or 1}), {args.train_samples} training images, "
+              f"{args.supernet_epochs} supernet epoch(s), {len(labels)} held-out images\n\n{table}")
+        write_result("score_truth", {"args": vars(args), "rows": rows, "table": table})
+        return
     if args.screen:
         repeats = min(args.repeats, len(labels) // 1024)
         rows = [row for n in sizes if n < 1024 for row in screening(ctx, images, labels, n, args.keep, repeats)]
