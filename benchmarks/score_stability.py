@@ -97,8 +97,9 @@ def against_truth(model, space, images, labels, sizes: list[int], repeats: int) 
         for r in range(min(repeats, len(labels) // n)):
             x, y = images[r * n:(r + 1) * n], labels[r * n:(r + 1) * n]
             labelled = PolicyEvaluator(model, [(x, y)], None, eval_batches=1, bn_batches=0, bn_mode="batch")
+            store = {}
             teacher = PolicyEvaluator(model, [(x, y)], None, eval_batches=1, bn_batches=0, bn_mode="batch",
-                                      loss_fn=_kl_recording(store := {}))
+                                      loss_fn=_kl_recording(store))
             teacher(largest)  # records the largest policy's log-probabilities under the same batch statistics
             target = store["log_probs"]
             kl = PolicyEvaluator(model, [(x, y)], None, eval_batches=1, bn_batches=0, bn_mode="batch",
@@ -113,6 +114,8 @@ def against_truth(model, space, images, labels, sizes: list[int], repeats: int) 
 
 
 def _kl_recording(store: dict):
+    """A loss_fn that keeps the model's log-probabilities in ``store`` (the teacher's targets) and scores 0."""
+
     def loss(model, batch):
         store["log_probs"] = torch.log_softmax(model(batch[0]).float(), -1)
         return torch.zeros(())
