@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import statistics
 import sys
 import time
@@ -36,7 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import front_float_model, markdown_table, metadata, write_report  # noqa: E402
+from common import RESULTS, front_float_model, markdown_table, metadata, write_report  # noqa: E402
 
 from mixbits.compiler import compile_model  # noqa: E402
 from mixbits.data import DataConfig, build_loaders  # noqa: E402
@@ -243,7 +244,7 @@ def main() -> None:
     for _ in range(args.rounds):
         for form in forms:
             form.seconds += [form.step(x, y) for _ in range(args.steps)]
-    median = {f.name: 1e3 * statistics.median(f.seconds) for f in forms}
+    median = {f.name: round(1e3 * statistics.median(f.seconds), 1) for f in forms}
     base = median[forms[0].name]
     rows = [{"form": f.name, "ms a step": round(median[f.name], 1),
              "vs supernet eager": round(median[f.name] / base, 3), "first step s": round(first[f.name], 1)}
@@ -261,8 +262,20 @@ def main() -> None:
         f"{gain['supernet eager / compiled']}x and the uniform run's {gain['uniform eager / compiled']}x; "
         "\"first step s\" includes the compile (less where inductor's on-disk cache holds graphs of earlier runs)."])
     table = markdown_table(rows, ["form", "ms a step", "vs supernet eager", "first step s"])
-    payload = {"args": vars(args), "check": check, "gain": gain, "rows": rows}
-    write_report(f"supernet-compile-{args.model}", header, table, payload)
+    name = f"supernet-compile-{args.model}"
+    history = earlier_runs(name) + [{"date": meta["date"], "commit": meta["commit"], "eager supernet ms": base,
+                                     "supernet eager / compiled": gain["supernet eager / compiled"],
+                                     "uniform eager / compiled": gain["uniform eager / compiled"]}]
+    table += ("\n\nEvery run so far (this machine's speed varies between runs; the ratios are within a run):\n\n"
+              + markdown_table(history, list(history[-1])))
+    payload = {"args": vars(args), "check": check, "gain": gain, "rows": rows, "history": history}
+    write_report(name, header, table, payload)
+
+
+def earlier_runs(name: str) -> list[dict]:
+    """The gains of the runs before this one, kept in the result file (one run alone says little here)."""
+    path = RESULTS / f"{name}.json"
+    return json.loads(path.read_text()).get("history", []) if path.is_file() else []
 
 
 if __name__ == "__main__":
