@@ -85,6 +85,31 @@ def test_onnx_matches_pytorch_and_stores_integers(bits, tmp_path):
         assert all(layer["clip"] for layer in report.layers.values())
 
 
+def test_linear_weights_beyond_64_levels_go_as_uint8_and_stay_exact(tmp_path):
+    # onnxruntime fuses a Linear's DequantizeLinear -> Gemm into an integer product; with int8 weights that runs as
+    # uint8 x int8 (a signed input shifted by 128), whose int16 pair sums saturate on x86 CPUs without VNNI once
+    # |code| > 64. Here every weight code is +-127 and the input codes are signed 8-bit.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(math.prod(SHAPE), 5))
+    with torch.no_grad():
+        model[1].weight.copy_(torch.randn_like(model[1].weight).sign() * 0.05)
+    space = SearchSpace.from_model(model, [8], [8], fixed="none")
+    x = torch.randn(48, *SHAPE)
+    qmodel = quantize_model(model, space)
+    calibrate(qmodel, x)
+    fc = qmodel[1]
+    with torch.no_grad():
+        fc.w_quant.steps[0] = 0.05 / 127
+        fc.a_quant.steps[0] = x.abs().max() / 127
+    report = export_onnx(qmodel.eval(), SHAPE, tmp_path / "m.onnx", check_inputs=x.split(16))
+    assert report.check["layer_max_rel_diff"] == 0.0 and report.check["max_abs_diff"] == 0.0
+    assert report.layers["1"]["weight_type"] == "uint8" and report.layers["1"]["weight_zero_point"] == 128
+    inits = {i.name: onnx.numpy_helper.to_array(i) for i in onnx.load(tmp_path / "m.onnx").graph.initializer}
+    codes, _ = fc.w_quant.integers(fc.weight)
+    assert np.array_equal(inits["1.weight_int"].astype(np.int64) - 128, codes.numpy())
+    assert set(np.unique(codes.numpy()).tolist()) == {-127, 127}
+
+
 def test_onnx_opset13_uses_int8_with_clip(tmp_path):
     model, _ = _tiny_quantized(3, per_channel=False)
     report = export_onnx(model, SHAPE, tmp_path / "m.onnx", opset=13, check_inputs=torch.randn(16, *SHAPE))

@@ -79,18 +79,20 @@ def layer_spec(name: str, layer) -> LayerSpec:
 
 @dataclass(frozen=True)
 class QTypes:
-    """ONNX integer types of one layer: weight codes, input codes, whether a Clip narrows the input, and
-    the input zero point (128 when a signed input is carried as uint8, for runtimes that need it)."""
+    """ONNX integer types of one layer: weight codes, input codes, whether a Clip narrows the input, the
+    input zero point (128 when a signed input is carried as uint8, for runtimes that need it) and the
+    weight zero point (128 when signed 8-bit weight codes are carried as uint8: see ``choose_types``)."""
 
     weight: int
     act: int
     clip: bool
     zero_point: int = 0
+    weight_zero_point: int = 0
 
     def describe(self) -> dict:
         name = TensorProto.DataType.Name
         return {"weight_type": name(self.weight).lower(), "act_type": name(self.act).lower(), "clip": self.clip,
-                "zero_point": self.zero_point}
+                "zero_point": self.zero_point, "weight_zero_point": self.weight_zero_point}
 
 
 def _narrowest(bits: int, table: dict, opset: int, exact: bool) -> int:
@@ -108,16 +110,30 @@ def choose_types(spec: LayerSpec, opset: int) -> QTypes:
     An input type must be exactly ``a_bits`` wide, or int8/uint8 followed by a Clip to the narrower range.
     """
     act_table = SIGNED if spec.a_signed else UNSIGNED
-    w_type = _narrowest(spec.w_bits, SIGNED, opset, exact=False)
     a_type = _narrowest(spec.a_bits, act_table, opset, exact=True)
-    tries = [QTypes(w, a, spec.a_bits < WIDTH[a]) for w in (w_type, SIGNED[8]) for a in (a_type, act_table[8])]
+    if wide_linear_weights(spec):
+        weights = [(UNSIGNED[8], 128)]
+    else:
+        weights = [(w, 0) for w in dict.fromkeys((_narrowest(spec.w_bits, SIGNED, opset, exact=False), SIGNED[8]))]
+    tries = [QTypes(w, a, spec.a_bits < WIDTH[a], 0, wzp) for w, wzp in weights for a in (a_type, act_table[8])]
     if spec.a_signed:  # the same levels, shifted: some onnxruntime fusions only take uint8 inputs
-        tries += [QTypes(w, UNSIGNED[8], spec.a_bits < 8, 128) for w in (w_type, SIGNED[8])]
+        tries += [QTypes(w, UNSIGNED[8], spec.a_bits < 8, 128, wzp) for w, wzp in weights]
     for types in dict.fromkeys(tries):
         if _runs(spec, types, opset):
             return types
     raise AdvisedError(f"onnxruntime {ort.__version__} runs no QDQ form of layer {spec.name!r} at opset {opset}",
                        [("opset=13", "--opset 13")] if opset != 13 else [])
+
+
+def wide_linear_weights(spec: LayerSpec) -> bool:
+    """Whether a Linear layer's weight codes leave [-64, 64], so that they go as uint8 with zero point 128.
+
+    onnxruntime fuses DequantizeLinear -> Gemm/MatMul into an integer product (QGemm, MatMulIntegerToFloat).
+    With int8 weights it runs as uint8 x int8, and on x86 CPUs without VNNI (AVX2, AVX-512F) that kernel
+    adds pairs of products in int16, which saturates once |code| > 64 (255 x 65 x 2 > 32767): a W8 layer's
+    outputs moved by up to a tenth of their range. Unsigned weights take the uint8 x uint8 kernel, which
+    widens to int16 before multiplying and is exact. Convolutions are not fused so (no Q after them)."""
+    return spec.kind == "linear" and spec.codes.size > 0 and int(np.abs(spec.codes).max()) > 64
 
 
 def widened(types: QTypes, spec: LayerSpec) -> QTypes:
@@ -145,8 +161,9 @@ def _weight_inits(spec: LayerSpec, types: QTypes) -> list:
     n = spec.name
     shape = ((-1, 1, 1) if spec.kind == "conv" else (-1,)) if spec.per_channel else ()
     scale = (np.float32(spec.a_scale) * spec.w_scale.astype(np.float32)).reshape(shape)
-    inits = [_int_tensor(f"{n}.weight_int", spec.codes, types.weight),
-             _int_tensor(f"{n}.weight_zero_point", np.zeros((), np.int64), types.weight),
+    wzp = types.weight_zero_point
+    inits = [_int_tensor(f"{n}.weight_int", spec.codes.astype(np.int64) + wzp, types.weight),
+             _int_tensor(f"{n}.weight_zero_point", np.array(wzp, np.int64), types.weight),
              numpy_helper.from_array(np.array(1.0, np.float32), f"{n}.unit_scale"),
              numpy_helper.from_array(scale.astype(np.float32), f"{n}.scale")]
     if spec.bias is not None:  # (C, 1, 1) for a convolution, so that Add broadcasts over (N, C, H, W)
