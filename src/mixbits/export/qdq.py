@@ -114,7 +114,7 @@ def choose_types(spec: LayerSpec, opset: int) -> QTypes:
     if wide_linear_weights(spec):
         weights = [(UNSIGNED[8], 128)]
     else:
-        weights = [(w, 0) for w in dict.fromkeys((_narrowest(spec.w_bits, SIGNED, opset, exact=False), SIGNED[8]))]
+        weights = [(w, 0) for w in (_narrowest(spec.w_bits, SIGNED, opset, exact=False), SIGNED[8])]
     tries = [QTypes(w, a, spec.a_bits < WIDTH[a], 0, wzp) for w, wzp in weights for a in (a_type, act_table[8])]
     if spec.a_signed:  # the same levels, shifted: some onnxruntime fusions only take uint8 inputs
         tries += [QTypes(w, UNSIGNED[8], spec.a_bits < 8, 128, wzp) for w, wzp in weights]
@@ -133,7 +133,7 @@ def wide_linear_weights(spec: LayerSpec) -> bool:
     adds pairs of products in int16, which saturates once |code| > 64 (255 x 65 x 2 > 32767): a W8 layer's
     outputs moved by up to a tenth of their range. Unsigned weights take the uint8 x uint8 kernel, which
     widens to int16 before multiplying and is exact. Convolutions are not fused so (no Q after them)."""
-    return spec.kind == "linear" and spec.codes.size > 0 and int(np.abs(spec.codes).max()) > 64
+    return spec.kind == "linear" and int(np.abs(spec.codes).max(initial=0)) > 64
 
 
 def widened(types: QTypes, spec: LayerSpec) -> QTypes:
