@@ -42,23 +42,18 @@ from common import RESULTS, front_float_model, markdown_table, metadata, write_r
 from mixbits.compiler import compile_model  # noqa: E402
 from mixbits.data import DataConfig, build_loaders  # noqa: E402
 from mixbits.quant import QConv2d, calibrate, integer_range, quant_layers, quantize_model  # noqa: E402
+from mixbits.quant.fused_layer import _layer_backward  # noqa: E402
+from mixbits.quant.lsq import _backward_reduced, _forward, _reduce_dims  # noqa: E402
+from mixbits.search.oneshot.bit_scheduler import PolicySampler  # noqa: E402
 from mixbits.space import SearchSpace  # noqa: E402
 
 
-def _fake_quant(x: Tensor, step: Tensor, lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """(the quantized x, its integer levels, x / step)."""
-    scaled = x / step
-    levels = torch.clamp(scaled, lo, hi).round()
-    return levels * step, levels, scaled
-
-
-def _step_grad(steps: Tensor, index: Tensor, grad: Tensor, levels: Tensor, scaled: Tensor, lo: Tensor, hi: Tensor,
-               scale: Tensor, dims: list[int]) -> tuple[Tensor, Tensor]:
-    """(grad wrt x, grad wrt the whole step table): LSQ's straight-through and step gradients (quant/lsq.py)."""
-    inside = (scaled >= lo) & (scaled <= hi)
-    grad_step = (grad * torch.where(inside, levels - scaled, levels)).sum(dim=dims) * scale
-    table = torch.zeros_like(steps).index_add(0, index, grad_step.reshape(1, -1))
-    return torch.where(inside, grad, 0.0), table
+def _lsq_backward(grad: Tensor, x: Tensor, steps: Tensor, index: Tensor, step: Tensor, lo: Tensor, hi: Tensor,
+                  scale: Tensor) -> tuple[Tensor, Tensor]:
+    """(grad wrt x, grad wrt the whole step table): the library's LSQ backward (quant/lsq.py), on the row ``index``
+    selects."""
+    grad_x, grad_step = _backward_reduced(grad, x, step, lo, hi, _reduce_dims(x, step))
+    return grad_x, torch.zeros_like(steps).index_add(0, index, (grad_step * scale).reshape(1, -1))
 
 
 class _IndexedWeight(torch.autograd.Function):
@@ -66,17 +61,18 @@ class _IndexedWeight(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, w, steps, index, lo, hi, scale):
-        step = steps.index_select(0, index).view(-1, *([1] * (w.dim() - 1)))
         ctx.save_for_backward(w, steps, index, lo, hi, scale)
-        return _fake_quant(w, step, lo, hi)[0]
+        return _forward(w, _weight_step(w, steps, index), lo, hi)
 
     @staticmethod
     def backward(ctx, grad):
         w, steps, index, lo, hi, scale = ctx.saved_tensors
-        step = steps.index_select(0, index).view(-1, *([1] * (w.dim() - 1)))
-        _, levels, scaled = _fake_quant(w, step, lo, hi)
-        dims = list(range(w.dim())) if steps.shape[1] == 1 else list(range(1, w.dim()))
-        return *_step_grad(steps, index, grad, levels, scaled, lo, hi, scale, dims), None, None, None, None
+        grads = _lsq_backward(grad, w, steps, index, _weight_step(w, steps, index), lo, hi, scale)
+        return *grads, None, None, None, None
+
+
+def _weight_step(w: Tensor, steps: Tensor, index: Tensor) -> Tensor:
+    return steps.index_select(0, index).view(-1, *([1] * (w.dim() - 1)))
 
 
 class _IndexedLayer(torch.autograd.Function):
@@ -87,18 +83,15 @@ class _IndexedLayer(torch.autograd.Function):
     def forward(ctx, x, steps, index, lo, hi, scale, weight, bias, conv):
         ctx.save_for_backward(x, steps, index, lo, hi, scale, weight)
         ctx.conv, ctx.has_bias = conv, bias is not None
-        q = _fake_quant(x, steps.index_select(0, index).view(1), lo, hi)[0]
-        return F.conv2d(q, weight, bias, *conv)
+        return F.conv2d(_forward(x, steps.index_select(0, index).view(1), lo, hi), weight, bias, *conv)
 
     @staticmethod
     def backward(ctx, grad):
         x, steps, index, lo, hi, scale, weight = ctx.saved_tensors
-        q, levels, scaled = _fake_quant(x, steps.index_select(0, index).view(1), lo, hi)
-        stride, padding, dilation, groups = ctx.conv
-        grad_q, grad_w, grad_b = torch.ops.aten.convolution_backward(
-            grad, q, weight, [weight.shape[0]] if ctx.has_bias else None, stride, padding, dilation, False, [0, 0],
-            groups, [True, True, ctx.has_bias])
-        grad_x, grad_steps = _step_grad(steps, index, grad_q, levels, scaled, lo, hi, scale, list(range(x.dim())))
+        step = steps.index_select(0, index).view(1)
+        grad_q, grad_w, grad_b = _layer_backward(("conv", *ctx.conv), grad, _forward(x, step, lo, hi), weight,
+                                                 ctx.has_bias, True, ctx.has_bias)
+        grad_x, grad_steps = _lsq_backward(grad_q, x, steps, index, step, lo, hi, scale)
         return grad_x, grad_steps, None, None, None, None, grad_w, grad_b, None
 
 
@@ -173,11 +166,12 @@ class Form:
         return time.perf_counter() - started
 
 
-def sampled_policies(names: list[str], space: SearchSpace, seed: int):
-    gen = torch.Generator().manual_seed(seed)
+def sampled_policies(model: torch.nn.Module, names: list[str], space: SearchSpace, seed: int):
+    """Policies drawn as the supernet draws them (``PolicySampler``, nothing frozen), from a seeded generator."""
+    layers = quant_layers(model)
+    sampler, gen = PolicySampler({n: layers[n] for n in names}, space), torch.Generator().manual_seed(seed)
     while True:
-        yield {n: (space.w_bits[int(torch.randint(len(space.w_bits), (1,), generator=gen))],
-                   space.a_bits[int(torch.randint(len(space.a_bits), (1,), generator=gen))]) for n in names}
+        yield sampler.sample(gen)
 
 
 def uniform(names: list[str], bits: int):
@@ -230,11 +224,14 @@ def main() -> None:
     calibrate(library, x)
     library.train()  # every form trains: BatchNorm on batch statistics
     probe = indexed_supernet(library, names)
-    check = check_same_step(library, probe, next(sampled_policies(names, space, 1)), x, y)
+    check = check_same_step(library, probe, next(sampled_policies(library, names, space, 1)), x, y)
     compiled_fixed = copy.deepcopy(library)
     compile_model(compiled_fixed)
-    forms = [Form("supernet, eager (library)", copy.deepcopy(library), set_library, sampled_policies(names, space, 0)),
-             Form("supernet, compiled, bits as tensors (probe)", probe, set_indexed, sampled_policies(names, space, 0)),
+    def policies():
+        return sampled_policies(library, names, space, 0)
+
+    forms = [Form("supernet, eager (library)", copy.deepcopy(library), set_library, policies()),
+             Form("supernet, compiled, bits as tensors (probe)", probe, set_indexed, policies()),
              Form("uniform W4A4, eager (library)", copy.deepcopy(library), set_library, uniform(names, 4)),
              Form("uniform W4A4, compiled (train.compile)", compiled_fixed, set_library, uniform(names, 4))]
     first = {form.name: form.step(x, y) for form in forms}  # the uniform run compiles here; the probe did above
