@@ -104,8 +104,7 @@ def against_truth(model, space, images, labels, sizes: list[int], repeats: int) 
             target = store["log_probs"]
             kl = PolicyEvaluator(model, [(x, y)], None, eval_batches=1, bn_batches=0, bn_mode="batch",
                                  loss_fn=lambda m, batch, t=target: torch.nn.functional.kl_div(
-                                     torch.log_softmax(m(batch[0]).float(), -1), t, log_target=True,
-                                     reduction="batchmean"))
+                                     _log_probs(m, batch), t, log_target=True, reduction="batchmean"))
             for name, scorer in (("cross-entropy", labelled), ("KL to largest", kl)):
                 rho[name].append(float(spearmanr([scorer(p)["loss"] for p in moves], truth).statistic))
         rows += [{"images": n, "score": name, "sets": len(v), "spearman to all (mean)": statistics.mean(v),
@@ -113,11 +112,15 @@ def against_truth(model, space, images, labels, sizes: list[int], repeats: int) 
     return rows
 
 
+def _log_probs(model, batch) -> torch.Tensor:
+    return torch.log_softmax(model(batch[0]).float(), -1)
+
+
 def _kl_recording(store: dict):
     """A loss_fn that keeps the model's log-probabilities in ``store`` (the teacher's targets) and scores 0."""
 
     def loss(model, batch):
-        store["log_probs"] = torch.log_softmax(model(batch[0]).float(), -1)
+        store["log_probs"] = _log_probs(model, batch)
         return torch.zeros(())
     return loss
 
