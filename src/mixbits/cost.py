@@ -2,8 +2,9 @@
 
 ``profile`` runs the model once and records per-layer MACs and parameter counts in ``ModelStats``.
 Every cost function after that is a pure function of (stats, policy): no torch work, so searches
-can price thousands of policies cheaply. Layers in the stats but not in the policy count as float
-(32/32); so do all parameters outside quantized weights (biases, BatchNorm, unquantized layers).
+can price thousands of policies cheaply. Layers in the stats but not in the policy are *kept float*
+and count at 32/32 (recurrent layers, excluded layers, ...); so do all parameters outside quantized
+weights (biases, BatchNorm, embeddings' positions).
 """
 
 from __future__ import annotations
@@ -21,8 +22,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .data.batches import call_model, first_rows, input_tensors, to_device
 from .errors import MixbitsError, did_you_mean
-from .space import Policy, SearchSpace, quantizable_layers
+from .layer_types import QUANTIZABLE, SUPPORTED, own_parameters, weight_elements, weighted_layers
+from .layer_types import kind as layer_kind
+from .layer_types import macs as layer_macs
+from .space import Policy, SearchSpace
 
 FP_BITS = 32
 STATS_FORMAT = "mixbits.stats/1"
@@ -33,13 +38,13 @@ METRICS = ("bitops", "size", "latency")
 
 @dataclass(frozen=True)
 class LayerStats:
-    """One Conv2d/Linear layer: MACs per input sample, weight and bias element counts, shapes."""
+    """One weight-bearing layer: MACs per input sample, weight and other element counts, shapes."""
 
     name: str
-    kind: str  # "conv" | "linear"
+    kind: str  # "conv" | "conv_transpose" | "linear" | "embedding" | "recurrent" | "attention" | "other"
     macs: int
-    params: int  # weight elements only: these are the quantized ones
-    bias: int  # bias elements: kept at 32 bits
+    params: int  # weight-matrix elements: a quantized layer stores these at its weight bits
+    bias: int  # the layer's other parameters (biases): kept at 32 bits
     in_shape: tuple[int, ...]
     out_shape: tuple[int, ...]
     groups: int = 1
@@ -71,87 +76,95 @@ class ModelStats:
 
 # profiling ----------------------------------------------------------------------------------------
 def _batched_shape(input_shape: Sequence[int]) -> tuple[int, ...]:
+    """A batch-1 shape from one sample's shape ((C, H, W), (F,), (L, F) ...) or an already batched (1, C, H, W)."""
     shape = tuple(input_shape)
-    ok = all(isinstance(s, numbers.Integral) and not isinstance(s, bool) and s > 0 for s in shape)
-    shape = tuple(int(s) for s in shape) if ok else shape
-    if ok and len(shape) == 3:
-        return (1, *shape)
-    if ok and len(shape) == 4 and shape[0] == 1:
-        return shape
-    raise MixbitsError(f"input_shape {list(shape)} is not understood; expected (C, H, W) or (1, C, H, W), "
-                       "e.g. (3, 32, 32)")
+    ok = len(shape) > 0 and all(isinstance(s, numbers.Integral) and not isinstance(s, bool) and s > 0 for s in shape)
+    if not ok:
+        raise MixbitsError(f"input_shape {list(shape)} is not understood; expected one sample's shape as positive "
+                           "integers, e.g. (3, 32, 32) or (16,), or pass an example input tensor instead")
+    shape = tuple(int(s) for s in shape)
+    return shape if len(shape) == 4 and shape[0] == 1 else (1, *shape)
 
 
-def _sample_shape(t: torch.Tensor) -> tuple[int, ...]:
+def _sample_shape(t) -> tuple[int, ...]:
     """Shape without the batch dim (profiling runs at batch 1, so a leading 1 is the batch)."""
+    if not isinstance(t, torch.Tensor):  # a PackedSequence, or a layer called with keywords only
+        return ()
     shape = tuple(t.shape)
     return shape[1:] if len(shape) > 1 and shape[0] == 1 else shape
 
 
-def _layer_macs(m: nn.Module, out: torch.Tensor) -> int:
-    if isinstance(m, nn.Conv2d):
-        kh, kw = m.kernel_size
-        return out.numel() * (m.in_channels // m.groups) * kh * kw
-    # Linear: out.numel() already counts every row (tokens, positions) times out_features
-    return out.numel() * m.in_features
+def _example(model: nn.Module, input_shape) -> tuple[object, tuple[int, ...]]:
+    """(a batch-1 input, one sample's shape) from a shape or an example input (tensor, tuple or dict of them)."""
+    if isinstance(input_shape, (torch.Tensor, Mapping)) or (
+            isinstance(input_shape, (tuple, list)) and input_tensors(input_shape)):
+        tensors = input_tensors(input_shape)
+        if not tensors:
+            raise MixbitsError("the example input holds no tensor; give a tensor, or a tuple or dict of tensors")
+        return first_rows(input_shape, 1), tuple(tensors[0].shape[1:])
+    shape = _batched_shape(input_shape)
+    first = next(model.parameters(), None)
+    dtype = first.dtype if first is not None and first.is_floating_point() else torch.float32
+    return torch.zeros(shape, dtype=dtype), shape[1:]
 
 
-def profile(model: nn.Module, input_shape: Sequence[int] | torch.Tensor) -> ModelStats:
-    """Run one batch-1 forward pass and record MACs, parameter counts and shapes of every Conv2d/Linear.
+def profile(model: nn.Module, input_shape: Sequence[int] | torch.Tensor | tuple | dict) -> ModelStats:
+    """Run one batch-1 forward pass and record MACs, parameter counts and shapes of every weight-bearing layer.
 
-    ``input_shape`` is an image shape (C, H, W), or an example input tensor whose first row is used
-    (any input the model takes: token ids, sequences, ...).
+    ``input_shape`` is one sample's shape (e.g. (C, H, W)), or an example input whose first row is used:
+    a tensor of any shape and dtype (token ids, vectors, sequences), or a tuple or dict of them (the
+    model is called with them as positional or keyword arguments).
 
-    A module called several times accumulates its MACs; one never called is kept with 0 MACs. The
-    forward runs on a deep copy, so the model's flags, hooks and any data-initialised quantizer state
-    are never touched.
+    Every layer ``layer_types.weighted_layers`` names is recorded: the quantizable ones, and those kept
+    float (recurrent layers, a packed attention, ...), which every cost prices at 32/32 bits. The forward
+    runs on a deep copy with every ``nn.MultiheadAttention`` split into its projections
+    (``mixbits.quant.attention.prepare_model``), so a float model and its prepared copy profile alike. A
+    module called several times accumulates its MACs; one never called is kept with 0 MACs. The model's
+    flags, hooks and any data-initialised quantizer state are never touched.
     """
-    example = input_shape[:1] if isinstance(input_shape, torch.Tensor) else None
-    shape = tuple(example.shape) if example is not None else _batched_shape(input_shape)
+    from .quant.attention import prepare_model  # quant imports this module's neighbours, not the reverse
+
     model = copy.deepcopy(model)
-    names = {model.get_submodule(n): n for n in quantizable_layers(model)}
+    prepare_model(model)
+    x, sample_shape = _example(model, input_shape)
+    modules = dict(model.named_modules())
+    names = {modules[n]: n for n in weighted_layers(model)}
     if not names:
-        raise MixbitsError(f"{type(model).__name__} has no nn.Conv2d or nn.Linear layer to profile")
+        raise MixbitsError(f"{type(model).__name__} has no layer with weights to profile ({SUPPORTED})")
     macs = dict.fromkeys(names.values(), 0)
     shapes: dict[str, tuple] = {}
 
     def hook(m, inputs, out):
         name = names[m]
-        macs[name] += _layer_macs(m, out)
-        # inputs may be empty when a layer is called with keyword arguments only
-        first_in = inputs[0] if inputs and isinstance(inputs[0], torch.Tensor) else None
-        shapes.setdefault(name, (() if first_in is None else _sample_shape(first_in), _sample_shape(out)))
+        macs[name] += layer_macs(m, inputs, out)
+        first_out = out[0] if isinstance(out, tuple) else out  # recurrent layers return (output, state)
+        shapes.setdefault(name, (_sample_shape(inputs[0]) if inputs else (), _sample_shape(first_out)))
 
     first = next(model.parameters(), None)
     device = first.device if first is not None else "cpu"
-    if example is not None:
-        x = example.to(device)
-    else:
-        x = torch.zeros(shape, device=device,
-                        dtype=first.dtype if first is not None and first.is_floating_point() else torch.float32)
     handles = [m.register_forward_hook(hook) for m in names]
     try:
         model.eval()
         with torch.no_grad():
-            model(x)
+            call_model(model, to_device(x, device))
     except MixbitsError:
         raise
     except Exception as e:
-        raise MixbitsError(f"profiling {type(model).__name__} on input shape {list(shape[1:])} failed: "
+        raise MixbitsError(f"profiling {type(model).__name__} on input shape {list(sample_shape)} failed: "
                            f"{type(e).__name__}: {e}; check that the input (shape) matches the model") from e
     finally:
         for h in handles:
             h.remove()
     layers = {name: _layer_stats(m, name, macs[name], shapes.get(name, ((), ()))) for m, name in names.items()}
     total = sum(p.numel() for n, p in model.named_parameters() if not n.endswith("steps"))
-    return ModelStats(layers, total, shape[1:])
+    return ModelStats(layers, total, sample_shape)
 
 
 def _layer_stats(m: nn.Module, name: str, macs: int, shapes: tuple) -> LayerStats:
-    conv = isinstance(m, nn.Conv2d)
-    return LayerStats(name=name, kind="conv" if conv else "linear", macs=int(macs), params=m.weight.numel(),
-                      bias=0 if m.bias is None else m.bias.numel(), in_shape=shapes[0], out_shape=shapes[1],
-                      groups=m.groups if conv else 1)
+    weights = weight_elements(m) if not isinstance(m, QUANTIZABLE) else m.weight.numel()
+    others = own_parameters(m) - weights  # biases (a quantizer's steps live in its own submodule)
+    return LayerStats(name=name, kind=layer_kind(m), macs=int(macs), params=weights, bias=others,
+                      in_shape=shapes[0], out_shape=shapes[1], groups=getattr(m, "groups", 1))
 
 
 # pure cost functions ------------------------------------------------------------------------------
@@ -221,8 +234,14 @@ def cost_table(stats: ModelStats, policy: Policy) -> list[dict]:
         w, a = bits[n]
         ops = s.macs * w * a
         rows.append({"name": n, "kind": s.kind, "macs": s.macs, "params": s.params, "w": w, "a": a, "bitops": ops,
-                     "share": ops / total if total else 0.0, "size_bits": s.params * w + s.bias * FP_BITS})
+                     "share": ops / total if total else 0.0, "size_bits": s.params * w + s.bias * FP_BITS,
+                     "kept_float": n not in policy.bits})
     return rows
+
+
+def kept_float_layers(stats: ModelStats, policy: Policy) -> list[str]:
+    """The profiled layers the policy leaves at 32 bits (recurrent layers, excluded layers ...), in order."""
+    return [n for n in stats.layers if n not in policy.bits]
 
 
 def cost_summary(stats: ModelStats, policy: Policy) -> dict:
@@ -252,6 +271,9 @@ def format_cost_table(rows: Sequence[Mapping], totals: bool | Mapping = True) ->
     widths = [max(len(c[i]) for c in (head, *body)) for i in range(len(head))]
     fmt = "  ".join(f"{{:<{w}}}" if i < 2 else f"{{:>{w}}}" for i, w in enumerate(widths))
     lines = [fmt.format(*head), "  ".join("-" * w for w in widths), *(fmt.format(*c) for c in body)]
+    kept = [r["name"] for r in rows if r.get("kept_float")]
+    if kept:
+        lines.append(f"kept float (32-bit weights and inputs, counted in BitOPs and size): {', '.join(kept)}")
     if totals:
         t = totals if isinstance(totals, Mapping) else _summary_from_rows(rows)
         lines.append(f"total: MACs {_human(t['macs'])}, params {_human(t['params'])}, "

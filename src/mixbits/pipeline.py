@@ -17,6 +17,7 @@ from torch import nn
 
 from .config import ModelConfig, QuantConfig, read_yaml
 from .data import DataConfig
+from .data.batches import one_batch
 from .errors import MixbitsError
 from .models import create
 from .quant import apply_policy, calibrate, quantize_model
@@ -35,14 +36,15 @@ class ModelCard:
     num_classes: int
     in_chans: int
     kwargs: dict
-    input_shape: tuple[int, int, int]
+    input_shape: tuple[int, ...]  # one sample's
     space: SearchSpace | None = None
     policy: Policy | None = None
     per_channel: bool = False
+    input_dtype: str = "float32"  # "int64" for token ids
 
     def to_dict(self) -> dict:
         return {"name": self.name, "num_classes": self.num_classes, "in_chans": self.in_chans, "kwargs": self.kwargs,
-                "input_shape": list(self.input_shape), "per_channel": self.per_channel,
+                "input_shape": list(self.input_shape), "per_channel": self.per_channel, "input_dtype": self.input_dtype,
                 "space": self.space.to_dict() if self.space else None,
                 "policy": self.policy.to_dict() if self.policy else None}
 
@@ -50,7 +52,17 @@ class ModelCard:
     def from_dict(cls, d: dict) -> ModelCard:
         return cls(d["name"], d["num_classes"], d["in_chans"], dict(d["kwargs"]), tuple(d["input_shape"]),
                    SearchSpace.from_dict(d["space"]) if d.get("space") else None,
-                   Policy.from_dict(d["policy"]) if d.get("policy") else None, bool(d.get("per_channel", False)))
+                   Policy.from_dict(d["policy"]) if d.get("policy") else None, bool(d.get("per_channel", False)),
+                   str(d.get("input_dtype", "float32")))
+
+    def example_input(self) -> torch.Tensor:
+        """A batch-1 input of the model's shape and dtype (zeros: token id 0 for a token model)."""
+        return torch.zeros((1, *self.input_shape), dtype=getattr(torch, self.input_dtype))
+
+    def record_input(self, example: torch.Tensor) -> None:
+        """Take the input shape and dtype from a batch of the training data."""
+        self.input_shape = tuple(int(s) for s in example.shape[1:])
+        self.input_dtype = str(example.dtype).removeprefix("torch.")
 
     def float_model(self) -> nn.Module:
         """The float model, its attention split into quantizable projections (mixbits.quant.prepare_model)."""
@@ -63,14 +75,17 @@ def float_card(cfg: ModelConfig, num_classes: int, in_chans: int, image_size: tu
     return ModelCard(cfg.name, num_classes, in_chans, dict(cfg.kwargs), (in_chans, *image_size))
 
 
-def search_space(model: nn.Module, quant: QuantConfig) -> SearchSpace:
-    fixed = quant.fixed if isinstance(quant.fixed, str) else list(quant.fixed)
-    return SearchSpace.from_model(model, quant.w_bits, quant.a_bits, fixed, tuple(quant.fixed_bits))
+def search_space(model: nn.Module, quant: QuantConfig, example_input=None) -> SearchSpace:
+    """The configured space; ``example_input`` finds the layers that read the input (the "first" ones)."""
+    return SearchSpace.from_model(model, quant.w_bits, quant.a_bits, _fixed(quant), tuple(quant.fixed_bits),
+                                  example_input=example_input)
 
 
-def training_space(model: nn.Module, quant: QuantConfig, policy_spec: str) -> tuple[SearchSpace, Policy]:
+def training_space(model: nn.Module, quant: QuantConfig, policy_spec: str,
+                   example_input=None) -> tuple[SearchSpace, Policy]:
     """The policy to train and the narrowest space holding it (see :func:`mixbits.space.training_space`)."""
-    return space_training_space(model, policy_spec, fixed=_fixed(quant), fixed_bits=tuple(quant.fixed_bits))
+    return space_training_space(model, policy_spec, fixed=_fixed(quant), fixed_bits=tuple(quant.fixed_bits),
+                                example_input=example_input)
 
 
 def _fixed(quant: QuantConfig):
@@ -83,7 +98,7 @@ def quantized_model(card: ModelCard, float_model: nn.Module, calibration: torch.
         return float_model
     model = quantize_model(float_model, card.space, per_channel=card.per_channel, inplace=True)
     if calibration is not None:
-        calibrate(model, calibration)
+        calibrate(model, one_batch(calibration))
     if card.policy is not None:
         apply_policy(model, card.policy)
     return model

@@ -18,6 +18,8 @@ from types import MappingProxyType
 from torch import nn
 
 from .errors import MixbitsError, did_you_mean
+from .input_readers import first_layers
+from .layer_types import SUPPORTED, quantizable_layers
 
 DEFAULT_BITS = (2, 3, 4, 5, 6)
 FIXED_BITS = (8, 8)
@@ -25,18 +27,6 @@ POLICY_FORMAT = "mixbits.policy/1"
 MAX_LISTED = 8  # problems listed in one error message before "... and N more"
 
 Bits = tuple[int, int]  # (weight bits, activation bits)
-
-
-def quantizable_layers(model: nn.Module) -> list[str]:
-    """Names of the Conv2d/Linear modules (quantized ones included), in registration order.
-
-    The output projection inside an ``nn.MultiheadAttention`` is left out: that module reads its weight
-    directly, so a swapped layer would never run (``mixbits.quant.prepare_model`` makes it quantizable).
-    """
-    inside_attention = {f"{name}.{child}" for name, m in model.named_modules()
-                        if isinstance(m, nn.MultiheadAttention) for child, _ in m.named_modules() if child}
-    return [name for name, m in model.named_modules()
-            if isinstance(m, (nn.Conv2d, nn.Linear)) and name not in inside_attention]
 
 
 def _check_bits(values: Iterable[int], what: str) -> tuple[int, ...]:
@@ -84,19 +74,25 @@ class SearchSpace:
         fixed: str | Iterable[str] = "first_last",
         fixed_bits: Bits = FIXED_BITS,
         exclude: Iterable[str] = (),
+        example_input=None,
     ) -> SearchSpace:
-        """Every Conv2d/Linear of ``model``; ``fixed`` is "first_last", "none", or a list of names.
+        """Every quantizable layer of ``model`` (``layer_types.QUANTIZABLE``); ``fixed`` is "first_last", "none",
+        or a list of names.
 
-        ``exclude`` names layers (exact or ``re:`` patterns) to leave in float entirely.
+        ``exclude`` names layers (exact or ``re:`` patterns) to leave in float entirely. With ``example_input``
+        (a batch of the model's inputs) "first" means every layer that reads the model's input, and the layers
+        reading the same tensor as one of them (a transformer's query, key and value projections:
+        ``mixbits.input_readers``); without it, the first layer registered.
         """
         names = quantizable_layers(model)
         if not names:
-            raise MixbitsError(f"{type(model).__name__} has no nn.Conv2d or nn.Linear layer to quantize")
+            raise MixbitsError(f"{type(model).__name__} has no layer mixbits quantizes ({SUPPORTED})")
         names = [n for n in names if not _matches_any(n, exclude)]
         if not names:
             raise MixbitsError(f"exclude={list(exclude)} leaves no layer to quantize; exclude fewer layers")
         if fixed == "first_last":
-            fixed_names = [names[0], names[-1]] if len(names) > 1 else [names[0]]
+            first = first_layers(model, names, example_input) if example_input is not None else names[:1]
+            fixed_names = list(dict.fromkeys([*first, names[-1]]))
         elif fixed == "none":
             fixed_names = []
         elif isinstance(fixed, str):
@@ -309,7 +305,7 @@ def parse_policy(spec: str | os.PathLike, space: SearchSpace) -> Policy:
 
 
 def training_space(model: nn.Module, policy: Policy | str | os.PathLike, space: SearchSpace | None = None,
-                   fixed: str | Iterable[str] = "first_last", fixed_bits: Bits = FIXED_BITS
+                   fixed: str | Iterable[str] = "first_last", fixed_bits: Bits = FIXED_BITS, example_input=None
                    ) -> tuple[SearchSpace, Policy]:
     """The policy to train, and the narrowest space holding it (one step size per bit-width it uses).
 
@@ -321,7 +317,8 @@ def training_space(model: nn.Module, policy: Policy | str | os.PathLike, space: 
     if space is not None:
         wide = SearchSpace(space.layers, tuple(range(2, 9)), tuple(range(2, 9)), dict(space.fixed))
     else:
-        wide = SearchSpace.from_model(model, range(2, 9), range(2, 9), fixed, tuple(fixed_bits))
+        wide = SearchSpace.from_model(model, range(2, 9), range(2, 9), fixed, tuple(fixed_bits),
+                                      example_input=example_input)
     if isinstance(policy, Policy):
         missing = [n for n in wide.layers if n not in policy.bits]
         if missing:

@@ -14,9 +14,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..data.batches import Batches, first_input
+from ..data.batches import Batches, first_input, one_batch
 from ..errors import MixbitsError
 from ..export import pack_model
+from ..layer_types import kept_float
 from ..quant import apply_policy, calibrate, quant_layers, quantize_model
 from ..quant.attention import prepare_model
 from ..quant.pair_bn import PairBatchNorm, collapse_pair_bn
@@ -25,7 +26,7 @@ from ..space import Policy, SearchSpace, training_space
 from ..train import SUBNET_BN_BATCHES, recalibrate_bn
 from ..train import evaluate as evaluate_loader
 from ..train.evaluate import LossFn
-from ..utils import atomic_write_text
+from ..utils import atomic_write_text, staged_files
 
 PolicySpec = Policy | str | os.PathLike
 
@@ -55,10 +56,10 @@ def quantize(model: nn.Module, policy: PolicySpec, example_input, *, space: Sear
 def _quantized(model: nn.Module, policy: PolicySpec, example_input, space: SearchSpace | None,
                per_channel: bool) -> tuple[nn.Module, Policy]:
     """``model`` (prepared, modified in place) quantized at ``policy`` and calibrated."""
-    train_space, policy = training_space(model, policy, space)
+    train_space, policy = training_space(model, policy, space, example_input=example_input)
     qmodel = quantize_model(model, train_space, per_channel=per_channel, inplace=True)
     with torch.no_grad():
-        calibrate(qmodel, example_input)
+        calibrate(qmodel, one_batch(example_input))
     apply_policy(qmodel, policy)
     return qmodel, policy
 
@@ -70,12 +71,17 @@ def evaluate(model: nn.Module, data: Iterable, *, loss_fn: LossFn | None = None,
     return evaluate_loader(model, Batches(data, "data"), device, loss_fn=loss_fn)
 
 
-def export(model: nn.Module, out_dir: str | os.PathLike, example_input: torch.Tensor, *, opset: int | None = None,
-           formats: Iterable[str] = ("onnx", "packed"), check_inputs=None) -> dict:
+def export(model: nn.Module, out_dir: str | os.PathLike, example_input, *, opset: int | None = None,
+           formats: Iterable[str] = ("onnx", "packed"), check: bool = True, check_inputs=None) -> dict:
     """Write a quantized model to ``out_dir``: model.onnx (QDQ, checked with onnxruntime on ``check_inputs``,
     default ``example_input``), model.mxb (bit-packed weights), policy.json and export_report.json.
 
-    Returns the report. ``load_packed(path, model=float_model)`` reads model.mxb back into your model.
+    ``example_input`` is a batch of the model's inputs: a tensor of any shape and dtype (images, token
+    ids, vectors, sequences), or a tuple or dict of tensors (positional or keyword arguments). The check
+    compares every output the model returns: top-1 agreement where the first output is class scores
+    (N, classes), relative error for any output; ``check=False`` skips it. Nothing is left in ``out_dir``
+    when the export fails. Returns the report. ``load_packed(path, model=float_model)`` reads model.mxb
+    back into your model.
     """
     from ..export import export_onnx
 
@@ -88,19 +94,23 @@ def export(model: nn.Module, out_dir: str | os.PathLike, example_input: torch.Te
         raise MixbitsError(f"{type(model).__name__} is not quantized; export the model mixbits.quantize or "
                            "mixbits.finetune returned")
     policy = Policy({name: layer.bits for name, layer in layers.items()})
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    policy.save(out / "policy.json")
     model = model.eval()
-    sample_shape = tuple(example_input.shape[1:])
     report: dict = {"model": type(model).__name__, "policy": policy.describe()}
-    if "onnx" in formats:
-        check = check_inputs if check_inputs is not None else example_input
-        report["onnx"] = export_onnx(model, sample_shape, out / "model.onnx", opset=opset,
-                                     check_inputs=check).to_dict()
-    if "packed" in formats:
-        report["packed"] = pack_model(model, out / "model.mxb", input_shape=sample_shape).to_dict()
-    atomic_write_text(out / "export_report.json", json.dumps(report, indent=2) + "\n")
+    with staged_files(out_dir) as stage:  # written together at the end, or not at all
+        policy.save(stage / "policy.json")
+        if "onnx" in formats:
+            checked = None
+            if check:
+                checked = check_inputs if check_inputs is not None else one_batch(example_input)
+            report["onnx"] = export_onnx(model, example_input, stage / "model.onnx", opset=opset,
+                                         check_inputs=checked).to_dict()
+        if "packed" in formats:
+            report["packed"] = pack_model(model, stage / "model.mxb", input_shape=example_input).to_dict()
+        report["kept_float"] = kept_float(model, layers)
+        for fmt, name in (("onnx", "model.onnx"), ("packed", "model.mxb")):
+            if fmt in report:  # where the file lands, not where it was staged
+                report[fmt]["path"] = str(Path(out_dir) / name)
+        atomic_write_text(stage / "export_report.json", json.dumps(report, indent=2) + "\n")
     return report
 
 

@@ -10,8 +10,8 @@ from torch import nn
 
 from ..budget import Budget, check_feasible, parse_budgets
 from ..cost import LatencyTable, profile
-from ..data.batches import Batches
-from ..errors import MixbitsError
+from ..data.batches import Batches, one_batch, to_device
+from ..errors import AdvisedError, MixbitsError
 from ..quant import calibrate, quantize_model
 from ..search import SEARCHERS, SearchContext, SearchResult, run_searcher
 from ..space import SearchSpace
@@ -47,7 +47,11 @@ def search(model: nn.Module, train: Iterable, budget: str | Budget | Sequence[Bu
     val = Batches(val, "val") if val is not None else train
     example = example_of(train, example_input)
     float_model = prepared_copy(model).to(device).eval()
-    space = space if space is not None else SearchSpace.from_model(float_model)
+    space = space if space is not None else SearchSpace.from_model(float_model, example_input=example)
+    if not space.searchable:
+        raise AdvisedError(f"nothing to search in {type(model).__name__}: all {len(space.layers)} quantized layer(s) "
+                           f"are held fixed ({', '.join(space.fixed)}), so every method would return the same "
+                           "policy", [("space=SearchSpace.from_model(model, fixed='none')", "--set quant.fixed=none")])
     stats = profile(float_model, example)
     latency = LatencyTable.load(latency_table) if isinstance(latency_table, (str, os.PathLike)) else latency_table
     budgets = _budgets(budget)
@@ -55,7 +59,7 @@ def search(model: nn.Module, train: Iterable, budget: str | Budget | Sequence[Bu
         check_feasible(b, stats, space, latency)
     qmodel = quantize_model(float_model, space, per_channel=per_channel)
     with torch.no_grad():
-        calibrate(qmodel, example.to(device) if isinstance(example, torch.Tensor) else example)
+        calibrate(qmodel, one_batch(to_device(example, device)))
     ctx = SearchContext(model=qmodel, space=space, stats=stats, budgets=budgets, train_loader=train, val_loader=val,
                         options=dict(options or {}), float_model=float_model, latency=latency,
                         run_dir=run_dir, device=device, seed=seed, progress=progress, resume=resume,

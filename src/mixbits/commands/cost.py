@@ -33,7 +33,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args) -> int:
     if args.run:
         _, card, _ = load_trained(args.run)
-        model, shape, policy = card.float_model(), card.input_shape, card.policy
+        model, shape, policy = card.float_model(), card.example_input(), card.policy
         if policy is None:
             raise MixbitsError(f"{args.run} is a float run; give --policy to price it, without the run argument")
     else:

@@ -76,7 +76,7 @@ def _export_onnx(model, card, opset: int | None, check, path: Path) -> dict:
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        report = export_onnx(model, card.input_shape, path, opset=opset, check_inputs=check)
+        report = export_onnx(model, card.example_input(), path, opset=opset, check_inputs=check)
     for w in caught:
         print(f"mixbits export: warning: {w.message}", file=sys.stderr)
     return report.to_dict()
@@ -105,8 +105,10 @@ def _print_summary(out: Path, report: dict) -> None:
         print(f"  model.onnx   {onnx['bytes'] / 1e3:9.1f} KB  opset {onnx['opset']}")
         check = onnx.get("check")
         if check:
-            print(f"  check on {check['samples']} test images: top-1 agreement {check['top1_agreement']:.2f} % with "
-                  f"onnxruntime's default optimisations ({check['unoptimized']['top1_agreement']:.2f} % without), "
+            agreement = (f"top-1 agreement {check['top1_agreement']:.2f} % with onnxruntime's default optimisations "
+                         f"({check['unoptimized']['top1_agreement']:.2f} % without), "
+                         if check["top1_agreement"] is not None else "")
+            print(f"  check on {check['samples']} test samples: {agreement}"
                   f"max |diff| {check['max_abs_diff']:.3g} ({check['rel_diff']:.2g} of the largest output), "
                   f"{check['differing_samples']} samples beyond {check['tolerance']:g}; each layer alone within "
                   f"{check['layer_max_rel_diff']:.2g}")

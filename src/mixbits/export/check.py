@@ -10,14 +10,17 @@ import onnx
 import torch
 from torch import nn
 
+from ..data.batches import call_model, first_rows
 from ..errors import AdvisedError, MixbitsError
 from ..quant import quant_layers
+from .inputs import GraphInputs, as_numpy, output_tensors
 from .locate import against_optimized, against_pytorch, padded
 from .qdq import LayerSpec, QTypes, layer_model, session
 
 
 def _batches(inputs):
-    if isinstance(inputs, torch.Tensor):
+    """(inputs, labels or None) per batch of a tensor, a dict of input tensors, or an iterable of batches."""
+    if isinstance(inputs, (torch.Tensor, dict)):
         yield inputs, None
         return
     for item in inputs:
@@ -25,10 +28,6 @@ def _batches(inputs):
             yield item[0], (item[1] if len(item) > 1 else None)
         else:
             yield item, None
-
-
-def _as_list(out) -> list[torch.Tensor]:
-    return [out] if isinstance(out, torch.Tensor) else list(out)
 
 
 @torch.no_grad()
@@ -50,7 +49,7 @@ def check_layers(model: nn.Module, specs: dict[str, LayerSpec], types: dict[str,
 
     hooks = [layer.register_forward_hook(record(name)) for name, layer in layers.items() if name in specs]
     try:
-        model(x)
+        call_model(model, x)
     finally:
         for h in hooks:
             h.remove()
@@ -58,7 +57,7 @@ def check_layers(model: nn.Module, specs: dict[str, LayerSpec], types: dict[str,
     for name, (inp, ref) in seen.items():
         inp = padded(layers[name], inp)
         proto = layer_model(specs[name], types[name], opset, tuple(inp.shape))
-        got = torch.from_numpy(session(proto.SerializeToString()).run(None, {"x": inp.float().numpy()})[0])
+        got = torch.from_numpy(session(proto.SerializeToString()).run(None, {"x": as_numpy(inp)})[0])
         rel = float((got - ref).abs().max()) / max(float(ref.abs().max()), 1e-12)
         if rel > tolerance:
             raise AdvisedError(f"layer {name!r} alone differs from PyTorch by {rel:.2g} of its largest output "
@@ -77,6 +76,7 @@ class _Tally:
     """One session's differences from PyTorch, accumulated over batches."""
 
     n_outputs: int
+    inputs: GraphInputs
     diffs: list = field(default_factory=list)  # per batch: per output, max |diff| per sample
     scales: list = field(default_factory=list)  # per output: largest |PyTorch value|
     agree: int = 0
@@ -88,22 +88,31 @@ class _Tally:
         self.diffs.append(per_sample)
         self.scales = [max(a, float(r.abs().max())) for a, r in
                        zip(self.scales or [0.0] * self.n_outputs, ref, strict=True)]
-        pred_ref, pred_got = ref[0].argmax(-1), got[0].argmax(-1)
-        self.agree += int((pred_ref == pred_got).sum())
-        if y is not None:
-            self.correct += int((pred_got == y).sum())
-        badness = torch.where(pred_ref != pred_got, float("inf"), per_sample[0])  # a changed top-1 first
+        badness = per_sample[0]
+        if class_scores(ref[0]):
+            pred_ref, pred_got = ref[0].argmax(-1), got[0].argmax(-1)
+            self.agree += int((pred_ref == pred_got).sum())
+            if y is not None and y.shape == pred_got.shape:
+                self.correct += int((pred_got == y).sum())
+            badness = torch.where(pred_ref != pred_got, float("inf"), badness)  # a changed top-1 first
         if float(badness.max()) > self.worst[0] or self.worst[1] is None:
             self.worst = (float(badness.max()), x, badness)
 
-    def samples_to_locate(self, count: int = 8) -> torch.Tensor:
+    def samples_to_locate(self, count: int = 8):
         _, x, badness = self.worst
-        return x[badness.argsort(descending=True)[:count]]
+        return self.inputs.rows(x, badness.argsort(descending=True)[:count])
+
+
+def class_scores(out: torch.Tensor) -> bool:
+    """Whether a first output reads as class scores, (N, classes): then top-1 agreement is compared too.
+    Any other output (a segmentation map, a sequence, a regression) is compared by relative error only."""
+    return out.dim() == 2 and out.shape[1] > 1 and out.is_floating_point()
 
 
 @torch.no_grad()
 def check_onnx(model: nn.Module, onnx_model: bytes | str | Path, inputs, outputs=("output",),
-               tolerance: float = 1e-3, max_mismatch: float = 0.5, min_agreement: float = 99.0) -> dict:
+               tolerance: float = 1e-3, max_mismatch: float = 0.5, min_agreement: float = 99.0,
+               graph_inputs: GraphInputs | None = None) -> dict:
     """Run the ONNX file with onnxruntime (CPU) as deployed and unoptimised, and PyTorch, on the same inputs.
 
     Both onnxruntime sessions are compared with PyTorch: the default one (graph optimisations at
@@ -114,26 +123,30 @@ def check_onnx(model: nn.Module, onnx_model: bytes | str | Path, inputs, outputs
     land on the other level; a few samples then differ by about one quantization step. A wrong graph makes most
     samples differ instead: more than ``max_mismatch`` (a fraction) of them, or a top-1 agreement below
     ``min_agreement`` percent, in either session raises, naming the first node that differs. Returns
-    max |diff|, its relative size, the differing samples, top-1 agreement (first output), and both
-    accuracies when labels are given.
+    max |diff|, its relative size, the differing samples, top-1 agreement (when the first output is
+    class scores, (N, classes); else None), and both accuracies when labels are given. ``graph_inputs``
+    maps a batch's inputs (a tensor, tuple or dict) to the graph's inputs; default one tensor ``input``.
     """
+    graph_inputs = graph_inputs if graph_inputs is not None else GraphInputs(("input",), "tensor")
     data = onnx_model if isinstance(onnx_model, bytes) else Path(onnx_model).read_bytes()
     sessions = {name: session(data, optimize=on) for name, on in SESSIONS.items()}
-    tallies = {name: _Tally(len(outputs)) for name in sessions}
-    was_training, counts = model.training, {"samples": 0, "labelled": 0, "correct_torch": 0}
+    tallies = {name: _Tally(len(outputs), graph_inputs) for name in sessions}
+    was_training, counts = model.training, {"samples": 0, "labelled": 0, "correct_torch": 0, "class_scores": False}
     model.eval()
     try:
         for x, y in _batches(inputs):
-            ref = [t.float() for t in _as_list(model(x))]
+            ref = [t.float() for t in output_tensors(call_model(model, x))]
+            feeds = graph_inputs.feeds(x)
             for name, sess in sessions.items():
-                got = [torch.from_numpy(a) for a in sess.run(list(outputs), {"input": x.float().numpy()})]
+                got = [torch.from_numpy(a).float() for a in sess.run(list(outputs), feeds)]
                 tallies[name].add(x, ref, got, y)
             counts["samples"] += ref[0].shape[0]
-            if y is not None:
+            counts["class_scores"] = class_scores(ref[0])
+            if y is not None and class_scores(ref[0]) and y.shape == ref[0].shape[:1]:
                 counts["labelled"] += int(y.numel())
                 counts["correct_torch"] += int((ref[0].argmax(-1) == y).sum())
         if counts["samples"] == 0:
-            raise MixbitsError("check_inputs yielded no samples; give a tensor (N, C, H, W) or a loader of batches")
+            raise MixbitsError("check_inputs yielded no samples; give an input batch or a loader of batches")
         limits = (tolerance, max_mismatch, min_agreement)
         verdicts = {name: _verdict(tally, counts, outputs, limits) for name, tally in tallies.items()}
         failed = [name for name, (_, problems) in verdicts.items() if problems]
@@ -152,13 +165,14 @@ def _verdict(tally: _Tally, counts: dict, outputs, limits) -> tuple[dict, list[s
     """(figures, problems) of one session."""
     tolerance, max_mismatch, min_agreement = limits
     n = counts["samples"]
+    class_scores_seen = counts["class_scores"]
     diffs = [torch.cat([batch[i] for batch in tally.diffs]) for i in range(len(outputs))]
     rel = [d / max(s, 1e-12) for d, s in zip(diffs, tally.scales, strict=True)]
     worst = max(range(len(outputs)), key=lambda i: float(rel[i].max()))
     result = {"samples": n, "max_abs_diff": max(float(d.max()) for d in diffs), "output_scale": tally.scales[0],
               "rel_diff": float(rel[worst].max()), "worst_output": outputs[worst],
               "differing_samples": int(torch.stack([r > tolerance for r in rel]).any(0).sum()),
-              "top1_agreement": 100.0 * tally.agree / n, "tolerance": tolerance}
+              "top1_agreement": 100.0 * tally.agree / n if class_scores_seen else None, "tolerance": tolerance}
     if counts["labelled"]:
         result["top1_torch"] = 100.0 * counts["correct_torch"] / counts["labelled"]
         result["top1_onnx"] = 100.0 * tally.correct / counts["labelled"]
@@ -166,7 +180,7 @@ def _verdict(tally: _Tally, counts: dict, outputs, limits) -> tuple[dict, list[s
     if result["differing_samples"] > max_mismatch * n:
         problems.append(f"{result['differing_samples']} of {n} samples differ by more than {tolerance:g} of the "
                         f"largest output (at most {100 * max_mismatch:g} % may)")
-    if result["top1_agreement"] < min_agreement:
+    if class_scores_seen and result["top1_agreement"] < min_agreement:
         problems.append(f"top-1 agreement is {result['top1_agreement']:.2f} % (at least {min_agreement:g} % needed)")
     return result, problems
 
@@ -180,16 +194,18 @@ def _raise_mismatch(model, data: bytes, verdicts: dict, tally: _Tally, failed: l
     """Say how each session fared and where the graph first departs from its reference; the file is not written."""
     lines = []
     for name, (figures, problems) in verdicts.items():
-        said = "; ".join(problems) if problems else f"matches (top-1 agreement {figures['top1_agreement']:.2f} %)"
+        agreement = figures["top1_agreement"]
+        said = "; ".join(problems) if problems else (
+            "matches" + (f" (top-1 agreement {agreement:.2f} %)" if agreement is not None else ""))
         lines.append(f"{_SAID[name]}: {said}, max |diff| {figures['max_abs_diff']:.3g} at output "
                      f"{figures['worst_output']!r}")
     x, advice = tally.samples_to_locate(), []
     if "unoptimized" in failed:  # the graph itself computes something else than the model's forward
-        lines.append(_describe(against_pytorch(model, data, x, tolerance), "PyTorch"))
+        lines.append(_describe(against_pytorch(model, data, x, tally.inputs.feeds(x), tolerance), "PyTorch"))
         lines.append("the float ops traced between those two differ from what the model's forward computes "
                      "(Python control flow that depends on the data, or an op exported differently)")
     else:  # the graph is right; one of onnxruntime's rewrites changes the numbers
-        lines.append(_describe(against_optimized(data, x.float().numpy(), tolerance), "the unoptimised graph"))
+        lines.append(_describe(against_optimized(data, tally.inputs.feeds(x), tolerance), "the unoptimised graph"))
         opset = next(o.version for o in onnx.load_from_string(data).opset_import if o.domain in ("", "ai.onnx"))
         advice = [("opset=13", "--opset 13")] if opset != 13 else []  # int8 containers everywhere
     raise AdvisedError(f"the ONNX graph does not match PyTorch {'; '.join(lines)}. The file was not written",
@@ -209,15 +225,17 @@ def _describe(where: dict | None, reference: str) -> str:
     return text
 
 
-def _check(model, data: bytes, inputs, outputs, layers, limits: tuple[float, float, float]) -> dict:
+def _check(model, data: bytes, inputs, graph: tuple, layers, limits: tuple[float, float, float]) -> dict:
+    """``graph``: (GraphInputs, output names) of the exported graph."""
+    graph_inputs, outputs = graph
     batches = _batches(inputs)
     first = next(batches, None)
     if first is None:
-        raise MixbitsError("check_inputs yielded no samples; give a tensor (N, C, H, W) or a loader of batches")
+        raise MixbitsError("check_inputs yielded no samples; give an input batch or a loader of batches")
     was_training = model.training
     try:
-        per_layer = check_layers(model.eval(), *layers, first[0][:64], limits[0])
+        per_layer = check_layers(model.eval(), *layers, first_rows(first[0], 64), limits[0])
     finally:
         model.train(was_training)
-    result = check_onnx(model, data, itertools.chain([first], batches), outputs, *limits)
+    result = check_onnx(model, data, itertools.chain([first], batches), outputs, *limits, graph_inputs=graph_inputs)
     return {**result, **per_layer}

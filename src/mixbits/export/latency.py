@@ -26,7 +26,8 @@ from torch import nn
 from ..cost import LatencyTable, profile
 from ..errors import MixbitsError, did_you_mean
 from ..quant import integer_range, quant_layers, space_of
-from ..quant.layers import QuantLayer, quantized_class
+from ..quant.convert import quantized_class
+from ..quant.layers import QuantLayer
 from ..space import SearchSpace
 
 RUNTIMES = ("onnxruntime", "torch")

@@ -24,17 +24,19 @@ import torch.nn.functional as F
 from onnx import helper
 from torch import nn
 
+from ..data.batches import call_model
 from ..quant import quant_layers
+from .inputs import output_tensors
 from .qdq import session
 
 
-def _run_exposing(proto: onnx.ModelProto, names: list[str], x: np.ndarray) -> dict[str, np.ndarray]:
+def _run_exposing(proto: onnx.ModelProto, names: list[str], feeds: dict) -> dict[str, np.ndarray]:
     exposed = onnx.ModelProto()
     exposed.CopyFrom(proto)
     present = {o.name for o in exposed.graph.output}
     exposed.graph.output.extend(helper.make_empty_tensor_value_info(n) for n in names if n not in present)
     sess = session(exposed.SerializeToString(), optimize=False)
-    return dict(zip([o.name for o in sess.get_outputs()], sess.run(None, {"input": x}), strict=True))
+    return dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feeds), strict=True))
 
 
 def _first_divergence(order: list[tuple], ref: dict, got: dict, tolerance: float) -> dict | None:
@@ -86,20 +88,21 @@ def _rewritten(proto: onnx.ModelProto, found: dict, kept: set[str]) -> list[str]
     return [nodes[i].name for i in sorted(feeding) if not kept & set(nodes[i].output)]
 
 
-def against_optimized(data: bytes, x: np.ndarray, tolerance: float) -> dict | None:
+def against_optimized(data: bytes, feeds: dict, tolerance: float) -> dict | None:
     """The first node kept by onnxruntime's optimiser whose output differs from the unoptimised graph's."""
     proto, optimized = onnx.load_from_string(data), _optimized(data)
     kept = {t for n in optimized.graph.node for t in n.output}
     order = [(n, t) for n in proto.graph.node for t in n.output if t in kept]
     names = [t for _, t in order]
-    found = _first_divergence(order, _run_exposing(proto, names, x), _run_exposing(optimized, names, x), tolerance)
+    found = _first_divergence(order, _run_exposing(proto, names, feeds), _run_exposing(optimized, names, feeds),
+                              tolerance)
     if found:
         found["rewritten"] = _rewritten(proto, found, kept)
     return found
 
 
 @torch.no_grad()
-def against_pytorch(model: nn.Module, data: bytes, x: torch.Tensor, tolerance: float) -> dict | None:
+def against_pytorch(model: nn.Module, data: bytes, x, feeds: dict, tolerance: float) -> dict | None:
     """The first quantized layer input (or output) of the unoptimised graph that differs from PyTorch's."""
     proto, layers = onnx.load_from_string(data), quant_layers(model)
     order, tensors = [], {}  # the first input codes of each layer, in graph order
@@ -110,15 +113,13 @@ def against_pytorch(model: nn.Module, data: bytes, x: torch.Tensor, tolerance: f
             tensors[name] = node.output[0]
     ref = _quantized_inputs(model, tensors, x)
     outputs = [o.name for o in proto.graph.output]
-    out = model(x)
-    ref.update(zip(outputs, [t.float().numpy() for t in ([out] if isinstance(out, torch.Tensor) else out)],
-                   strict=True))
+    ref.update(zip(outputs, [t.float().numpy() for t in output_tensors(call_model(model, x))], strict=True))
     producers = {t: n for n in proto.graph.node for t in n.output}
     order += [(producers[t], t) for t in outputs]
-    return _first_divergence(order, ref, _run_exposing(proto, list(ref), x.float().numpy()), tolerance)
+    return _first_divergence(order, ref, _run_exposing(proto, list(ref), feeds), tolerance)
 
 
-def _quantized_inputs(model: nn.Module, tensors: dict[str, str], x: torch.Tensor) -> dict[str, np.ndarray]:
+def _quantized_inputs(model: nn.Module, tensors: dict[str, str], x) -> dict[str, np.ndarray]:
     """PyTorch's input codes of each layer in ``tensors`` (its first call), keyed by that layer's ONNX tensor."""
     layers, seen = quant_layers(model), {}
 
@@ -130,15 +131,20 @@ def _quantized_inputs(model: nn.Module, tensors: dict[str, str], x: torch.Tensor
 
     hooks = [layers[name].register_forward_pre_hook(record(name)) for name in tensors]
     try:
-        model(x)
+        call_model(model, x)
     finally:
         for h in hooks:
             h.remove()
     return seen
 
 
+def padded_conv(layer: nn.Module) -> bool:
+    """Whether a convolution pads with a non-zero mode (reflect, replicate, circular): exported as Pad, then Conv."""
+    return isinstance(layer, nn.modules.conv._ConvNd) and not layer.transposed and layer.padding_mode != "zeros"
+
+
 def padded(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """A convolution's input as its ONNX graph sees it: non-zero padding modes are applied before the layer."""
-    if isinstance(layer, nn.Conv2d) and layer.padding_mode != "zeros":
+    if padded_conv(layer):
         return F.pad(x, layer._reversed_padding_repeated_twice, mode=layer.padding_mode)
     return x

@@ -24,17 +24,20 @@ import io
 import warnings
 from dataclasses import asdict, dataclass, field
 
-import numpy as np
 import onnx
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..data.batches import call_model, first_rows
 from ..errors import MixbitsError
+from ..layer_types import kept_float
 from ..quant import quant_layers
 from ..quant.convert import _set_submodule, require_quantized
 from ..utils import atomic_write_bytes
 from .check import _check
+from .inputs import GraphInputs, output_names
+from .locate import padded_conv
 from .placement import Refusal, settle_types
 from .qdq import LayerSpec, QTypes, choose_types, layer_nodes, layer_spec, resolve_opset, session, set_opset
 
@@ -74,6 +77,7 @@ class _Placeholder(torch.autograd.Function):
         finally:
             torch._C._set_tracing_state(state)
         stub.out_shapes.append(tuple(out.shape))
+        stub.out_dtype = out.dtype
         return out
 
     @staticmethod
@@ -82,7 +86,7 @@ class _Placeholder(torch.autograd.Function):
         out = g.op(f"{DOMAIN}::QLayer", x, name_s=name)
         shape = stub.out_shapes[stub.symbolic_calls]
         stub.symbolic_calls += 1
-        out.setType(x.type().with_sizes([None, *shape[1:]]))
+        out.setType(x.type().with_dtype(stub.out_dtype).with_sizes([None, *shape[1:]]))
         return out
 
 
@@ -92,9 +96,10 @@ class _Stub(nn.Module):
     def __init__(self, name: str, layer: nn.Module):
         super().__init__()
         self.name, self.layer = name, layer
-        self.prepad = isinstance(layer, nn.Conv2d) and layer.padding_mode != "zeros"
+        self.prepad = padded_conv(layer)
         self.ranks: set[int] = set()
         self.out_shapes: list[tuple] = []
+        self.out_dtype = torch.float32
         self.symbolic_calls = 0
 
     def forward(self, x):
@@ -107,8 +112,9 @@ class _Stub(nn.Module):
         if not self.prepad:
             return self.layer(x)
         layer = self.layer
-        return F.conv2d(layer.quantized_input(x), layer.quantized_weight(), layer.bias, layer.stride, 0,
-                        layer.dilation, layer.groups)
+        conv = (F.conv1d, F.conv2d, F.conv3d)[len(layer.kernel_size) - 1]
+        return conv(layer.quantized_input(x), layer.quantized_weight(), layer.bias, layer.stride, 0, layer.dilation,
+                    layer.groups)
 
 
 def _torch_max_opset() -> int:
@@ -125,25 +131,26 @@ def _tracing(stubs: dict[str, _Stub]):
         _TRACING.clear()
 
 
-def _trace(model: nn.Module, input_shape, opset: int) -> tuple[bytes, dict[str, _Stub], list[str]]:
-    """Float graph of ``model`` with one placeholder per quantized layer; returns (bytes, stubs, output names)."""
+def _trace(model: nn.Module, example, inputs: GraphInputs, opset: int) -> tuple[bytes, dict[str, _Stub], list[str]]:
+    """Float graph of ``model`` on the batch-1 ``example`` with one placeholder per quantized layer; returns
+    (bytes, stubs, output names)."""
     traced = copy.deepcopy(model).eval()
     stubs = {}
     for name, layer in quant_layers(traced).items():
         stubs[name] = _Stub(name, layer)
         _set_submodule(traced, name, stubs[name])
-    x = torch.zeros(1, *input_shape, dtype=next(model.parameters()).dtype)
+    args = tuple(inputs.tensors(example))
     with _tracing(stubs), torch.no_grad():
-        out = traced(x)  # how many outputs there are, to name them
-    outputs = ["output"] if isinstance(out, torch.Tensor) else [f"output_{i}" for i in range(len(out))]
+        out = call_model(traced, example)  # how many outputs there are, to name them
+    outputs = output_names(out)
     for stub in stubs.values():
         stub.out_shapes.clear()
     buf = io.BytesIO()
     with _tracing(stubs), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
-        torch.onnx.export(traced, (x,), buf, dynamo=False, opset_version=min(opset, _torch_max_opset()),
-                          input_names=["input"], output_names=outputs,
-                          dynamic_axes={n: {0: "batch"} for n in ["input", *outputs]})
+        torch.onnx.export(inputs.positional(traced), args, buf, dynamo=False,
+                          opset_version=min(opset, _torch_max_opset()), input_names=list(inputs.names),
+                          output_names=outputs, dynamic_axes={n: {0: "batch"} for n in [*inputs.names, *outputs]})
     return buf.getvalue(), stubs, outputs
 
 
@@ -176,17 +183,28 @@ def _build(raw: bytes, specs: dict[str, LayerSpec], types: dict[str, QTypes], op
     return proto.SerializeToString()
 
 
-def _refusal(raw: bytes, specs: dict[str, LayerSpec], opset: int, input_shape) -> Refusal:
+def _refusal(raw: bytes, specs: dict[str, LayerSpec], opset: int, feeds: dict) -> Refusal:
     """Why onnxruntime's default session refuses the whole graph built with given types (None: it runs it)."""
-    x = np.zeros((1, *input_shape), np.float32)
 
     def refusal(types: dict[str, QTypes]) -> str | None:
         try:
-            session(_build(raw, specs, types, opset)).run(None, {"input": x})
+            session(_build(raw, specs, types, opset)).run(None, feeds)
         except Exception as e:  # noqa: BLE001 - onnxruntime raises its own types; the message is the answer
             return str(e).strip().splitlines()[0]
         return None
     return refusal
+
+
+def _example(model: nn.Module, input_shape):
+    """A batch-1 input to trace: the first row of an example input, or float zeros of one sample's shape."""
+    if isinstance(input_shape, (torch.Tensor, dict)) or (
+            isinstance(input_shape, (tuple, list)) and any(isinstance(t, torch.Tensor) for t in input_shape)):
+        return first_rows(input_shape, 1)
+    shape = tuple(input_shape)
+    if not shape or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in shape):
+        raise MixbitsError(f"input_shape {list(shape)} is not understood; give one sample's shape as positive "
+                           "integers, e.g. (1, 28, 28), or an example input (a batched tensor, tuple or dict)")
+    return torch.zeros(1, *shape, dtype=next(model.parameters()).dtype)
 
 
 # the public entry point ----------------------------------------------------------------------------
@@ -194,7 +212,9 @@ def export_onnx(model: nn.Module, input_shape, path, opset: int | None = None, c
                 tolerance: float = 1e-3, max_mismatch: float = 0.5, min_agreement: float = 99.0) -> ExportReport:
     """Write ``model`` (quantized, at fixed bits, calibrated) as a QDQ ONNX file at ``path``.
 
-    ``input_shape`` is one sample's (C, H, W); the batch dimension is dynamic. ``opset`` defaults to
+    ``input_shape`` is one sample's shape (a float input, e.g. (C, H, W)), or an example input of any
+    shape and dtype: a batched tensor (token ids, vectors, sequences), or a tuple or dict of them (graph
+    inputs ``input_0``... or the dict's keys; see ``inputs.py``). The batch dimension is dynamic. ``opset`` defaults to
     the highest of 25, 21, 13 that the installed onnxruntime runs. With ``check_inputs`` (a tensor, or
     an iterable of tensors or (x, y) batches) the file is run with onnxruntime and compared with the
     PyTorch model before it is written: every layer alone must match to ``tolerance`` (relative), the
@@ -203,21 +223,22 @@ def export_onnx(model: nn.Module, input_shape, path, opset: int | None = None, c
     layers = require_quantized(model)
     opset = resolve_opset(opset)
     specs = {name: layer_spec(name, layer) for name, layer in layers.items()}
-    float_layers = [n for n, m in model.named_modules()
-                    if isinstance(m, (nn.Conv2d, nn.Linear)) and n not in layers]
+    float_layers = kept_float(model, layers)
     if float_layers:
-        warnings.warn(f"layers left in float (not quantized): {', '.join(float_layers)}", stacklevel=2)
-    raw, stubs, outputs = _trace(model, tuple(input_shape), opset)
+        warnings.warn(f"layers with weights left in float (not quantized): {', '.join(float_layers)}", stacklevel=2)
+    example = _example(model, input_shape)
+    inputs = GraphInputs.of(example)
+    raw, stubs, outputs = _trace(model, example, inputs, opset)
     for name, stub in stubs.items():
         specs[name].in_ranks = tuple(sorted(stub.ranks))
     types = {name: choose_types(spec, opset) for name, spec in specs.items()}
-    types, widened = settle_types(types, specs, _refusal(raw, specs, opset, tuple(input_shape)), opset)
+    types, widened = settle_types(types, specs, _refusal(raw, specs, opset, inputs.feeds(example)), opset)
     data = _build(raw, specs, types, opset)
     described = {n: {"w_bits": specs[n].w_bits, "a_bits": specs[n].a_bits, "per_channel": specs[n].per_channel,
                      **t.describe()} for n, t in types.items()}
     report = ExportReport(str(path), opset, len(data), described, float_layers, widened)
     if check_inputs is not None:
         limits = (tolerance, max_mismatch, min_agreement)
-        report.check = _check(model, data, check_inputs, outputs, (specs, types, opset), limits)
+        report.check = _check(model, data, check_inputs, (inputs, outputs), (specs, types, opset), limits)
     atomic_write_bytes(path, data)
     return report

@@ -184,7 +184,7 @@ def pack_model(model: nn.Module, path: str | os.PathLike, card=None, input_shape
     meta_bytes = json.dumps(meta, separators=(",", ":")).encode()
     data = _HEADER.pack(MAGIC, VERSION, len(meta_bytes)) + meta_bytes + b"".join(payload.parts)
     atomic_write_bytes(path, data)
-    shape = input_shape if input_shape is not None else (card.input_shape if card is not None else None)
+    shape = input_shape if input_shape is not None else (card.example_input() if card is not None else None)
     predicted = size_bits(profile(model, shape), policy) / 8 if shape is not None else None
     step_bytes = payload.size - code_bytes - float_param_bytes - buffer_bytes
     per_layer = {n: {"numel": int(np.prod(e["shape"])), "bits": e["w_bits"], "code_bytes": e["codes"]["nbytes"]}

@@ -16,6 +16,7 @@ from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
 from ..errors import AdvisedError, MixbitsError
+from ..layer_types import kind as layer_kind
 from ..quant import integer_range
 from .packing import pack_bits
 
@@ -33,7 +34,7 @@ class LayerSpec:
     """Everything the QDQ subgraph of one layer needs, as numpy values."""
 
     name: str
-    kind: str  # "conv" | "linear"
+    kind: str  # "conv" | "conv_transpose" | "linear" | "embedding" (layer_types.kind)
     codes: np.ndarray  # integer weight codes
     w_scale: np.ndarray  # float32: one value, or one per output channel
     a_scale: np.float32
@@ -41,22 +42,25 @@ class LayerSpec:
     w_bits: int
     a_bits: int
     bias: np.ndarray | None = None
-    conv: dict = field(default_factory=dict)  # Conv attributes
+    conv: dict = field(default_factory=dict)  # Conv / ConvTranspose attributes
     per_channel: bool = False
     in_ranks: tuple[int, ...] = ()  # ranks of the inputs it was called with (Linear: 2 uses Gemm)
 
 
-def _conv_attrs(conv: nn.Conv2d) -> dict:
+def _conv_attrs(conv: nn.modules.conv._ConvNd) -> dict:
     kernel, dilation = list(conv.kernel_size), list(conv.dilation)
     if conv.padding_mode != "zeros" or conv.padding == "valid":
-        pads = [0, 0, 0, 0]  # non-zero padding modes are applied before the layer (see onnx_export._Stub)
+        pads = [0] * 2 * len(kernel)  # non-zero padding modes are applied before the layer (see onnx_export._Stub)
     elif conv.padding == "same":  # torch puts the odd pixel at the end
         total = [d * (k - 1) for d, k in zip(dilation, kernel, strict=True)]
         pads = [t // 2 for t in total] + [t - t // 2 for t in total]
     else:
         pads = list(conv.padding) * 2
-    return {"kernel_shape": kernel, "strides": list(conv.stride), "pads": pads, "dilations": dilation,
-            "group": conv.groups}
+    attrs = {"kernel_shape": kernel, "strides": list(conv.stride), "pads": pads, "dilations": dilation,
+             "group": conv.groups}
+    if conv.transposed:
+        attrs["output_padding"] = list(conv.output_padding)
+    return attrs
 
 
 def layer_spec(name: str, layer) -> LayerSpec:
@@ -69,12 +73,13 @@ def layer_spec(name: str, layer) -> LayerSpec:
             raise MixbitsError(f"layer {name!r}: the {what} step of {bits} bits is uncalibrated; run "
                                "calibrate(model, batch) or train the model first")
     codes, step = layer.w_quant.integers(layer.weight, w_bits)
-    conv = isinstance(layer, nn.Conv2d)
-    bias = None if layer.bias is None else layer.bias.detach().float().cpu().numpy()
-    return LayerSpec(name, "conv" if conv else "linear", codes.cpu().numpy(),
+    kind = layer_kind(layer)
+    conv = kind in ("conv", "conv_transpose")
+    bias = None if getattr(layer, "bias", None) is None else layer.bias.detach().float().cpu().numpy()
+    return LayerSpec(name, kind, codes.cpu().numpy(),
                      step.float().cpu().numpy().reshape(-1), np.float32(layer.a_quant.step(a_bits, 1).item()),
                      layer.a_quant.signed, w_bits, a_bits, bias, _conv_attrs(layer) if conv else {},
-                     layer.w_quant.steps.shape[1] > 1, (4,) if conv else (2,))
+                     layer.w_quant.steps.shape[1] > 1, (codes.dim(),) if conv else (2,))
 
 
 @dataclass(frozen=True)
@@ -159,17 +164,21 @@ def _weight_inits(spec: LayerSpec, types: QTypes) -> list:
     """The weight codes, the unit scale that dequantizes codes to themselves, and the product's scale (input
     step times weight step, rounded once in float32 as PyTorch rounds it) shaped to broadcast over channels."""
     n = spec.name
-    shape = ((-1, 1, 1) if spec.kind == "conv" else (-1,)) if spec.per_channel else ()
+    shape = _channel_shape(spec) if spec.per_channel else ()
     scale = (np.float32(spec.a_scale) * spec.w_scale.astype(np.float32)).reshape(shape)
     wzp = types.weight_zero_point
     inits = [_int_tensor(f"{n}.weight_int", spec.codes.astype(np.int64) + wzp, types.weight),
              _int_tensor(f"{n}.weight_zero_point", np.array(wzp, np.int64), types.weight),
              numpy_helper.from_array(np.array(1.0, np.float32), f"{n}.unit_scale"),
              numpy_helper.from_array(scale.astype(np.float32), f"{n}.scale")]
-    if spec.bias is not None:  # (C, 1, 1) for a convolution, so that Add broadcasts over (N, C, H, W)
-        shape = (-1, 1, 1) if spec.kind == "conv" else (-1,)
-        inits.append(numpy_helper.from_array(spec.bias.astype(np.float32).reshape(shape), f"{n}.bias"))
+    if spec.bias is not None:  # (C, 1, 1) for a 2-D convolution, so that Add broadcasts over (N, C, H, W)
+        inits.append(numpy_helper.from_array(spec.bias.astype(np.float32).reshape(_channel_shape(spec)), f"{n}.bias"))
     return inits
+
+
+def _channel_shape(spec: LayerSpec) -> tuple[int, ...]:
+    """How a per-output-channel value broadcasts over the layer's output: (C, 1, ...) for N-d convolutions."""
+    return (-1, *[1] * len(spec.conv["kernel_shape"])) if spec.conv else (-1,)
 
 
 def _input_inits(spec: LayerSpec, types: QTypes) -> list:
@@ -189,7 +198,9 @@ def layer_nodes(spec: LayerSpec, x: str, y: str, types: QTypes) -> tuple[list, l
 
     Both DequantizeLinear nodes take a unit scale, so the Conv/Gemm/MatMul multiplies integer codes (exact,
     in any summation order); one Mul by the product's scale and one Add of the bias follow, the two
-    roundings PyTorch makes."""
+    roundings PyTorch makes. An embedding has its own form (``embedding_nodes``)."""
+    if spec.kind == "embedding":
+        return embedding_nodes(spec, x, y, types)
     n, node = spec.name, helper.make_node
     codes = f"{y}/input_int"
     nodes = [node("QuantizeLinear", [x, f"{n}.input_scale", f"{n}.input_zero_point"], [codes], name=f"{y}/Quantize")]
@@ -204,8 +215,9 @@ def layer_nodes(spec: LayerSpec, x: str, y: str, types: QTypes) -> tuple[list, l
     # The bias is a separate Add, never an input of Conv/Gemm: onnxruntime's default optimisations
     # quantize a Conv/Gemm bias to int32, which moves the outputs and, through a later low-bit quantizer,
     # flips whole levels.
-    if spec.kind == "conv":
-        nodes.append(node("Conv", [xd, wd], [product], name=f"{y}/Conv", **spec.conv))
+    if spec.kind in PRODUCT_OPS:  # Conv, ConvTranspose: the float layer's attributes
+        nodes.append(node(PRODUCT_OPS[spec.kind], [xd, wd], [product], name=f"{y}/{PRODUCT_OPS[spec.kind]}",
+                          **spec.conv))
     elif max(spec.in_ranks or (2,)) <= 2:
         nodes.append(node("Gemm", [xd, wd], [product], name=f"{y}/Gemm", transB=1))
     else:  # inputs of rank > 2 (tokens): MatMul with the transposed weight
@@ -218,10 +230,36 @@ def layer_nodes(spec: LayerSpec, x: str, y: str, types: QTypes) -> tuple[list, l
     return nodes, _input_inits(spec, types) + _weight_inits(spec, types)
 
 
+PRODUCT_OPS = {"conv": "Conv", "conv_transpose": "ConvTranspose"}
+
+
+def embedding_nodes(spec: LayerSpec, x: str, y: str, types: QTypes) -> tuple[list, list]:
+    """A quantized embedding: its integer table dequantized (code times step, the one rounding PyTorch makes),
+    then the rows of the token ids ``x`` gathered. The ids are not quantized (weight-only)."""
+    n, node = spec.name, helper.make_node
+    wzp = types.weight_zero_point
+    per_row = {"axis": 0} if spec.per_channel else {}
+    inits = [_int_tensor(f"{n}.weight_int", spec.codes.astype(np.int64) + wzp, types.weight),
+             _int_tensor(f"{n}.weight_zero_point", np.full(spec.w_scale.shape if spec.per_channel else (), wzp,
+                                                           np.int64), types.weight),
+             numpy_helper.from_array(spec.w_scale.astype(np.float32).reshape(-1 if spec.per_channel else ()),
+                                     f"{n}.weight_scale")]
+    nodes = [node("DequantizeLinear", [f"{n}.weight_int", f"{n}.weight_scale", f"{n}.weight_zero_point"],
+                  [f"{y}/table"], name=f"{y}/DequantizeWeight", **per_row),
+             node("Gather", [f"{y}/table", x], [y], name=f"{y}/Gather", axis=0)]
+    return nodes, inits
+
+
+def input_elem_type(spec: LayerSpec) -> int:
+    """The ONNX type of the layer's input: token ids (int64) for an embedding, float otherwise."""
+    return TensorProto.INT64 if spec.kind == "embedding" else TensorProto.FLOAT
+
+
 def layer_model(spec: LayerSpec, types: QTypes, opset: int, in_shape) -> onnx.ModelProto:
     """A graph holding only this layer, input ``x`` of shape ``in_shape`` (batch included)."""
     nodes, inits = layer_nodes(spec, "x", "y", types)
-    graph = helper.make_graph(nodes, spec.name or "layer", [helper.make_tensor_value_info("x", 1, list(in_shape))],
+    x_info = helper.make_tensor_value_info("x", input_elem_type(spec), list(in_shape))
+    graph = helper.make_graph(nodes, spec.name or "layer", [x_info],
                               [helper.make_tensor_value_info("y", 1, None)], inits)
     proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
     set_opset(proto, opset)
@@ -262,11 +300,14 @@ def _form(spec: LayerSpec) -> tuple:
             spec.a_signed, spec.a_bits)
 
 
-def _probe_input(spec: LayerSpec) -> tuple[int, ...]:
+def _probe_input(spec: LayerSpec) -> np.ndarray:
+    if spec.kind == "embedding":
+        return np.zeros((1, 1), np.int64)
     if spec.kind == "linear":
-        return (1,) * (max(max(spec.in_ranks or (2,)), 2) - 1) + (spec.codes.shape[1],)
+        return np.zeros((1,) * (max(max(spec.in_ranks or (2,)), 2) - 1) + (spec.codes.shape[1],), np.float32)
     size = max(d * (k - 1) + 1 for d, k in zip(spec.conv["dilations"], spec.conv["kernel_shape"], strict=True))
-    return (1, spec.codes.shape[1] * spec.conv["group"], size, size)
+    channels = spec.codes.shape[0] if spec.kind == "conv_transpose" else spec.codes.shape[1] * spec.conv["group"]
+    return np.zeros((1, channels, *[size] * len(spec.conv["kernel_shape"])), np.float32)
 
 
 def _runs(spec: LayerSpec, types: QTypes, opset: int) -> bool:
@@ -274,7 +315,7 @@ def _runs(spec: LayerSpec, types: QTypes, opset: int) -> bool:
     key = (_form(spec), types, opset)
     if key not in _RUNS:
         probe = replace(spec, codes=np.zeros_like(spec.codes), w_scale=np.ones_like(spec.w_scale))
-        x = np.zeros(_probe_input(spec), np.float32)
+        x = _probe_input(spec)
         try:
             session(layer_model(probe, types, opset, x.shape).SerializeToString()).run(None, {"x": x})
             _RUNS[key] = True

@@ -10,7 +10,6 @@ same outputs; the two products between activations (scores and the weighted sum 
 from __future__ import annotations
 
 import math
-import warnings
 
 import torch
 import torch.nn.functional as F
@@ -20,7 +19,17 @@ from ..errors import MixbitsError
 
 
 class SplitAttention(nn.Module):
-    """Multi-head attention with separate ``nn.Linear`` projections; the call signature of nn.MultiheadAttention."""
+    """Multi-head attention with separate ``nn.Linear`` projections; the call signature of nn.MultiheadAttention.
+
+    The packed-projection attributes PyTorch's transformer layers read to choose their fused fast path
+    (``torch._transformer_encoder_layer_fwd``, which would run the float weights and skip every quantized
+    layer) say there is no packed projection, so ``nn.TransformerEncoderLayer`` takes its ordinary path,
+    as it does for an attention built with ``bias=False``.
+    """
+
+    in_proj_weight = None
+    in_proj_bias = None
+    _qkv_same_embed_dim = False
 
     def __init__(self, embed_dim: int, num_heads: int, bias: bool = True, batch_first: bool = False,
                  dropout: float = 0.0, kdim: int | None = None, vdim: int | None = None):
@@ -120,17 +129,9 @@ def prepare_model(model: nn.Module) -> list[str]:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, SplitAttention.from_mha(getattr(parent, child), name))
+    for m in model.modules():
+        # What nn.TransformerEncoder decides at construction when its layers cannot take the fused path: no
+        # nested tensors (its padded-batch shortcut hands them to the fused layer only).
+        if isinstance(m, nn.TransformerEncoder) and any(isinstance(a, SplitAttention) for a in m.modules()):
+            m.use_nested_tensor = False
     return replaced
-
-
-def float_attention(model: nn.Module) -> list[str]:
-    """Names of ``nn.MultiheadAttention`` modules still in ``model`` (their projections cannot be quantized)."""
-    return [name for name, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)]
-
-
-def warn_float_attention(model: nn.Module) -> None:
-    names = float_attention(model)
-    if names:
-        warnings.warn(f"{len(names)} nn.MultiheadAttention module(s) stay float and are not counted in BitOPs or "
-                      f"size: {', '.join(names)}; call mixbits.quant.prepare_model(model) first to quantize "
-                      "their projections", stacklevel=3)

@@ -1,22 +1,31 @@
 """Turn a float model into a quantized one by swapping modules by name, and drive it with a policy.
 
-No tracing: any ``nn.Module`` works, whatever its forward does, because only the named Conv2d/Linear
-children are replaced (torchao's ``quantize_`` and Brevitas work the same way).
+No tracing: any ``nn.Module`` works, whatever its forward does, because only the named layers of the
+space (convolutions, linear layers, embeddings: ``layer_types.QUANTIZABLE``) are replaced (torchao's
+``quantize_`` and Brevitas work the same way).
 """
 
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Iterable
 
 import torch
 from torch import Tensor, nn
 
-from ..data.batches import first_input
+from ..data.batches import call_model, first_input, to_device
 from ..errors import MixbitsError, did_you_mean
+from ..layer_types import QUANTIZABLE, SUPPORTED, kept_float
 from ..space import Policy, SearchSpace
 from .batchnorm import two_rounding_batchnorms
-from .layers import QuantLayer, quantized_class
+from .conv_nd import QConv1d, QConv3d, QConvTranspose1d, QConvTranspose2d
+from .embedding import QEmbedding
+from .layers import QConv2d, QLinear, QuantLayer
+
+# float layer type -> its quantized counterpart (exact types: a subclass may compute something else)
+QUANTIZED = {nn.Conv1d: QConv1d, nn.Conv2d: QConv2d, nn.Conv3d: QConv3d, nn.ConvTranspose1d: QConvTranspose1d,
+             nn.ConvTranspose2d: QConvTranspose2d, nn.Linear: QLinear, nn.Embedding: QEmbedding}
 
 
 def quantize_model(model: nn.Module, space: SearchSpace, per_channel: bool = False, inplace: bool = False) -> nn.Module:
@@ -39,7 +48,30 @@ def quantize_model(model: nn.Module, space: SearchSpace, per_channel: bool = Fal
         qlayer = quantized_class(modules[name]).from_float(modules[name], w_bits, a_bits, per_channel)
         _set_submodule(model, name, qlayer)
     two_rounding_batchnorms(model)  # so that exported graphs reproduce inference to the bit
+    warn_unquantizable(model, space.layers)
     return model
+
+
+def warn_unquantizable(model: nn.Module, quantized) -> None:
+    """Warn about the weight-bearing layers mixbits cannot quantize (recurrent layers, a packed attention, ...):
+    they run in float and every cost counts them at 32 bits. Quantizable layers left out of the space on
+    purpose (``exclude=``) are not repeated here; the cost table and the export report list them all."""
+    modules = dict(model.named_modules())
+    names = [n for n in kept_float(model, quantized) if not isinstance(modules[n], QUANTIZABLE)]
+    if names:
+        described = ", ".join(f"{n} ({type(modules[n]).__name__})" for n in names)
+        warnings.warn(f"{len(names)} layer(s) with weights stay float, counted at 32 bits in BitOPs and size: "
+                      f"{described}; mixbits quantizes {SUPPORTED}", stacklevel=3)
+
+
+def quantized_class(module: nn.Module) -> type[QuantLayer]:
+    """The quantized counterpart of a float layer, or a MixbitsError naming what is supported."""
+    if isinstance(module, QuantLayer):
+        raise MixbitsError(f"{type(module).__name__} is already quantized")
+    if type(module) in QUANTIZED:
+        return QUANTIZED[type(module)]
+    raise MixbitsError(f"cannot quantize {type(module).__name__}; supported: {SUPPORTED} (exactly these types: a "
+                       "subclass may compute something else). Leave it out of the space with exclude=")
 
 
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -102,15 +134,15 @@ def calibrate(model: nn.Module, batches: Tensor | Iterable[Tensor]) -> None:
     x = first_input(batches)
     for layer in layers.values():
         layer.w_quant.init_all_next = True
-        layer.a_quant.init_all_next = True
+        layer.a_quant.init_all_next = not layer.weight_only  # an embedding's ids are not quantized
     was_training = model.training
     model.eval()
     try:
         device = next(model.parameters()).device
-        model(x.to(device))
+        call_model(model, to_device(x, device))
     finally:
         model.train(was_training)
-    stale = [n for n, layer in layers.items() if layer.a_quant.init_all_next]
+    stale = [n for n, layer in layers.items() if layer.w_quant.init_all_next]
     for name in stale:  # a layer the forward never reached: its activations stay uncalibrated
         layers[name].a_quant.init_all_next = False
         layers[name].w_quant.init_all_next = False

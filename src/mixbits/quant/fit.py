@@ -14,7 +14,7 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor, nn
 
-from ..data.batches import first_input
+from ..data.batches import call_model, first_input, one_batch, to_device
 from .convert import calibrate, require_quantized
 from .quantizer import LsqQuantizer, integer_range
 
@@ -95,7 +95,7 @@ def _input_of(model: nn.Module, layer: nn.Module, x: Tensor) -> Tensor:
 
     handle = layer.register_forward_pre_hook(hook)
     try:
-        model(x)
+        call_model(model, x)
     except _Reached:
         pass
     finally:
@@ -114,20 +114,21 @@ def fit_steps(model: nn.Module, batches: Tensor | Iterable) -> None:
     """
     layers = require_quantized(model)
     x = first_input(batches)
-    calibrate(model, x)
-    x = x.to(next(model.parameters()).device)
+    calibrate(model, one_batch(x))
+    x = to_device(x, next(model.parameters()).device)
     order: list[str] = []
     handles = [layer.register_forward_pre_hook(lambda m, args, n=n: order.append(n)) for n, layer in layers.items()]
     was_training = model.training
     model.eval()
     try:
-        model(x)
+        call_model(model, x)
         for handle in handles:
             handle.remove()
         for name in dict.fromkeys(order):
             layer = layers[name]
             fit_quantizer(layer.w_quant, layer.weight)
-            fit_quantizer(layer.a_quant, _input_of(model, layer, x))
+            if not layer.weight_only:  # an embedding's token ids are not quantized
+                fit_quantizer(layer.a_quant, _input_of(model, layer, x))
     finally:
         model.train(was_training)
         for handle in handles:

@@ -1,4 +1,4 @@
-"""Drop-in quantized layers: `QConv2d` and `QLinear`.
+"""Drop-in quantized layers: `QConv2d` and `QLinear` (conv_nd.py and embedding.py hold the others).
 
 Each subclasses its float layer (same arguments, same ``weight``/``bias`` names, so float checkpoints
 load unchanged) and *holds* two quantizers: ``w_quant`` for the weight and ``a_quant`` for the input
@@ -42,6 +42,7 @@ class QuantLayer:
 
     w_quant: LsqQuantizer
     a_quant: LsqQuantizer
+    weight_only = False  # True where the input is not an activation (an embedding's token ids): a_quant never runs
 
     def _init_quant_state(self) -> None:
         self._sampler: BitsSampler | None = None
@@ -209,14 +210,3 @@ class QLinear(QuantLayer, nn.Linear):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, {self.quant_repr()}"
-
-
-def quantized_class(module: nn.Module) -> type[QuantLayer]:
-    """The quantized counterpart of a float layer, or a MixbitsError naming what is supported."""
-    if isinstance(module, QuantLayer):
-        raise MixbitsError(f"{type(module).__name__} is already quantized")
-    if type(module) is nn.Conv2d:
-        return QConv2d
-    if type(module) is nn.Linear:
-        return QLinear
-    raise MixbitsError(f"cannot quantize {type(module).__name__}; supported: nn.Conv2d, nn.Linear")

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from ..data.batches import call_model
 from .convert import _set_submodule, quant_layers
 from .layers import QuantLayer
 
@@ -54,7 +55,7 @@ def follows(model: nn.Module, x: Tensor) -> dict[str, str]:
                for n, m, bn in watched]
     was_training = model.training
     try:
-        model.eval()(x)
+        call_model(model.eval(), x)
     finally:
         model.train(was_training)
         for handle in handles:

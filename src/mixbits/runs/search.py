@@ -22,6 +22,7 @@ from ..compiler import fused_setting
 from ..config import RunConfig
 from ..cost import LatencyTable, average_bits, bitops, profile, size_bytes
 from ..data import build_loaders
+from ..data.batches import model_input
 from ..errors import MixbitsError
 from ..pipeline import float_card, resolve_checkpoint, search_space
 from ..quant import set_fused
@@ -76,8 +77,10 @@ def _search(cfg: RunConfig, dist_ctx, resume: bool, progress: bool | None, force
     source = resolve_checkpoint(cfg.init)
     load_model_state(float_model, load_checkpoint(source)["model"], str(source))
     float_model.to(cfg.device).eval()
-    space = search_space(float_model, cfg.quant)
-    stats = profile(float_model, card.input_shape)
+    example = model_input(next(iter(train_loader)))
+    card.record_input(example)
+    space = search_space(float_model, cfg.quant, example)
+    stats = profile(float_model, example)
     latency = LatencyTable.load(cfg.search.latency_table) if cfg.search.latency_table else None
     budgets = parse_budgets(cfg.search.budget)
     for budget in budgets:
@@ -88,7 +91,7 @@ def _search(cfg: RunConfig, dist_ctx, resume: bool, progress: bool | None, force
         cfg.save(out / "config.yaml")
         result = _load_or_search(out, resume, lambda: search_model(
             float_model, train_loader, budgets, cfg.search.method, val=val_loader,
-            example_input=next(iter(train_loader))[0], space=space, options=dict(cfg.search.options), run_dir=out,
+            example_input=example, space=space, options=dict(cfg.search.options), run_dir=out,
             resume=resume, progress=progress, seed=cfg.train.seed, device=dist_ctx.device, latency_table=latency,
             per_channel=cfg.quant.per_channel))
     result = broadcast_object(result)

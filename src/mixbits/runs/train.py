@@ -17,6 +17,7 @@ from ..compiler import fused_setting
 from ..config import RunConfig
 from ..cost import bitops, compression, profile, size_bytes
 from ..data import build_loaders
+from ..data.batches import model_input
 from ..errors import MixbitsError
 from ..pipeline import ModelCard, float_card, load_trained, quantized_model, resolve_checkpoint, training_space
 from ..quant import set_fused
@@ -73,10 +74,12 @@ def _train(cfg: RunConfig, ctx: DistContext, resume: bool, progress: bool | None
     card = float_card(cfg.model, train_set.num_classes, train_set.in_chans, train_set.image_size)
     model = card.float_model()
     teacher = _start_weights(model, cfg, card)
+    example = model_input(next(iter(global_loader)))
+    card.record_input(example)
     if cfg.quant.policy:
-        card.space, card.policy = training_space(model, cfg.quant, cfg.quant.policy)
+        card.space, card.policy = training_space(model, cfg.quant, cfg.quant.policy, example)
         card.per_channel = cfg.quant.per_channel
-        model = quantized_model(card, model, calibration=next(iter(global_loader))[0])
+        model = quantized_model(card, model, calibration=example)
     model.to(ctx.device)
     broadcast_module_state(model)  # every rank starts from rank 0's weights, steps and signs
     main = ctx.is_main()

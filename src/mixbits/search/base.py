@@ -22,7 +22,7 @@ from torch import nn
 
 from ..budget import Budget
 from ..cost import LatencyTable, ModelStats, bitops, size_bits
-from ..data.batches import first_input
+from ..data.batches import call_model, first_input
 from ..errors import MixbitsError, did_you_mean
 from ..registry import Registry
 from ..space import Policy, SearchSpace
@@ -88,6 +88,7 @@ class SearchResult:
     retraining_free: bool = False  # True when the policies are usable without fine-tuning
     finetune: dict = field(default_factory=dict)  # train settings for the fine-tune stage, e.g. {"kd_alpha": 0.5}
     info: dict = field(default_factory=dict)
+    kept_float: list[str] = field(default_factory=list)  # weight-bearing layers outside the space: priced at 32 bits
     # In memory only (not in to_dict): the space searched and the search's quantized model, whose weights
     # a retraining-free method's policies run on (mixbits.subnet).
     space: SearchSpace | None = field(default=None, repr=False, compare=False)
@@ -97,14 +98,14 @@ class SearchResult:
         return {"method": self.method, "budgets": [b.text for b in self.budgets],
                 "policies": [p.to_dict() for p in self.policies], "trace": self.trace, "front": self.front,
                 "seconds": self.seconds, "retraining_free": self.retraining_free, "finetune": self.finetune,
-                "info": self.info}
+                "info": self.info, "kept_float": self.kept_float}
 
 
 def task_loss(loss_fn: Callable | None, model: nn.Module, x, y) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(loss, logits): cross-entropy on an ``(x, y)`` batch, or ``loss_fn(model, batch)`` with the batch as the
     loader gave it (then no logits: what needs them, such as distillation between policies, is skipped)."""
     if loss_fn is None:
-        logits = model(x)
+        logits = call_model(model, x)
         return F.cross_entropy(logits, y), logits
     return loss_fn(model, x if y is None else (x, y)), None
 
@@ -134,6 +135,7 @@ def run_searcher(name: str, ctx: SearchContext) -> SearchResult:
     result = searcher(ctx)
     result.seconds = time.perf_counter() - start
     result.space, result.model = ctx.space, ctx.model
+    result.kept_float = [n for n in ctx.stats.layers if n not in ctx.space.layers]
     for budget, policy in zip(result.budgets, result.policies, strict=True):
         policy.validate(ctx.space)
         if not ctx.fits(policy, budget):  # a searcher bug, never the user's: say so loudly

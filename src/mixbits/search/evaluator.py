@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from ..data.batches import call_model, first_rows, to_device
 from ..errors import MixbitsError
 from ..quant import apply_policy
 from ..space import Policy
@@ -63,7 +64,7 @@ class PolicyEvaluator:
         self.prefix: PrefixReuse | None = None
         if reuse_prefix and self.batches and loss_fn is None:  # a loss_fn runs the model itself: nothing to replay
             with _batch_statistics(model):
-                self.prefix = PrefixReuse(model, self.batches[0][0][:2].to(self.device))
+                self.prefix = PrefixReuse(model, to_device(first_rows(self.batches[0][0], 2), self.device))
 
     @property
     def evaluations(self) -> int:
@@ -131,9 +132,9 @@ def _evaluate_with_batch_statistics(model: nn.Module, batches: list, device: tor
     loss, correct, samples = 0.0, 0, 0
     with _batch_statistics(model):
         for i, (x, y) in enumerate(batches):
-            x, y = x.to(device), y.to(device)
+            x, y = to_device(x, device), y.to(device)
             with replay(i) if replay is not None else contextlib.nullcontext():
-                logits = model(x)
+                logits = call_model(model, x)
             loss += float(F.cross_entropy(logits.float(), y, reduction="sum"))
             correct += int((logits.argmax(dim=-1) == y).sum())
             samples += y.shape[0]
@@ -148,6 +149,6 @@ def _first_samples(batches: list, limit: int | None) -> list:
     for x, y in batches:
         if limit <= 0:
             break
-        out.append((x[:limit], y[:limit]))
+        out.append((first_rows(x, limit), y[:limit]))
         limit -= len(y)
     return out

@@ -83,7 +83,7 @@ def _scores(ctx: SearchContext, opts: HawqOptions, traces: dict, batches, pairs)
             w_err = {b: fitted_error(layer.w_quant, layer.weight, b) for b in ctx.space.w_bits}
             w_curv = max(0.0, traces[name]["weight"]) / layer.weight.numel()
             a_err, a_curv = {b: 0.0 for b in ctx.space.a_bits}, 0.0
-            if opts.activations:
+            if opts.activations and not layer.weight_only:  # an embedding's token ids are not quantized
                 acts = torch.cat(inputs[name])  # one step for every batch, as the deployed quantizer has
                 a_err = {b: fitted_error(layer.a_quant, acts, b) / len(inputs[name]) for b in ctx.space.a_bits}
                 a_curv = max(0.0, traces[name]["act"]) / inputs[name][0].numel()

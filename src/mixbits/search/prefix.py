@@ -21,6 +21,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
+from ..data.batches import call_model, to_device
 from ..quant import quant_layers
 from ..space import Policy
 
@@ -38,7 +39,7 @@ def execution_units(model: nn.Module, sample: torch.Tensor) -> list[tuple[str, n
                 for _, module in units]
     try:
         with torch.inference_mode():
-            model(sample)
+            call_model(model, sample)
     finally:
         for handle in handles:
             handle.remove()
@@ -81,7 +82,7 @@ class PrefixReuse:
             handles = [module.register_forward_hook(lambda _m, _i, out, keep=outputs: keep.append(out.detach().clone()))
                        for _, module in self.units]
             try:
-                model(x.to(device))
+                call_model(model, to_device(x, device))
             finally:
                 for handle in handles:
                     handle.remove()

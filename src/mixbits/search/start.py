@@ -12,6 +12,7 @@ import contextlib
 import copy
 from collections.abc import Iterator
 
+from ..data.batches import one_batch
 from ..quant import fit_steps
 from .base import SearchContext
 
@@ -22,7 +23,7 @@ def fitted_start(ctx: SearchContext) -> Iterator[dict]:
     puts the model back as it was given afterwards."""
     given = copy.deepcopy(ctx.model.state_dict())
     try:
-        fit_steps(ctx.model, ctx.calibration_input())
+        fit_steps(ctx.model, one_batch(ctx.calibration_input()))
         yield copy.deepcopy(ctx.model.state_dict())
     finally:
         ctx.model.load_state_dict(given)

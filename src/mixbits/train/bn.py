@@ -8,6 +8,8 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from ..data.batches import call_model, model_input, to_device
+
 # Training batches a subnet of a supernet re-estimates its BatchNorm statistics on before it is used.
 SUBNET_BN_BATCHES = 32
 
@@ -45,8 +47,7 @@ def recalibrate_bn(model: nn.Module, batches: Iterable, num_batches: int | None 
                 if forward is not None:
                     forward(batch)
                 else:
-                    x = batch[0] if isinstance(batch, (tuple, list)) else batch
-                    model(x.to(device, non_blocking=True))
+                    call_model(model, to_device(model_input(batch), device))
                 used += 1
     finally:
         for bn, momentum in zip(bns, momenta, strict=True):

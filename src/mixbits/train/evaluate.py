@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..data.batches import batch_size, call_model, to_device
 from ..errors import MixbitsError
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]  # loss_fn(model, batch) -> scalar loss
@@ -35,8 +36,8 @@ def evaluate(model: nn.Module, loader: Iterable, device: str | torch.device = "c
             for i, (x, y) in enumerate(loader):
                 if max_batches is not None and i >= max_batches:
                     break
-                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                logits = model(x)
+                x, y = to_device(x, device), y.to(device, non_blocking=True)
+                logits = call_model(model, x)
                 # Sum on the device and read once at the end: no host sync per batch.
                 loss_sum += F.cross_entropy(logits.float(), y, reduction="sum")
                 correct += (logits.argmax(dim=-1) == y).sum()
@@ -64,7 +65,7 @@ def _evaluate_loss(model: nn.Module, loader: Iterable, device: torch.device, max
 def mean_task_loss(model: nn.Module, loader: Iterable, device: torch.device, loss_fn: LossFn,
                    max_batches: int | None = None) -> dict:
     """``{"loss": mean of loss_fn(model, batch) over samples, "samples": n}``, in whatever mode the model is."""
-    from .loop import batch_size, split_batch
+    from .loop import split_batch
 
     loss_sum, samples = 0.0, 0
     for i, batch in enumerate(loader):

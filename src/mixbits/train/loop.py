@@ -27,7 +27,7 @@ from torch import nn
 from tqdm import tqdm
 
 from ..compiler import compile_enabled, compile_model
-from ..data.batches import set_epoch
+from ..data.batches import batch_size, call_model, set_epoch, to_device
 from ..errors import MixbitsError, TrainingDiverged
 from ..progress import bar_enabled, progress_line
 from ..quant.ebr import model_ebr
@@ -88,14 +88,14 @@ def supervised_objective(state: TrainState, x: torch.Tensor, y: torch.Tensor) ->
     """Cross-entropy (with label smoothing), mixed with distillation from ``state.teacher`` if kd_alpha > 0,
     plus ebr_weight · the entropy-aware bin regulariser of the quantized weights (``mixbits.quant.ebr``) if > 0."""
     cfg = state.cfg
-    logits = state.model(x)
+    logits = call_model(state.model, x)
     ce = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
     loss, metrics = ce, {}
     if state.teacher is not None and cfg.kd_alpha != 0:
         if state.teacher.training:
             state.teacher.eval()
         with torch.no_grad():
-            teacher_logits = state.teacher(x)
+            teacher_logits = call_model(state.teacher, x)
         kd = kd_loss(logits, teacher_logits, cfg.kd_temperature)
         loss = (1 - cfg.kd_alpha) * ce + cfg.kd_alpha * kd
         metrics = {"ce": ce.detach(), "kd": kd.detach()}
@@ -356,27 +356,6 @@ def split_batch(batch, device: torch.device) -> tuple:
     if isinstance(batch, (tuple, list)) and len(batch) == 2:
         return to_device(batch[0], device), to_device(batch[1], device)
     return to_device(batch, device), None
-
-
-def to_device(data, device: torch.device):
-    """Tensors, and tensors inside tuples, lists and dicts, moved to ``device``; anything else as it is."""
-    if isinstance(data, torch.Tensor):
-        return data.to(device, non_blocking=True)
-    if isinstance(data, (tuple, list)):
-        return type(data)(to_device(d, device) for d in data)
-    if isinstance(data, dict):
-        return {k: to_device(v, device) for k, v in data.items()}
-    return data
-
-
-def batch_size(data) -> int:
-    """Samples in a batch: the first dimension of its first tensor (1 when it holds none)."""
-    if isinstance(data, torch.Tensor):
-        return int(data.shape[0]) if data.dim() else 1
-    items = data.values() if isinstance(data, dict) else data if isinstance(data, (tuple, list)) else ()
-    for item in items:
-        return batch_size(item)
-    return 1
 
 
 def _plain(metrics: dict) -> dict:

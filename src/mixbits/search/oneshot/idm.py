@@ -210,7 +210,8 @@ class FeatureAlignment(nn.Module):
         super().__init__()
         self.floor, self.form = floor, form
         self.index = {name: i for i, name in enumerate(layers)}
-        channels = [getattr(m, "out_channels", None) or m.out_features for m in layers.values()]
+        channels = [getattr(m, "out_channels", None) or getattr(m, "out_features", None) or m.embedding_dim
+                    for m in layers.values()]
         self.eta = nn.ParameterList([nn.Parameter(torch.ones(c)) for c in channels])
         self.xi = nn.ParameterList([nn.Parameter(torch.zeros(c)) for c in channels])
 
@@ -228,6 +229,14 @@ class FeatureAlignment(nn.Module):
         return torch.stack(terms).mean() if terms else None
 
 
+def _as_2d_conv(module: nn.Module, out: Tensor) -> Tensor:
+    """A 1-D or 3-D convolution's (N, C, ...) output as (N, C, S, 1), the 4-D form whose dim 1 is the channels
+    (a 3-D output otherwise reads as a linear layer's (N, tokens, C))."""
+    if isinstance(module, nn.modules.conv._ConvNd) and out.dim() != 4:
+        return out.reshape(out.shape[0], out.shape[1], -1, 1)
+    return out
+
+
 class OutputCapture:
     """Forward hooks that keep the outputs of the named layers while ``names`` is set (else nothing)."""
 
@@ -239,7 +248,7 @@ class OutputCapture:
     def _hook(self, name: str):
         def keep(module, inputs, output):
             if name in self.names:
-                self.outputs[name] = output
+                self.outputs[name] = _as_2d_conv(module, output)
 
         return keep
 

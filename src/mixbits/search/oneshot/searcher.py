@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ...budget import Budget
+from ...data.batches import one_batch, to_device
 from ...errors import MixbitsError
 from ...quant import fit_steps, quant_layers
 from ...quant.pair_bn import attach_pair_bn, follows
@@ -38,7 +39,8 @@ def oneshot_search(ctx: SearchContext) -> SearchResult:
     if opts.keep_weights:
         searched_dir(ctx, "oneshot")  # no run directory: fail before training
     # The supernet is the result (its weights are what the policies run on), so the model is not put back.
-    fit_steps(ctx.model, ctx.calibration_input())  # LSQ's initial steps clip heavy-tailed layers (search/start.py)
+    # LSQ's initial steps clip heavy-tailed layers (search/start.py)
+    fit_steps(ctx.model, one_batch(ctx.calibration_input()))
     pair_bn = _pair_batchnorm(ctx) if opts.score_bn == "pair" else None
     supernet = train_supernet(ctx, layers, opts) if opts.epochs > 0 else {"epochs": [], "frozen_periods": []}
     saved = _save_supernet(ctx, opts, pair_bn)
@@ -215,7 +217,7 @@ def only_lowest_fits(ctx: SearchContext, budget: Budget, lowest: Policy) -> bool
 
 def _pair_batchnorm(ctx: SearchContext) -> dict[str, str]:
     """Give every BatchNorm that follows a searchable layer one copy per (w, a) pair; returns which follows which."""
-    mapping = follows(ctx.model, ctx.calibration_input().to(ctx.device))
+    mapping = follows(ctx.model, to_device(ctx.calibration_input(), ctx.device))
     attach_pair_bn(ctx.model, mapping)
     return mapping
 
