@@ -121,3 +121,97 @@ def test_a_missing_library_says_what_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "timm", None)  # import timm raises ImportError
     with pytest.raises(MixbitsError, match="needs timm, which is not installed"):
         create("timm:resnet18")
+
+
+SHAPED_CODE = '''
+import torch
+from torch import nn
+
+
+class Tokens(nn.Module):
+    """Token ids -> embedding -> PyTorch's own transformer encoder layer -> class scores."""
+
+    def __init__(self, num_classes):
+        super().__init__()
+        self.emb = nn.Embedding(20, 16)
+        self.encoder = nn.TransformerEncoder(nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True), 1)
+        self.head = nn.Linear(16, num_classes)
+
+    def forward(self, x):
+        return self.head(self.encoder(self.emb(x)).mean(1))
+
+
+class Segment(nn.Module):
+    """Images -> a per-pixel class map, up through a transposed convolution."""
+
+    def __init__(self, num_classes):
+        super().__init__()
+        self.down = nn.Conv2d(1, 8, 3, stride=2, padding=1)
+        self.mid = nn.Conv2d(8, 8, 3, padding=1)
+        self.up = nn.ConvTranspose2d(8, 8, 2, stride=2)
+        self.out = nn.Conv2d(8, num_classes, 1)
+
+    def forward(self, x):
+        return self.out(torch.relu(self.up(torch.relu(self.mid(torch.relu(self.down(x)))))))
+
+
+def tokens(num_classes=3):
+    return Tokens(num_classes)
+
+
+def segment(num_classes=3):
+    return Segment(num_classes)
+
+
+def _split(x, y, batch_size):
+    batches = [(x[i:i + batch_size], y[i:i + batch_size]) for i in range(0, 64, batch_size)]
+    return batches[:2], batches[2:3], batches[3:]
+
+
+def token_data(batch_size=16, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, 20, (64, 10), generator=gen)
+    return _split(x, (x[:, 0] % 3), batch_size)
+
+
+def pixel_data(batch_size=16, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(64, 1, 8, 8, generator=gen)
+    return _split(x, (x[:, 0] > 0.5).long() + (x[:, 0] > 1.5).long(), batch_size)
+'''
+
+
+@pytest.mark.parametrize(("factory", "data"), [("tokens", "token_data"), ("segment", "pixel_data")])
+def test_a_token_transformer_and_a_segmentation_net_go_through_the_cli(tmp_path, capsys, factory, data):
+    path = tmp_path / "shaped.py"
+    path.write_text(SHAPED_CODE)
+    common = ["--model", f"{path}:{factory}", "--data", f"{path}:{data}", "--batch-size", "16"]
+    assert main(["train", *common, "--epochs", "1", "--out", str(tmp_path / "fp")]) == 0
+    capsys.readouterr()
+    assert main(["search", *common, "--method", "hawq", "--init", str(tmp_path / "fp"), "--budget",
+                 "bitops<=uniform:4", "--set", "search.options.probes=1", "--finetune-epochs", "1",
+                 "--out", str(tmp_path / "s")]) == 0
+    (row,) = json.loads(capsys.readouterr().out)
+    run = tmp_path / "s" / "finetune" / "budget0"
+    _, card, _ = load_trained(run)
+    assert card.input_dtype == ("int64" if factory == "tokens" else "float32")
+    assert main(["eval", str(run)]) == 0
+    assert json.loads(capsys.readouterr().out)["top1"] == pytest.approx(row["test_top1"])
+    assert main(["cost", str(run)]) == 0
+    assert "total: MACs" in capsys.readouterr().out
+    assert main(["export", str(run), "--out", str(tmp_path / "exp"), "--check-samples", "16"]) == 0
+    report = json.loads((tmp_path / "exp" / "export_report.json").read_text())
+    check = report["onnx"]["check"]
+    assert check["samples"] == 16 and check["differing_samples"] <= 1
+    assert (check["top1_agreement"] is None) == (factory == "segment")
+    assert report["kept_float"] == []
+    assert main(["export", str(run), "--out", str(tmp_path / "unchecked"), "--no-check", "--format", "onnx"]) == 0
+    unchecked = json.loads((tmp_path / "unchecked" / "export_report.json").read_text())
+    assert unchecked["onnx"]["check"] is None and (tmp_path / "unchecked" / "model.onnx").is_file()
+
+
+def test_help_names_the_factory_specs_the_commands_accept(capsys):
+    with pytest.raises(SystemExit):
+        main(["search", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "file.py:fn or module.path:fn" in text and "(train, test) or (train, val, test)" in text

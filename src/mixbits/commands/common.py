@@ -10,8 +10,11 @@ from ..config import RunConfig, load_config, shipped_configs
 def add_config_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("configuration (later flags override earlier sources: defaults < --config < flags)")
     g.add_argument("--config", help="YAML config file, or the name of a shipped one (see `mixbits list configs`)")
-    g.add_argument("--model", help="registered model name (model.name)")
-    g.add_argument("--data", help="dataset name (data.name): fashion-mnist, cifar10, cifar100, imagefolder")
+    g.add_argument("--model", help="registered model name (`mixbits list models`), or a factory of your own: "
+                                   "file.py:fn or module.path:fn, torchvision:NAME, timm:NAME (model.name)")
+    g.add_argument("--data", help="dataset name: fashion-mnist, cifar10, cifar100, imagefolder, or a factory of "
+                                  "your own returning (train, test) or (train, val, test) batch iterables: "
+                                  "file.py:fn or module.path:fn (data.name)")
     g.add_argument("--data-dir", help="dataset directory (data.root)")
     g.add_argument("--epochs", type=int, help="training epochs (train.epochs)")
     g.add_argument("--lr", type=float, help="peak learning rate (train.lr)")

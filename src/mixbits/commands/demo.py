@@ -69,7 +69,7 @@ def run(args) -> int:
     rows = json.loads(finished.read_text()) if finished.is_file() else search(mixed, resume=Path(mixed.out).is_dir())
     results[f"mixed ({args.method})"] = rows[0]
     _, card, _ = load_trained(Path(mixed.out) / "finetune" / "budget0")
-    stats = profile(card.float_model(), card.input_shape)
+    stats = profile(card.float_model(), card.example_input())
     print("\n== cost of the mixed policy (first and last layer at 8 bits)")
     print(format_cost_table(cost_table(stats, card.policy), totals=cost_summary(stats, card.policy)))
     print(f"\n== at {mixed.search.budget} (test split, 10,000 images)")

@@ -4,8 +4,9 @@
 
 Writes model.onnx (QuantizeLinear/DequantizeLinear around every quantized layer, integer weights),
 model.mxb (weights bit-packed at their bit-widths; layout in docs/export.md), policy.json, and
-export_report.json: ONNX Runtime against PyTorch on the first --check-samples test images (max
-|diff|, top-1 agreement, each layer alone) and bytes on disk against the size the cost model predicts.
+export_report.json: ONNX Runtime against PyTorch on the first --check-samples test samples (max
+|diff| of every output, top-1 agreement where the output is class scores, each layer alone; --no-check
+skips it), the layers kept float, and bytes on disk against the size the cost model predicts.
 """
 
 from __future__ import annotations
@@ -18,7 +19,9 @@ from pathlib import Path
 
 from ..data import build_loaders
 from ..errors import MixbitsError, did_you_mean
+from ..layer_types import kept_float
 from ..pipeline import load_trained, resolve_checkpoint, saved_data_config
+from ..quant import quant_layers
 from ..rundir import add_force_argument, check_output_dir, make_output_dir
 from ..utils import atomic_write_text
 
@@ -32,7 +35,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                              "13 stores every code as int8)")
     p.add_argument("--format", default="onnx,packed", help="comma-separated formats: onnx, packed (default: both)")
     p.add_argument("--check-samples", type=int, default=1000,
-                   help="test images on which ONNX Runtime is compared with PyTorch (0: no check; default 1000)")
+                   help="test samples on which ONNX Runtime is compared with PyTorch (0: no check; default 1000)")
+    p.add_argument("--no-check", action="store_true", help="write the ONNX file without comparing it with PyTorch "
+                                                           "(the same as --check-samples 0)")
     p.add_argument("--data-dir", help="dataset directory, if it moved since training")
     add_force_argument(p)
 
@@ -46,10 +51,12 @@ def run(args) -> int:
         raise MixbitsError(f"{args.run} is a float run; export needs a quantized one (mixbits train --policy ...)")
     job = f"export of {resolve_checkpoint(args.run).resolve()}"  # re-exporting the same run may replace its files
     check_output_dir(args.out, job, force=args.force)
-    check = _check_batches(args, saved) if "onnx" in formats and args.check_samples else None
+    checked = "onnx" in formats and args.check_samples and not args.no_check
+    check = _check_batches(args, saved) if checked else None
     out = make_output_dir(args.out, job)
     card.policy.save(out / "policy.json")
-    report = {"run": str(args.run), "model": card.name, "policy": card.policy.describe()}
+    report = {"run": str(args.run), "model": card.name, "policy": card.policy.describe(),
+              "kept_float": kept_float(model, quant_layers(model))}
     if "onnx" in formats:
         report["onnx"] = _export_onnx(model, card, args.opset, check, out / "model.onnx")
     if "packed" in formats:
@@ -118,4 +125,6 @@ def _print_summary(out: Path, report: dict) -> None:
         print(f"  model.mxb    {packed['file_bytes'] / 1e3:9.1f} KB  weights+parameters "
               f"{packed['param_bytes'] / 1e3:.2f} KB vs predicted {predicted / 1e3:.2f} KB; the rest is metadata, "
               f"BatchNorm statistics and step sizes")
+    if report["kept_float"]:
+        print(f"  kept float (32-bit, counted in the predicted size): {', '.join(report['kept_float'])}")
     print("  policy.json, export_report.json")

@@ -51,7 +51,7 @@ def evaluate_subnets(supernet: str | os.PathLike, card: ModelCard, per_channel: 
     """
     model, space = load_supernet(supernet, card, per_channel)
     model.to(device)
-    stats = profile(card.float_model(), card.input_shape)
+    stats = profile(card.float_model(), card.example_input())
     if hasattr(train_loader, "set_epoch"):
         train_loader.set_epoch(0)  # the same batches whether the search just trained or was resumed
     bn_source = list(itertools.islice(iter(train_loader), bn_batches))  # the same batches for every policy

@@ -138,7 +138,7 @@ def _summary(model, card: ModelCard, test_loader, device) -> dict:
     metrics = evaluate(model, test_loader, device)
     out = {"test_top1": metrics["top1"], "test_loss": metrics["loss"], "model": card.name}
     if card.policy is not None:
-        stats = profile(card.float_model(), card.input_shape)
+        stats = profile(card.float_model(), card.example_input())
         out.update({"policy": card.policy.describe(), "bitops": bitops(stats, card.policy),
                     "size_bytes": size_bytes(stats, card.policy), "compression": compression(stats, card.policy)})
     return out

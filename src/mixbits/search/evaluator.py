@@ -136,8 +136,8 @@ def _evaluate_with_batch_statistics(model: nn.Module, batches: list, device: tor
             with replay(i) if replay is not None else contextlib.nullcontext():
                 logits = call_model(model, x)
             loss += float(F.cross_entropy(logits.float(), y, reduction="sum"))
-            correct += int((logits.argmax(dim=-1) == y).sum())
-            samples += y.shape[0]
+            correct += int((logits.argmax(dim=1) == y).sum())  # classes on dim 1, as cross-entropy reads them
+            samples += y.numel()  # targets: one per sample, or one per pixel of a dense output
     return {"loss": loss / samples, "top1": 100.0 * correct / samples}
 
 

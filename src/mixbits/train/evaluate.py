@@ -30,7 +30,7 @@ def evaluate(model: nn.Module, loader: Iterable, device: str | torch.device = "c
     model.eval()
     loss_sum = torch.zeros((), dtype=torch.float32, device=device)
     correct = torch.zeros((), dtype=torch.int64, device=device)
-    samples = 0
+    samples, targets = 0, 0
     try:
         with torch.inference_mode():
             for i, (x, y) in enumerate(loader):
@@ -40,14 +40,16 @@ def evaluate(model: nn.Module, loader: Iterable, device: str | torch.device = "c
                 logits = call_model(model, x)
                 # Sum on the device and read once at the end: no host sync per batch.
                 loss_sum += F.cross_entropy(logits.float(), y, reduction="sum")
-                correct += (logits.argmax(dim=-1) == y).sum()
-                samples += y.shape[0]
+                # Classes lie on dim 1 for cross-entropy whatever the rank: per-pixel (or per-token) targets of a
+                # dense output are scored per target, and (N, classes) scores per sample as before.
+                correct += (logits.argmax(dim=1) == y).sum()
+                samples, targets = samples + y.shape[0], targets + y.numel()
     finally:
         for m, flag in was_training.items():
             m.training = flag
     if samples == 0:
         raise MixbitsError("evaluation loader yielded no samples; check the validation split and max_batches")
-    return {"top1": 100.0 * correct.item() / samples, "loss": loss_sum.item() / samples, "samples": samples}
+    return {"top1": 100.0 * correct.item() / targets, "loss": loss_sum.item() / targets, "samples": samples}
 
 
 def _evaluate_loss(model: nn.Module, loader: Iterable, device: torch.device, max_batches: int | None,
