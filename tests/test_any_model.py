@@ -242,3 +242,16 @@ def test_a_space_with_nothing_to_search_is_a_clear_error_for_every_method():
     for method in ("hawq", "oneshot"):
         with pytest.raises(MixbitsError, match=r"nothing to search in Sequential.*fixed \(0, 2\).*fixed='none'"):
             mixbits.search(model, data, "bitops<=uniform:4", method=method, progress=False)
+
+
+@pytest.mark.parametrize("method", mixbits.list_methods())
+def test_every_method_searches_a_token_transformer(method):
+    from test_api import QUICK as EVERY
+
+    torch.manual_seed(0)
+    model, data = TokenTransformer(), _data("transformer")
+    result = mixbits.search(model, data, "bitops<=uniform:4", method=method, options=EVERY[method], progress=False)
+    (policy,) = result.policies
+    assert any(".self_attn.q_proj" in n for n in result.space.searchable)
+    assert bitops(profile(model, data[0][0]), policy) <= bitops(profile(model, data[0][0]),
+                                                                Policy.uniform(result.space, 4))

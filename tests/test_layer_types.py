@@ -195,3 +195,20 @@ def test_quantized_layers_are_drop_in_state_dict_compatible():
         q = quantize_model(model, SearchSpace.from_model(model, fixed="none"))
         assert set(model.state_dict()) <= set(q.state_dict()), name
         assert len(quant_layers(q)) == 1
+
+
+@pytest.mark.parametrize("runtime", ["onnxruntime", "torch"])
+def test_latency_tables_time_the_new_layer_types(runtime):
+    from mixbits.export import measure_latency_table
+
+    model, x = nn.Sequential(nn.Embedding(30, 8), Transpose(), nn.ConvTranspose1d(8, 12, 3, padding=1),
+                             nn.Flatten(), nn.Linear(12 * 10, 3)), _input((1, 10), "ids")
+    space = SearchSpace.from_model(model, w_bits=(4, 8), a_bits=(8,), example_input=x)
+    table = measure_latency_table(model, space, input_shape=x, runtime=runtime, repeats=1, warmup=0)
+    assert set(table.layers) == {"0", "2", "4"}
+    assert set(table.layers["2"]) == {"w4a8", "w8a8"} and all(v > 0 for v in table.layers["2"].values())
+
+
+class Transpose(nn.Module):
+    def forward(self, x):
+        return x.transpose(1, 2)

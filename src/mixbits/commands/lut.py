@@ -47,7 +47,7 @@ def run(args) -> int:
     check_output_file(args.out, force=args.force)  # before minutes of measuring, not after
     if args.run:
         _, card, _ = load_trained(args.run)
-        model, shape = card.float_model(), card.input_shape
+        model, shape = card.float_model(), card.example_input()
     else:
         shape = _shape(args.input_shape)
         model = create(args.model, num_classes=args.num_classes, in_chans=shape[0])

@@ -25,6 +25,7 @@ from torch import nn
 
 from ..cost import LatencyTable, profile
 from ..errors import MixbitsError, did_you_mean
+from ..layer_types import kind as layer_kind
 from ..quant import integer_range, quant_layers, space_of
 from ..quant.convert import quantized_class
 from ..quant.layers import QuantLayer
@@ -49,7 +50,7 @@ def _resolve(model, space: SearchSpace | None, input_shape) -> tuple[nn.Module, 
     from ..pipeline import ModelCard
 
     if isinstance(model, ModelCard):
-        input_shape = input_shape if input_shape is not None else model.input_shape
+        input_shape = input_shape if input_shape is not None else model.example_input()
         space = space if space is not None else model.space
         model = model.float_model()
     if space is None and quant_layers(model):
@@ -57,7 +58,10 @@ def _resolve(model, space: SearchSpace | None, input_shape) -> tuple[nn.Module, 
     if space is None:
         raise MixbitsError("no search space to measure: pass space=SearchSpace.from_model(model) or a quantized model")
     if input_shape is None:
-        raise MixbitsError("input_shape (C, H, W) is needed to give every layer its real shapes, e.g. (1, 28, 28)")
+        raise MixbitsError("input_shape (C, H, W) or an example input is needed to give every layer its real shapes, "
+                           "e.g. (1, 28, 28)")
+    if isinstance(input_shape, torch.Tensor):  # an example input: token ids keep their dtype
+        return model, space, input_shape
     return model, space, tuple(int(s) for s in input_shape)
 
 
@@ -73,9 +77,10 @@ def _synthetic_spec(name: str, module: nn.Module, w: int, a: int, signed: bool, 
 
     qmin, qmax = integer_range(w, True)
     codes = np.random.default_rng(0).integers(qmin, qmax + 1, size=tuple(module.weight.shape), dtype=np.int32)
-    bias = None if module.bias is None else module.bias.detach().float().cpu().numpy()
-    conv = isinstance(module, nn.Conv2d)
-    return LayerSpec(name, "conv" if conv else "linear", codes, np.full(1, 0.01, np.float32), np.float32(0.05),
+    bias = None if getattr(module, "bias", None) is None else module.bias.detach().float().cpu().numpy()
+    kind = layer_kind(module)
+    conv = kind in ("conv", "conv_transpose")
+    return LayerSpec(name, kind, codes, np.full(1, 0.01, np.float32), np.float32(0.05),
                      signed, w, a, bias, _conv_attrs(module) if conv else {}, in_ranks=(rank,))
 
 
@@ -83,7 +88,10 @@ def _onnx_timer(name, module, space, in_shape, opset: int, threads: int | None):
     from .qdq import choose_types, layer_model, session
 
     signed = _input_signed(module, name, space)
-    x = np.random.default_rng(1).standard_normal((1, *in_shape)).astype(np.float32)
+    if isinstance(module, nn.Embedding):  # token ids: row 0, whatever the timing
+        x = np.zeros((1, *in_shape), np.int64)
+    else:
+        x = np.random.default_rng(1).standard_normal((1, *in_shape)).astype(np.float32)
 
     def timer(w: int, a: int, repeats: int, warmup: int) -> float:
         spec = _synthetic_spec(name, module, w, a, signed, x.ndim)
@@ -94,20 +102,13 @@ def _onnx_timer(name, module, space, in_shape, opset: int, threads: int | None):
     return timer
 
 
-def _float_twin(m: nn.Module) -> nn.Module:
-    """A fresh float layer of the same shape (the given one may be quantized already)."""
-    if isinstance(m, nn.Conv2d):
-        return nn.Conv2d(m.in_channels, m.out_channels, m.kernel_size, stride=m.stride, padding=m.padding,
-                         dilation=m.dilation, groups=m.groups, bias=m.bias is not None, padding_mode=m.padding_mode)
-    return nn.Linear(m.in_features, m.out_features, bias=m.bias is not None)
-
-
 def _torch_timer(name, module, space, in_shape):
-    x = torch.randn(1, *in_shape)
+    x = torch.zeros(1, *in_shape, dtype=torch.long) if isinstance(module, nn.Embedding) else torch.randn(1, *in_shape)
+    # A quantized layer is its float type too: from_float reads only the float layer's arguments and weights.
+    cls = type(module) if isinstance(module, QuantLayer) else quantized_class(module)
 
     def timer(w: int, a: int, repeats: int, warmup: int) -> float:
-        twin = _float_twin(module)
-        layer = quantized_class(twin).from_float(twin, [w], [a]).eval()
+        layer = cls.from_float(module, [w], [a]).eval()  # shares the weights, which inference never changes
         with torch.inference_mode():
             return _median_ms(lambda: layer(x), repeats, max(warmup, 1))  # the first call initialises the steps
 
@@ -146,7 +147,7 @@ def measure_latency_table(model, space: SearchSpace | None = None, input_shape=N
     layers = {}
     for name in space.layers:
         if name not in stats.layers or not stats.layers[name].in_shape:
-            raise MixbitsError(f"layer {name!r} of the space is not a Conv2d/Linear the forward pass reaches"
+            raise MixbitsError(f"layer {name!r} of the space is not a quantizable layer the forward pass reaches"
                                f"{did_you_mean(name, stats.layers)}")
         if progress:
             progress(name)

@@ -41,6 +41,11 @@ def _float_kwargs(conv: nn.modules.conv._ConvNd) -> dict:
 class _QConvNd(QuantLayer):
     """What the quantized N-d convolutions share; ``_product(x, w)`` is the float layer's own convolution."""
 
+    def __init__(self, *args, w_bits: Sequence[int] = (8,), a_bits: Sequence[int] = (8,), per_channel: bool = False,
+                 **kwargs):
+        super().__init__(*args, **kwargs)  # the float layer's (QuantLayer defines none)
+        self._setup(w_bits, a_bits, per_channel)
+
     def _setup(self, w_bits, a_bits, per_channel: bool) -> None:
         _attach(self, w_bits, a_bits, per_channel, channel_dim=0)
 
@@ -72,25 +77,12 @@ class _QConvNd(QuantLayer):
         return f"{super().extra_repr()}, {self.quant_repr()}"
 
 
-def _init(self, base, args, kwargs, w_bits, a_bits, per_channel) -> None:
-    base.__init__(self, *args, **kwargs)
-    self._setup(w_bits, a_bits, per_channel)
-
-
 class QConv1d(_QConvNd, nn.Conv1d):
     """``nn.Conv1d`` with LSQ weight and input quantizers."""
-
-    def __init__(self, *args, w_bits: Sequence[int] = (8,), a_bits: Sequence[int] = (8,), per_channel: bool = False,
-                 **kwargs):
-        _init(self, nn.Conv1d, args, kwargs, w_bits, a_bits, per_channel)
 
 
 class QConv3d(_QConvNd, nn.Conv3d):
     """``nn.Conv3d`` with LSQ weight and input quantizers."""
-
-    def __init__(self, *args, w_bits: Sequence[int] = (8,), a_bits: Sequence[int] = (8,), per_channel: bool = False,
-                 **kwargs):
-        _init(self, nn.Conv3d, args, kwargs, w_bits, a_bits, per_channel)
 
 
 class _QConvTransposeNd(_QConvNd):
@@ -118,14 +110,6 @@ class _QConvTransposeNd(_QConvNd):
 class QConvTranspose1d(_QConvTransposeNd, nn.ConvTranspose1d):
     """``nn.ConvTranspose1d`` with LSQ weight and input quantizers."""
 
-    def __init__(self, *args, w_bits: Sequence[int] = (8,), a_bits: Sequence[int] = (8,), per_channel: bool = False,
-                 **kwargs):
-        _init(self, nn.ConvTranspose1d, args, kwargs, w_bits, a_bits, per_channel)
-
 
 class QConvTranspose2d(_QConvTransposeNd, nn.ConvTranspose2d):
     """``nn.ConvTranspose2d`` with LSQ weight and input quantizers."""
-
-    def __init__(self, *args, w_bits: Sequence[int] = (8,), a_bits: Sequence[int] = (8,), per_channel: bool = False,
-                 **kwargs):
-        _init(self, nn.ConvTranspose2d, args, kwargs, w_bits, a_bits, per_channel)
