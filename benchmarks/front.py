@@ -78,8 +78,10 @@ PRESETS = {
     "full": {"width": {"resnet20": 1.0, "mobilenetv2": 1.0}, "train_samples": None, "test_samples": None,
              "fp_epochs": 30, "finetune_epochs": 15, "search_epochs": 5, "seeds": (0, 1, 2), "budgets": BUDGETS},
 }
-# The recipe of every fine-tune, references included: SGD at mixbits.FINETUNE_LR, cosine, no distillation.
-RECIPE = {"weight_decay": 1e-4}
+# The recipe of every fine-tune, references included: SGD at mixbits.FINETUNE_LR, cosine, from fitted steps
+# (mixbits.finetune's default init, where every search starts too), distilled from the float model (kd_alpha 0.5,
+# the float model as teacher), for the preset's finetune_epochs (sized in benchmarks/experiments/recipe.py).
+RECIPE = {"weight_decay": 1e-4, "kd_alpha": 0.5}
 # Per model, the same for every method. MobileNetV2 with 2-bit activations starts its fine-tune with a gradient
 # norm of about 5e3 (37 at W3A3) and uniform W2A2 reached a NaN loss at step 6; clipping the gradient norm at
 # 1.0 keeps it finite (and gave W3A3 after one epoch 71.7 % against 68.3 % unclipped).
@@ -190,7 +192,9 @@ class Bench:
     def loaders(self, seed: int):
         """(train, val, test) of a seed, built once: every method at that seed reads the same ones."""
         if seed not in self._loaders:
-            data = DataConfig(root=self.args.data_dir, max_train_samples=self.preset["train_samples"])
+            # One validation split for every seed: the float model's (seed 0), so no scored image was in its
+            # training data; each seed draws its own training subset from the rest and its own batch order.
+            data = DataConfig(root=self.args.data_dir, max_train_samples=self.preset["train_samples"], split_seed=0)
             self._loaders[seed] = build_loaders(data, seed)[:3]
         return self._loaders[seed]
 
