@@ -1,27 +1,28 @@
 """How many scored images the one-shot walk needs: do two scorings of the same moves rank them the same?
 
-    python benchmarks/score_stability.py [--model resnet20] [--width 0.5] [--sizes 64,128,256,512,1024] [--repeats 5]
+    python benchmarks/experiments/score_stability.py [--model resnet20] [--width 0.5] \
+        [--sizes 64,128,256,512,1024] [--repeats 5]
 
 Trains a float model and a one-shot supernet briefly on Fashion-MNIST, then scores the moves of one walk step
 (every searchable layer's w or a one candidate up or down from W4A4: 4L neighbours) the way the walk does
 (``PolicyEvaluator``, each scored batch normalised by its own statistics) on two disjoint sets of N
 validation images, and compares the two rankings: Spearman's ρ over all moves and whether both pick the same
 best move. Repeated on up to ``--repeats`` disjoint pairs of sets per N (as many as the held-out split
-holds). Writes benchmarks/results/score_stability.json.
+holds). Writes benchmarks/experiments/results/score_stability.json.
 
 With ``--screen``, what the walk's screened step keeps instead (``screen_samples``, ``screen_keep``): on each of
 ``--repeats`` disjoint sets of 1024 images, the step's paired moves from W6A6 and from W4A4 are ranked by J (as
 the walk does, BitOPs as the cost) on all 1024, and by the screened step (all moves on the first N, the best
 ``--keep`` share re-scored on all 1024). Reports how often both pick the same move, the full ranking's place of
 the screened pick, and its J above the best; and the same for the pick of another 1024 images scoring every move
-(the noise of the unscreened walk itself). Writes benchmarks/results/score_screening.json.
+(the noise of the unscreened walk itself). Writes benchmarks/experiments/results/score_screening.json.
 
 With ``--truth``, which score ranks a step's moves closer to their ranking by cross-entropy on every held-out
 image (chunks of 1024, as the walk scores): cross-entropy to the labels, or the KL divergence to the largest
 policy's output on the same images (which leaves out how hard each image is, the same for every move), each on
 ``--repeats`` sets of N images, by Spearman's ρ to that ranking. The sets are drawn from the same held-out
 images, so at large N cross-entropy shares data with the ranking it is measured against (KL is helped by
-none). Writes benchmarks/results/score_truth.json.
+none). Writes benchmarks/experiments/results/score_truth.json.
 """
 
 from __future__ import annotations
@@ -34,8 +35,8 @@ from pathlib import Path
 import torch
 from scipy.stats import spearmanr
 
-sys.path.insert(0, str(Path(__file__).parent))
-from common import markdown_table, write_result  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/
+from common import EXPERIMENT_RESULTS, markdown_table, write_result  # noqa: E402
 
 from mixbits import Policy, SearchSpace  # noqa: E402
 from mixbits.budget import parse_budgets  # noqa: E402
@@ -178,7 +179,7 @@ def main(argv=None) -> None:
         table = markdown_table(rows, ["images", "score", "sets", "spearman to all (mean)", "spearman to all (min)"])
         print(f"\n{args.model} (width {args.width or 1}), {args.train_samples} training images, "
               f"{args.supernet_epochs} supernet epoch(s), {len(labels)} held-out images\n\n{table}")
-        write_result("score_truth", {"args": vars(args), "rows": rows, "table": table})
+        write_result("score_truth", {"args": vars(args), "rows": rows, "table": table}, directory=EXPERIMENT_RESULTS)
         return
     if args.screen:
         repeats = min(args.repeats, len(labels) // 1024)
@@ -189,14 +190,15 @@ def main(argv=None) -> None:
         table = markdown_table(rows, columns)
         print(f"\n{args.model} (width {args.width or 1}), {args.train_samples} training images, "
               f"{args.supernet_epochs} supernet epoch(s)\n\n{table}")
-        write_result("score_screening", {"args": vars(args), "rows": rows, "table": table})
+        write_result("score_screening", {"args": vars(args), "rows": rows, "table": table},
+                     directory=EXPERIMENT_RESULTS)
         return
     # as many disjoint pairs of sets as the held-out images allow, at most --repeats
     rows = [agreement(model, space, images, labels, n, min(args.repeats, len(labels) // (2 * n))) for n in sizes]
     table = markdown_table(rows, ["images", "moves", "spearman (mean)", "spearman (min)", "same best move"])
     print(f"\n{args.model} (width {args.width or 1}), {args.train_samples} training images, "
           f"{args.supernet_epochs} supernet epoch(s)\n\n{table}")
-    write_result("score_stability", {"args": vars(args), "rows": rows, "table": table})
+    write_result("score_stability", {"args": vars(args), "rows": rows, "table": table}, directory=EXPERIMENT_RESULTS)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
 """Ablations on the front benchmark's setting: switch one feature of a method off, compare at every budget.
 
-    python benchmarks/ablation.py --method oneshot --preset quick   # scheduler off / IDM off / both on
-    python benchmarks/ablation.py --method sdq --preset quick       # stage 2 with/without EBR and distillation
-    python benchmarks/ablation.py --method dnas --preset quick      # shared / separate weights per bit-width
+    python benchmarks/experiments/ablation.py --method oneshot --preset quick  # scheduler off / IDM off / both on
+    python benchmarks/experiments/ablation.py --method sdq --preset quick    # stage 2 with/without EBR, distillation
+    python benchmarks/experiments/ablation.py --method dnas --preset quick   # shared / separate weights per bit-width
 
 The float model, data, budgets and fine-tune recipe are those of ``benchmarks/front.py`` at the same
 model and preset (the float weights are shared with it). oneshot: each variant runs its own search and
@@ -20,8 +20,8 @@ import copy
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
-from common import markdown_table, write_report  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/
+from common import EXPERIMENT_RESULTS, markdown_table, write_report  # noqa: E402
 from front import MODELS, PRESETS, STATE, Bench, RowCache  # noqa: E402
 
 import mixbits  # noqa: E402
@@ -104,7 +104,8 @@ def main(argv=None) -> None:
     name = f"ablation-{args.method}-{args.model}-{args.preset}"
     header = (f"{args.method} ablation, {args.model} preset {args.preset} ({bench.preset}); float "
               f"{bench.float_top1:.2f} %; seed {args.seed}; code {bench.cache.version}")
-    write_report(name, header, table, {"args": vars(args), "preset": bench.preset, "rows": rows, "table": table})
+    write_report(name, header, table, {"args": vars(args), "preset": bench.preset, "rows": rows, "table": table},
+                 directory=EXPERIMENT_RESULTS)
 
 
 if __name__ == "__main__":

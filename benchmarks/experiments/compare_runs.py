@@ -1,6 +1,6 @@
 """Two runs of the front benchmark side by side: the same methods, budgets and seeds, two versions of the code.
 
-    python benchmarks/compare_runs.py A/rows.jsonl B/rows.jsonl --methods oneshot oneshot-free --name stride
+    python benchmarks/experiments/compare_runs.py A/rows.jsonl B/rows.jsonl --methods oneshot oneshot-free --name stride
 
 For a change to one method (e.g. the one-shot walk's ``stride``), run ``front.py --methods <method>`` at the
 new commit into another ``--state-dir`` and compare its rows with the committed ones: per method and budget,
@@ -11,7 +11,7 @@ preset's fine-tune epochs to its search epochs; a QAT sample is a forward and a 
 forward only, so the seconds are the fairer ratio). A second table pools each method's budgets: per seed
 the mean difference over the budgets both runs finished for every compared seed, then the interval over
 seeds; the budgets of one seed share a search, so this is the fairer test of a change that acts on all of
-them. Writes benchmarks/results/compare-<name>.json and .md.
+them. Writes benchmarks/experiments/results/compare-<name>.json and .md.
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ import statistics
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
-from common import markdown_table, write_report  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/
+from common import EXPERIMENT_RESULTS, markdown_table, write_report  # noqa: E402
 from front_stats import add_gains, ci95  # noqa: E402
 
 
@@ -130,7 +130,7 @@ def main(argv=None) -> None:
               "run of the search's epochs (the run's own references, fine-tune epochs scaled to search epochs).")
     write_report(f"compare-{args.name}", header, table,
                  {"args": {k: str(v) for k, v in vars(args).items()}, "codes": codes, "rows": lines,
-                  "pooled": pooled_lines})
+                  "pooled": pooled_lines}, directory=EXPERIMENT_RESULTS)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """What a one-shot front costs against one uniform QAT run of the same epochs, as the training set grows.
 
-    python benchmarks/oneshot_cost.py [--model resnet20] [--train-samples 8000 60000] [--epochs 1]
+    python benchmarks/experiments/oneshot_cost.py [--model resnet20] [--train-samples 8000 60000] [--epochs 1]
                                       [--starts highest auto] [--options '{"largest": "train"}']
 
 The front benchmark's float model (benchmarks/front-state/<model>-medium/float.pt) is searched by one-shot at
@@ -12,7 +12,7 @@ the ratio is measured at several sizes and epochs rather than inferred. It times
 machine. Finished rows are kept in benchmarks/cache/oneshot-cost/ per code version (an interrupted run resumes
 after them), and the report lists every row of the current code, so calls with other --epochs or --options add
 to it (``--options``: one-shot options other than the defaults, e.g. to time a change beside them).
-Writes benchmarks/results/oneshot-cost-<model>.json and .md.
+Writes benchmarks/experiments/results/oneshot-cost-<model>.json and .md.
 """
 
 from __future__ import annotations
@@ -25,8 +25,9 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from common import RESULTS, front_float_model, markdown_table, metadata, write_result  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/
+from common import EXPERIMENT_RESULTS as RESULTS  # noqa: E402
+from common import front_float_model, markdown_table, metadata, write_result
 from front import BUDGETS, MODEL_RECIPE, MODELS, RECIPE, code_version, forward_counter  # noqa: E402
 
 import mixbits  # noqa: E402
@@ -105,7 +106,8 @@ def main() -> None:
     rows = sorted(done, key=lambda r: (r["train_samples"], r["epochs"], r["start"], _label_of(r)))
     meta = metadata()
     text = "\n".join([f"# One-shot front against one uniform QAT run, {args.model}", "",
-                      f"`python benchmarks/oneshot_cost.py --model {args.model}` (`--epochs E --train-samples N "
+                      f"`python benchmarks/experiments/oneshot_cost.py --model {args.model}` "
+                      f"(`--epochs E --train-samples N "
                       f"--starts S [--options O]` for each row) at {meta['commit']} ({meta['date']}, code "
                       f"{code_version()}), {torch.get_num_threads()} threads. search: one-shot at the medium budgets "
                       f"({', '.join(BUDGETS)}), supernet then walk and fills; qat: uniform W4A4 fine-tuned for the "
@@ -117,7 +119,7 @@ def main() -> None:
                       markdown_table(rows, COLUMNS), ""])
     print(text)
     (RESULTS / f"oneshot-cost-{args.model}.md").write_text(text)
-    print(f"wrote {write_result(f'oneshot-cost-{args.model}', {'model': args.model, 'rows': rows})}")
+    print(f"wrote {write_result(f'oneshot-cost-{args.model}', {'model': args.model, 'rows': rows}, directory=RESULTS)}")
 
 
 if __name__ == "__main__":

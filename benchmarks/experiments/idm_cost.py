@@ -1,13 +1,13 @@
 """Cost of one-shot's information distortion mitigation (IDM, Eq. 8) in one sandwich step, forward and backward.
 
-    python benchmarks/idm_cost.py [--pairs 15] [--batch 128]
+    python benchmarks/experiments/idm_cost.py [--pairs 15] [--batch 128]
 
 On ResNet-20's 18 searchable conv outputs at 28 px (batch 128): the smallest policy's pass aligns all 18
 layers and the sampled pass, on average, a fifth of them (those drawn at their smallest weight bits). Timed
 three ways, interleaved in one process: Eq. 8 written out step by step (``alignment_loss_reference``, each
 pass normalising the targets again) against the library's form (targets made once per step, a hand-written
 backward), run as eager ops and as the compiled kernels the quantizers also use (``set_fused``, the default
-where a C compiler is found). Writes benchmarks/results/idm-cost.json and .md.
+where a C compiler is found). Writes benchmarks/experiments/results/idm-cost.json and .md.
 """
 
 from __future__ import annotations
@@ -20,8 +20,9 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from common import RESULTS, markdown_table, metadata, write_result  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/
+from common import EXPERIMENT_RESULTS as RESULTS  # noqa: E402
+from common import markdown_table, metadata, write_result
 
 from mixbits.quant import set_fused  # noqa: E402
 from mixbits.search.oneshot.idm import alignment_loss_reference, alignment_target, target_distance  # noqa: E402
@@ -85,13 +86,14 @@ def main() -> None:
             for name, s in seconds.items()]
     meta = metadata()
     text = "\n".join(["# IDM cost in one sandwich step", "",
-                      f"`python benchmarks/idm_cost.py` at {meta['commit']} ({meta['date']}), "
+                      f"`python benchmarks/experiments/idm_cost.py` at {meta['commit']} ({meta['date']}), "
                       f"{torch.get_num_threads()} threads, batch {args.batch}, median of {args.pairs} interleaved "
                       "steps; forward and backward of the alignment terms only.", "",
                       markdown_table(rows, ["form", "ms", "ratio"]), ""])
     print(text)
     (RESULTS / "idm-cost.md").write_text(text)
-    print(f"wrote {write_result('idm-cost', {'batch': args.batch, 'pairs': args.pairs, 'rows': rows})}")
+    path = write_result('idm-cost', {'batch': args.batch, 'pairs': args.pairs, 'rows': rows}, directory=RESULTS)
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

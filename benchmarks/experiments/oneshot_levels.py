@@ -1,6 +1,6 @@
 """The one-shot claim at the uniform levels: is a subnet, retraining-free, as good as fine-tuned uniform QAT?
 
-    python benchmarks/oneshot_levels.py --model resnet20 --preset medium
+    python benchmarks/experiments/oneshot_levels.py --model resnet20 --preset medium
 
 Seed 002 says the subnets of its trained supernet need no retraining. This runs the one-shot search at
 ``bitops<=uniform:3`` and ``bitops<=uniform:4`` with the front benchmark's setting (benchmarks/front.py: its
@@ -9,7 +9,7 @@ BatchNorm recalibrated ("oneshot-free"), and the same policy after the front's o
 with the uniform W3A3 and W4A4 references fine-tuned by that recipe. Rows are cached like the front's, in
 their own file (front-state/<model>-<preset>/oneshot-levels/); the front's finished uniform references of the
 same code are taken from its rows rather than run again. Writes
-benchmarks/results/oneshot-levels-<model>-<preset>.json and .md.
+benchmarks/experiments/results/oneshot-levels-<model>-<preset>.json and .md.
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ import statistics
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
-from common import markdown_table, write_report  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/
+from common import EXPERIMENT_RESULTS, markdown_table, write_report  # noqa: E402
 from front import MODELS, PRESETS, REFERENCE, STATE, Bench, RowCache  # noqa: E402
 from front_stats import ci95  # noqa: E402
 
@@ -81,7 +81,7 @@ def main(argv=None) -> None:
     write_report(name, header, table, {
         "args": vars(args), "preset": bench.preset, "code": bench.cache.version,
         "rows": sorted(bench.cache.rows.values(), key=lambda r: (r["method"], r["budget"], r["seed"])),
-        "summary": summary})
+        "summary": summary}, directory=EXPERIMENT_RESULTS)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Would a compiled supernet pay? One training step with a new policy each step, eager against compiled.
 
-    python benchmarks/supernet_compile.py [--model resnet20] [--rounds 6] [--steps 10]
+    python benchmarks/experiments/supernet_compile.py [--model resnet20] [--rounds 6] [--steps 10]
 
 A uniform QAT run of 1,000 steps or more is torch.compiled (``train.compile: auto``), while the one-shot supernet
 runs eager: its policy changes every step, and a compiled graph specialises on each layer's bits (a Python int),
@@ -18,8 +18,8 @@ batch), in four forms, interleaved in rounds in one process:
 Before timing it checks that the probe computes the library's step: on one policy, the loss and every gradient
 of the probe against the library's layers compiled for that policy (as ``train.compile`` does; inductor rounds
 x / step as its own reciprocal product, so some codes, and the step gradients, differ from the eager layers').
-Writes benchmarks/results/supernet-compile-<model>.json and .md (median milliseconds a step, the first step's seconds
-with the compile, the ratios).
+Writes benchmarks/experiments/results/supernet-compile-<model>.json and .md (median milliseconds a step, the first
+step's seconds with the compile, the ratios).
 """
 
 from __future__ import annotations
@@ -36,8 +36,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-sys.path.insert(0, str(Path(__file__).parent))
-from common import RESULTS, front_float_model, markdown_table, metadata, write_report  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/
+from common import EXPERIMENT_RESULTS as RESULTS  # noqa: E402
+from common import front_float_model, markdown_table, metadata, write_report
 
 from mixbits.compiler import compile_model  # noqa: E402
 from mixbits.data import DataConfig, build_loaders  # noqa: E402
@@ -252,7 +253,8 @@ def main() -> None:
     meta = metadata()
     header = "\n".join([
         "# A compiled supernet: one training step, eager against compiled", "",
-        f"`python benchmarks/supernet_compile.py --model {args.model} --rounds {args.rounds} --steps {args.steps}` at "
+        f"`python benchmarks/experiments/supernet_compile.py --model {args.model} --rounds {args.rounds} "
+        f"--steps {args.steps}` at "
         f"{meta['commit']} ({meta['date']}), {torch.get_num_threads()} threads, batch {args.batch}, median of "
         f"{args.rounds * args.steps} steps a form, interleaved in rounds. The probe's step matches the library's "
         f"(loss {check['loss_probe']:.5f} against {check['loss_library']:.5f}, largest relative gradient "
@@ -266,7 +268,7 @@ def main() -> None:
     table += ("\n\nEvery run so far (this machine's speed varies between runs; the ratios are within a run):\n\n"
               + markdown_table(history, list(history[-1])))
     payload = {"args": vars(args), "check": check, "gain": gain, "rows": rows, "history": history}
-    write_report(name, header, table, payload)
+    write_report(name, header, table, payload, directory=RESULTS)
 
 
 def earlier_runs(name: str) -> list[dict]:
