@@ -98,8 +98,8 @@ def run(args) -> int:
                           key=lambda item: item[1]["test_top1"])
     gain = results[f"mixed ({args.method})"]["test_top1"] - best["test_top1"]
     verdict = "beats" if gain > 0 else "does not beat"
-    print(f"\n  the mixed policy {verdict} the best uniform-like policy that fits ({best_name[13:]}) by {gain:+.2f} pt, "
-          f"within the same budget")
+    print(f"\n  the mixed policy {verdict} the best uniform-like policy that fits ({best_name[13:]}) by "
+          f"{gain:+.2f} pt, within the same budget")
     summary = {"seed": args.seed, "budget": mixed.search.budget, "method": args.method, "gain": gain,
                "best_uniform_like": best_name[13:], "top1": {n: r["test_top1"] for n, r in results.items()}}
     (Path(args.out) / "demo.json").write_text(json.dumps(summary, indent=2) + "\n")
