@@ -19,7 +19,9 @@ from pathlib import Path
 
 import torch
 
-RESULTS = Path(__file__).parent / "results"
+RESULTS = Path(__file__).parent / "results"  # the benchmarks of record
+# The comparisons that chose a default (benchmarks/experiments/): kept apart from the results of record.
+EXPERIMENT_RESULTS = Path(__file__).parent / "experiments" / "results"
 
 
 def metadata() -> dict:
@@ -34,19 +36,19 @@ def metadata() -> dict:
             "device": device, "cpu_count": os.cpu_count(), "threads": torch.get_num_threads()}
 
 
-def write_result(name: str, payload: dict) -> Path:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"{name}.json"
+def write_result(name: str, payload: dict, directory: Path = RESULTS) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"{name}.json"
     path.write_text(json.dumps({"meta": metadata(), **payload}, indent=2) + "\n")
     return path
 
 
-def write_report(name: str, header: str, table: str, payload: dict) -> Path:
-    """Print a result's header and Markdown table, and write them as results/<name>.md beside <name>.json."""
+def write_report(name: str, header: str, table: str, payload: dict, directory: Path = RESULTS) -> Path:
+    """Print a result's header and Markdown table, and write them as <directory>/<name>.md beside <name>.json."""
     print(f"\n{header}\n\n{table}")
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{name}.md").write_text(f"{header}\n\n{table}\n")
-    return write_result(name, payload)
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / f"{name}.md").write_text(f"{header}\n\n{table}\n")
+    return write_result(name, payload, directory)
 
 
 def _sync() -> None:

@@ -43,7 +43,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from common import RESULTS, markdown_table, metadata  # noqa: E402
 from front_plot import plot_front  # noqa: E402
-from front_stats import add_gains, summarise  # noqa: E402
+from front_references import MIX_REFERENCES, UNIFORM_REFERENCES, is_depthwise, rule_policy  # noqa: E402
+from front_stats import GAINS, add_gains, add_paired_gains, add_reference_gains, pooled, summarise  # noqa: E402
 
 import mixbits  # noqa: E402
 from mixbits.cost import bitops, profile, size_bytes  # noqa: E402
@@ -57,8 +58,9 @@ ROOT = Path(__file__).resolve().parents[1]
 STATE = Path(__file__).parent / "front-state"  # committed: finished rows and the float weights
 CACHE = Path(__file__).parent / "cache" / "front"  # not committed: checkpoints of unfinished fine-tunes
 REFERENCE = "uniform-ref"
-REFERENCE_BITS = (2, 3, 4)
-BUDGETS = ("uniform:2.25", "uniform:2.5", "uniform:2.75", "uniform:w3a2", "uniform:3.5")
+BETWEEN = ("uniform:2.25", "uniform:2.5", "uniform:2.75", "uniform:w3a2", "uniform:3.5")  # between the uniform levels
+LEVELS = ("uniform:3", "uniform:4")  # at them: where a search must at least match the uniform policy
+BUDGETS = BETWEEN + LEVELS
 # MobileNetV2 at its standard strides: at 28 px the small-input variant's full-resolution stages make a
 # quantized step cost 4x ResNet-20's on CPU; at standard strides width 1.0 costs about 1.2x.
 MODELS = {"resnet20": {}, "mobilenetv2": {}}
@@ -71,15 +73,17 @@ FLOAT_LR = {"resnet20": 0.1, "mobilenetv2": 0.05}
 PRESETS = {
     "quick": {"width": {"resnet20": 0.25, "mobilenetv2": 0.25}, "train_samples": 2000, "test_samples": 2000,
               "fp_epochs": 3, "finetune_epochs": 1, "search_epochs": 1, "seeds": (0, 1),
-              "budgets": ("uniform:2.5", "uniform:w3a2", "uniform:3.5")},
+              "budgets": ("uniform:2.5", "uniform:w3a2", "uniform:3.5", "uniform:3")},
     "medium": {"width": {"resnet20": 1.0, "mobilenetv2": 1.0}, "train_samples": 8000, "test_samples": None,
                "fp_epochs": {"resnet20": 8, "mobilenetv2": 20}, "finetune_epochs": 2, "search_epochs": 1,
                "seeds": (0, 1, 2), "budgets": BUDGETS},
     "full": {"width": {"resnet20": 1.0, "mobilenetv2": 1.0}, "train_samples": None, "test_samples": None,
              "fp_epochs": 30, "finetune_epochs": 15, "search_epochs": 5, "seeds": (0, 1, 2), "budgets": BUDGETS},
 }
-# The recipe of every fine-tune, references included: SGD at mixbits.FINETUNE_LR, cosine, no distillation.
-RECIPE = {"weight_decay": 1e-4}
+# The recipe of every fine-tune, references included: SGD at mixbits.FINETUNE_LR, cosine, from fitted steps
+# (mixbits.finetune's default init, where every search starts too), distilled from the float model (kd_alpha 0.5,
+# the float model as teacher), for the preset's finetune_epochs (sized in benchmarks/experiments/recipe.py).
+RECIPE = {"weight_decay": 1e-4, "kd_alpha": 0.5}
 # Per model, the same for every method. MobileNetV2 with 2-bit activations starts its fine-tune with a gradient
 # norm of about 5e3 (37 at W3A3) and uniform W2A2 reached a NaN loss at step 6; clipping the gradient norm at
 # 1.0 keeps it finite (and gave W3A3 after one epoch 71.7 % against 68.3 % unclipped).
@@ -177,20 +181,23 @@ class Bench:
         set_fused(args.device == "cpu")
         self.float_model = self._float_model()
         self.stats = profile(self.float_model, (1, 28, 28))
-        self._warm_up()
+        if not getattr(args, "report_only", False):
+            self._warm_up()
 
     def _warm_up(self) -> None:
         """Compile the quantizer kernels once before anything is timed, so the first rows do not carry it."""
         x, y = next(iter(self.loaders(0)[0]))
-        for bits in REFERENCE_BITS:
-            model = mixbits.quantize(self.float_model, f"uniform:{bits}", x).train().to(self.device)
+        for spec in UNIFORM_REFERENCES:
+            model = mixbits.quantize(self.float_model, spec, x).train().to(self.device)
             torch.nn.functional.cross_entropy(model(x.to(self.device)), y.to(self.device)).backward()
 
     # data and the float model -------------------------------------------------------------------------------
     def loaders(self, seed: int):
         """(train, val, test) of a seed, built once: every method at that seed reads the same ones."""
         if seed not in self._loaders:
-            data = DataConfig(root=self.args.data_dir, max_train_samples=self.preset["train_samples"])
+            # One validation split for every seed: the float model's (seed 0), so no scored image was in its
+            # training data; each seed draws its own training subset from the rest and its own batch order.
+            data = DataConfig(root=self.args.data_dir, max_train_samples=self.preset["train_samples"], split_seed=0)
             self._loaders[seed] = build_loaders(data, seed)[:3]
         return self._loaders[seed]
 
@@ -252,14 +259,25 @@ class Bench:
                        **diverged}
 
     def references(self, seed: int) -> None:
-        for bits in REFERENCE_BITS:
-            budget = f"uniform:{bits}"
-            if self.cache.get(REFERENCE, budget, seed):
-                continue
-            model, seconds = self.finetuned(budget, None, seed, f"ref-w{bits}-s{seed}")
-            policy = mixbits.Policy({n: layer.bits for n, layer in quant_layers(model).items()})
-            self.record(self.row(REFERENCE, budget, seed, model, policy,
-                                 {"search_seconds": 0.0, "search_passes": 0, **seconds}))
+        """The cheap policies a user would try first (front_references.py), fine-tuned with the one recipe."""
+        for spec in (*UNIFORM_REFERENCES, *MIX_REFERENCES):
+            label = REFERENCE if spec in UNIFORM_REFERENCES else "mix-ref"
+            if not self.cache.get(label, spec, seed):
+                self.reference(label, spec, spec, seed)
+        space = mixbits.SearchSpace.from_model(self.float_model)
+        if not any(is_depthwise(self.stats, name) for name in space.searchable):
+            return  # the rule is then a uniform policy, already a reference
+        for budget in self.budgets():
+            policy = rule_policy(self.stats, space, budget)
+            if policy is not None and not self.cache.get("rule-ref", budget, seed):  # None: over the budget
+                self.reference("rule-ref", budget, policy, seed)
+
+    def reference(self, label: str, budget: str, policy, seed: int) -> None:
+        name = f"{label}-{budget.split(':')[-1]}-s{seed}"
+        model, seconds = self.finetuned(policy, None, seed, name)
+        policy = mixbits.Policy({n: layer.bits for n, layer in quant_layers(model).items()}) if model else None
+        self.record(self.row(label, budget, seed, model, policy, {"search_seconds": 0.0, "search_passes": 0,
+                                                                 **seconds}))
 
     def budgets(self) -> list[str]:
         return [f"bitops<={b}" for b in self.preset["budgets"]]
@@ -329,29 +347,50 @@ class Bench:
               f"{row['search_seconds'] or 0:.0f} s, fine-tune {row['finetune_seconds']:.0f} s)", flush=True)
 
 
+REFERENCE_LABELS = (REFERENCE, "mix-ref", "rule-ref")
+
+
 def write_results(bench: Bench, methods: list[str]) -> Path:
-    wanted = {REFERENCE, *(label for method in methods for label in labels_of(method))}
+    wanted = {*REFERENCE_LABELS, *(label for method in methods for label in labels_of(method))}
     rows = [r for r in bench.cache.rows.values() if r["method"] in wanted]
-    rows = add_gains(sorted(rows, key=lambda r: (r["method"], r["budget"], r["seed"])), REFERENCE)
+    rows = sorted(rows, key=lambda r: (r["method"], r["budget"], r["seed"]))
+    add_paired_gains(add_reference_gains(add_gains(rows, REFERENCE)))
     summary = summarise(rows)
+    qat = [r["finetune_seconds"] for r in rows if r["method"] == REFERENCE and r.get("finetune_seconds")]
+    qat_seconds = sum(qat) / len(qat) if qat else None  # one uniform fine-tune: the unit of compute
+    for line in summary:
+        line["search_x_qat"] = line["search_seconds"] / qat_seconds if qat_seconds else None
+    between = [f"bitops<={b}" for b in BETWEEN]
+    pooled_lines = [line for line in pooled(rows, between) if line["method"] not in REFERENCE_LABELS]
     name = f"front-{bench.args.model}-{bench.args.preset}"
     meta = {**metadata(), "preset": bench.args.preset, "preset_settings": bench.preset, "code": bench.cache.version,
-            "stale_rows": sum(1 for r in rows if r.get("stale")),
-            "float_top1": bench.float_top1, "recipe": {**bench.recipe, "lr": mixbits.FINETUNE_LR["sgd"],
-                                                       "epochs": bench.preset["finetune_epochs"]}}
+            "stale_rows": sum(1 for r in rows if r.get("stale")), "float_top1": bench.float_top1,
+            "validation_split": "seed 0's (the float model's), for every seed",
+            "recipe": {**bench.recipe, "init": "fitted", "lr": mixbits.FINETUNE_LR["sgd"],
+                       "epochs": bench.preset["finetune_epochs"]}}
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{name}.json").write_text(json.dumps({"meta": meta, "rows": rows, "summary": summary}, indent=1) + "\n")
+    (RESULTS / f"{name}.json").write_text(json.dumps({"meta": meta, "rows": rows, "summary": summary,
+                                                      "pooled": pooled_lines}, indent=1) + "\n")
     columns = ["method", "budget", "n", "diverged", "bitops", "test_top1", "top1_ci95", "mean_gain", "ci95",
-               "search_seconds", "finetune_seconds"]
+               "gain_vs_best_reference", "gain_vs_best_reference_ci95", "gain_vs_random", "gain_vs_random_ci95",
+               "gain_vs_hawq", "gain_vs_hawq_ci95", "search_seconds", "search_x_qat", "finetune_seconds"]
     table = markdown_table(summary, columns)
-    stale = sum(1 for r in rows if r.get("stale"))
+    pooled_columns = ["method"] + [c for g in GAINS for c in (g, f"{g}_ci95")] + ["gain_vs_uniform_front_n"]
+    pooled_table = markdown_table(pooled_lines, pooled_columns)
+    stale = meta["stale_rows"]
     header = (f"{bench.args.model}, preset {bench.args.preset} ({bench.preset}); float {bench.float_top1:.2f} %; "
-              f"code {bench.cache.version}, commit {meta['commit']}"
-              + (f"; {stale} rows from earlier code (stale: true)" if stale else "") + ". Gain: paired (same seed) "
-              "top-1 minus the uniform front, 95 % Student-t interval over seeds.")
-    (RESULTS / f"{name}.md").write_text(f"{header}\n\n{table}\n")
+              f"recipe {meta['recipe']}; validation split of seed 0 for every seed; code {bench.cache.version}, "
+              f"commit {meta['commit']}" + (f"; {stale} rows from earlier code (stale: true)" if stale else "")
+              + ". Gains are paired by seed, with 95 % Student-t intervals over seeds: mean_gain over the uniform "
+              "front (the chord through W2A2, W3A3, W4A4 in log BitOPs), gain_vs_best_reference over the best of "
+              "the uniform, wXaY and rule-of-thumb references costing no more BitOPs, gain_vs_random and "
+              "gain_vs_hawq over those searches at the same budget. search_x_qat: search seconds over one uniform "
+              "reference fine-tune's.")
+    pooled_header = (f"Pooled over the budgets between the uniform levels ({', '.join(BETWEEN)}): per seed the mean "
+                     "gain over them, then the mean and 95 % interval over seeds.")
+    (RESULTS / f"{name}.md").write_text(f"{header}\n\n{table}\n\n{pooled_header}\n\n{pooled_table}\n")
     plot_front(rows, summary, bench.float_top1, RESULTS / f"{name}.png", f"{bench.args.model} ({bench.args.preset})")
-    print(f"\n{header}\n\n{table}")
+    print(f"\n{header}\n\n{table}\n\n{pooled_header}\n\n{pooled_table}")
     return RESULTS / f"{name}.json"
 
 

@@ -1,7 +1,7 @@
 """The accuracy-vs-BitOPs front of front.py, run as parallel shards on one machine, its rows merged.
 
     python benchmarks/sharded_front.py --model mobilenetv2 --preset medium --device cuda \\
-        --state-dir benchmarks/front-state/cuda --deadline 480
+        --state-dir benchmarks/experiments/front-state/cuda --deadline 480
 
 front.py runs every (seed, method) in turn in one process, which leaves a GPU mostly idle on models this
 small. Here each seed's uniform references run first (one process per seed), then one front.py process per

@@ -91,6 +91,27 @@ def test_quantize_leaves_the_float_model_alone_and_runs_at_the_policy():
     assert not torch.allclose(q(x), model.eval()(x))
 
 
+def test_quantize_and_finetune_start_from_fitted_steps_unless_told_lsq():
+    from mixbits.quant import apply_policy, fit_steps, quantize_model
+    from mixbits.space import training_space
+
+    model, x = UserNet(), toy_batches(1)[0][0]
+    fitted, lsq = mixbits.quantize(model, "uniform:3", x), mixbits.quantize(model, "uniform:3", x, init="lsq")
+    # The same steps as fitting a model quantized at the policy by hand: the searches' start.
+    space, policy = training_space(model, "uniform:3", None)
+    by_hand = quantize_model(model, space)
+    apply_policy(by_hand, policy)
+    fit_steps(by_hand, x)
+    for name, layer in quant_layers(fitted).items():
+        assert torch.equal(layer.w_quant.steps, quant_layers(by_hand)[name].w_quant.steps), name
+        assert torch.equal(layer.a_quant.steps, quant_layers(by_hand)[name].a_quant.steps), name
+    assert not torch.equal(quant_layers(lsq)["body.3"].w_quant.steps, quant_layers(fitted)["body.3"].w_quant.steps)
+    with pytest.raises(mixbits.MixbitsError, match="init='mse' is not a step initialisation"):
+        mixbits.quantize(model, "uniform:3", x, init="mse")
+    with pytest.raises(mixbits.MixbitsError, match="init='mse'"):
+        mixbits.finetune(model, "uniform:3", toy_batches(1), epochs=1, init="mse")
+
+
 def test_oneshot_subnet_runs_without_a_zoo_card_and_exports(tmp_path):
     model, data = UserNet(), toy_batches(3)
     result = mixbits.search(model, data, "bitops<=uniform:3,uniform:4", method="oneshot", options=QUICK["oneshot"],

@@ -377,3 +377,21 @@ def test_build_loaders(tmp_path):
     assert torch.equal(val_full.dataset.images, val.dataset.images)
     with pytest.raises(MixbitsError, match="data.batch_size"):
         build_loaders(DataConfig(root=str(root), batch_size=0), seed=0)
+
+
+def test_split_seed_keeps_one_validation_split_across_run_seeds(tmp_path):
+    root = write_fake_fashion_mnist(tmp_path, n_train=100, n_test=30)
+
+    def parts(seed, split_seed=None):
+        cfg = DataConfig(root=str(root), batch_size=8, val_fraction=0.2, max_train_samples=40, split_seed=split_seed)
+        train, val, _, _ = build_loaders(cfg, seed=seed)
+        return train.dataset.images, val.dataset.images
+
+    fixed = [parts(seed, split_seed=0) for seed in (0, 1, 2)]
+    assert all(torch.equal(val, fixed[0][1]) for _, val in fixed)  # one validation split for every seed
+    assert torch.equal(fixed[0][1], parts(0)[1])  # the split of the seed it names
+    assert not torch.equal(parts(1)[1], fixed[0][1])  # without it, each seed draws its own
+    assert not torch.equal(fixed[1][0], fixed[0][0])  # the training subset still follows the run's seed
+    for train, val in fixed:  # never a validation image in any seed's training part
+        assert not (train.flatten(1)[:, None] == val.flatten(1)[None]).all(-1).any()
+    assert DataConfig(split_seed="0").problems() == ["data.split_seed: must be an integer or null, got '0'"]

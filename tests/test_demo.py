@@ -1,4 +1,4 @@
-"""The demo's stages: the uniform level that fits its in-between budget, and one recipe for both policies."""
+"""The demo's stages: every uniform-like policy that fits its in-between budget, and one recipe for all policies."""
 
 from __future__ import annotations
 
@@ -7,19 +7,33 @@ import argparse
 import pytest
 
 from mixbits.__main__ import build_parser, main
-from mixbits.commands.demo import stage_configs
+from mixbits.commands.demo import stage_configs, uniform_like
 
 
 def _args(*argv: str) -> argparse.Namespace:
     return build_parser().parse_args(["demo", *argv])
 
 
-@pytest.mark.parametrize(("bits", "uniform"), [("3.5", "uniform:3"), ("2.75", "uniform:2"), ("4", "uniform:4")])
-def test_the_uniform_stage_is_the_highest_level_within_the_budget(bits, uniform, tmp_path):
-    fp, qat, mixed = stage_configs(_args("--bits", bits, "--out", str(tmp_path)))
-    assert qat.quant.policy == uniform and mixed.search.budget == f"bitops<=uniform:{float(bits):g}"
-    assert qat.init == mixed.init == fp.out
-    assert mixed.train == qat.train and mixed.search.finetune_epochs == qat.train.epochs  # one recipe
+@pytest.mark.parametrize(("bits", "expected"), [
+    (2.0, [(2, 2)]), (2.25, [(2, 2)]),  # w2a3 costs 6/4 of W2A2, more than 2.25² / 4
+    (2.5, [(2, 3), (3, 2)]),  # 6 <= 6.25: both mixes fit and each beats W2A2 in one bit-width
+    (3.0, [(2, 4), (3, 3), (4, 2)]),
+    (4.0, [(2, 8), (3, 5), (4, 4), (5, 3), (8, 2)]),
+])
+def test_uniform_like_policies_are_those_that_fit_and_are_not_dominated(bits, expected):
+    assert uniform_like(bits) == expected
+    assert all(w * a <= bits * bits for w, a in expected)
+
+
+def test_every_stage_shares_one_recipe_and_the_float_init(tmp_path):
+    fp, references, mixed = stage_configs(_args("--bits", "2.5", "--seed", "2", "--out", str(tmp_path)))
+    assert [r.quant.policy for r in references] == ["uniform:w2a3", "uniform:w3a2"]
+    assert mixed.search.budget == "bitops<=uniform:2.5"
+    assert all(r.init == mixed.init == fp.out for r in references)
+    assert all(r.train == mixed.train for r in references)  # one recipe for every quantized policy
+    assert mixed.search.finetune_epochs == mixed.train.epochs == 3
+    assert mixed.train.kd_alpha > 0 and fp.train.kd_alpha == 0  # distilled from the float model
+    assert fp.train.seed == mixed.train.seed == 2
 
 
 def test_a_budget_outside_the_bit_range_is_refused(tmp_path, capsys):
@@ -27,6 +41,7 @@ def test_a_budget_outside_the_bit_range_is_refused(tmp_path, capsys):
     assert "--bits 9 is outside 2..8" in capsys.readouterr().err
 
 
-def test_the_default_budget_lies_between_w2a2_and_w3a3(tmp_path):
-    _, qat, mixed = stage_configs(_args("--out", str(tmp_path)))
-    assert qat.quant.policy == "uniform:2" and mixed.search.budget == "bitops<=uniform:2.5"
+def test_the_default_budget_lies_between_w2a2_and_w3a3_where_only_w2a2_fits(tmp_path):
+    _, references, mixed = stage_configs(_args("--out", str(tmp_path)))
+    assert [r.quant.policy for r in references] == ["uniform:w2a2"]
+    assert mixed.search.budget == "bitops<=uniform:2.25"

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path[:0] = [str(BENCHMARKS), str(BENCHMARKS / "experiments")]
 from front_stats import add_gains, ci95, front_at, summarise  # noqa: E402
 
 
@@ -193,3 +194,61 @@ def test_policy_layers_groups_bits_by_kind_of_layer():
     dw, pw = summarise(rows, kinds, macs)
     assert (dw["kind"], dw["macs_share"], dw["mean_w"], dw["mean_a"], dw["w2_share"]) == ("depthwise", 0.1, 2, 4, 1.0)
     assert (pw["mean_w"], pw["w2_share"], pw["top1"], pw["n"]) == (5, 0.0, 70.5, 2)
+
+
+def _row(method, budget, seed, bitops, top1):
+    return {"model": "m", "method": method, "budget": budget, "seed": seed, "bitops": bitops, "test_top1": top1}
+
+
+def test_gain_over_the_best_reference_costing_no_more_and_paired_baselines():
+    from front_stats import add_paired_gains, add_reference_gains, pooled
+
+    rows = []
+    for seed, shift in ((0, 0.0), (1, 1.0)):
+        rows += [_row("uniform-ref", "uniform:2", seed, 100.0, 80.0 + shift),
+                 _row("mix-ref", "uniform:w2a3", seed, 150.0, 84.0 + shift),  # above the chord
+                 _row("uniform-ref", "uniform:3", seed, 225.0, 86.0 + shift),
+                 _row("x", "bitops<=uniform:2.5", seed, 160.0, 85.0 + shift),
+                 _row("x", "bitops<=uniform:2.25", seed, 120.0, 82.0 + shift),
+                 _row("random", "bitops<=uniform:2.5", seed, 155.0, 83.0),
+                 _row("hawq", "bitops<=uniform:2.5", seed, 150.0, 84.5 + shift)]
+    add_paired_gains(add_reference_gains(add_gains(rows)))
+    x25 = [r for r in rows if r["method"] == "x" and r["budget"] == "bitops<=uniform:2.5"]
+    # w2a3 (150 <= 160) is the best reference costing no more; W3A3 (225) is dearer and does not count
+    assert [r["gain_vs_best_reference"] for r in x25] == pytest.approx([1.0, 1.0])
+    assert x25[0]["best_reference"] == "mix-ref uniform:w2a3"
+    assert x25[0]["gain_vs_uniform_front"] > x25[0]["gain_vs_best_reference"]  # the chord is the lower bar
+    assert [r["gain_vs_random"] for r in x25] == pytest.approx([2.0, 3.0])
+    assert [r["gain_vs_hawq"] for r in x25] == pytest.approx([0.5, 0.5])
+    x225 = [r for r in rows if r["budget"] == "bitops<=uniform:2.25" and r["method"] == "x"]
+    assert [r["gain_vs_best_reference"] for r in x225] == pytest.approx([2.0, 2.0])  # only W2A2 is that cheap
+    assert x225[0]["gain_vs_random"] is None  # no random row at that budget
+    assert "gain_vs_best_reference" not in rows[1]  # references get no gain over themselves
+
+    (line,) = [p for p in pooled(rows, ["bitops<=uniform:2.5", "bitops<=uniform:2.25"]) if p["method"] == "x"]
+    assert line["gain_vs_best_reference"] == pytest.approx(1.5)  # per seed (1 + 2) / 2, the same both seeds
+    assert line["gain_vs_best_reference_n"] == 2 and line["gain_vs_best_reference_ci95"] == pytest.approx(0.0)
+    assert line["gain_vs_random"] == pytest.approx(2.5) and line["gain_vs_random_n"] == 2
+
+
+def test_the_deployment_rule_holds_depthwise_layers_at_8_bits_and_fits_the_rest():
+    from front_references import is_depthwise, rule_policy
+
+    from mixbits import SearchSpace
+    from mixbits.budget import parse_budget
+    from mixbits.cost import profile
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 8, 3), torch.nn.ReLU(), torch.nn.Conv2d(8, 8, 3, groups=8),
+                                torch.nn.Conv2d(8, 16, 1), torch.nn.ReLU(), torch.nn.Conv2d(16, 16, 3),
+                                torch.nn.Flatten(), torch.nn.LazyLinear(3))
+    model(torch.zeros(1, 1, 16, 16))
+    stats, space = profile(model, (1, 16, 16)), SearchSpace.from_model(model)
+    assert [n for n in space.searchable if is_depthwise(stats, n)] == ["2"]
+    policy = rule_policy(stats, space, "bitops<=uniform:4")
+    assert policy["2"] == (8, 8) and policy["0"] == policy["7"] == (8, 8)  # depthwise, first and last
+    rest = {policy["3"], policy["5"]}
+    assert len(rest) == 1 and parse_budget("bitops<=uniform:4").satisfied(stats, policy, space)
+    bits = rest.pop()[0]
+    higher = rule_policy(stats, space, "bitops<=uniform:6")
+    assert higher["3"][0] > bits  # more budget, more bits for the rest
+    assert rule_policy(stats, space, "bitops<=uniform:2") is None  # 8-bit depthwise leaves no room at W2A2's cost

@@ -19,6 +19,7 @@ import yaml
 
 from .data import DataConfig
 from .errors import MixbitsError, did_you_mean
+from .quant.fit import STEP_INITS
 from .space import DEFAULT_BITS, FIXED_BITS
 from .specs import is_spec, load_factory, spec_problems
 from .train import TrainConfig
@@ -85,6 +86,7 @@ class QuantConfig:
     per_channel: bool = False  # per-output-channel weight steps
     policy: str | None = None  # "uniform:4", "uniform:w4a8" or a policy JSON path; null = float training
     fused: bool = True  # compiled single-pass quantizer kernels (eager ops if compiling fails; MIXBITS_FUSED pins it)
+    init: str = "fitted"  # starting steps: "fitted" (least rounding error on the first batch) or "lsq" (LSQ's)
 
     def problems(self, prefix: str = "quant") -> list[str]:
         out = []
@@ -100,6 +102,8 @@ class QuantConfig:
         for name in ("per_channel", "fused"):
             if not isinstance(getattr(self, name), bool):
                 out.append(f"{prefix}.{name}: must be true or false, got {getattr(self, name)!r}")
+        if self.init not in STEP_INITS:
+            out.append(f"{prefix}.init: must be one of {', '.join(STEP_INITS)}, got {self.init!r}")
         policy = self.policy
         if policy is not None and not (isinstance(policy, str) and (policy.startswith("uniform:") or
                                                                     Path(policy).is_file())):

@@ -20,7 +20,7 @@ from .data import DataConfig
 from .data.batches import one_batch
 from .errors import MixbitsError
 from .models import create
-from .quant import apply_policy, calibrate, quantize_model
+from .quant import apply_policy, initialize_steps, quantize_model
 from .quant.attention import prepare_model
 from .space import Policy, SearchSpace
 from .space import training_space as space_training_space
@@ -92,15 +92,17 @@ def _fixed(quant: QuantConfig):
     return quant.fixed if isinstance(quant.fixed, str) else list(quant.fixed)
 
 
-def quantized_model(card: ModelCard, float_model: nn.Module, calibration: torch.Tensor | None) -> nn.Module:
-    """``float_model`` quantized to the card's space, calibrated on one batch and set to its policy."""
+def quantized_model(card: ModelCard, float_model: nn.Module, calibration: torch.Tensor | None,
+                    init: str = "fitted") -> nn.Module:
+    """``float_model`` quantized to the card's space and set to its policy; its steps initialised by ``init`` on the
+    ``calibration`` batch (none when trained weights and steps are loaded next)."""
     if card.space is None:
         return float_model
     model = quantize_model(float_model, card.space, per_channel=card.per_channel, inplace=True)
-    if calibration is not None:
-        calibrate(model, one_batch(calibration))
     if card.policy is not None:
         apply_policy(model, card.policy)
+    if calibration is not None:
+        initialize_steps(model, one_batch(calibration), init)
     return model
 
 

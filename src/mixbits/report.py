@@ -115,7 +115,7 @@ def _train_report(run_dir: Path, out: Path) -> list[str]:
     lines += ["## Training", "", _md_table(history, ["epoch", "lr", "train_loss", "train_top1", "val_loss",
                                                        "val_top1", "seconds"]), ""]
     if card.policy is not None:
-        stats = profile(card.float_model(), card.input_shape)
+        stats = profile(card.float_model(), card.example_input())
         lines += ["## Policy and cost", ""] + _policy_section(card, stats, card.policy, out, "policy")
     return lines
 
@@ -140,7 +140,7 @@ def _search_report(run_dir: Path, out: Path) -> list[str]:
         run = finetune / f"budget{i}"
         if (run / "checkpoint.pt").is_file():
             card = read_card(load_checkpoint(run / "checkpoint.pt"), run)
-            stats = profile(card.float_model(), card.input_shape)
+            stats = profile(card.float_model(), card.example_input())
             lines += [f"## Budget {budget}", ""]
             lines += _policy_section(card, stats, Policy.from_dict(policy), out, f"policy{i}")
     return lines

@@ -34,7 +34,7 @@ def finetune(model: nn.Module, policy: PolicySpec | SearchResult, train: Iterabl
              lr: float | None = None, teacher: nn.Module | None = None, val: Iterable | None = None,
              index: int = 0, space: SearchSpace | None = None, example_input=None, loss_fn: LossFn | None = None,
              run_dir: str | os.PathLike | None = None, resume: bool = False, progress: bool | None = None,
-             seed: int = 0, device: str | torch.device = "cpu", per_channel: bool = False,
+             seed: int = 0, device: str | torch.device = "cpu", per_channel: bool = False, init: str = "fitted",
              **settings) -> nn.Module:
     """A copy of the float ``model`` quantized at ``policy`` and trained for ``epochs``; returned in eval mode.
 
@@ -44,7 +44,8 @@ def finetune(model: nn.Module, policy: PolicySpec | SearchResult, train: Iterabl
     ``lr`` defaults to ``FINETUNE_LR`` (SGD 0.01, Adam 1e-4) with a cosine schedule. ``teacher``: a model
     to distil from when ``kd_alpha`` > 0 (default: the float model itself). ``settings`` are any
     :class:`mixbits.train.TrainConfig` field (``kd_alpha=0.5``, ``weight_decay=1e-4``, ``optimizer="adam"``).
-    With ``run_dir`` the run checkpoints every epoch and ``resume=True`` continues it exactly.
+    With ``run_dir`` the run checkpoints every epoch and ``resume=True`` continues it exactly. ``init``: the
+    quantizers' starting steps, ``"fitted"`` (as the searches start) or ``"lsq"`` (see :func:`mixbits.quantize`).
     """
     start = None
     if isinstance(policy, SearchResult):
@@ -68,7 +69,8 @@ def finetune(model: nn.Module, policy: PolicySpec | SearchResult, train: Iterabl
         # quantizers through them mis-sets the activation steps (a 2-bit MobileNetV2 then trained at chance).
         recalibrate_on_first_batches(float_model, train, SUBNET_BN_BATCHES, next(float_model.parameters()).device)
     device = torch.device(device)
-    qmodel, _ = _quantized(float_model.to(device), policy, example_of(train, example_input), space, per_channel)
+    qmodel, _ = _quantized(float_model.to(device), policy, example_of(train, example_input), space, per_channel,
+                           init)
     fit(qmodel, train, cfg, val_loader=Batches(val, "val") if val is not None else None,
         objective=loss_objective(loss_fn) if loss_fn is not None else supervised_objective,
         teacher=teacher if cfg.kd_alpha > 0 else None, run_dir=run_dir, resume=resume, device=device,

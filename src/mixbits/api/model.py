@@ -18,7 +18,7 @@ from ..data.batches import Batches, first_input, one_batch
 from ..errors import MixbitsError
 from ..export import pack_model
 from ..layer_types import kept_float
-from ..quant import apply_policy, calibrate, quant_layers, quantize_model
+from ..quant import apply_policy, initialize_steps, quant_layers, quantize_model
 from ..quant.attention import prepare_model
 from ..quant.pair_bn import PairBatchNorm, collapse_pair_bn
 from ..search import SearchResult
@@ -41,26 +41,29 @@ def prepared_copy(model: nn.Module) -> nn.Module:
 
 
 def quantize(model: nn.Module, policy: PolicySpec, example_input, *, space: SearchSpace | None = None,
-             per_channel: bool = False) -> nn.Module:
-    """A quantized copy of the float ``model`` at ``policy``, calibrated on ``example_input``, in eval mode.
+             per_channel: bool = False, init: str = "fitted") -> nn.Module:
+    """A quantized copy of the float ``model`` at ``policy``, its steps set on ``example_input``, in eval mode.
 
     ``policy`` is a :class:`Policy`, ``"uniform:4"``, ``"uniform:w8a8"`` or a policy JSON path. Any bit-width
     in 2..8 works, whatever a search's candidates were: the quantizers hold exactly the bits the policy
     uses. ``space`` (a search's) says which layers are quantized and which are held fixed; by default
-    every Conv2d/Linear, with the first and last fixed.
+    every Conv2d/Linear, with the first and last fixed. ``init``: ``"fitted"`` (default) sets each step to the
+    one that minimises the rounding error on ``example_input``, where every search starts too; ``"lsq"`` uses
+    LSQ's initial step, which clips heavy-tailed layers (``quant/fit.py``).
     """
-    qmodel, _ = _quantized(prepared_copy(model), policy, example_input, space, per_channel)
+    qmodel, _ = _quantized(prepared_copy(model), policy, example_input, space, per_channel, init)
     return qmodel.eval()
 
 
 def _quantized(model: nn.Module, policy: PolicySpec, example_input, space: SearchSpace | None,
-               per_channel: bool) -> tuple[nn.Module, Policy]:
-    """``model`` (prepared, modified in place) quantized at ``policy`` and calibrated."""
+               per_channel: bool, init: str = "fitted") -> tuple[nn.Module, Policy]:
+    """``model`` (prepared, modified in place) quantized at ``policy``, its steps initialised by ``init``."""
     train_space, policy = training_space(model, policy, space, example_input=example_input)
     qmodel = quantize_model(model, train_space, per_channel=per_channel, inplace=True)
-    with torch.no_grad():
-        calibrate(qmodel, one_batch(example_input))
+    # At the policy first: a fitted activation step sees its input as the earlier layers quantize it.
     apply_policy(qmodel, policy)
+    with torch.no_grad():
+        initialize_steps(qmodel, one_batch(example_input), init)
     return qmodel, policy
 
 

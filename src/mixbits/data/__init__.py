@@ -28,6 +28,9 @@ class DataConfig:
     batch_size: int = 128
     eval_batch_size: int = 512
     val_fraction: float = 0.1  # held out of the training split for search/validation
+    # The seed of that split; null: the run's seed. Fix it to compare seeds on one validation set, disjoint from
+    # the data a shared float model was trained on (trained at that seed).
+    split_seed: int | None = None
     max_train_samples: int | None = None  # subset for quick runs
     augment: bool = True
     image_size: int | None = None  # imagefolder only
@@ -52,6 +55,8 @@ class DataConfig:
         vf = self.val_fraction
         if isinstance(vf, bool) or not isinstance(vf, (int, float)) or not 0 < vf < 1:
             out.append(f"{prefix}.val_fraction: must be strictly between 0 and 1, got {vf!r}")
+        if self.split_seed is not None and not _is_int(self.split_seed):
+            out.append(f"{prefix}.split_seed: must be an integer or null, got {self.split_seed!r}")
         mts = self.max_train_samples
         if mts is not None and (not _is_int(mts) or mts <= 0):
             out.append(f"{prefix}.max_train_samples: must be an integer > 0 or null, got {mts!r}")
@@ -72,7 +77,7 @@ def build_loaders(cfg: DataConfig, seed: int, rank: int = 0, world_size: int = 1
     A user's ``module:factory`` gives its own loaders (val may be None) and a DataInfo for the dataset.
 
     ``max_train_samples`` shrinks the training part only, after the split, so the validation set does not
-    depend on it.
+    depend on it. The split is drawn with ``split_seed`` when set, else with ``seed``.
     """
     problems = cfg.problems()
     if problems:
@@ -81,7 +86,7 @@ def build_loaders(cfg: DataConfig, seed: int, rank: int = 0, world_size: int = 1
         return user_loaders(cfg, seed, rank, world_size)
     full_train = load_dataset(cfg.name, "train", cfg.root, cfg.image_size)
     test = load_dataset(cfg.name, "test", cfg.root, cfg.image_size)
-    train, val = split_train_val(full_train, cfg.val_fraction, seed)
+    train, val = split_train_val(full_train, cfg.val_fraction, seed if cfg.split_seed is None else cfg.split_seed)
     train = take_subset(train, cfg.max_train_samples, seed)
     dist = {"rank": rank, "world_size": world_size}
     return (

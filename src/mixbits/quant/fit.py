@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from ..data.batches import call_model, first_input, one_batch, to_device
+from ..errors import MixbitsError
 from .convert import calibrate, require_quantized
 from .quantizer import LsqQuantizer, integer_range
 
@@ -133,3 +134,17 @@ def fit_steps(model: nn.Module, batches: Tensor | Iterable) -> None:
         model.train(was_training)
         for handle in handles:
             handle.remove()
+
+
+STEP_INITS = ("fitted", "lsq")
+
+
+def initialize_steps(model: nn.Module, batches: Tensor | Iterable, init: str = "fitted") -> None:
+    """Set ``model``'s quantizer steps before training: ``"fitted"`` (:func:`fit_steps`, where every search starts
+    too) or ``"lsq"`` (LSQ's initial step, 2·mean|x|/sqrt(q_max), which clips heavy-tailed layers)."""
+    if init == "fitted":
+        fit_steps(model, batches)
+    elif init == "lsq":
+        calibrate(model, batches)  # it takes the first batch's inputs itself
+    else:
+        raise MixbitsError(f"init={init!r} is not a step initialisation; expected one of {', '.join(STEP_INITS)}")

@@ -79,7 +79,7 @@ def _train(cfg: RunConfig, ctx: DistContext, resume: bool, progress: bool | None
     if cfg.quant.policy:
         card.space, card.policy = training_space(model, cfg.quant, cfg.quant.policy, example)
         card.per_channel = cfg.quant.per_channel
-        model = quantized_model(card, model, calibration=example)
+        model = quantized_model(card, model, calibration=example, init=cfg.quant.init)
     model.to(ctx.device)
     broadcast_module_state(model)  # every rank starts from rank 0's weights, steps and signs
     main = ctx.is_main()

@@ -16,7 +16,7 @@ training mode a following BatchNorm normalises each channel just as N does, so n
 
 Speed: the paper form's forward and backward are written by hand and, where the quantizers' compiled kernels
 are on (``set_fused``), run as compiled kernels too: a sandwich step aligns every searchable layer once, so
-autograd through the expression cost as much as a fifth pass (benchmarks/idm_cost.py).
+autograd through the expression cost as much as a fifth pass (benchmarks/experiments/idm_cost.py).
 """
 
 from __future__ import annotations

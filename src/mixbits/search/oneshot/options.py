@@ -71,11 +71,12 @@ class OneshotOptions:
     #   (a round takes up to the stride's count of raises on different layers, each while the budget holds)
     eval_batches: int = 2  # validation batches per score
     eval_samples: int | None = 1024  # at most this many of their images per score (None: the whole batches);
-    #   benchmarks/score_stability.py: two scorings of a walk step's moves on 256 images rank them alike at
+    #   benchmarks/experiments/score_stability.py: two scorings of a walk step's moves on 256 images rank them alike at
     #   Spearman ρ 0.45, on 1024 at 0.72 (ResNet-20)
     screen_samples: int | None = 128  # a step first scores every neighbour on this many of the scored images ...
     screen_keep: float = 0.15  # ... and re-scores this share of them (at least 3), ranked best, on all of them;
-    #   None: every neighbour on all (the paper). benchmarks/score_stability.py --screen measures what it keeps
+    #   None: every neighbour on all (the paper). benchmarks/experiments/score_stability.py --screen measures what
+    #   it keeps
     bn_batches: int = 2  # training batches for BatchNorm recalibration per score (score_bn: recalibrate)
     score_bn: str = "batch"  # BatchNorm: "batch" (each scored batch's own statistics), "recalibrate", or "pair"
     #   (one BatchNorm per (w, a) pair of the layer before it, trained with the supernet; scores use its statistics)

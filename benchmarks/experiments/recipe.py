@@ -1,0 +1,125 @@
+"""Sizing the front's one fine-tune recipe: how far the uniform references spread over seeds, per recipe.
+
+    python benchmarks/experiments/recipe.py --model resnet20 --recipes e2-lsq e6-fitted-kd
+    python benchmarks/experiments/recipe.py --model mobilenetv2 --report-only
+
+The front (benchmarks/front.py) fine-tunes every policy, references and searches alike, with one recipe. A recipe
+that has not converged lets one policy's top-1 move by points between seeds, which no search gain survives. This
+fine-tunes the uniform references W2A2, W3A3 and W4A4 from the medium preset's float model (the front's, in
+benchmarks/front-state/<model>-medium/float.pt) at seeds 0-2 with each recipe, on the front's data (8,000 training
+images per seed, the one validation split of seed 0, the whole test split), and reports top-1 mean and standard
+deviation over seeds. Recipes (SGD at mixbits.FINETUNE_LR, cosine, weight decay 1e-4, the model's gradient clip):
+
+- ``e2-lsq``: the recipe of the fronts before: 2 epochs from LSQ's initial steps, no distillation.
+- ``e<N>-fitted-kd``: N epochs from fitted steps, distilled from the float model (kd_alpha 0.5).
+
+Every finished fine-tune is one line of benchmarks/experiments/state/recipe-<model>.jsonl (with the commit that
+made it), so the script resumes where it stopped; interrupted fine-tunes resume from their checkpoints. Writes
+benchmarks/experiments/results/recipe-<model>.json and .md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import statistics
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+from common import markdown_table, metadata  # noqa: E402
+from front import Bench  # noqa: E402
+
+REFERENCES = ("uniform:2", "uniform:3", "uniform:4")
+STATE = HERE / "state"
+RESULTS = HERE / "results"
+
+
+def recipe_settings(label: str) -> tuple[int, dict]:
+    """(epochs, fine-tune settings) of a recipe label: ``e2-lsq`` or ``e<N>-fitted-kd``."""
+    if label == "e2-lsq":
+        return 2, {"init": "lsq", "kd_alpha": 0.0}
+    match = re.fullmatch(r"e(\d+)-fitted-kd", label)
+    if not match:
+        raise SystemExit(f"unknown recipe {label!r}; expected e2-lsq or e<N>-fitted-kd (e.g. e6-fitted-kd)")
+    return int(match.group(1)), {"init": "fitted", "kd_alpha": 0.5}
+
+
+class Rows:
+    """state/recipe-<model>.jsonl: one finished fine-tune per line, keyed by (recipe, policy, seed)."""
+
+    def __init__(self, model: str):
+        self.path = STATE / f"recipe-{model}.jsonl"
+        lines = self.path.read_text().splitlines() if self.path.is_file() else []
+        self.rows = {r["key"]: r for r in map(json.loads, lines)}
+
+    def put(self, row: dict) -> None:
+        self.rows[row["key"]] = row
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.write_text("".join(json.dumps(r) + "\n" for r in self.rows.values()))
+
+
+def run(bench: Bench, rows: Rows, recipes: list[str], seeds: list[int]) -> None:
+    for label in recipes:
+        epochs, settings = recipe_settings(label)
+        for seed in seeds:
+            for policy in REFERENCES:
+                key = f"{label}|{policy}|{seed}"
+                if key in rows.rows:
+                    continue
+                bench.preset["finetune_epochs"] = epochs
+                bench.recipe = {**bench.recipe, **settings}
+                model, seconds = bench.finetuned(policy, None, seed, f"recipe-{label}-{policy[8:]}-s{seed}")
+                top1 = None if model is None else bench.test(model, bench.loaders(seed)[2])
+                rows.put({"key": key, "recipe": label, "policy": policy, "seed": seed, "test_top1": top1,
+                          "epochs": epochs, **settings, **seconds, "commit": metadata()["commit"]})
+                print(f"{label:>14} {policy:<10} seed {seed}: {top1} % ({seconds['finetune_seconds']:.0f} s)",
+                      flush=True)
+
+
+def summary(rows: Rows) -> list[dict]:
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows.rows.values():
+        groups.setdefault((r["recipe"], r["policy"]), []).append(r)
+    out = []
+    for (label, policy), group in sorted(groups.items(), key=lambda kv: (recipe_settings(kv[0][0])[0], kv[0])):
+        top1 = [r["test_top1"] for r in sorted(group, key=lambda r: r["seed"]) if r["test_top1"] is not None]
+        out.append({"recipe": label, "policy": policy, "n": len(group), "diverged": len(group) - len(top1),
+                    "top1_by_seed": " / ".join(f"{t:.2f}" for t in top1),
+                    "mean": statistics.fmean(top1) if top1 else None,
+                    "std": statistics.stdev(top1) if len(top1) > 1 else None,
+                    "finetune_seconds": statistics.fmean(r["finetune_seconds"] for r in group)})
+    return out
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", choices=("resnet20", "mobilenetv2"), default="resnet20")
+    p.add_argument("--recipes", nargs="+", default=["e6-fitted-kd", "e2-lsq"])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--report-only", action="store_true")
+    args = p.parse_args(argv)
+    for label in args.recipes:
+        recipe_settings(label)  # an unknown label fails before any work
+    rows = Rows(args.model)
+    bench = Bench(argparse.Namespace(model=args.model, preset="medium", seeds=args.seeds, device="cpu",
+                                     data_dir=None, state_dir=str(HERE.parent / "front-state"), keep_stale=False))
+    if not args.report_only:
+        run(bench, rows, args.recipes, args.seeds)
+    table = summary(rows)
+    header = (f"{args.model}, medium preset's float model ({bench.float_top1:.2f} % test top-1), 8,000 training "
+              "images a seed, the validation split of seed 0, test top-1 on 10,000 images; standard deviation over "
+              "seeds (sample).")
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    markdown = markdown_table(table, ["recipe", "policy", "n", "diverged", "top1_by_seed", "mean", "std",
+                                      "finetune_seconds"])
+    (RESULTS / f"recipe-{args.model}.md").write_text(f"{header}\n\n{markdown}\n")
+    (RESULTS / f"recipe-{args.model}.json").write_text(
+        json.dumps({"meta": metadata(), "rows": list(rows.rows.values()), "summary": table}, indent=1) + "\n")
+    print(f"\n{header}\n\n{markdown}")
+
+
+if __name__ == "__main__":
+    main()
