@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import MixbitsError
+from .inputs import check_logits, check_loss
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]  # loss_fn(model, batch) -> scalar loss
 
@@ -32,11 +33,13 @@ def evaluate(model: nn.Module, loader: Iterable, device: str | torch.device = "c
     samples = 0
     try:
         with torch.inference_mode():
-            for i, (x, y) in enumerate(loader):
+            for i, batch in enumerate(loader):
                 if max_batches is not None and i >= max_batches:
                     break
+                x, y = _pair(batch)
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
                 logits = model(x)
+                check_logits(logits, y)
                 # Sum on the device and read once at the end: no host sync per batch.
                 loss_sum += F.cross_entropy(logits.float(), y, reduction="sum")
                 correct += (logits.argmax(dim=-1) == y).sum()
@@ -47,6 +50,15 @@ def evaluate(model: nn.Module, loader: Iterable, device: str | torch.device = "c
     if samples == 0:
         raise MixbitsError("evaluation loader yielded no samples; check the validation split and max_batches")
     return {"top1": 100.0 * correct.item() / samples, "loss": loss_sum.item() / samples, "samples": samples}
+
+
+def _pair(batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (inputs, targets) tensors of a classification batch; any other batch is one message naming loss_fn."""
+    if isinstance(batch, (tuple, list)) and len(batch) == 2 and all(isinstance(t, torch.Tensor) for t in batch):
+        return batch[0], batch[1]
+    kind = f"a {type(batch).__name__}" + (f" of {len(batch)} items" if isinstance(batch, (tuple, list)) else "")
+    raise MixbitsError(f"evaluating top-1 and cross-entropy reads (inputs, targets) tensor batches, got {kind}; pass "
+                       "loss_fn=lambda model, batch: ... to evaluate batches of another shape")
 
 
 def _evaluate_loss(model: nn.Module, loader: Iterable, device: torch.device, max_batches: int | None,
@@ -72,7 +84,7 @@ def mean_task_loss(model: nn.Module, loader: Iterable, device: torch.device, los
             break
         x, y = split_batch(batch, device)
         n = batch_size(x if y is None else y)
-        loss_sum += float(loss_fn(model, x if y is None else (x, y))) * n
+        loss_sum += float(check_loss(loss_fn(model, x if y is None else (x, y)))) * n
         samples += n
     if samples == 0:
         raise MixbitsError("evaluation loader yielded no samples; check the validation split and max_batches")
