@@ -20,12 +20,14 @@ from ..export import pack_model
 from ..quant import apply_policy, calibrate, quant_layers, quantize_model
 from ..quant.attention import prepare_model
 from ..quant.pair_bn import PairBatchNorm, collapse_pair_bn
+from ..rundir import claim_output_dir
 from ..search import SearchResult
 from ..space import Policy, SearchSpace, training_space
 from ..train import SUBNET_BN_BATCHES, recalibrate_bn
 from ..train import evaluate as evaluate_loader
 from ..train.evaluate import LossFn
 from ..utils import atomic_write_text
+from .arguments import check_device, check_model, check_optional_callable, check_path
 
 PolicySpec = Policy | str | os.PathLike
 
@@ -48,7 +50,7 @@ def quantize(model: nn.Module, policy: PolicySpec, example_input, *, space: Sear
     uses. ``space`` (a search's) says which layers are quantized and which are held fixed; by default
     every Conv2d/Linear, with the first and last fixed.
     """
-    qmodel, _ = _quantized(prepared_copy(model), policy, example_input, space, per_channel)
+    qmodel, _ = _quantized(prepared_copy(check_model(model)), policy, example_input, space, per_channel)
     return qmodel.eval()
 
 
@@ -67,18 +69,28 @@ def evaluate(model: nn.Module, data: Iterable, *, loss_fn: LossFn | None = None,
              device: str | torch.device = "cpu") -> dict:
     """``{"top1", "loss", "samples"}`` of ``model`` over ``(inputs, targets)`` batches (cross-entropy), or
     ``{"loss", "samples"}`` with ``loss_fn(model, batch)`` for any other task."""
+    check_model(model)
+    check_optional_callable(loss_fn, "loss_fn")
+    check_device(device)
     return evaluate_loader(model, Batches(data, "data"), device, loss_fn=loss_fn)
 
 
 def export(model: nn.Module, out_dir: str | os.PathLike, example_input: torch.Tensor, *, opset: int | None = None,
-           formats: Iterable[str] = ("onnx", "packed"), check_inputs=None) -> dict:
+           formats: Iterable[str] = ("onnx", "packed"), check_inputs=None, force: bool = False) -> dict:
     """Write a quantized model to ``out_dir``: model.onnx (QDQ, checked with onnxruntime on ``check_inputs``,
     default ``example_input``), model.mxb (bit-packed weights), policy.json and export_report.json.
 
+    ``out_dir`` must be new, empty or an earlier ``mixbits.export``'s: files another job wrote are replaced only
+    with ``force=True`` (as ``mixbits export --force``), and one process writes it at a time.
+
     Returns the report. ``load_packed(path, model=float_model)`` reads model.mxb back into your model.
     """
-    from ..export import export_onnx
 
+    check_model(model)
+    check_path(out_dir, "out_dir", optional=False)
+    if not isinstance(example_input, torch.Tensor):
+        raise MixbitsError("example_input must be a tensor of model inputs (a batch), got "
+                           f"{type(example_input).__name__}")
     formats = list(formats)
     unknown = [f for f in formats if f not in ("onnx", "packed")]
     if unknown or not formats:
@@ -88,8 +100,14 @@ def export(model: nn.Module, out_dir: str | os.PathLike, example_input: torch.Te
         raise MixbitsError(f"{type(model).__name__} is not quantized; export the model mixbits.quantize or "
                            "mixbits.finetune returned")
     policy = Policy({name: layer.bits for name, layer in layers.items()})
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    with claim_output_dir(out_dir, "export", force=force, flag="out_dir") as out:
+        return _write_export(model, policy, out, example_input, opset, formats, check_inputs)
+
+
+def _write_export(model: nn.Module, policy: Policy, out: Path, example_input: torch.Tensor, opset: int | None,
+                  formats: list[str], check_inputs) -> dict:
+    from ..export import export_onnx
+
     policy.save(out / "policy.json")
     model = model.eval()
     sample_shape = tuple(example_input.shape[1:])
@@ -113,6 +131,8 @@ def subnet(result: SearchResult, index: int = 0, *, bn_data: Iterable | None = N
     trained with one BatchNorm per bit-width pair (``score_bn: pair``) uses the policy's own statistics
     instead; the subnet then holds them as plain BatchNorm layers.
     """
+    if not isinstance(result, SearchResult):
+        raise MixbitsError(f"result must be the SearchResult mixbits.search returned, got {type(result).__name__}")
     if not result.retraining_free or result.model is None:
         raise MixbitsError(f"the {result.method!r} search has no trained supernet to run policies on; fine-tune "
                            "its policies with mixbits.finetune, or search with method='oneshot'")

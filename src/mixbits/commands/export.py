@@ -19,7 +19,7 @@ from pathlib import Path
 from ..data import build_loaders
 from ..errors import MixbitsError, did_you_mean
 from ..pipeline import load_trained, resolve_checkpoint, saved_data_config
-from ..rundir import add_force_argument, check_output_dir, make_output_dir
+from ..rundir import add_force_argument, check_output_dir, claim_output_dir
 from ..utils import atomic_write_text
 
 FORMATS = ("onnx", "packed")
@@ -45,9 +45,15 @@ def run(args) -> int:
     if card.policy is None:
         raise MixbitsError(f"{args.run} is a float run; export needs a quantized one (mixbits train --policy ...)")
     job = f"export of {resolve_checkpoint(args.run).resolve()}"  # re-exporting the same run may replace its files
-    check_output_dir(args.out, job, force=args.force)
+    check_output_dir(args.out, job, force=args.force)  # before reading the check's data, not after
     check = _check_batches(args, saved) if "onnx" in formats and args.check_samples else None
-    out = make_output_dir(args.out, job)
+    with claim_output_dir(args.out, job, force=args.force) as out:
+        report = _write(args, model, card, formats, check, out)
+    _print_summary(out, report)
+    return 0
+
+
+def _write(args, model, card, formats: list[str], check, out: Path) -> dict:
     card.policy.save(out / "policy.json")
     report = {"run": str(args.run), "model": card.name, "policy": card.policy.describe()}
     if "onnx" in formats:
@@ -57,8 +63,7 @@ def run(args) -> int:
 
         report["packed"] = pack_model(model, out / "model.mxb", card=card).to_dict()
     atomic_write_text(out / "export_report.json", json.dumps(report, indent=2) + "\n")
-    _print_summary(out, report)
-    return 0
+    return report
 
 
 def _formats(text: str) -> list[str]:
