@@ -2,7 +2,7 @@
 
     python benchmarks/overhead.py [--batch 128] [--pairs 20] [--fused/--no-fused] [--compile/--no-compile]
                                   [--epochs/--no-epochs] [--epoch-pairs 4] [--epoch-batches 8] [--threads N]
-                                  [--retain-memory/--no-retain-memory]
+                                  [--retain-memory/--no-retain-memory] [--variants NAME ...] [--name overhead]
 
 Each variant is one entry of VARIANTS (a search method adds its row there). Time is the median ratio
 of interleaved steps in one process; memory is the ratio of bytes autograd saves for backward
@@ -13,14 +13,15 @@ Two modes: eager (the quantizers' own fused kernels), and whole-model torch.comp
 each against FP32 run the same way. In each mode a whole fine-tune epoch through the shared loop (Fashion-
 MNIST batches, augmentation and the optimiser included) is timed as well, uniform W4A4 against FP32.
 Every ratio is reported next to the noise floor: FP32 against itself, measured the same way.
-Freed memory stays in the process (``retain_freed_memory``), as in every run of the training loop on a CPU;
-``--no-retain-memory`` measures malloc's default instead.
-Writes benchmarks/results/overhead.json and overhead.md.
+Freed memory stays in the process while it measures (``retained_memory``), as while the training loop runs on a
+CPU; ``--no-retain-memory`` measures malloc's default instead (MIXBITS_RETAIN_MEMORY=0, the training loop too).
+Writes benchmarks/results/<name>.json and <name>.md (default name: overhead).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -40,7 +41,7 @@ from mixbits.search.differentiable import ArchParams, apply_mixture, softmax_row
 from mixbits.search.oneshot.bit_scheduler import PolicySampler  # noqa: E402
 from mixbits.search.sdq import BitParams, drive, set_current_bits  # noqa: E402
 from mixbits.train import TrainConfig, fit  # noqa: E402
-from mixbits.train.memory import retain_freed_memory  # noqa: E402
+from mixbits.train.memory import retained_memory  # noqa: E402
 
 
 def fp32(model: nn.Module, x: torch.Tensor) -> nn.Module:
@@ -206,7 +207,8 @@ def saved_bytes(step_model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> int:
 def build_mode(args, x, y, compiled: bool) -> dict[str, Callable[[], None]]:
     """Every variant's step, all models run the same way (eager or whole-model compiled), each run twice so
     that compiling is over before anything is timed."""
-    variants = {name: build for name, build in VARIANTS.items() if not (compiled and name in EAGER_ONLY)}
+    variants = {name: build for name, build in VARIANTS.items() if not (compiled and name in EAGER_ONLY)
+                and (not args.variants or name == "fp32" or name in args.variants)}
     models = {name: build(create(args.model, 10, 1).to(args.device), x) for name, build in variants.items()}
     if compiled:
         for model in models.values():
@@ -272,8 +274,17 @@ def main(argv=None) -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--retain-memory", action=argparse.BooleanOptionalAction, default=True,
                    help="keep freed memory in the process, as the training loop does on a CPU (default: on)")
+    p.add_argument("--variants", nargs="+", choices=list(VARIANTS)[1:], metavar="VARIANT",
+                   help="time only these step variants against fp32, e.g. 'uniform W4A4' (default: all)")
+    p.add_argument("--name", default="overhead", help="result file name, without extension (default: overhead)")
     args = p.parse_args(argv)
-    retained = retain_freed_memory() if args.retain_memory else False
+    if not args.retain_memory:
+        os.environ["MIXBITS_RETAIN_MEMORY"] = "0"  # the training loop reads it when it starts
+    with retained_memory() as retained:
+        run(args, retained)
+
+
+def run(args, retained: bool) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -299,8 +310,8 @@ def main(argv=None) -> None:
               f"kernels={args.fused}, freed memory retained={retained}, {args.pairs} step pairs, {args.epoch_pairs} "
               f"epoch pairs of {args.epoch_batches} batches")
     print(f"\n{header}\n\n{table}")
-    write_result("overhead", {"args": vars(args), "rows": rows, "table": table})
-    (RESULTS / "overhead.md").write_text(f"# Quantization overhead\n\n{header}\n\n{table}\n")
+    write_result(args.name, {"args": vars(args), "rows": rows, "table": table})
+    (RESULTS / f"{args.name}.md").write_text(f"# Quantization overhead\n\n{header}\n\n{table}\n")
 
 
 if __name__ == "__main__":

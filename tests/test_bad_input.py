@@ -165,8 +165,8 @@ def test_train_into_a_finished_run_without_resume(tiny_fp_run, fp_copy, capsys):
 
 def test_resume_with_another_learning_rate(tiny_fp_run, fp_copy, capsys):
     err = _train_fails([*tiny_fp_run.argv, "--resume", "--lr", "0.05"], fp_copy, capsys)
-    assert "the training config differs (checkpoint -> now): lr 0.1 -> 0.05" in err
-    assert "resume with the original settings" in err
+    assert "1 setting differs from the run's config.yaml (recorded -> asked): train.lr 0.1 -> 0.05" in err
+    assert "resume with the recorded settings" in err
 
 
 # the module entry point ----------------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
-"""Freed memory kept in the process (train/memory.py): a block freed and allocated again faults in no new pages.
+"""Freed memory kept in the process while training (train/memory.py): a block freed and allocated again faults in
+no new pages inside ``retained_memory``, and after it malloc gives memory back again.
 
-Each case runs in a fresh interpreter: malloc's settings are process-wide and cannot be undone."""
+Each case runs in a fresh interpreter: malloc's settings are process-wide."""
 
 from __future__ import annotations
 
@@ -18,14 +19,23 @@ pytestmark = pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallo
 _FAULTS_PER_BLOCK = """
 import json, resource, sys
 import torch
-from mixbits.train.memory import retain_freed_memory
-retained = retain_freed_memory() if sys.argv[1] == "retain" else False
-for _ in range(3):  # the first blocks fault in whatever happens (the heap grows to hold two of them)
-    torch.ones(16 << 20)
-before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(4):
-    torch.ones(16 << 20)  # allocated, written, freed
-print(json.dumps({"retained": retained, "faults": (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 4}))
+from mixbits.train.memory import retained_memory
+
+def faults_per_block():
+    for _ in range(3):  # the first blocks fault in whatever happens (the heap grows to hold two of them)
+        torch.ones(16 << 20)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(4):
+        torch.ones(16 << 20)  # allocated, written, freed
+    return (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 4
+
+if sys.argv[1] == "retain":
+    with retained_memory() as retained:
+        faults = faults_per_block()
+    after = faults_per_block()  # malloc's defaults are back: each block is mmap'd and faulted in again
+else:
+    retained, faults, after = False, faults_per_block(), None
+print(json.dumps({"retained": retained, "faults": faults, "after": after}))
 """
 
 
@@ -45,6 +55,7 @@ def test_retained_memory_is_reused_without_page_faults():
     retained = _run_json(_FAULTS_PER_BLOCK, "retain")
     assert not default["retained"] and default["faults"] > _pages_per_block() / 2  # the test sees real faults
     assert retained["retained"] and retained["faults"] < _pages_per_block() / 100
+    assert retained["after"] > _pages_per_block() / 2  # held only inside the block
 
 
 def test_environment_pin_leaves_malloc_alone():
@@ -52,20 +63,30 @@ def test_environment_pin_leaves_malloc_alone():
     assert not pinned["retained"] and pinned["faults"] > _pages_per_block() / 2
 
 
-def test_fit_retains_freed_memory_on_cpu_with_the_same_numbers():
+def test_fit_retains_freed_memory_while_it_trains_on_cpu_with_the_same_numbers():
     code = """
 import json
 import torch
 from mixbits.quant import QConv2d
 from mixbits.train import TrainConfig, fit
-from mixbits.train.memory import _STATE
+from mixbits.train.memory import memory_retained
+
+class Spy(torch.nn.Module):  # records whether freed memory is kept while fit runs the model
+    seen = []
+
+    def forward(self, x):
+        Spy.seen.append(memory_retained())
+        return x
+
 torch.manual_seed(0)
-model = torch.nn.Sequential(QConv2d(1, 4, 3, w_bits=(4,), a_bits=(4,)), torch.nn.ReLU(), torch.nn.Flatten(),
+model = torch.nn.Sequential(QConv2d(1, 4, 3, w_bits=(4,), a_bits=(4,)), Spy(), torch.nn.ReLU(), torch.nn.Flatten(),
                             torch.nn.Linear(4 * 6 * 6, 2))
 data = [(torch.randn(8, 1, 8, 8), torch.randint(0, 2, (8,))) for _ in range(4)]
 history = fit(model, data, TrainConfig(epochs=2, lr=0.1, compile=False), progress=False).history
-print(json.dumps({"retained": _STATE["retained"], "losses": [epoch["train_loss"] for epoch in history]}))
+print(json.dumps({"retained": all(Spy.seen), "after": memory_retained(),
+                  "losses": [epoch["train_loss"] for epoch in history]}))
 """
     kept, default = _run_json(code), _run_json(code, MIXBITS_RETAIN_MEMORY="0")
     assert kept["retained"] and not default["retained"]
+    assert not kept["after"]  # fit returned: malloc's defaults are back
     assert kept["losses"] == default["losses"]  # where memory comes from changes no number

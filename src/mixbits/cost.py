@@ -336,12 +336,9 @@ class LatencyTable:
         path = Path(path)
         if not path.is_file():
             raise MixbitsError(f"latency table {str(path)!r} does not exist")
-        from .utils import read_text
+        from .utils import read_json
 
-        try:
-            return cls.from_dict(json.loads(read_text(path, "latency table")))
-        except json.JSONDecodeError as e:
-            raise MixbitsError(f"latency table {str(path)!r} is not valid JSON: {e}") from None
+        return cls.from_dict(read_json(path, "latency table", "measure it again with `mixbits lut`"))
 
     def save(self, path: str | os.PathLike) -> None:
         from .utils import atomic_write_text

@@ -6,7 +6,6 @@ says so. Nothing here trains or evaluates: it reads what runs and benchmarks wro
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from .cost import ModelStats, cost_summary, cost_table, profile
@@ -14,7 +13,7 @@ from .errors import MixbitsError
 from .pipeline import ModelCard, read_card, resolve_checkpoint
 from .space import Policy
 from .train import load_checkpoint
-from .utils import atomic_write_text, read_text
+from .utils import atomic_write_text, parse_json, read_text
 
 
 def _pyplot():
@@ -177,10 +176,7 @@ def _json(path: Path, expected: type):
 
 
 def _parse(text: str, path: Path):
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as e:
-        raise MixbitsError(f"{path} is not valid JSON ({e}); it is corrupt or was not written by mixbits") from None
+    return parse_json(text, str(path), "it is corrupt or was not written by mixbits")
 
 
 def _optional_rows(path: Path) -> list[dict]:

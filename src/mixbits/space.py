@@ -267,12 +267,9 @@ class Policy:
         if not path.is_file():
             raise MixbitsError(
                 f"policy file {str(path)!r} does not exist; write one with `mixbits search` or Policy.save")
-        from .utils import read_text
+        from .utils import read_json
 
-        try:
-            return cls.from_dict(json.loads(read_text(path, "policy file")))
-        except json.JSONDecodeError as e:
-            raise MixbitsError(f"policy file {str(path)!r} is not valid JSON: {e}") from None
+        return cls.from_dict(read_json(path, "policy file", "write it with `mixbits search` or Policy.save"))
 
     def describe(self) -> str:
         """Compact one-line form, e.g. ``conv1:8/8 layer1.0.conv1:4/3 ...``."""

@@ -48,16 +48,29 @@ def load_factory(spec: str, what: str) -> Callable:
     return factory
 
 
-def call_with_accepted(factory: Callable, offered: dict, given: dict):
+def call_with_accepted(factory: Callable, offered: dict, given: dict, spec: str = "", what: str = "factory"):
     """``factory(**given, **the offered arguments its signature accepts)``; check ``given`` first with
-    :func:`mixbits.models.option_problems`."""
+    :func:`mixbits.models.option_problems`. An exception the user's factory raises becomes one MixbitsError
+    naming ``spec`` (a factory's bug is the user's to fix, and a traceback into mixbits hides where it is)."""
     try:
         params = inspect.signature(factory).parameters
     except (TypeError, ValueError):  # a builtin or C extension: pass what was given only
-        return factory(**given)
-    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-    extra = {k: v for k, v in offered.items() if k not in given and (takes_any or k in params)}
-    return factory(**extra, **given)
+        params, extra = None, {}
+    if params is not None:
+        takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+        extra = {k: v for k, v in offered.items() if k not in given and (takes_any or k in params)}
+    try:
+        return factory(**extra, **given)
+    except MixbitsError:
+        raise
+    except Exception as e:
+        raise MixbitsError(f"{what} {spec!r} raised {type(e).__name__}: {_first_line(e)}; fix the factory (call it "
+                           "alone in Python to see the whole traceback)") from e
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip()
+    return (text.splitlines()[0] if text else "(no message)")[:300]
 
 
 def _import(source: str, spec: str, what: str):

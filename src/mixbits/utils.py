@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import random
 import shutil
@@ -25,6 +26,9 @@ def _umask() -> int:
 
 
 _UMASK = _umask()
+# The temporary files of atomic writes end so: one a killed process left is known for what it is, and removed by
+# the next job that owns the directory (mixbits.rundir.claim_output_dir).
+TEMP_SUFFIX = ".mixbits-partial"
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
@@ -38,7 +42,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     try:
         mode = stat.S_IMODE(path.stat().st_mode) if path.is_file() else 0o666 & ~_UMASK
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
     except OSError as e:
         raise _write_error(path, e) from None
     try:
@@ -107,6 +111,38 @@ def read_text(path: str | os.PathLike, what: str) -> str:
                            "save it as UTF-8") from None
     except OSError as e:
         raise MixbitsError(f"cannot read {what} {str(path)!r}: {e.strerror or e}") from None
+
+
+def parse_json(text: str, where: str, fix: str = "repair it"):
+    """JSON ``text`` as plain data; invalid JSON, a key given twice in one object (JSON leaves its meaning open:
+    Python would silently keep the last) or nesting too deep to read is one MixbitsError naming ``where``."""
+    try:
+        return json.loads(text, object_pairs_hook=_unique_keys)
+    except json.JSONDecodeError as e:
+        raise MixbitsError(f"{where} is not valid JSON ({e.msg} at line {e.lineno}, column {e.colno}); "
+                           f"{fix}") from None
+    except _DuplicateKey as e:
+        raise MixbitsError(f"{where} gives the key {e.args[0]!r} twice in one object; keep one; {fix}") from None
+    except RecursionError:
+        raise MixbitsError(f"{where} is nested too deeply to read (thousands of levels); {fix}") from None
+
+
+def read_json(path: str | os.PathLike, what: str, fix: str = "repair it"):
+    """The JSON data of a file (see :func:`parse_json`); ``what`` names its role, ``fix`` what to do about it."""
+    return parse_json(read_text(path, what), f"{what} {str(path)!r}", fix)
+
+
+class _DuplicateKey(Exception):
+    pass
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
+    out = {}
+    for key, value in pairs:
+        if key in out:
+            raise _DuplicateKey(key)
+        out[key] = value
+    return out
 
 
 def seed_everything(seed: int) -> torch.Generator:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 from collections.abc import Iterable
@@ -11,6 +12,7 @@ from torch import nn
 
 from ..data.batches import Batches
 from ..errors import MixbitsError
+from ..rundir import claim_output_dir, record_settings
 from ..search import SearchResult
 from ..space import SearchSpace
 from ..train import (
@@ -23,6 +25,7 @@ from ..train import (
     supervised_objective,
 )
 from ..train.evaluate import LossFn
+from .arguments import check_device, check_int, check_model, check_optional_callable, check_path
 from .model import PolicySpec, _quantized, example_of, prepared_copy, recalibrate_on_first_batches
 
 # Fine-tuning starts from trained weights, so it takes a tenth of the from-scratch SGD rate (TrainConfig's
@@ -35,6 +38,7 @@ def finetune(model: nn.Module, policy: PolicySpec | SearchResult, train: Iterabl
              index: int = 0, space: SearchSpace | None = None, example_input=None, loss_fn: LossFn | None = None,
              run_dir: str | os.PathLike | None = None, resume: bool = False, progress: bool | None = None,
              seed: int = 0, device: str | torch.device = "cpu", per_channel: bool = False, init: str = "fitted",
+             force: bool = False,
              **settings) -> nn.Module:
     """A copy of the float ``model`` quantized at ``policy`` and trained for ``epochs``; returned in eval mode.
 
@@ -44,9 +48,20 @@ def finetune(model: nn.Module, policy: PolicySpec | SearchResult, train: Iterabl
     ``lr`` defaults to ``FINETUNE_LR`` (SGD 0.01, Adam 1e-4) with a cosine schedule. ``teacher``: a model
     to distil from when ``kd_alpha`` > 0 (default: the float model itself). ``settings`` are any
     :class:`mixbits.train.TrainConfig` field (``kd_alpha=0.5``, ``weight_decay=1e-4``, ``optimizer="adam"``).
-    With ``run_dir`` the run checkpoints every epoch and ``resume=True`` continues it exactly. ``init``: the
-    quantizers' starting steps, ``"fitted"`` (as the searches start) or ``"lsq"`` (see :func:`mixbits.quantize`).
+    With ``run_dir`` the run checkpoints every epoch and ``resume=True`` continues it exactly; ``run_dir``
+    must be new, empty or a training run's (``force=True`` writes into another job's directory anyway), one
+    process holds it at a time, and a resume must ask for the policy it was started with (settings.json).
+    ``init``: the quantizers' starting steps, ``"fitted"`` (as the searches start) or ``"lsq"`` (see
+    :func:`mixbits.quantize`).
     """
+    check_model(model)
+    check_int(epochs, "epochs", minimum=1)
+    check_int(seed, "seed")
+    check_optional_callable(loss_fn, "loss_fn")
+    check_path(run_dir, "run_dir")
+    check_device(device)
+    if teacher is not None:
+        check_model(teacher, "teacher")
     start = None
     if isinstance(policy, SearchResult):
         result = policy
@@ -69,12 +84,17 @@ def finetune(model: nn.Module, policy: PolicySpec | SearchResult, train: Iterabl
         # quantizers through them mis-sets the activation steps (a 2-bit MobileNetV2 then trained at chance).
         recalibrate_on_first_batches(float_model, train, SUBNET_BN_BATCHES, next(float_model.parameters()).device)
     device = torch.device(device)
-    qmodel, _ = _quantized(float_model.to(device), policy, example_of(train, example_input), space, per_channel,
-                           init)
-    fit(qmodel, train, cfg, val_loader=Batches(val, "val") if val is not None else None,
-        objective=loss_objective(loss_fn) if loss_fn is not None else supervised_objective,
-        teacher=teacher if cfg.kd_alpha > 0 else None, run_dir=run_dir, resume=resume, device=device,
-        progress=progress)
+    qmodel, policy = _quantized(float_model.to(device), policy, example_of(train, example_input), space, per_channel,
+                                init)
+    with contextlib.ExitStack() as owned:
+        if run_dir is not None:
+            owned.enter_context(claim_output_dir(run_dir, "train", force=force, resume=resume, flag="run_dir"))
+            record_settings(run_dir, {"policy": policy.to_dict(), "per_channel": per_channel, "init": init},
+                            resume=resume, force=force)
+        fit(qmodel, train, cfg, val_loader=Batches(val, "val") if val is not None else None,
+            objective=loss_objective(loss_fn) if loss_fn is not None else supervised_objective,
+            teacher=teacher if cfg.kd_alpha > 0 else None, run_dir=run_dir, resume=resume, device=device,
+            progress=progress)
     return qmodel.eval()
 
 

@@ -9,7 +9,6 @@ import copy
 import json
 import os
 from collections.abc import Iterable
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -21,12 +20,14 @@ from ..layer_types import kept_float
 from ..quant import apply_policy, initialize_steps, quant_layers, quantize_model
 from ..quant.attention import prepare_model
 from ..quant.pair_bn import PairBatchNorm, collapse_pair_bn
+from ..rundir import claim_output_dir
 from ..search import SearchResult
 from ..space import Policy, SearchSpace, training_space
 from ..train import SUBNET_BN_BATCHES, recalibrate_bn
 from ..train import evaluate as evaluate_loader
 from ..train.evaluate import LossFn
 from ..utils import atomic_write_text, staged_files
+from .arguments import check_device, check_model, check_optional_callable, check_path
 
 PolicySpec = Policy | str | os.PathLike
 
@@ -51,7 +52,7 @@ def quantize(model: nn.Module, policy: PolicySpec, example_input, *, space: Sear
     one that minimises the rounding error on ``example_input``, where every search starts too; ``"lsq"`` uses
     LSQ's initial step, which clips heavy-tailed layers (``quant/fit.py``).
     """
-    qmodel, _ = _quantized(prepared_copy(model), policy, example_input, space, per_channel, init)
+    qmodel, _ = _quantized(prepared_copy(check_model(model)), policy, example_input, space, per_channel, init)
     return qmodel.eval()
 
 
@@ -71,23 +72,31 @@ def evaluate(model: nn.Module, data: Iterable, *, loss_fn: LossFn | None = None,
              device: str | torch.device = "cpu") -> dict:
     """``{"top1", "loss", "samples"}`` of ``model`` over ``(inputs, targets)`` batches (cross-entropy), or
     ``{"loss", "samples"}`` with ``loss_fn(model, batch)`` for any other task."""
+    check_model(model)
+    check_optional_callable(loss_fn, "loss_fn")
+    check_device(device)
     return evaluate_loader(model, Batches(data, "data"), device, loss_fn=loss_fn)
 
 
 def export(model: nn.Module, out_dir: str | os.PathLike, example_input, *, opset: int | None = None,
-           formats: Iterable[str] = ("onnx", "packed"), check: bool = True, check_inputs=None) -> dict:
-    """Write a quantized model to ``out_dir``: model.onnx (QDQ, checked with onnxruntime on ``check_inputs``,
+           formats: Iterable[str] = ("onnx", "packed"), check: bool = True, check_inputs=None,
+           force: bool = False) -> dict:
+    """Write a quantized model to ``out_dir``: model.onnx (checked with onnxruntime on ``check_inputs``,
     default ``example_input``), model.mxb (bit-packed weights), policy.json and export_report.json.
 
     ``example_input`` is a batch of the model's inputs: a tensor of any shape and dtype (images, token
     ids, vectors, sequences), or a tuple or dict of tensors (positional or keyword arguments). The check
     compares every output the model returns: top-1 agreement where the first output is class scores
     (N, classes), relative error for any output; ``check=False`` skips it. Nothing is left in ``out_dir``
-    when the export fails. Returns the report. ``load_packed(path, model=float_model)`` reads model.mxb
-    back into your model.
+    when the export fails. ``out_dir`` must be new, empty or an earlier ``mixbits.export``'s: files another
+    job wrote are replaced only with ``force=True`` (as ``mixbits export --force``), and one process writes
+    it at a time. Returns the report. ``load_packed(path, model=float_model)`` reads model.mxb back into
+    your model.
     """
     from ..export import export_onnx
 
+    check_model(model)
+    check_path(out_dir, "out_dir", optional=False)
     formats = list(formats)
     unknown = [f for f in formats if f not in ("onnx", "packed")]
     if unknown or not formats:
@@ -99,8 +108,8 @@ def export(model: nn.Module, out_dir: str | os.PathLike, example_input, *, opset
     policy = Policy({name: layer.bits for name, layer in layers.items()})
     model = model.eval()
     report: dict = {"model": type(model).__name__, "policy": policy.describe()}
-    with staged_files(out_dir) as stage:  # written together at the end, or not at all
-        policy.save(stage / "policy.json")
+    with claim_output_dir(out_dir, "export", force=force, flag="out_dir") as out, staged_files(out) as stage:
+        policy.save(stage / "policy.json")  # the files move in together at the end, or none of them
         if "onnx" in formats:
             checked = None
             if check:
@@ -112,7 +121,7 @@ def export(model: nn.Module, out_dir: str | os.PathLike, example_input, *, opset
         report["kept_float"] = kept_float(model, layers)
         for fmt, name in (("onnx", "model.onnx"), ("packed", "model.mxb")):
             if fmt in report:  # where the file lands, not where it was staged
-                report[fmt]["path"] = str(Path(out_dir) / name)
+                report[fmt]["path"] = str(out / name)
         atomic_write_text(stage / "export_report.json", json.dumps(report, indent=2) + "\n")
     return report
 
@@ -126,6 +135,8 @@ def subnet(result: SearchResult, index: int = 0, *, bn_data: Iterable | None = N
     trained with one BatchNorm per bit-width pair (``score_bn: pair``) uses the policy's own statistics
     instead; the subnet then holds them as plain BatchNorm layers.
     """
+    if not isinstance(result, SearchResult):
+        raise MixbitsError(f"result must be the SearchResult mixbits.search returned, got {type(result).__name__}")
     if not result.retraining_free or result.model is None:
         raise MixbitsError(f"the {result.method!r} search has no trained supernet to run policies on; fine-tune "
                            "its policies with mixbits.finetune, or search with method='oneshot'")

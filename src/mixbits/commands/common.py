@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from ..config import RunConfig, load_config, shipped_configs
 
@@ -35,10 +36,16 @@ _FLAGS = {"model": "model.name", "data": "data.name", "data_dir": "data.root", "
 
 def config_from_args(args, flags: dict[str, str] | None = None) -> RunConfig:
     """The run config from --config, the typed flags (``_FLAGS`` plus a command's own ``flags``: attribute ->
-    setting), then --set. Flag values are taken as parsed: a path or a number never goes through YAML."""
+    setting), then --set. Flag values are taken as parsed: a path or a number never goes through YAML.
+
+    With --resume and no --config, the run's own config.yaml takes the place of the defaults: the settings it
+    was started with, which any flag given must then match (the run checks it)."""
     path = args.config
     if path and path in shipped_configs():
         path = shipped_configs()[path]
+    recorded = Path(args.out or RunConfig().out) / "config.yaml"
+    if path is None and getattr(args, "resume", False) and recorded.is_file():
+        path = recorded
     overrides = [(key, getattr(args, flag)) for flag, key in {**_FLAGS, **(flags or {})}.items()
                  if getattr(args, flag, None) is not None]
     return load_config(path, overrides + list(args.set))

@@ -22,7 +22,7 @@ from ..errors import MixbitsError, did_you_mean
 from ..layer_types import kept_float
 from ..pipeline import load_trained, resolve_checkpoint, saved_data_config
 from ..quant import quant_layers
-from ..rundir import add_force_argument, check_output_dir, make_output_dir
+from ..rundir import add_force_argument, check_output_dir, claim_output_dir
 from ..utils import atomic_write_text
 
 FORMATS = ("onnx", "packed")
@@ -50,10 +50,16 @@ def run(args) -> int:
     if card.policy is None:
         raise MixbitsError(f"{args.run} is a float run; export needs a quantized one (mixbits train --policy ...)")
     job = f"export of {resolve_checkpoint(args.run).resolve()}"  # re-exporting the same run may replace its files
-    check_output_dir(args.out, job, force=args.force)
+    check_output_dir(args.out, job, force=args.force)  # before reading the check's data, not after
     checked = "onnx" in formats and args.check_samples and not args.no_check
     check = _check_batches(args, saved) if checked else None
-    out = make_output_dir(args.out, job)
+    with claim_output_dir(args.out, job, force=args.force) as out:
+        report = _write(args, model, card, formats, check, out)
+    _print_summary(out, report)
+    return 0
+
+
+def _write(args, model, card, formats: list[str], check, out: Path) -> dict:
     card.policy.save(out / "policy.json")
     report = {"run": str(args.run), "model": card.name, "policy": card.policy.describe(),
               "kept_float": kept_float(model, quant_layers(model))}
@@ -64,8 +70,7 @@ def run(args) -> int:
 
         report["packed"] = pack_model(model, out / "model.mxb", card=card).to_dict()
     atomic_write_text(out / "export_report.json", json.dumps(report, indent=2) + "\n")
-    _print_summary(out, report)
-    return 0
+    return report
 
 
 def _formats(text: str) -> list[str]:

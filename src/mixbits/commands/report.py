@@ -16,7 +16,7 @@ from pathlib import Path
 
 from ..errors import MixbitsError
 from ..report import benchmark_outputs, report_benchmark, report_run
-from ..rundir import add_force_argument, check_output_dir, check_output_file, make_output_dir
+from ..rundir import add_force_argument, check_output_file, claim_output_dir
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -34,8 +34,8 @@ def run(args) -> int:
         written = report_benchmark(path, out)
     elif path.is_dir():
         job = f"report of {path.resolve()}"
-        out = check_output_dir(Path(args.out) if args.out else path / "report", job, force=args.force)
-        written = report_run(path, make_output_dir(out, job))
+        with claim_output_dir(Path(args.out) if args.out else path / "report", job, force=args.force) as out:
+            written = report_run(path, out)
     else:
         raise MixbitsError(f"{args.path!r} is neither a run directory nor a benchmark result JSON")
     print(f"wrote {written}")

@@ -33,7 +33,7 @@ def user_loaders(cfg, seed: int, rank: int = 0, world_size: int = 1):
                            "dataset, or call mixbits.search/finetune with a DistributedSampler of your own")
     factory = load_factory(cfg.name, "data")
     offered = {"batch_size": cfg.batch_size, "eval_batch_size": cfg.eval_batch_size, "seed": seed, "root": cfg.root}
-    out = call_with_accepted(factory, offered, {})
+    out = call_with_accepted(factory, offered, {}, cfg.name, "data")
     if not isinstance(out, (tuple, list)) or len(out) not in (2, 3):
         raise MixbitsError(f"data {cfg.name!r} returned {type(out).__name__}; expected (train, test) or "
                            "(train, val, test) iterables of (inputs, targets) batches")

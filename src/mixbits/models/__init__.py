@@ -35,7 +35,8 @@ def create(name: str, num_classes: int = 10, in_chans: int = 3, **kwargs) -> nn.
         raise MixbitsError("; ".join(f"model option {p}" for p in problems))
     if not is_spec(name):
         return factory(num_classes=int(num_classes), in_chans=int(in_chans), **kwargs)
-    model = call_with_accepted(factory, {"num_classes": int(num_classes), "in_chans": int(in_chans)}, kwargs)
+    model = call_with_accepted(factory, {"num_classes": int(num_classes), "in_chans": int(in_chans)}, kwargs,
+                               name, "model")
     if not isinstance(model, nn.Module):
         raise MixbitsError(f"model {name!r} returned {type(model).__name__}, not an nn.Module")
     return model

@@ -22,8 +22,9 @@ from torch import Tensor
 from ..compiler import fused_default
 from . import kernels
 
-# On where a C compiler is found, unless MIXBITS_FUSED pins it.
-_FUSED = {"enabled": fused_default()}
+# On where a C compiler is found, unless MIXBITS_FUSED pins it: read at the first quantizer call, never at import
+# (a bad value then fails the call that needs it, not `import mixbits`).
+_FUSED: dict[str, bool | None] = {"enabled": None}
 
 
 def set_fused(enabled: bool) -> None:
@@ -32,6 +33,8 @@ def set_fused(enabled: bool) -> None:
 
 
 def fused_enabled() -> bool:
+    if _FUSED["enabled"] is None:
+        _FUSED["enabled"] = fused_default()
     return _FUSED["enabled"]
 
 
@@ -98,8 +101,8 @@ FUSED_MIN_NUMEL = 1 << 10
 def fused_applies(x: Tensor) -> bool:
     """Whether an operation on ``x`` runs as a compiled kernel (``set_fused``) rather than as eager ops."""
     # Inside a compiled model the whole graph is fused already; nested compiled kernels would break it.
-    return (_FUSED["enabled"] and x.numel() >= FUSED_MIN_NUMEL and x.dtype == torch.float32
-            and not torch.compiler.is_compiling())
+    return (not torch.compiler.is_compiling() and fused_enabled() and x.numel() >= FUSED_MIN_NUMEL
+            and x.dtype == torch.float32)
 
 
 def fused_unavailable(what: str, error: Exception) -> None:

@@ -26,7 +26,6 @@ from ..data.batches import model_input
 from ..errors import MixbitsError
 from ..pipeline import float_card, resolve_checkpoint, search_space
 from ..quant import set_fused
-from ..rundir import check_output_dir, make_output_dir
 from ..search import SearchResult, method_problems
 from ..space import Policy
 from ..train import (
@@ -36,7 +35,8 @@ from ..train import (
     load_checkpoint,
     load_model_state,
 )
-from ..utils import atomic_write_text, seed_everything
+from ..utils import atomic_write_text, read_json, seed_everything
+from .ownership import owned_run
 from .subnets import evaluate_subnets
 from .train import train
 
@@ -64,10 +64,14 @@ def _search(cfg: RunConfig, dist_ctx, resume: bool, progress: bool | None, force
     if cfg.init is None:
         raise MixbitsError("search needs a trained float model to start from: pass --init FLOAT_RUN "
                            "(train one with `mixbits train`)")
-    out = Path(cfg.out)
-    if (out / "search.json").exists() and not resume:
-        raise MixbitsError(f"{str(out)!r} already holds a search; pass --resume to reuse it or choose another --out")
-    check_output_dir(out, "search", force=force, resume=resume)
+    with owned_run(cfg, "search", dist_ctx, force=force, resume=resume) as out:
+        if (out / "search.json").exists() and not resume:
+            raise MixbitsError(f"{str(out)!r} already holds a search; pass --resume to reuse it or choose another "
+                               "--out")
+        return _search_owned(cfg, dist_ctx, out, resume, progress)
+
+
+def _search_owned(cfg: RunConfig, dist_ctx, out: Path, resume: bool, progress: bool | None) -> list[dict]:
     set_fused(fused_setting(cfg.quant.fused))
     seed_everything(cfg.train.seed)
     global_data = replace(cfg.data, batch_size=cfg.data.batch_size * dist_ctx.world_size)
@@ -87,7 +91,6 @@ def _search(cfg: RunConfig, dist_ctx, resume: bool, progress: bool | None, force
         check_feasible(budget, stats, space, latency)
     result = None
     if dist_ctx.is_main():
-        make_output_dir(out, "search")
         cfg.save(out / "config.yaml")
         result = _load_or_search(out, resume, lambda: search_model(
             float_model, train_loader, budgets, cfg.search.method, val=val_loader,
@@ -123,7 +126,8 @@ def _evaluate_subnets(cfg: RunConfig, out: Path, supernet: str, card, policies: 
 def _load_or_search(out: Path, resume: bool, run_search: Callable[[], SearchResult]) -> dict:
     path = out / "search.json"
     if resume and path.is_file():
-        return json.loads(path.read_text())
+        return read_json(path, "search result", "remove it and pass --resume again to search anew (trained "
+                         "supernet checkpoints are reused), or choose another --out")
     result = run_search().to_dict()
     atomic_write_text(out / "front.json", json.dumps(result.pop("front"), indent=1) + "\n")
     for i, policy in enumerate(result["policies"]):

@@ -21,7 +21,6 @@ from ..data.batches import model_input
 from ..errors import MixbitsError
 from ..pipeline import ModelCard, float_card, load_trained, quantized_model, resolve_checkpoint, training_space
 from ..quant import set_fused
-from ..rundir import check_output_dir, make_output_dir
 from ..train import (
     DistContext,
     barrier,
@@ -35,6 +34,7 @@ from ..train import (
     wrap_ddp,
 )
 from ..utils import atomic_write_text, seed_everything
+from .ownership import owned_run
 
 
 @dataclass
@@ -63,11 +63,14 @@ def train(cfg: RunConfig, resume: bool = False, progress: bool | None = None, fo
 
 
 def _train(cfg: RunConfig, ctx: DistContext, resume: bool, progress: bool | None, force: bool) -> TrainOutcome:
-    run_dir = Path(cfg.out)
-    if (run_dir / "checkpoint.pt").exists() and not resume:
-        raise MixbitsError(f"run directory {str(run_dir)!r} already holds a checkpoint; pass --resume to continue "
-                           f"it or choose another --out")
-    check_output_dir(run_dir, "train", force=force, resume=resume)
+    with owned_run(cfg, "train", ctx, force=force, resume=resume) as run_dir:
+        if (run_dir / "checkpoint.pt").exists() and not resume:
+            raise MixbitsError(f"run directory {str(run_dir)!r} already holds a checkpoint; pass --resume to "
+                               f"continue it or choose another --out")
+        return _train_owned(cfg, ctx, run_dir, resume, progress)
+
+
+def _train_owned(cfg: RunConfig, ctx: DistContext, run_dir: Path, resume: bool, progress: bool | None) -> TrainOutcome:
     set_fused(fused_setting(cfg.quant.fused))
     seed_everything(cfg.train.seed)
     train_loader, val_loader, test_loader, train_set, global_loader = _loaders(cfg, ctx)
@@ -83,8 +86,6 @@ def _train(cfg: RunConfig, ctx: DistContext, resume: bool, progress: bool | None
     model.to(ctx.device)
     broadcast_module_state(model)  # every rank starts from rank 0's weights, steps and signs
     main = ctx.is_main()
-    if main:
-        make_output_dir(run_dir, "train")
     if main and not resume:  # a resumed run keeps its config.yaml until fit() has accepted the settings
         cfg.save(run_dir / "config.yaml")
     history = fit(wrap_ddp(model, ctx), train_loader, cfg.train, val_loader=val_loader, teacher=teacher,

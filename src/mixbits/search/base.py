@@ -27,6 +27,7 @@ from ..errors import MixbitsError, did_you_mean
 from ..registry import Registry
 from ..space import Policy, SearchSpace
 from ..train.checkpoint import CHECKPOINT
+from ..train.inputs import check_logits, check_loss
 
 SEARCHERS = Registry("search method")
 
@@ -106,8 +107,9 @@ def task_loss(loss_fn: Callable | None, model: nn.Module, x, y) -> tuple[torch.T
     loader gave it (then no logits: what needs them, such as distillation between policies, is skipped)."""
     if loss_fn is None:
         logits = call_model(model, x)
+        check_logits(logits, y)
         return F.cross_entropy(logits, y), logits
-    return loss_fn(model, x if y is None else (x, y)), None
+    return check_loss(loss_fn(model, x if y is None else (x, y))), None
 
 
 def method_options(cls, options: dict, method: str):

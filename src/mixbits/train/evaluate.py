@@ -11,6 +11,7 @@ from torch import nn
 
 from ..data.batches import batch_size, call_model, to_device
 from ..errors import MixbitsError
+from .inputs import check_logits, check_loss
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]  # loss_fn(model, batch) -> scalar loss
 
@@ -33,11 +34,13 @@ def evaluate(model: nn.Module, loader: Iterable, device: str | torch.device = "c
     samples, targets = 0, 0
     try:
         with torch.inference_mode():
-            for i, (x, y) in enumerate(loader):
+            for i, batch in enumerate(loader):
                 if max_batches is not None and i >= max_batches:
                     break
+                x, y = _pair(batch)
                 x, y = to_device(x, device), y.to(device, non_blocking=True)
                 logits = call_model(model, x)
+                check_logits(logits, y)
                 # Sum on the device and read once at the end: no host sync per batch.
                 loss_sum += F.cross_entropy(logits.float(), y, reduction="sum")
                 # Classes lie on dim 1 for cross-entropy whatever the rank: per-pixel (or per-token) targets of a
@@ -50,6 +53,16 @@ def evaluate(model: nn.Module, loader: Iterable, device: str | torch.device = "c
     if samples == 0:
         raise MixbitsError("evaluation loader yielded no samples; check the validation split and max_batches")
     return {"top1": 100.0 * correct.item() / targets, "loss": loss_sum.item() / targets, "samples": samples}
+
+
+def _pair(batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (inputs, targets) of a classification batch: the inputs a tensor, or a tuple or dict of them (the model's
+    arguments), the targets a tensor; any other batch is one message naming loss_fn."""
+    if isinstance(batch, (tuple, list)) and len(batch) == 2 and isinstance(batch[1], torch.Tensor):
+        return batch[0], batch[1]
+    kind = f"a {type(batch).__name__}" + (f" of {len(batch)} items" if isinstance(batch, (tuple, list)) else "")
+    raise MixbitsError(f"evaluating top-1 and cross-entropy reads (inputs, targets) tensor batches, got {kind}; pass "
+                       "loss_fn=lambda model, batch: ... to evaluate batches of another shape")
 
 
 def _evaluate_loss(model: nn.Module, loader: Iterable, device: torch.device, max_batches: int | None,
@@ -75,7 +88,7 @@ def mean_task_loss(model: nn.Module, loader: Iterable, device: torch.device, los
             break
         x, y = split_batch(batch, device)
         n = batch_size(x if y is None else y)
-        loss_sum += float(loss_fn(model, x if y is None else (x, y))) * n
+        loss_sum += float(check_loss(loss_fn(model, x if y is None else (x, y)))) * n
         samples += n
     if samples == 0:
         raise MixbitsError("evaluation loader yielded no samples; check the validation split and max_batches")

@@ -14,6 +14,7 @@ and a bad loss or a stop request on any rank stops all of them at the same step.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from collections.abc import Callable, Sequence
@@ -37,7 +38,16 @@ from .distill import kd_loss
 from .distributed import all_reduce_sum, broadcast_object, is_distributed, is_main, unwrap
 from .evaluate import evaluate
 from .guard import LossGuard
-from .memory import retain_freed_memory
+from .inputs import (
+    check_batch_size,
+    check_logits,
+    check_loss,
+    check_parameters,
+    check_teacher_logits,
+    non_finite_inputs,
+    trains_batchnorm,
+)
+from .memory import retained_memory
 from .optim import TrainConfig, build_optimizer, build_scheduler, param_groups
 from .stopping import Stopped, pending_signal, stop_pending, stops_deferred
 
@@ -89,6 +99,7 @@ def supervised_objective(state: TrainState, x: torch.Tensor, y: torch.Tensor) ->
     plus ebr_weight · the entropy-aware bin regulariser of the quantized weights (``mixbits.quant.ebr``) if > 0."""
     cfg = state.cfg
     logits = call_model(state.model, x)
+    check_logits(logits, y)
     ce = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
     loss, metrics = ce, {}
     if state.teacher is not None and cfg.kd_alpha != 0:
@@ -96,6 +107,7 @@ def supervised_objective(state: TrainState, x: torch.Tensor, y: torch.Tensor) ->
             state.teacher.eval()
         with torch.no_grad():
             teacher_logits = call_model(state.teacher, x)
+        check_teacher_logits(teacher_logits, logits)
         kd = kd_loss(logits, teacher_logits, cfg.kd_temperature)
         loss = (1 - cfg.kd_alpha) * ce + cfg.kd_alpha * kd
         metrics = {"ce": ce.detach(), "kd": kd.detach()}
@@ -111,7 +123,7 @@ def loss_objective(loss_fn: Callable) -> Objective:
     ebr_weight · the bin regulariser when set. No logits, so no distillation and no train top-1."""
 
     def objective(state: TrainState, x, y) -> StepOutput:
-        loss = loss_fn(state.model, x if y is None else (x, y))
+        loss = check_loss(loss_fn(state.model, x if y is None else (x, y)))
         if state.cfg.ebr_weight != 0:
             loss = loss + state.cfg.ebr_weight * model_ebr(state.module)
         return StepOutput(loss)
@@ -157,13 +169,21 @@ def fit(model: nn.Module, train_loader, cfg: TrainConfig, *, val_loader=None,
     the data, only ``is_main_process`` writes, and every rank resumes from the same checkpoint file.
     """
     cfg.check()
-    hooks = list(hooks)
-    run_dir = Path(run_dir) if run_dir is not None else None
+    device = torch.device(device)
+    # Freed memory stays in the process while training on the CPU, and only then (see memory.py).
+    with retained_memory() if device.type == "cpu" else contextlib.nullcontext():
+        return _fit(model, train_loader, cfg, val_loader=val_loader, objective=objective, hooks=list(hooks),
+                    teacher=teacher, run_dir=Path(run_dir) if run_dir is not None else None, resume=resume,
+                    device=device, params=params, extra_state=extra_state, progress=progress,
+                    is_main_process=is_main_process)
+
+
+def _fit(model: nn.Module, train_loader, cfg: TrainConfig, *, val_loader, objective: Objective, hooks: list[Hook],
+         teacher: nn.Module | None, run_dir: Path | None, resume: bool, device: torch.device, params,
+         extra_state: dict | None, progress: bool | None, is_main_process: bool) -> TrainResult:
+    check_parameters(unwrap(model))
     saved = open_run(run_dir, resume)
     generator = seed_everything(cfg.seed) if saved is None else torch.Generator()
-    device = torch.device(device)
-    if device.type == "cpu":
-        retain_freed_memory()
     model.to(device)
     module = unwrap(model)  # what checkpoints hold and parameter-group names refer to
     steps_per_epoch = _steps_per_epoch(train_loader)
@@ -239,10 +259,12 @@ def _train_epoch(state: TrainState, loader, objective: Objective, hooks: list[Ho
         hook.on_epoch_start(state)
     params = [p for group in optimizer.param_groups for p in group["params"]]
     running = _Running(state.device)
+    trains_bn = trains_batchnorm(state.model)
     with tqdm(loader, total=state.steps_per_epoch, desc=f"epoch {state.epoch + 1}/{cfg.epochs}", disable=not show,
               leave=False, dynamic_ncols=True) as bar:
         for batch, data in enumerate(bar):
             x, y = split_batch(data, state.device)
+            check_batch_size(trains_bn, batch_size(x), batch)
             optimizer.zero_grad(set_to_none=True)
             out = objective(state, x, y)
             if isinstance(out, torch.Tensor):
@@ -251,7 +273,7 @@ def _train_epoch(state: TrainState, loader, objective: Objective, hooks: list[Ho
             problem = state.loss_guard.problem(loss)
             bad_loss, stop = _agree(state.device, problem is not None, stop_pending())
             if bad_loss:
-                raise _bad_loss(state, problem, batch, last_checkpoint)
+                raise _bad_loss(state, problem, batch, last_checkpoint, x)
             if stop:
                 raise Stopped(pending_signal())
             if out.loss.requires_grad:
@@ -328,13 +350,17 @@ class _Running:
 _STANDARD = {"epoch", "step", "lr", "train_loss", "train_top1", "val_loss", "val_top1", "seconds"}
 
 
-def _bad_loss(state: TrainState, problem: str | None, batch: int, last_checkpoint: Path | None) -> TrainingDiverged:
+def _bad_loss(state: TrainState, problem: str | None, batch: int, last_checkpoint: Path | None,
+              inputs) -> TrainingDiverged:
     what = problem or "training loss is not finite, or diverged, on another rank"
-    return TrainingDiverged(
-        f"{what} at epoch {state.epoch + 1}/{state.cfg.epochs}, step {state.step + 1} "
-        f"(batch {batch + 1} of the epoch); last good checkpoint: {last_checkpoint or 'none yet'}. "
-        f"Lower the learning rate (train.lr is {state.cfg.lr}) or set train.grad_clip."
-    )
+    where = (f"at epoch {state.epoch + 1}/{state.cfg.epochs}, step {state.step + 1} (batch {batch + 1} of the epoch); "
+             f"last good checkpoint: {last_checkpoint or 'none yet'}.")
+    bad_inputs = non_finite_inputs(inputs)
+    if bad_inputs:  # the data, not the learning rate: say so
+        return TrainingDiverged(f"{what} {where} The batch's inputs hold {bad_inputs} NaN or infinite values: clean "
+                                "or filter the data (e.g. torch.nan_to_num, or drop those samples).")
+    return TrainingDiverged(f"{what} {where} Lower the learning rate (train.lr is {state.cfg.lr}) or set "
+                            "train.grad_clip.")
 
 
 def _steps_per_epoch(loader) -> int:
