@@ -17,6 +17,7 @@ from mixbits.cost import bitops, profile
 from mixbits.errors import MixbitsError
 from mixbits.quant import quant_layers
 from mixbits.quant.attention import prepare_model
+from mixbits.rundir import MARKER
 from mixbits.space import Policy, SearchSpace
 
 QUICK = {"hawq": {"probes": 1, "batches": 1}, "oneshot": {"epochs": 1, "eval_batches": 1, "bn_batches": 1}}
@@ -159,8 +160,8 @@ def test_every_input_kind_fine_tunes_and_exports_matching_onnxruntime(kind, tmp_
         assert check["top1_agreement"] is None and check["rel_diff"] < 1e-3
     else:
         assert check["top1_agreement"] >= 95.0
-    assert {p.name for p in (tmp_path / kind).iterdir()} == {"model.onnx", "model.mxb", "policy.json",
-                                                            "export_report.json"}
+    written = {p.name for p in (tmp_path / kind).iterdir()}
+    assert written == {"model.onnx", "model.mxb", "policy.json", "export_report.json", MARKER}  # MARKER: the owner
 
 
 def test_first_layers_are_every_layer_reading_the_input_and_their_siblings():
