@@ -36,9 +36,12 @@ def test_movement_is_zero_at_the_uniform_start_and_one_when_decided():
     uniform = distribution_movement(["a", "b"], torch.full((2, 4), 0.25))
     assert uniform["entropy_drop"] == pytest.approx(0.0, abs=1e-12) and uniform["near_start"]
     assert uniform["layers"]["a"]["entropy_start"] == pytest.approx(math.log(4))
-    decided = distribution_movement(["a", "b"], torch.tensor([[1.0, 0, 0, 0], [0, 0, 0.5, 0.5]]))
+    pairs = [(2, 2), (2, 4), (4, 2), (4, 4)]
+    decided = distribution_movement(["a", "b"], torch.tensor([[1.0, 0, 0, 0], [0, 0.1, 0.6, 0.3]]), pairs)
     assert decided["layers"]["a"] == {"entropy_start": pytest.approx(math.log(4)), "entropy_end": pytest.approx(0.0),
-                                      "p_max_end": 1.0}
+                                      "p_max_end": 1.0, "argmax": [2, 2]}
+    assert decided["layers"]["b"]["argmax"] == [4, 2]
+    decided = distribution_movement(["a", "b"], torch.tensor([[1.0, 0, 0, 0], [0, 0, 0.5, 0.5]]))
     # layer b kept half its entropy: the mean drop is (1 + 0.5) / 2
     assert decided["entropy_drop"] == pytest.approx(0.75) and not decided["near_start"]
     assert decided["p_max_mean"] == pytest.approx(0.75) and decided["p_uniform"] == 0.25
@@ -73,6 +76,8 @@ def test_the_automatic_rate_follows_the_search_length_and_moves_the_distribution
     assert moved["entropy_drop"] > NEAR_START and moved["p_max_mean"] > 2 * stayed["p_max_mean"]
     assert not auto.trace[0]["near_start"] and auto.info["near_start"] == [] and not auto_warnings
     assert set(moved["layers"]) == set(ctx.space.searchable)
+    assert all(tuple(layer["argmax"]) in [(w, a) for w in ctx.space.w_bits for a in ctx.space.a_bits]
+               for layer in moved["layers"].values())
 
 
 def test_ssps_records_movement_at_the_time_each_layer_was_fixed():

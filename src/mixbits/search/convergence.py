@@ -61,17 +61,22 @@ def _entropy(p: Tensor) -> Tensor:
     return -(p * p.clamp_min(1e-12).log()).sum(-1)
 
 
-def distribution_movement(layers: Sequence[str], pair_probs: Tensor) -> dict:
-    """How far each layer's pair distribution moved from the uniform start (the module docstring says how)."""
+def distribution_movement(layers: Sequence[str], pair_probs: Tensor,
+                          pairs: Sequence[tuple[int, int]] | None = None) -> dict:
+    """How far each layer's pair distribution moved from the uniform start (the module docstring says how);
+    with ``pairs`` (the (w, a) of each column) also each layer's most likely pair, ``argmax``."""
     end = pair_probs.detach().double().cpu()
-    pairs = end.shape[-1]
-    start_entropy = math.log(pairs) if pairs > 1 else 0.0
+    count = end.shape[-1]
+    start_entropy = math.log(count) if count > 1 else 0.0
     end_entropy = _entropy(end)
-    largest = end.max(dim=-1).values
-    per_layer = {name: {"entropy_start": start_entropy, "entropy_end": float(h), "p_max_end": float(p)}
-                 for name, h, p in zip(layers, end_entropy, largest, strict=True)}
+    largest, best = end.max(dim=-1)
+    per_layer = {}
+    for name, h, p, k in zip(layers, end_entropy, largest, best, strict=True):
+        per_layer[name] = {"entropy_start": start_entropy, "entropy_end": float(h), "p_max_end": float(p)}
+        if pairs is not None:
+            per_layer[name]["argmax"] = list(pairs[int(k)])
     drop = (1.0 - float(end_entropy.mean()) / start_entropy) if start_entropy > 0 else 1.0
-    return {"entropy_drop": drop, "p_max_mean": float(largest.mean()), "p_uniform": 1.0 / pairs,
+    return {"entropy_drop": drop, "p_max_mean": float(largest.mean()), "p_uniform": 1.0 / count,
             "near_start": drop < NEAR_START, "layers": per_layer}
 
 

@@ -289,7 +289,7 @@ def search_each_budget(ctx: SearchContext, method: str, opts: DifferentiableOpti
                 arch = ArchParams(names, ctx.space.w_bits, ctx.space.a_bits, joint=opts.joint).to(ctx.device)
                 limits = budget.limits(ctx.stats, ctx.space, ctx.latency)
                 found = search_one(BudgetSearch(ctx, arch, layers, cost, budget, limits, index))
-                movement = distribution_movement(arch.layers, found.pair_probs)
+                movement = distribution_movement(arch.layers, found.pair_probs, arch.pairs)
                 warn_if_near_start(method, budget.text, movement, recorded_rate(found.trace.get("epochs", [])))
                 policy, repaired = repair(ctx, arch, found.policy, budget, found.pair_probs)
                 filled = []
