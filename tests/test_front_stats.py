@@ -193,3 +193,10 @@ def test_policy_layers_groups_bits_by_kind_of_layer():
     dw, pw = summarise(rows, kinds, macs)
     assert (dw["kind"], dw["macs_share"], dw["mean_w"], dw["mean_a"], dw["w2_share"]) == ("depthwise", 0.1, 2, 4, 1.0)
     assert (pw["mean_w"], pw["w2_share"], pw["top1"], pw["n"]) == (5, 0.0, 70.5, 2)
+    # the kind's share of each policy's BitOPs (MACs·w·a) and weight bits (params·w), averaged over the seeds
+    dw, pw = summarise(rows, kinds, macs, params={"dw": 30, "pw": 70})
+    seed0 = 10 * 2 * 4 / (10 * 2 * 4 + 90 * 4 * 3)  # 80 / 1160
+    seed1 = 10 * 2 * 4 / (10 * 2 * 4 + 90 * 6 * 3)  # 80 / 1700
+    assert dw["bitops_share"] == pytest.approx((seed0 + seed1) / 2)
+    assert dw["size_share"] == pytest.approx((60 / (60 + 280) + 60 / (60 + 420)) / 2)
+    assert pw["bitops_share"] == pytest.approx(1 - dw["bitops_share"])

@@ -680,6 +680,8 @@ def test_random_baseline_scores_random_policies_on_the_supernet_with_the_walks_c
     assert baseline["walk_scores"] == pytest.approx(compute)
     samples = math.ceil(compute / 2)
     assert baseline["samples_per_budget"] == samples > 1
+    assert baseline["evaluations"] <= 2 * samples and baseline["forward_samples"] == 32 * baseline["evaluations"]
+    assert info["evaluations"] == walks_only.info["evaluations"]  # the search's own count leaves the baseline out
     # the same draws, scored again with a fresh scorer of the same kind on the search's supernet: the best per budget
     gen = torch.Generator().manual_seed(ctx.seed)
     scorer = PolicyEvaluator(result.model, ctx.val_loader, None, 2, 0, bn_mode="batch")

@@ -6,12 +6,14 @@ the one-shot search also draws random policies per budget (random search's draws
 ``search/random_search.py``, seeded by the search's seed), scores them with the walk's own evaluator on the
 same supernet, and keeps the best per budget beside the walk's policy. It gets the walks' compute: as many
 full scores as the walks and fills took in all (each screening score counted as its share of a full
-score's images), split evenly over the budgets (at least one each).
+score's images), split evenly over the budgets (at least one each). Its own cost is recorded (``seconds``,
+``forward_samples``), so that a caller can keep it out of the search's.
 """
 
 from __future__ import annotations
 
 import math
+import time
 
 import torch
 
@@ -22,6 +24,12 @@ from ..random_search import repair, sample_policy
 
 def images_per_score(evaluator: PolicyEvaluator) -> int:
     return sum(len(batch[-1]) for batch in evaluator.batches)
+
+
+def forward_samples(evaluator: PolicyEvaluator, evaluations: int) -> int:
+    """Samples through the whole network for ``evaluations`` new scores (BatchNorm recalibration included)."""
+    bn = sum(len(batch[-1]) for batch in evaluator.bn_batches) if evaluator.bn_mode == "recalibrate" else 0
+    return evaluations * (images_per_score(evaluator) + bn)
 
 
 def walk_compute(evaluator: PolicyEvaluator, screen: PolicyEvaluator | None) -> float:
@@ -37,7 +45,7 @@ def random_on_supernet(ctx: SearchContext, evaluator: PolicyEvaluator, screen: P
     compute = walk_compute(evaluator, screen)
     samples = max(1, math.ceil(compute / len(ctx.budgets)))
     gen = torch.Generator().manual_seed(ctx.seed)
-    before = evaluator.evaluations
+    before, started = evaluator.evaluations, time.perf_counter()
     policies, scores, trace = [], [], []
     for budget in ctx.budgets:
         best, best_score = None, None
@@ -50,5 +58,7 @@ def random_on_supernet(ctx: SearchContext, evaluator: PolicyEvaluator, screen: P
         scores.append(best_score)
         trace.append({"stage": "random", "budget": budget.text, "samples": samples, "policy": best.describe(),
                       **ctx.cost(best), **best_score})
-    return {"samples_per_budget": samples, "walk_scores": compute, "evaluations": evaluator.evaluations - before,
+    new = evaluator.evaluations - before  # a policy the walks scored already costs nothing
+    return {"samples_per_budget": samples, "walk_scores": compute, "evaluations": new,
+            "forward_samples": forward_samples(evaluator, new), "seconds": time.perf_counter() - started,
             "policies": policies, "scores": scores, "trace": trace}

@@ -1,0 +1,105 @@
+"""What each method's front cost, beside what it gained: search and fine-tune compute in seconds, forward
+samples and multiples of one uniform QAT run.
+
+    python benchmarks/method_cost.py --model resnet20 --preset medium
+
+Reads the finished rows of ``benchmarks/front.py`` (no training). The unit is one uniform QAT run of the
+front's recipe: the mean fine-tune of its uniform references (``uniform-ref``), in seconds and in forward
+samples. Per method (row label): one search per seed covers every budget, so its compute is taken once per
+seed (mean over seeds); its fine-tunes are one per budget (mean per policy, and their sum per seed). The gain is
+each row's top-1 over the uniform front at its BitOPs (``front_stats.add_gains``, paired by seed), pooled over
+the budgets between the uniform levels: mean per seed, then mean over seeds with its 95 % interval. Seconds
+come from whichever machines made the rows (each row keeps its threads); a multiple is a ratio of those.
+Writes benchmarks/results/method-cost-<model>-<preset>.json and .md (``--state-dir`` another directory:
+...-<its name>).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import markdown_table, write_report  # noqa: E402
+from front import BUDGETS, MODELS, PRESETS, REFERENCE, STATE  # noqa: E402
+from front_stats import add_gains, ci95  # noqa: E402
+
+BETWEEN = {f"bitops<={b}" for b in BUDGETS}  # the budgets between the uniform levels
+
+
+def mean_or_none(values: list[float]) -> float | None:
+    return statistics.fmean(values) if values else None
+
+
+def qat_unit(rows: list[dict]) -> dict[str, float | None]:
+    """One uniform QAT run: the references' mean fine-tune seconds and forward samples."""
+    refs = [r for r in rows if r["method"] == REFERENCE and r.get("finetune_seconds")]
+    return {"seconds": mean_or_none([r["finetune_seconds"] for r in refs]),
+            "passes": mean_or_none([r["finetune_passes"] for r in refs if r.get("finetune_passes")])}
+
+
+def ratio(value: float | None, unit: float | None) -> float | None:
+    return value / unit if value is not None and unit else None
+
+
+def method_costs(rows: list[dict]) -> list[dict]:
+    """One line per method label: compute per seed and per policy, as multiples of the QAT unit, and its gain."""
+    unit = qat_unit(rows)
+    by_method: dict[str, list[dict]] = defaultdict(list)
+    for r in add_gains(rows, REFERENCE):
+        if r["method"] != REFERENCE:
+            by_method[r["method"]].append(r)
+    out = []
+    for method, group in sorted(by_method.items()):
+        per_seed: dict[int, list[dict]] = defaultdict(list)
+        for r in group:
+            per_seed[r["seed"]].append(r)
+        search_s = [seed_rows[0].get("search_seconds") or 0.0 for seed_rows in per_seed.values()]
+        search_p = [seed_rows[0].get("search_passes") or 0 for seed_rows in per_seed.values()]
+        finetune_s = [sum(r.get("finetune_seconds") or 0.0 for r in seed_rows) for seed_rows in per_seed.values()]
+        gains = []
+        for seed_rows in per_seed.values():
+            between = [r["gain_vs_uniform_front"] for r in seed_rows
+                       if r["budget"] in BETWEEN and r.get("gain_vs_uniform_front") is not None]
+            if between:
+                gains.append(statistics.fmean(between))
+        out.append({"method": method, "seeds": len(per_seed), "search_seconds": mean_or_none(search_s),
+                    "search_passes": mean_or_none(search_p),
+                    "search_x_qat": ratio(mean_or_none(search_s), unit["seconds"]),
+                    "search_passes_x_qat": ratio(mean_or_none(search_p), unit["passes"]),
+                    "finetune_seconds_per_seed": mean_or_none(finetune_s),
+                    "total_x_qat": ratio(mean_or_none([a + b for a, b in zip(search_s, finetune_s, strict=True)]),
+                                         unit["seconds"]),
+                    "pooled_gain": mean_or_none(gains), "gain_ci95": ci95(gains)})
+    return out
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", choices=sorted(MODELS), default="resnet20")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="medium")
+    p.add_argument("--state-dir", default=str(STATE), help="the front benchmark's state (its rows)")
+    args = p.parse_args(argv)
+    rows_file = Path(args.state_dir) / f"{args.model}-{args.preset}" / "rows.jsonl"
+    rows = [json.loads(line) for line in rows_file.read_text().splitlines() if line.strip()]
+    unit = qat_unit(rows)
+    table = method_costs(rows)
+    columns = ["method", "seeds", "search_seconds", "search_passes", "search_x_qat", "search_passes_x_qat",
+               "finetune_seconds_per_seed", "total_x_qat", "pooled_gain", "gain_ci95"]
+    header = (f"compute per method on the {args.model} {args.preset} front ({rows_file}). One uniform QAT run (the "
+              f"references' mean fine-tune): {unit['seconds'] or 0:.1f} s, {unit['passes'] or 0:.0f} forward samples. "
+              "search_*: one search per seed (every budget), mean over seeds; *_x_qat: multiples of the QAT run; "
+              "total_x_qat: search and every budget's fine-tune; pooled_gain: top-1 over the uniform front, mean over "
+              "the in-between budgets per seed, then over seeds (gain_ci95: 95 % interval).")
+    state = Path(args.state_dir)
+    suffix = "" if state.resolve() == STATE.resolve() else f"-{state.name}"
+    write_report(f"method-cost-{args.model}-{args.preset}{suffix}", header, markdown_table(table, columns),
+                 {"args": vars(args), "qat_unit": unit, "methods": table})
+
+
+if __name__ == "__main__":
+    main()
