@@ -46,9 +46,10 @@ from .ilp import solve_choice
 class HawqOptions:
     probes: int = 16  # Hutchinson probes per batch
     batches: int = 2  # training batches the activation errors average over, and the traces' first batches
-    trace_rse: float | None = 0.1  # traces take batch after batch until each one's relative standard error is at
-    #   most this (None: exactly `batches` batches)
-    max_batches: int = 32  # ... or this many batches have been used
+    trace_rse: float | None = 0.2  # traces take batch after batch until each one's relative standard error is at
+    #   most this (None: exactly `batches` batches); benchmarks/hawq_traces.py: on ResNet-20 half the traces still
+    #   had an error near 0.3 after 2 to 6 batches of 16 probes, so 0.1 would hit the cap nearly always
+    max_batches: int = 16  # ... or this many batches have been used (8x the former fixed 2)
     activations: bool = True  # include the activation term
     tied: bool = False  # only w == a candidates (HAWQ-V3's W4A4/W8A8-style choices)
 
