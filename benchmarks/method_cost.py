@@ -17,7 +17,6 @@ benchmarks/results/method-cost-<model>-<preset>.json and .md (``--state-dir`` an
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 from collections import defaultdict
@@ -28,8 +27,9 @@ from common import markdown_table, write_report  # noqa: E402
 from compare_runs import _mean as mean_or_none  # noqa: E402
 from compare_runs import _ratio as ratio  # noqa: E402
 from compare_runs import qat_run, read_rows  # noqa: E402
-from front import BUDGETS, MODELS, PRESETS, REFERENCE, STATE  # noqa: E402
+from front import BUDGETS, REFERENCE  # noqa: E402
 from front_stats import ci95  # noqa: E402
+from policy_layers import front_arguments, front_rows_file, report_name  # noqa: E402
 
 BETWEEN = {f"bitops<={b}" for b in BUDGETS}  # the budgets between the uniform levels
 
@@ -68,12 +68,8 @@ def method_costs(rows: list[dict]) -> list[dict]:
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", choices=sorted(MODELS), default="resnet20")
-    p.add_argument("--preset", choices=sorted(PRESETS), default="medium")
-    p.add_argument("--state-dir", default=str(STATE), help="the front benchmark's state (its rows)")
-    args = p.parse_args(argv)
-    rows_file = Path(args.state_dir) / f"{args.model}-{args.preset}" / "rows.jsonl"
+    args = front_arguments(__doc__, "resnet20", argv)
+    rows_file = front_rows_file(args)
     rows = read_rows(rows_file)
     unit = qat_run(rows)
     table = method_costs(rows)
@@ -85,9 +81,7 @@ def main(argv=None) -> None:
               "search_*: one search per seed (every budget), mean over seeds; *_x_qat: multiples of the QAT run; "
               "total_x_qat: search and every budget's fine-tune; pooled_gain: top-1 over the uniform front, mean over "
               "the in-between budgets per seed, then over seeds (gain_ci95: 95 % interval).")
-    state = Path(args.state_dir)
-    suffix = "" if state.resolve() == STATE.resolve() else f"-{state.name}"
-    write_report(f"method-cost-{args.model}-{args.preset}{suffix}", header, markdown_table(table, columns),
+    write_report(report_name("method-cost", args), header, markdown_table(table, columns),
                  {"args": vars(args), "qat_unit": unit, "methods": table})
 
 

@@ -83,13 +83,30 @@ def summarise(rows: list[dict], kinds: dict[str, str], macs: dict[str, int],
     return out
 
 
-def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", choices=sorted(MODELS), default="mobilenetv2")
+def front_arguments(description: str, default_model: str, argv=None) -> argparse.Namespace:
+    """--model, --preset, --state-dir: which finished front's rows to read (shared by the front's readers)."""
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", choices=sorted(MODELS), default=default_model)
     p.add_argument("--preset", choices=sorted(PRESETS), default="medium")
     p.add_argument("--state-dir", default=str(STATE), help="the front benchmark's state (its rows)")
-    args = p.parse_args(argv)
-    rows_file = Path(args.state_dir) / f"{args.model}-{args.preset}" / "rows.jsonl"
+    return p.parse_args(argv)
+
+
+def front_rows_file(args: argparse.Namespace) -> Path:
+    return Path(args.state_dir) / f"{args.model}-{args.preset}" / "rows.jsonl"
+
+
+def report_name(prefix: str, args: argparse.Namespace) -> str:
+    """<prefix>-<model>-<preset>, and -<state dir's name> for another directory (an experiment's rows get their
+    own report, not the committed front's)."""
+    state = Path(args.state_dir)
+    suffix = "" if state.resolve() == STATE.resolve() else f"-{state.name}"
+    return f"{prefix}-{args.model}-{args.preset}{suffix}"
+
+
+def main(argv=None) -> None:
+    args = front_arguments(__doc__, "mobilenetv2", argv)
+    rows_file = front_rows_file(args)
     rows = [json.loads(line) for line in rows_file.read_text().splitlines() if line.strip()]
     model = create(args.model, num_classes=10, in_chans=1, width=PRESETS[args.preset]["width"][args.model],
                    **MODELS[args.model])
@@ -103,11 +120,7 @@ def main(argv=None) -> None:
               "kind's layers and the seeds; w2/a2_share: share of those layers at 2-bit weights / activations; "
               "bitops/size_share: the kind's share of each policy's BitOPs / weight bits (every layer counted), mean "
               "over seeds.")
-    # another state directory (an experiment's rows) gets its own report, not the committed front's
-    state = Path(args.state_dir)
-    suffix = "" if state.resolve() == STATE.resolve() else f"-{state.name}"
-    name = f"policy-layers-{args.model}-{args.preset}{suffix}"
-    write_report(name, header, markdown_table(summary, columns),
+    write_report(report_name("policy-layers", args), header, markdown_table(summary, columns),
                  {"args": vars(args), "codes": sorted({str(r.get("code")) for r in rows}), "summary": summary})
 
 
