@@ -83,8 +83,8 @@ def main(argv=None) -> None:
                  f"rho_{half}_vs_{half}": spearman(per_parameter(per_batch[:half], sizes),
                                                    per_parameter(per_batch[half:2 * half], sizes))}
     header = (f"HAWQ trace steadiness, {args.model} medium float model, {args.probes} probes a batch of 128, seed 0; "
-              f"{len(layers)} searchable layers, a weight and an input-activation trace each (the first layer's "
-              "input carries no gradient). rse: standard error of the per-batch estimates' mean over |trace|. "
+              f"{len(layers)} searchable layers, a weight and an input-activation trace each (traces: those with a "
+              "spread; an exact zero has none). rse: standard error of the per-batch estimates' mean over |trace|. "
               "Spearman ρ of the layers' weight trace per parameter between disjoint batches: "
               + ", ".join(f"{k} {v:.3f}" for k, v in agreement.items()) + ".")
     write_report(f"hawq-traces-{args.model}", header, markdown_table(rows, list(rows[0])),
