@@ -102,12 +102,13 @@ def main(argv=None) -> None:
     p.add_argument("--data-dir", default=None)
     p.add_argument("--rates", nargs="+", choices=sorted(RATES), default=list(RATES),
                    help="run only these (the report holds every cached run of the chosen models and methods)")
+    p.add_argument("--report-only", action="store_true", help="write the report from the cached runs, run nothing")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     set_fused(True)
-    for rate in args.rates:  # the automatic rate first when asked so: each finished run is cached
+    for rate in [] if args.report_only else args.rates:  # in the order given: each finished run is cached
         for model_name in args.models:
             for method in args.methods:
                 run(model_name, method, rate, args.budget, args.seed, args.data_dir)
@@ -127,8 +128,8 @@ def main(argv=None) -> None:
               "on the architecture split in the last epoch; expected_bitops_over_cap: under the learned "
               "distribution; layers_off_argmax: searchable layers whose returned bits are not their most likely "
               "pair (set by repair, fill or, for DNAS, a sampled policy); layers_changed_by_rate: layers whose bits "
-              "differ between the "
-              "two rates' policies.")
+              "differ between the two rates' policies; search_seconds: wall time on a shared, loaded machine, not "
+              "a timing. A missing rate: not run.")
     write_report("arch-rate", header, markdown_table(rows, columns), {"args": vars(args), "rows": rows})
 
 
