@@ -209,7 +209,8 @@ def test_method_cost_counts_one_search_per_seed_as_multiples_of_one_qat_run():
     for seed in (0, 1):
         common = {"model": "x", "preset": "medium", "seed": seed}  # medium: 1 search epoch, 2 fine-tune epochs
         rows += [{**common, "method": "uniform-ref", "budget": f"uniform:{b}", "bitops": c, "test_top1": t,
-                  "finetune_seconds": 20.0, "finetune_passes": 1000} for b, c, t in ((2, 100.0, 80.0), (4, 400.0, 90.0))]
+                  "finetune_seconds": 20.0, "finetune_passes": 1000}
+                 for b, c, t in ((2, 100.0, 80.0), (4, 400.0, 90.0))]
         rows += [{**common, "method": "m", "budget": b, "bitops": 200.0, "test_top1": 86.0 + seed + g,
                   "search_seconds": 30.0 * (seed + 1), "search_passes": 500, "finetune_seconds": 20.0}
                  for b, g in (("bitops<=uniform:2.5", 0.0), ("bitops<=uniform:3.5", 2.0), ("bitops<=uniform:3", 9.0))]
