@@ -9,7 +9,9 @@ One float model per (model, preset) is trained once. Then, for every seed: the u
 budgets lie strictly between the uniform levels) with :func:`mixbits.search`, each policy fine-tuned
 with the references' one recipe (:func:`mixbits.finetune`: same epochs, optimiser, schedule, no
 distillation). Extra rows, labelled: one-shot retraining-free (the supernet's own weights) and fine-tuned
-with the recipe from the supernet's weights instead of the float model's (oneshot-kept), and SDQ with its
+with the recipe from the supernet's weights instead of the float model's (oneshot-kept), random search on
+the one-shot supernet with the walks' scorer and compute, retraining-free (oneshot-random: its search
+compute is the one-shot search's, whose own figures leave the baseline's scoring out), and SDQ with its
 own stage 2 (distillation and bin regularisation). The same seed gives every method the same
 data order. Each row records test top-1, BitOPs, size, the policy, and the compute of its search and
 fine-tune in seconds and in forward passes of the whole network (samples).
@@ -92,8 +94,10 @@ MODEL_RECIPE = {"resnet20": {}, "mobilenetv2": {"grad_clip": 1.0}}
 TRAINING_SEARCHES = ("dnas", "ssps", "dmpq", "sdq", "oneshot")
 DEFAULT_METHODS = ("hawq", "random", "dnas", "ssps", "dmpq", "sdq", "oneshot")
 # Extra, labelled rows beside a method's own: one-shot retraining-free and fine-tuned from its supernet's weights
-# (keep_weights) instead of the float model's; SDQ with its own stage 2.
-EXTRA_ROWS = {"oneshot": ("oneshot-free", "oneshot-kept"), "sdq": ("sdq-stage2",)}
+# (keep_weights) instead of the float model's, and random search on its supernet with the walks' scorer and
+# compute (random_baseline, retraining-free); SDQ with its own stage 2.
+EXTRA_ROWS = {"oneshot": ("oneshot-free", "oneshot-kept", "oneshot-random"), "sdq": ("sdq-stage2",)}
+RANDOM_BASELINE = {"oneshot"}  # searched with random_baseline: true, for its "-random" row
 KEEPS_WEIGHTS = {"oneshot"}  # searched with keep_weights: true, for its "-kept" row
 
 
@@ -287,7 +291,8 @@ class Bench:
         train, val, _ = self.loaders(seed)
         epochs = {"epochs": self.preset["search_epochs"]} if method in TRAINING_SEARCHES else {}
         kept = {"keep_weights": True} if method in KEEPS_WEIGHTS else {}
-        options = {**epochs, **kept, **(options or {})}
+        rival = {"random_baseline": True} if method in RANDOM_BASELINE else {}
+        options = {**epochs, **kept, **rival, **(options or {})}
         where = self.dir / "search" / self.cache.version / f"{method}-s{seed}"
         run_dir = where if kept else None  # where kept weights are written (a fresh search each time: no resume)
         if run_dir is not None and run_dir.exists():  # left by an interrupted search, whose checkpoint would
@@ -297,6 +302,10 @@ class Bench:
             result = mixbits.search(self.float_model, train, ",".join(budgets), method=method, val=val,
                                     options=options, seed=seed, device=self.device, run_dir=run_dir)
         compute = {"search_seconds": time.perf_counter() - started, "search_passes": passes["samples"]}
+        baseline = result.info.get("random_baseline")
+        if baseline:  # the baseline's scoring is not the search's cost
+            compute = {"search_seconds": compute["search_seconds"] - baseline["seconds"],
+                       "search_passes": compute["search_passes"] - baseline["forward_samples"]}
         # What the search did (e.g. a walk's steps and scores per budget), kept for reading its cost and choices.
         trace = where.with_suffix(".json")
         trace.parent.mkdir(parents=True, exist_ok=True)
@@ -318,6 +327,11 @@ class Bench:
             if method == "oneshot" and not self.cache.get("oneshot-free", budget, seed):
                 net = mixbits.subnet(result, i, bn_data=train, device=self.device)
                 self.record(self.row("oneshot-free", budget, seed, net, policy,
+                                     {**search, "finetune_seconds": 0.0, "finetune_passes": 0}))
+            if method in RANDOM_BASELINE and not self.cache.get(f"{method}-random", budget, seed):
+                rival = mixbits.Policy.from_dict(result.info["random_baseline"]["policies"][i])
+                net = mixbits.subnet(result, i, policy=rival, bn_data=train, device=self.device)
+                self.record(self.row(f"{method}-random", budget, seed, net, rival,
                                      {**search, "finetune_seconds": 0.0, "finetune_passes": 0}))
             if not self.cache.get(method, budget, seed):
                 model, seconds = self.finetuned(policy, result.space, seed, f"{method}-b{i}-s{seed}")

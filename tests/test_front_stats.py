@@ -194,6 +194,34 @@ def test_policy_layers_groups_bits_by_kind_of_layer():
     dw, pw = summarise(rows, kinds, macs)
     assert (dw["kind"], dw["macs_share"], dw["mean_w"], dw["mean_a"], dw["w2_share"]) == ("depthwise", 0.1, 2, 4, 1.0)
     assert (pw["mean_w"], pw["w2_share"], pw["top1"], pw["n"]) == (5, 0.0, 70.5, 2)
+    # the kind's share of each policy's BitOPs (MACs·w·a) and weight bits (params·w), averaged over the seeds
+    dw, pw = summarise(rows, kinds, macs, params={"dw": 30, "pw": 70})
+    seed0 = 10 * 2 * 4 / (10 * 2 * 4 + 90 * 4 * 3)  # 80 / 1160
+    seed1 = 10 * 2 * 4 / (10 * 2 * 4 + 90 * 6 * 3)  # 80 / 1700
+    assert dw["bitops_share"] == pytest.approx((seed0 + seed1) / 2)
+    assert dw["size_share"] == pytest.approx((60 / (60 + 280) + 60 / (60 + 420)) / 2)
+    assert pw["bitops_share"] == pytest.approx(1 - dw["bitops_share"])
+
+
+def test_method_cost_counts_one_search_per_seed_as_multiples_of_one_qat_run():
+    from method_cost import method_costs
+
+    rows = []
+    for seed in (0, 1):
+        common = {"model": "x", "preset": "medium", "seed": seed}  # medium: 1 search epoch, 2 fine-tune epochs
+        rows += [{**common, "method": "uniform-ref", "budget": f"uniform:{b}", "bitops": c, "test_top1": t,
+                  "finetune_seconds": 20.0, "finetune_passes": 1000}
+                 for b, c, t in ((2, 100.0, 80.0), (4, 400.0, 90.0))]
+        rows += [{**common, "method": "m", "budget": b, "bitops": 200.0, "test_top1": 86.0 + seed + g,
+                  "search_seconds": 30.0 * (seed + 1), "search_passes": 500, "finetune_seconds": 20.0}
+                 for b, g in (("bitops<=uniform:2.5", 0.0), ("bitops<=uniform:3.5", 2.0), ("bitops<=uniform:3", 9.0))]
+    (line,) = method_costs(add_gains(rows))
+    # one QAT run of the search's single epoch: half a 2-epoch reference fine-tune, 10 s and 500 samples
+    assert line["search_seconds"] == 45.0 and line["search_x_qat"] == pytest.approx(4.5)
+    assert line["search_passes_x_qat"] == pytest.approx(1.0)
+    assert line["total_x_qat"] == pytest.approx((45.0 + 60.0) / 10.0)  # the search and three fine-tunes a seed
+    # uniform:3 is a uniform level, not between them: pooled over 2.5 and 3.5 only (front at 200 BitOPs: 85)
+    assert line["pooled_gain"] == pytest.approx(2.5) and line["seeds"] == 2 and line["gain_ci95"] > 0
 
 
 def _row(method, budget, seed, bitops, top1):

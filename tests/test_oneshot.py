@@ -11,7 +11,16 @@ from torch import nn
 from mixbits import MixbitsError, Policy, SearchSpace
 from mixbits.budget import parse_budgets
 from mixbits.cost import LatencyTable, profile
-from mixbits.quant import QConv2d, apply_policy, calibrate, fused_enabled, kernels, quantize_model, set_fused
+from mixbits.quant import (
+    QConv2d,
+    apply_policy,
+    calibrate,
+    fused_enabled,
+    kernels,
+    quant_layers,
+    quantize_model,
+    set_fused,
+)
 from mixbits.quant.pair_bn import PairBatchNorm, attach_pair_bn, collapse_pair_bn, follows
 from mixbits.search import PolicyEvaluator, SearchContext, run_searcher
 from mixbits.search.greedy import fill_up, greedy_search, neighbours
@@ -654,3 +663,38 @@ def test_pair_batchnorm_supernet_scores_with_its_own_statistics_and_writes_plain
     assert rows[0]["bn_batches"] == 0  # the pair's own statistics, no recalibration
     saved = torch.load(tmp_path / "subnet" / "checkpoint.pt", weights_only=False)["model"]
     assert not any(".norms." in k for k in saved)  # an ordinary quantized model
+
+
+def test_random_baseline_scores_random_policies_on_the_supernet_with_the_walks_compute():
+    import mixbits
+    from mixbits.search.random_search import repair, sample_policy
+
+    budgets = parse_budgets("bitops<=uniform:3,uniform:5")
+    options = {**FAST, "eval_batches": 2, "screen_samples": 8}  # a screening score: 8 of the 2 x 16 images
+    ctx = _context(budgets, {**options, "random_baseline": True})
+    result = run_searcher("oneshot", ctx)
+    walks_only = run_searcher("oneshot", _context(budgets, options))
+    assert result.policies == walks_only.policies  # the baseline runs after the walks and changes nothing of them
+    baseline, info = result.info["random_baseline"], result.info
+    compute = info["evaluations"] + info["screen_evaluations"] * 8 / 32
+    assert baseline["walk_scores"] == pytest.approx(compute)
+    samples = math.ceil(compute / 2)
+    assert baseline["samples_per_budget"] == samples > 1
+    assert baseline["evaluations"] <= 2 * samples and baseline["forward_samples"] == 32 * baseline["evaluations"]
+    assert info["evaluations"] == walks_only.info["evaluations"]  # the search's own count leaves the baseline out
+    # the same draws, scored again with a fresh scorer of the same kind on the search's supernet: the best per budget
+    gen = torch.Generator().manual_seed(ctx.seed)
+    scorer = PolicyEvaluator(result.model, ctx.val_loader, None, 2, 0, bn_mode="batch")
+    for i, budget in enumerate(budgets):
+        drawn = [repair(ctx, sample_policy(ctx, gen), budget, gen) for _ in range(samples)]
+        best = min(drawn, key=lambda p: scorer(p)["loss"])
+        assert Policy.from_dict(baseline["policies"][i]) == best and ctx.fits(best, budget)
+        assert baseline["scores"][i]["loss"] == pytest.approx(scorer(best)["loss"])
+    entries = [t for t in result.trace if t.get("stage") == "random"]
+    assert [t["budget"] for t in entries] == [b.text for b in budgets]
+    # the baseline's policy runs on the supernet's weights like the walk's
+    rival = Policy.from_dict(baseline["policies"][0])
+    net = mixbits.subnet(result, 0, policy=rival)
+    assert {n: layer.bits for n, layer in quant_layers(net).items()} == dict(rival.bits)
+    with pytest.raises(MixbitsError, match="not in the model"):
+        mixbits.subnet(result, 0, policy=Policy({**rival.bits, "nope": (2, 2)}))

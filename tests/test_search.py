@@ -11,7 +11,7 @@ from mixbits.budget import parse_budget, parse_budgets
 from mixbits.cost import bitops, profile
 from mixbits.quant import calibrate, quantize_model
 from mixbits.search import SEARCHERS, PolicyEvaluator, SearchContext, run_searcher, solve_choice
-from mixbits.search.hutchinson import hessian_traces
+from mixbits.search.hutchinson import batch_traces, converged_traces, hessian_traces
 
 
 def _context(budgets, options=None, w_bits=(2, 4, 6), a_bits=(2, 4, 6)):
@@ -71,6 +71,55 @@ def test_hutchinson_traces_match_the_exact_hessian_traces():
     act_hessian = torch.autograd.functional.hessian(lambda a: nn.functional.cross_entropy(model[2](a), y), hidden)
     _check_estimate(traces["2"]["act"], act_hessian.reshape(hidden.numel(), -1), probes)
     assert traces["0"]["act"] == 0.0  # the network input carries no gradient: no activation term
+
+
+def _worst_rse_by_hand(per_batch):
+    worst = 0.0
+    for name in per_batch[0]:
+        for kind in ("weight", "act"):
+            values = torch.tensor([b[name][kind] for b in per_batch], dtype=torch.float64)
+            if values.std() > 0:
+                worst = max(worst, float(values.std() / len(values) ** 0.5 / values.mean().abs()))
+    return worst
+
+
+def test_hutchinson_adds_batches_until_every_trace_is_steady():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))
+    batches = [(torch.randn(8, 4), torch.randint(0, 3, (8,))) for _ in range(8)]
+    gen = torch.Generator().manual_seed(3)  # the same probes converged_traces draws with seed 3
+    per_batch = [batch_traces(model, b, ["0", "2"], 4, True, gen) for b in batches]
+    worst = [_worst_rse_by_hand(per_batch[:n]) for n in range(2, 9)]  # after 2, 3, ... 8 batches
+    bound = sorted(worst)[3]
+    got = converged_traces(model, iter(batches), ["0", "2"], probes=4, seed=3, min_batches=2, max_batches=8,
+                           bound=bound)
+    n = got["batches"]  # the first count of batches at which every error is within the bound
+    assert worst[n - 2] <= bound and all(w > bound for w in worst[: n - 2]) and got["converged"]
+    assert got["probes"] == 4 * n
+    mean = sum(b["2"]["weight"] for b in per_batch[:n]) / n
+    assert got["traces"]["2"]["weight"] == pytest.approx(mean)
+    assert got["rse"]["0"]["act"] == 0.0  # the network input carries no gradient: an exact zero
+    capped = converged_traces(model, iter(batches), ["0", "2"], probes=4, seed=3, max_batches=5, bound=1e-9)
+    assert capped["batches"] == 5 and not capped["converged"] and capped["above_bound"] == ["0", "2"]
+    worst_capped = max(v for r in capped["rse"].values() for v in r.values())
+    assert worst_capped == pytest.approx(_worst_rse_by_hand(per_batch[:5]))
+
+
+def test_hawq_records_how_steady_its_traces_are_and_warns_when_capped():
+    budgets = [parse_budget("bitops<=uniform:4")]
+    ctx = _context(budgets, {"probes": 2, "batches": 2, "trace_rse": 1e-6, "max_batches": 3})
+    with pytest.warns(UserWarning, match=r"after 3 batches \(6 probes\).*trace_rse=1e-06.*raise max_batches"):
+        result = run_searcher("hawq", ctx)
+    info = result.info["traces"]
+    assert info["batches"] == 3 and info["probes"] == 6 and not info["converged"] and info["bound"] == 1e-6
+    assert info["max_rse"] == max(max(r["rse_weight"], r["rse_act"] or 0) for r in result.front)
+    fixed = run_searcher("hawq", _context(budgets, {"probes": 2, "batches": 1, "trace_rse": None}))
+    assert fixed.info["traces"]["batches"] == 1 and fixed.info["traces"]["converged"]
+    assert all(r["rse_weight"] is None for r in fixed.front)  # one batch: no spread to measure
+    ctx.options = {"trace_rse": 0, "max_batches": 1, "batches": 2}
+    with pytest.raises(MixbitsError, match=r"trace_rse: must be a number > 0.*got 0\n.*max_batches: must be a whole "
+                                           r"number >= batches, got 1"):
+        run_searcher("hawq", ctx)
 
 
 def test_every_searcher_returns_one_policy_per_budget_within_it():

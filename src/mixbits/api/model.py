@@ -126,9 +126,10 @@ def export(model: nn.Module, out_dir: str | os.PathLike, example_input, *, opset
     return report
 
 
-def subnet(result: SearchResult, index: int = 0, *, bn_data: Iterable | None = None,
+def subnet(result: SearchResult, index: int = 0, *, policy: Policy | None = None, bn_data: Iterable | None = None,
            bn_batches: int = SUBNET_BN_BATCHES, device: str | torch.device = "cpu") -> nn.Module:
-    """Policy ``index`` of a retraining-free search (one-shot) on the supernet's own weights, no fine-tune.
+    """Policy ``index`` of a retraining-free search (one-shot) on the supernet's own weights, no fine-tune;
+    ``policy``: this policy instead (e.g. one of ``result.info["random_baseline"]["policies"]``).
 
     A copy of the supernet set to the policy, with BatchNorm statistics re-estimated on ``bn_batches``
     batches of ``bn_data`` (the training data; a subnet's statistics differ from the supernet's). A supernet
@@ -142,8 +143,10 @@ def subnet(result: SearchResult, index: int = 0, *, bn_data: Iterable | None = N
                            "its policies with mixbits.finetune, or search with method='oneshot'")
     if not 0 <= index < len(result.policies):
         raise MixbitsError(f"index {index} is out of range; the search found {len(result.policies)} policies")
+    if policy is not None:
+        policy.validate(result.space)
     model = copy.deepcopy(result.model)
-    apply_policy(model, result.policies[index])
+    apply_policy(model, policy if policy is not None else result.policies[index])
     if any(isinstance(m, PairBatchNorm) for m in model.modules()):
         return collapse_pair_bn(model).eval()
     if bn_data is not None:

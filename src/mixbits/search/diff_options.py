@@ -22,7 +22,9 @@ class DifferentiableOptions:
     optimizer: str = "sgd"  # weights: "sgd" (momentum, Nesterov) or "adam"
     momentum: float = 0.9
     weight_decay: float = 5e-4
-    arch_lr: float = 0.01  # architecture parameters
+    arch_lr: float | None = None  # architecture parameters; None (Adam only): automatic, the rate at which a
+    #   steadily pushed candidate decides its layer within decide_fraction of the search (search/convergence.py)
+    decide_fraction: float = 0.5  # sets the automatic arch_lr
     arch_optimizer: str = "adam"  # "adam" (betas 0.5, 0.999) or "sgd" (momentum 0.9)
     arch_weight_decay: float = 0.0
     updates: str = "alternating"  # "alternating": weights on one split, architecture on the other; "single"
@@ -69,7 +71,10 @@ def check_options(opts: DifferentiableOptions, method: str, rules: Sequence[Rule
         ("optimizer", one_of(opts.optimizer, OPTIMIZERS), f"one of {list(OPTIMIZERS)}"),
         ("momentum", is_number(opts.momentum) and 0 <= opts.momentum < 1, "a number in [0, 1)"),
         ("weight_decay", non_negative(opts.weight_decay), "a number >= 0"),
-        ("arch_lr", positive(opts.arch_lr), "a number > 0"),
+        ("arch_lr", positive(opts.arch_lr) or (opts.arch_lr is None and opts.arch_optimizer == "adam"),
+         "a number > 0, or null for the automatic rate (arch_optimizer: adam only)"),
+        ("decide_fraction", fraction(opts.decide_fraction, closed=True) and opts.decide_fraction > 0,
+         "a number in (0, 1]"),
         ("arch_optimizer", one_of(opts.arch_optimizer, ARCH_OPTIMIZERS), f"one of {list(ARCH_OPTIMIZERS)}"),
         ("arch_weight_decay", non_negative(opts.arch_weight_decay), "a number >= 0"),
         ("updates", one_of(opts.updates, UPDATES), f"one of {list(UPDATES)}"),

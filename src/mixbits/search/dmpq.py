@@ -15,7 +15,9 @@ Dirichlet(``prior``) (``regularizer: l2`` penalises (concentration − prior)² 
 mixing weights (exact: cost is linear in them); the skip is parameter-free (average-pooled to the
 output size, channels zero-padded or truncated) and added to the convolution's output, its weight
 falling from ``skip_init`` to 0 over the search on a cosine (``skip_schedule: linear``); alternating
-updates on an 80/20 split. Dirichlet samples use torch's global generator, which the loop seeds.
+updates on an 80/20 split; the architecture rate scaled to the search's length (``arch_lr: null``,
+``search/convergence.py``: a steadily pushed α reaches mean probability 0.8 within ``decide_fraction`` of the
+search). Dirichlet samples use torch's global generator, which the loop seeds.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from torch.distributions import Dirichlet, kl_divergence
 from ..quant import QConv2d
 from ..train import Hook, TrainState
 from .base import SEARCHERS, SearchContext, SearchResult, method_options
+from .convergence import dirichlet_walk
 from .derive import argmax_choice, choice_policy
 from .diff_options import DifferentiableOptions, check_options, non_negative, one_of, positive
 from .differentiable import DECAYS, PENALTIES, ArchParams, budget_penalty, decaying_weight
@@ -130,8 +133,8 @@ def _search_budget(search: BudgetSearch, opts: DmpqOptions) -> Derived:
         return loss, {"ce": ce.detach(), "penalty": penalty.detach(), "regularizer": reg.detach()}
 
     skip = DecayingSkip(search.layers, opts.skip_schedule, opts.skip_init)
-    spec = MethodSpec(sampled, arch_loss, mean, hooks=[skip],
-                      epoch_info=lambda state: {"skip_weight": skip.weight})
+    spec = MethodSpec(sampled, arch_loss, mean, hooks=[skip], epoch_info=lambda state: {"skip_weight": skip.weight},
+                      decisive_walk=dirichlet_walk)
     try:
         history = train_supernet(search, opts, spec)
     finally:

@@ -10,7 +10,8 @@ sum over the candidate edges because convolution is bilinear; independent w and 
 one mask over the pairs); a weight warm-up (``arch_warmup``: the first fifth of the search trains the weights
 under uniform masks), then τ annealed geometrically per step from ``tau_start`` to ``tau_end`` over the rest
 of the search, however short (per epoch, a few-epoch search would end nearly uniform); an 80/20 split, SGD for
-the weights and Adam for θ; β = 0.2, γ = 0.6 (the paper's values are not verified here). Cost is measured
+the weights and Adam for θ at a rate scaled to the search's length (``arch_lr: null``,
+``search/convergence.py``); β = 0.2, γ = 0.6 (the paper's values are not verified here). Cost is measured
 relative to the budget, Cost = cost_scale · E[cost] / cap (the largest ratio over the budget's caps), so the
 log is positive near the budget; log Cost is floored at 0.01. The paper fine-tunes every sampled policy; here
 the argmax and ``samples`` sampled policies are repaired into the budget (and filled up to it,

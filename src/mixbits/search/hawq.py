@@ -7,9 +7,13 @@ Sensitivity of layer l at (w, a), a second-order estimate of the loss increase:
 with H_W, H_A the Hessians of the training loss with respect to the layer's weight and its input
 activation (Hutchinson traces of the float model), Q_b the layer's quantizer at b bits with its MSE-fitted
 step (``quant.fit``: LSQ's initial step would be 1.5x to 6.5x off the best error and flatten the ratios
-between bit-widths), and A the layer's inputs on the same batches. Follows HAWQ-V2/V3 (trace / parameter
+between bit-widths), and A the layer's inputs on the first ``batches`` batches. The traces take batch after
+batch (``probes`` Rademacher probes each) until every layer's relative standard error (the spread of the
+per-batch estimates over sqrt(batches), over |trace|) is at most ``trace_rse``, or ``max_batches`` have been
+used (then a warning names the layers still above); the result's ``info["traces"]`` records the batches,
+probes, largest error and those layers, ``front`` each layer's errors. Follows HAWQ-V2/V3 (trace / parameter
 count × quantization error, integer program over one or several budgets). Library choices: the activation
-term (off with ``activations: false``), Rademacher probes, the number of batches, the fitted step, and a
+term (off with ``activations: false``), Rademacher probes, the error bound and cap, the fitted step, and a
 negative trace estimate (probe noise, or curvature a second-order model cannot use) counting as 0, so more
 bits never score worse. Traces are cached in the run
 directory, keyed by the float weights and the options.
@@ -20,6 +24,8 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import math
+import warnings
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -31,27 +37,51 @@ from ..quant.fit import fitted_error
 from ..utils import atomic_write_text
 from .base import SEARCHERS, SearchContext, SearchResult, method_options
 from .costs import candidate_pairs, layer_cost_arrays, remaining_limits
-from .hutchinson import hessian_traces, layer_inputs
+from .diff_options import is_int, positive
+from .hutchinson import converged_traces, layer_inputs
 from .ilp import solve_choice
 
 
 @dataclass
 class HawqOptions:
     probes: int = 16  # Hutchinson probes per batch
-    batches: int = 2  # training batches the traces and activation errors average over
+    batches: int = 2  # training batches the activation errors average over, and the traces' first batches
+    trace_rse: float | None = 0.2  # traces take batch after batch until each one's relative standard error is at
+    #   most this (None: exactly `batches` batches); benchmarks/experiments/hawq_traces.py: on ResNet-20 half the
+    #   traces still had an error near 0.3 after 2 to 6 batches of 16 probes, so 0.1 would hit the cap nearly always
+    max_batches: int = 16  # ... or this many batches have been used (8x the former fixed 2)
     activations: bool = True  # include the activation term
     tied: bool = False  # only w == a candidates (HAWQ-V3's W4A4/W8A8-style choices)
+
+
+def check_options(opts: HawqOptions) -> None:
+    """Raise one MixbitsError naming every bad option, its value and what it must be."""
+    rules = [
+        ("probes", is_int(opts.probes) and opts.probes >= 1, "a whole number >= 1"),
+        ("batches", is_int(opts.batches) and opts.batches >= 1, "a whole number >= 1"),
+        ("trace_rse", opts.trace_rse is None or positive(opts.trace_rse),
+         "a number > 0 (e.g. 0.1), or null for exactly `batches` batches"),
+        ("max_batches", is_int(opts.max_batches) and opts.max_batches >= 1
+         and (not is_int(opts.batches) or opts.max_batches >= opts.batches), "a whole number >= batches"),
+        ("activations", isinstance(opts.activations, bool), "true or false"),
+        ("tied", isinstance(opts.tied, bool), "true or false"),
+    ]
+    problems = [f"{name}: must be {expected}, got {getattr(opts, name)!r}" for name, ok, expected in rules if not ok]
+    if problems:
+        raise MixbitsError("invalid options for search method 'hawq':\n  " + "\n  ".join(problems))
 
 
 @SEARCHERS.register("hawq")
 def hawq_search(ctx: SearchContext) -> SearchResult:
     """HAWQ-style: Hessian-trace sensitivity, then the exact integer program per budget (scipy milp)."""
     opts = method_options(HawqOptions, ctx.options, "hawq")
+    check_options(opts)
     if ctx.float_model is None:
         raise MixbitsError("hawq needs the float model: run it through `mixbits search --init FLOAT_RUN`")
     layers = ctx.space.searchable
     batches = list(itertools.islice(iter(ctx.train_loader), opts.batches))
-    traces = _cached_traces(ctx, opts, batches)
+    estimate = _cached_traces(ctx, opts)
+    traces = estimate["traces"]
     pairs = candidate_pairs(ctx, opts.tied)
     scores = _scores(ctx, opts, traces, batches, pairs)
     base, arrays = layer_cost_arrays(ctx, pairs)
@@ -66,10 +96,25 @@ def hawq_search(ctx: SearchContext) -> SearchResult:
         trace.append({"budget": budget.text, "objective": float(scores[np.arange(len(layers)), choice].sum()),
                       **ctx.cost(policy)})
     front = [{"layer": n, "trace_weight": traces[n]["weight"], "trace_act": traces[n]["act"],
+              "rse_weight": _finite(estimate["rse"][n]["weight"]), "rse_act": _finite(estimate["rse"][n]["act"]),
               "sensitivity": {f"w{w}a{a}": float(scores[i, k]) for k, (w, a) in enumerate(pairs)}}
              for i, n in enumerate(layers)]
+    summary = {k: estimate[k] for k in ("batches", "probes", "converged", "above_bound")}
+    summary["bound"] = opts.trace_rse
+    summary["max_rse"] = _finite(max((v for r in estimate["rse"].values() for v in r.values()), default=0.0))
+    if not estimate["converged"]:
+        warnings.warn(f"hawq: after {estimate['batches']} batches ({estimate['probes']} probes) the Hessian traces "
+                      f"of {len(estimate['above_bound'])} layer(s) ({', '.join(estimate['above_bound'][:5])}) still "
+                      f"have a relative standard error above trace_rse={opts.trace_rse} (largest "
+                      f"{summary['max_rse'] or math.inf:.3g}); raise max_batches or probes for a steadier ranking",
+                      stacklevel=3)
     return SearchResult("hawq", list(ctx.budgets), policies, trace=trace, front=front,
-                        info={"options": asdict(opts)})
+                        info={"options": asdict(opts), "traces": summary})
+
+
+def _finite(x: float) -> float | None:
+    """A relative error for JSON: None where it is undefined (one batch, or a zero trace with spread)."""
+    return x if math.isfinite(x) else None
 
 
 def _scores(ctx: SearchContext, opts: HawqOptions, traces: dict, batches, pairs) -> np.ndarray:
@@ -92,18 +137,22 @@ def _scores(ctx: SearchContext, opts: HawqOptions, traces: dict, batches, pairs)
     return scores
 
 
-def _cached_traces(ctx: SearchContext, opts: HawqOptions, batches) -> dict:
+def _cached_traces(ctx: SearchContext, opts: HawqOptions) -> dict:
+    """``converged_traces``'s estimate (with ``trace_rse`` null: exactly ``batches`` batches), cached."""
     key = _fingerprint(ctx, opts)
     path = ctx.run_dir / "hawq_traces.json" if ctx.run_dir is not None else None
     if path is not None and path.is_file():
         cached = json.loads(path.read_text())
         if cached.get("key") == key:
-            return cached["traces"]
-    traces = hessian_traces(ctx.float_model, batches, ctx.space.searchable, opts.probes, opts.activations,
-                            ctx.seed, ctx.device, ctx.loss_fn)
+            return cached["estimate"]
+    fixed = opts.trace_rse is None
+    estimate = converged_traces(ctx.float_model, iter(ctx.train_loader), ctx.space.searchable, opts.probes,
+                                opts.activations, ctx.seed, ctx.device, ctx.loss_fn, min_batches=opts.batches,
+                                max_batches=opts.batches if fixed else opts.max_batches,
+                                bound=math.inf if fixed else opts.trace_rse)
     if path is not None:
-        atomic_write_text(path, json.dumps({"key": key, "traces": traces}, indent=1))
-    return traces
+        atomic_write_text(path, json.dumps({"key": key, "estimate": estimate}, indent=1))
+    return estimate
 
 
 def _fingerprint(ctx: SearchContext, opts: HawqOptions) -> str:

@@ -15,7 +15,8 @@ penalty is ``penalty_weight`` · Σ over caps of relu(E[cost]/cap − 1), the ex
 (``penalty: squared`` or ``linear`` for other shapes); certainty is the probability of the layer's most likely
 (w, a) pair (``certainty: entropy`` for the lowest entropy); one layer is fixed at each of L evenly spaced
 steps between ``fix_start`` and ``fix_end`` of the search (several at once when there are fewer steps than
-layers); alternating updates on an 80/20 split.
+layers); alternating updates on an 80/20 split; Adam for the logits at a rate scaled to the search's length
+(``arch_lr: null``, ``search/convergence.py``).
 """
 
 from __future__ import annotations

@@ -28,6 +28,7 @@ from ..space import Policy
 from ..train import Hook, StepOutput, TrainConfig, TrainState, fit
 from ..train.loop import split_batch
 from .base import SearchContext, SearchResult
+from .convergence import automatic_rate, distribution_movement, recorded_rate, softmax_walk, warn_if_near_start
 from .derive import fill, repair
 from .diff_options import DifferentiableOptions
 from .differentiable import ArchParams, ExpectedCost, LayerProbs, apply_mixture, clear_mixture, cost_ratios
@@ -62,6 +63,9 @@ class MethodSpec:
     distribution: Callable[[], LayerProbs]  # the learned distribution, without sampling noise
     hooks: list[Hook] = field(default_factory=list)
     epoch_info: Callable[[TrainState], dict] | None = None  # extra per-epoch trace entries (temperature, ...)
+    # d(K): how far a steadily pushed candidate's logit moves before its layer of K candidates counts as decided;
+    # sets the automatic architecture rate (search/convergence.py)
+    decisive_walk: Callable[[int], float] = softmax_walk
 
 
 @dataclass
@@ -167,6 +171,7 @@ class ArchitectureStep(Hook):
         entry = {"epoch": state.epoch + 1, **{k: float(v) / max(1, self._count) for k, v in self._sums.items()},
                  "p_lowest_w": float(probs.w[:, 0].mean()), "p_lowest_a": float(probs.a[:, 0].mean()),
                  "p_max": float(probs.pairs.max(dim=-1).values.mean()),
+                 "arch_lr": self.optimizer.param_groups[0]["lr"],
                  **{f"expected_{m}_over_cap": float(r) for m, r in ratios.items()}}
         if self.spec.epoch_info is not None:
             entry.update(self.spec.epoch_info(state))
@@ -215,10 +220,21 @@ class _Positions:
         return (batch for i, batch in enumerate(self.loader) if i in self.positions)
 
 
-def _arch_optimizer(params, opts: DifferentiableOptions) -> torch.optim.Optimizer:
+def _arch_optimizer(params, opts: DifferentiableOptions, lr: float) -> torch.optim.Optimizer:
     if opts.arch_optimizer == "adam":
-        return torch.optim.Adam(params, lr=opts.arch_lr, betas=(0.5, 0.999), weight_decay=opts.arch_weight_decay)
-    return torch.optim.SGD(params, lr=opts.arch_lr, momentum=0.9, weight_decay=opts.arch_weight_decay)
+        return torch.optim.Adam(params, lr=lr, betas=(0.5, 0.999), weight_decay=opts.arch_weight_decay)
+    return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=opts.arch_weight_decay)
+
+
+def architecture_rate(search: BudgetSearch, opts: DifferentiableOptions, spec: MethodSpec, weight_loader) -> float:
+    """``opts.arch_lr``, or with null the automatic rate: a steadily pushed candidate decides its layer within
+    ``decide_fraction`` of the architecture steps (one per weight step after the warm-up)."""
+    if opts.arch_lr is not None:
+        return opts.arch_lr
+    arch = search.arch
+    candidates = len(arch.pairs) if arch.joint else max(len(arch.w_bits), len(arch.a_bits))
+    steps = opts.epochs * len(weight_loader) * (1.0 - opts.arch_warmup)
+    return automatic_rate(spec.decisive_walk(candidates), steps, opts.decide_fraction)
 
 
 def _objective(search: BudgetSearch, spec: MethodSpec, alternating: bool):
@@ -242,8 +258,8 @@ def train_supernet(search: BudgetSearch, opts: DifferentiableOptions, spec: Meth
     alternating = opts.updates == "alternating"
     weight_loader, arch_loader = (split_for_architecture(ctx.train_loader, opts.arch_fraction, ctx.seed)
                                   if alternating else (ctx.train_loader, None))
-    step = ArchitectureStep(search, spec, _arch_optimizer(search.arch.parameters(), opts), arch_loader,
-                            opts.arch_warmup)
+    optimizer = _arch_optimizer(search.arch.parameters(), opts, architecture_rate(search, opts, spec, weight_loader))
+    step = ArchitectureStep(search, spec, optimizer, arch_loader, opts.arch_warmup)
     # checkpointed every epoch with the architecture state; `mixbits search --resume` continues it
     run_dir, resume = ctx.training_run(f"budget{search.index}")
     try:
@@ -273,19 +289,22 @@ def search_each_budget(ctx: SearchContext, method: str, opts: DifferentiableOpti
                 arch = ArchParams(names, ctx.space.w_bits, ctx.space.a_bits, joint=opts.joint).to(ctx.device)
                 limits = budget.limits(ctx.stats, ctx.space, ctx.latency)
                 found = search_one(BudgetSearch(ctx, arch, layers, cost, budget, limits, index))
+                movement = distribution_movement(arch.layers, found.pair_probs, arch.pairs)
+                warn_if_near_start(method, budget.text, movement, recorded_rate(found.trace.get("epochs", [])))
                 policy, repaired = repair(ctx, arch, found.policy, budget, found.pair_probs)
                 filled = []
                 if opts.fill_budget:
                     policy, filled = fill(ctx, arch, policy, budget, found.pair_probs)
                 policies.append(policy)
-                trace.append({"budget": budget.text, **found.trace, "derived": found.policy.describe(),
+                trace.append({"budget": budget.text, **found.trace, "distribution": movement,
+                              "near_start": movement["near_start"], "derived": found.policy.describe(),
                               "repair": repaired, "fill": filled, "policy": policy.describe(), **ctx.cost(policy)})
                 front.extend(found.front)
                 if opts.keep_weights:
                     searched.append(save_searched_weights(ctx, method, index, policy, found.candidate_weights))
         finally:
             clear_mixture(layers)
-    info = {"options": asdict(opts)}
+    info = {"options": asdict(opts), "near_start": [t["budget"] for t in trace if t["near_start"]]}
     if opts.keep_weights:
         info["finetune_init"] = searched
     return SearchResult(method, list(ctx.budgets), policies, trace=trace, front=front, info=info)

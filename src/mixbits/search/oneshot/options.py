@@ -84,6 +84,8 @@ class OneshotOptions:
     save_supernet: bool = True  # with a run directory, write the trained weights to oneshot_supernet.pt
     keep_weights: bool = False  # a fine-tune starts from the supernet's weights, not the float model's (ours: the
     #   paper retrains nothing); written per budget to <run_dir>/searched/ (search/searched.py)
+    random_baseline: bool = False  # also score random policies on the supernet with the walks' scorer and compute;
+    #   the best per budget in info["random_baseline"] (oneshot/random_baseline.py)
 
 
 def check_options(opts: OneshotOptions, candidates: tuple[int, ...]) -> None:
@@ -137,6 +139,7 @@ def check_options(opts: OneshotOptions, candidates: tuple[int, ...]) -> None:
         ("save_supernet", isinstance(opts.save_supernet, bool), "true or false"),
         ("keep_weights", isinstance(opts.keep_weights, bool) and not (opts.keep_weights and opts.score_bn == "pair"),
          "true or false, and false with score_bn 'pair' (its BatchNorms have no float counterpart to start from)"),
+        ("random_baseline", isinstance(opts.random_baseline, bool), "true or false"),
     ]
     problems = [f"{name}: must be {expected}, got {getattr(opts, name)!r}" for name, ok, expected in rules if not ok]
     if problems:

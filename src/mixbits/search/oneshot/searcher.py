@@ -22,6 +22,7 @@ from ..evaluator import PolicyEvaluator
 from ..greedy import descents_to_bottom, fill_up, greedy_search, neighbours
 from ..searched import save_searched_weights, searched_dir
 from .options import OneshotOptions, check_options
+from .random_baseline import random_on_supernet
 from .supernet import train_supernet
 
 SUPERNET_FILE = "oneshot_supernet.pt"
@@ -74,6 +75,10 @@ def oneshot_search(ctx: SearchContext) -> SearchResult:
             "scored_with": "PolicyEvaluator (BatchNorm recalibration + held-out loss)"}
     if opts.keep_weights:
         info["finetune_init"] = [save_searched_weights(ctx, "oneshot", i, p) for i, p in enumerate(policies)]
+    if opts.random_baseline:  # after the walks: it neither shares their scores' order nor changes their policies
+        baseline = random_on_supernet(ctx, evaluator, screen)
+        trace.extend(baseline.pop("trace"))
+        info["random_baseline"] = baseline
     return SearchResult("oneshot", list(ctx.budgets), policies, trace=trace, front=front.entries(),
                         retraining_free=True, info=info)
 
