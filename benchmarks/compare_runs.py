@@ -1,6 +1,6 @@
 """Two runs of the front benchmark side by side: the same methods, budgets and seeds, two versions of the code.
 
-    python benchmarks/experiments/compare_runs.py A/rows.jsonl B/rows.jsonl --methods oneshot oneshot-free --name stride
+    python benchmarks/compare_runs.py A/rows.jsonl B/rows.jsonl --methods oneshot oneshot-free --name stride
 
 For a change to one method (e.g. the one-shot walk's ``stride``), run ``front.py --methods <method>`` at the
 new commit into another ``--state-dir`` and compare its rows with the committed ones: per method and budget,
@@ -22,7 +22,7 @@ import statistics
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/
+sys.path.insert(0, str(Path(__file__).parent))
 from common import EXPERIMENT_RESULTS, markdown_table, write_report  # noqa: E402
 from front_stats import add_gains, ci95  # noqa: E402
 
