@@ -65,11 +65,16 @@ def test_soft_labels_shaped_like_the_logits_still_train():
     (lambda: toy_net().half(), None, "model holds float16 tensors \\('0.weight'\\).*model.float\\(\\)"),
     (lambda: toy_net().bfloat16(), None, "model holds bfloat16 tensors"),
     (_mlp_with_batchnorm, lambda: toy_batches(2) + [(toy_batches(1)[0][0][:1], toy_batches(1)[0][1][:1])],
-     "batch 3 of the epoch holds one sample, and the model has BatchNorm.*drop_last=True"),
+     "batch 3 of the epoch holds 1 sample, too few for BatchNorm to train on.*drop_last=True"),
 ])
 def test_model_mistakes(model, data, message):
     with pytest.raises(mixbits.MixbitsError, match=message):
         _finetune(model=model(), data=data() if data else None)
+
+
+def test_a_batch_of_one_image_trains_batchnorm_over_its_pixels():
+    one = [(x[:1], y[:1]) for x, y in toy_batches(2)]  # BatchNorm2d sees 64 values per channel: fine
+    assert not _finetune(data=one).training
 
 
 def test_custom_loss_and_teacher_mistakes():

@@ -12,7 +12,6 @@ from torch import nn
 from ..errors import MixbitsError
 
 _LABEL_TYPES = (torch.int64, torch.uint8)  # the index types cross-entropy takes
-_BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 
 
 def check_parameters(model: nn.Module, what: str = "the model") -> None:
@@ -24,16 +23,14 @@ def check_parameters(model: nn.Module, what: str = "the model") -> None:
                                "form, so half precision is not needed for a small file)")
 
 
-def trains_batchnorm(model: nn.Module) -> bool:
-    return any(isinstance(m, _BATCHNORMS) and m.training for m in model.modules())
-
-
-def check_batch_size(trains_bn: bool, n: int, batch: int) -> None:
-    """A batch of one sample cannot train BatchNorm (``trains_bn``): its variance over the batch is undefined."""
-    if n == 1 and trains_bn:
-        raise MixbitsError(f"batch {batch + 1} of the epoch holds one sample, and the model has BatchNorm, which "
-                           "cannot train on a batch of one; use batches of at least 2 samples (a DataLoader's last "
-                           "batch: drop_last=True)")
+def batchnorm_failure(error: ValueError, n: int, batch: int) -> MixbitsError | None:
+    """torch's refusal to train BatchNorm on one value per channel (a batch of one sample after a linear layer, or
+    at 1x1 resolution) in our words, naming the batch and the fix; None for any other ValueError."""
+    if "Expected more than 1 value per channel" not in str(error):
+        return None
+    return MixbitsError(f"batch {batch + 1} of the epoch holds {n} sample{'s' * (n != 1)}, too few for BatchNorm to "
+                        "train on (it needs more than one value per channel); use batches of at least 2 samples (a "
+                        "DataLoader's last batch: drop_last=True)")
 
 
 def check_logits(logits, targets, what: str = "the model") -> None:

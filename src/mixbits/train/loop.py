@@ -39,13 +39,12 @@ from .distributed import all_reduce_sum, broadcast_object, is_distributed, is_ma
 from .evaluate import evaluate
 from .guard import LossGuard
 from .inputs import (
-    check_batch_size,
+    batchnorm_failure,
     check_logits,
     check_loss,
     check_parameters,
     check_teacher_logits,
     non_finite_inputs,
-    trains_batchnorm,
 )
 from .memory import retained_memory
 from .optim import TrainConfig, build_optimizer, build_scheduler, param_groups
@@ -259,14 +258,18 @@ def _train_epoch(state: TrainState, loader, objective: Objective, hooks: list[Ho
         hook.on_epoch_start(state)
     params = [p for group in optimizer.param_groups for p in group["params"]]
     running = _Running(state.device)
-    trains_bn = trains_batchnorm(state.model)
     with tqdm(loader, total=state.steps_per_epoch, desc=f"epoch {state.epoch + 1}/{cfg.epochs}", disable=not show,
               leave=False, dynamic_ncols=True) as bar:
         for batch, data in enumerate(bar):
             x, y = split_batch(data, state.device)
-            check_batch_size(trains_bn, batch_size(x), batch)
             optimizer.zero_grad(set_to_none=True)
-            out = objective(state, x, y)
+            try:
+                out = objective(state, x, y)
+            except ValueError as e:
+                problem = batchnorm_failure(e, batch_size(x), batch)
+                if problem is None:
+                    raise
+                raise problem from None
             if isinstance(out, torch.Tensor):
                 out = StepOutput(out)
             loss = out.loss.detach().float().item()
