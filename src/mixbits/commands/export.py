@@ -1,8 +1,11 @@
 """`mixbits export RUN --out DIR`: a trained quantized run as QDQ ONNX and packed integer weights, checked.
 
-    mixbits export runs/w4a4 --out export/w4a4 [--opset 21] [--format onnx,packed] [--check-samples 1000]
+    mixbits export runs/w4a4 --out export/w4a4 [--form fast|exact] [--opset 21] [--format onnx,packed]
+                                               [--check-samples 1000]
 
-Writes model.onnx (QuantizeLinear/DequantizeLinear around every quantized layer, integer weights),
+Writes model.onnx (by default every quantized layer as a pattern onnxruntime runs as an integer kernel:
+QLinearConv, QGemm, QLinearAdd; ``--form exact`` multiplies the integer codes in float instead, matching
+PyTorch to the bit but slower than the float model),
 model.mxb (weights bit-packed at their bit-widths; layout in docs/export.md), policy.json, and
 export_report.json: ONNX Runtime against PyTorch on the first --check-samples test images (max
 |diff|, top-1 agreement, each layer alone) and bytes on disk against the size the cost model predicts.
@@ -30,6 +33,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="directory for model.onnx, model.mxb, policy.json, export_report.json")
     p.add_argument("--opset", type=int, help="ONNX opset (default: the highest of 25, 21, 13 onnxruntime runs; "
                                              "13 stores every code as int8)")
+    p.add_argument("--form", choices=("fast", "exact"), default="fast",
+                   help="fast (default): integer kernels in onnxruntime, within a level of PyTorch per layer; "
+                        "exact: float products of the integer codes, bit-exact against PyTorch, slower than float")
     p.add_argument("--format", default="onnx,packed", help="comma-separated formats: onnx, packed (default: both)")
     p.add_argument("--check-samples", type=int, default=1000,
                    help="test images on which ONNX Runtime is compared with PyTorch (0: no check; default 1000)")
@@ -51,7 +57,7 @@ def run(args) -> int:
     card.policy.save(out / "policy.json")
     report = {"run": str(args.run), "model": card.name, "policy": card.policy.describe()}
     if "onnx" in formats:
-        report["onnx"] = _export_onnx(model, card, args.opset, check, out / "model.onnx")
+        report["onnx"] = _export_onnx(model, card, args.opset, check, out / "model.onnx", args.form)
     if "packed" in formats:
         from ..export import pack_model
 
@@ -71,15 +77,24 @@ def _formats(text: str) -> list[str]:
     return formats
 
 
-def _export_onnx(model, card, opset: int | None, check, path: Path) -> dict:
+def _export_onnx(model, card, opset: int | None, check, path: Path, form: str = "fast") -> dict:
     from ..export import export_onnx
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        report = export_onnx(model, card.input_shape, path, opset=opset, check_inputs=check)
+        report = export_onnx(model, card.input_shape, path, opset=opset, check_inputs=check, form=form,
+                             calibration=None if check is not None else _calibration(card))
     for w in caught:
         print(f"mixbits export: warning: {w.message}", file=sys.stderr)
     return report.to_dict()
+
+
+def _calibration(card):
+    """A calibration batch for the fast form when no check runs (--check-samples 0): 64 standard normal inputs
+    of the model's shape, like normalised images; with a check, its first test images calibrate instead."""
+    import torch
+
+    return torch.randn(64, *card.input_shape, generator=torch.Generator().manual_seed(0))
 
 
 def _check_batches(args, saved: dict):
@@ -102,7 +117,11 @@ def _print_summary(out: Path, report: dict) -> None:
     print(f"exported {report['model']} ({report['policy']}) to {out}/")
     if "onnx" in report:
         onnx = report["onnx"]
-        print(f"  model.onnx   {onnx['bytes'] / 1e3:9.1f} KB  opset {onnx['opset']}")
+        print(f"  model.onnx   {onnx['bytes'] / 1e3:9.1f} KB  opset {onnx['opset']}, {onnx['form']} form")
+        kernels = {k: v for k, v in onnx.get("kernels", {}).items() if k.startswith(("QLinear", "QGemm", "MatMulInt"))}
+        if kernels:
+            print("  integer kernels in onnxruntime: " + ", ".join(f"{v} {k}" for k, v in kernels.items()) +
+                  (f"; left as float products: {', '.join(onnx['unfused_layers'])}" if onnx["unfused_layers"] else ""))
         check = onnx.get("check")
         if check:
             print(f"  check on {check['samples']} test images: top-1 agreement {check['top1_agreement']:.2f} % with "

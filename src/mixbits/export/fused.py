@@ -1,0 +1,372 @@
+"""The fast form of an export: quantized layers as onnxruntime's integer kernels.
+
+The exact form (``qdq.layer_nodes``) multiplies integer codes in a float Conv/Gemm and rescales in float, which
+reproduces PyTorch to the bit but runs slower than the float model. Here every layer is written as the QDQ
+pattern onnxruntime's CPU provider fuses into an integer kernel, with the real scales in the DequantizeLinear
+nodes:
+
+    x -> QuantizeLinear(a_step) -> [Clip] -> DequantizeLinear(a_step) -+
+    codes -> DequantizeLinear(w_step * bn_scale, per output channel) --+-> Conv(bias) -> QuantizeLinear(out)
+
+- BatchNorm after a convolution is folded into the per-channel weight scale and the bias (the integer codes
+  stay the trained ones; a channel with a negative BatchNorm scale has its codes negated);
+- a convolution's output is requantized to 8 bits, so onnxruntime fuses DQ -> Conv -> Q into QLinearConv (a
+  ReLU before that Q is absorbed by its zero point). Where every consumer of that output is a quantized layer
+  with one input quantizer, the output is quantized with that layer's own step (no extra rounding); elsewhere
+  (residual streams) with a step that covers the tensor's range on calibration inputs, and residual additions
+  are requantized the same way so that they run as QLinearAdd;
+- a Linear layer keeps a float output: DQ -> Gemm/MatMul fuses into an integer product with float output
+  (QGemm, MatMulIntegerToFloat), so it needs no requantization.
+
+Every code is carried in an 8-bit container: CPU kernels compute in 8 bits whatever the bit-width. Weight codes
+beyond [-64, 64] go as uint8 with zero point 128 (``qdq.wide_weights``: the uint8 x int8 kernels of CPUs without
+VNNI saturate on them), and inputs as uint8 (signed ones with zero point 128).
+
+What differs from PyTorch's integer form: the 8-bit requantization of residual streams (PyTorch adds them in
+float), the bias rounded to int32 at the product's scale, and the requantization multiplier. Each is below one
+level of the tensor it rounds; a later low-bit quantizer turns some into whole levels (docs/export.md).
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from ..errors import MixbitsError
+from .qdq import UNSIGNED, LayerSpec, QTypes, _input_inits, _int_tensor, session, set_opset, wide_weights
+
+INTEGER_KERNELS = ("QLinearConv", "QGemm", "QLinearMatMul", "MatMulIntegerToFloat", "DynamicQuantizeMatMul",
+                   "ConvInteger", "MatMulInteger")
+FLOAT_PRODUCTS = ("Conv", "Gemm", "MatMul")
+
+
+def fast_types(spec: LayerSpec) -> QTypes:
+    """8-bit containers: uint8 inputs (signed ones shifted by 128) with a Clip below 8 bits; int8 weights, or uint8
+    with zero point 128 where their codes leave [-64, 64]."""
+    wide = wide_weights(spec)
+    return QTypes(UNSIGNED[8] if wide else TensorProto.INT8, UNSIGNED[8], spec.a_bits < 8,
+                  128 if spec.a_signed else 0, 128 if wide else 0)
+
+
+@dataclass
+class Fold:
+    """A BatchNorm (x * scale + shift per channel) folded into the layer before it."""
+
+    scale: np.ndarray
+    shift: np.ndarray
+
+
+def fast_layer_nodes(spec: LayerSpec, x: str, y: str, types: QTypes, fold: Fold | None = None) -> tuple[list, list]:
+    """(nodes, initializers) computing ``y`` from ``x`` as a QDQ pattern that fuses into an integer kernel (the
+    requantization of the output, where there is one, is added by the caller)."""
+    n, node = spec.name, helper.make_node
+    channels = spec.codes.shape[0]
+    w_scale = np.broadcast_to(np.float32(spec.a_scale) * spec.w_scale.astype(np.float32), (channels,))
+    w_scale = (w_scale / np.float32(spec.a_scale)).astype(np.float32)  # the weight step PyTorch rounds with
+    bias = np.zeros(channels, np.float32) if spec.bias is None else spec.bias.astype(np.float32).reshape(-1)
+    codes = spec.codes.astype(np.int64)
+    if fold is not None:
+        sign = np.where(fold.scale < 0, -1, 1)
+        codes = codes * sign.reshape((-1,) + (1,) * (codes.ndim - 1))
+        w_scale = (w_scale * np.abs(fold.scale)).astype(np.float32)
+        bias = (bias * fold.scale + fold.shift).astype(np.float32)
+    if spec.kind == "conv":  # onnxruntime rounds a convolution's bias to int32 at input step x weight step: at
+        # 2-bit inputs one such unit was 7 levels of the output. Codes times m (within [-32, 32]) with the weight
+        # step divided by m give the same products and an m times finer bias. (Up to 64 broke onnxruntime's
+        # kernels here: ResNet-20 W4A4 agreed on 90.0 % of samples instead of 97.7 %.)
+        m = max(1, 32 // max(int(np.abs(codes).max(initial=0)), 1))
+        codes, w_scale = codes * m, (w_scale / np.float32(m)).astype(np.float32)
+    matmul = spec.kind == "linear" and max(spec.in_ranks or (2,)) > 2
+    if matmul:  # MatMul takes (in, out): per output channel is axis 1
+        codes = codes.T
+    codes_name, nodes = f"{y}/input_int", []
+    nodes.append(node("QuantizeLinear", [x, f"{n}.input_scale", f"{n}.input_zero_point"], [codes_name],
+                      name=f"{y}/Quantize"))
+    if types.clip:
+        nodes.append(node("Clip", [codes_name, f"{n}.input_min", f"{n}.input_max"], [f"{y}/input_clip"],
+                          name=f"{y}/Clip"))
+        codes_name = f"{y}/input_clip"
+    xd, wd = f"{y}/input_codes", f"{y}/weight"
+    nodes.append(node("DequantizeLinear", [codes_name, f"{n}.input_scale", f"{n}.input_zero_point"], [xd],
+                      name=f"{y}/DequantizeInput"))
+    nodes.append(node("DequantizeLinear", [f"{n}.weight_int", f"{n}.weight_scale", f"{n}.weight_zero_point"], [wd],
+                      name=f"{y}/DequantizeWeight", axis=1 if matmul else 0))
+    wzp = types.weight_zero_point
+    inits = _input_inits(spec, types) + [
+        _int_tensor(f"{n}.weight_int", codes + wzp, types.weight),
+        _int_tensor(f"{n}.weight_zero_point", np.full(channels, wzp, np.int64), types.weight),
+        numpy_helper.from_array(w_scale, f"{n}.weight_scale"),
+        numpy_helper.from_array(bias, f"{n}.bias")]
+    if spec.kind == "conv":
+        nodes.append(node("Conv", [xd, wd, f"{n}.bias"], [y], name=f"{y}/Conv", **spec.conv))
+        return nodes, inits
+    # A float bias input keeps onnxruntime from fusing Gemm into QGemm: the bias is its own Add, as PyTorch adds it.
+    product = node("MatMul", [xd, wd], [f"{y}/product"], name=f"{y}/MatMul") if matmul else \
+        node("Gemm", [xd, wd], [f"{y}/product"], name=f"{y}/Gemm", transB=1)
+    nodes += [product, node("Add", [f"{y}/product", f"{n}.bias"], [y], name=f"{y}/AddBias")]
+    return nodes, inits
+
+
+def requantize_nodes(tensor: str, source: str, scale: str, zero_point: str) -> list:
+    """``tensor`` = DequantizeLinear(QuantizeLinear(``source``)): the 8-bit point onnxruntime fuses kernels around."""
+    return [helper.make_node("QuantizeLinear", [source, scale, zero_point], [f"{tensor}/requantized"],
+                             name=f"{tensor}/Requantize"),
+            helper.make_node("DequantizeLinear", [f"{tensor}/requantized", scale, zero_point], [tensor],
+                             name=f"{tensor}/Dequantize")]
+
+
+# the graph-level plan: which BatchNorms fold, where outputs are requantized ----------------------------------
+def constants(graph) -> dict[str, np.ndarray]:
+    """Initializers and the Identity/Constant nodes torch's exporter puts in front of shared ones."""
+    values = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    for node in graph.node:
+        if node.op_type == "Identity" and node.input[0] in values:
+            values[node.output[0]] = values[node.input[0]]
+        elif node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
+            values[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
+    return values
+
+
+@dataclass
+class Plan:
+    """How the placeholder graph turns into the fast form."""
+
+    folds: dict  # layer node output -> (Fold, the BatchNorm Add's output the layer now writes, nodes dropped)
+    requantized: dict  # tensor -> (scale name, zero point name) of its 8-bit requantization, or None: calibrate
+    dropped: set
+    grid: dict = field(default_factory=dict)  # calibrated tensor -> the input step of a quantized layer it feeds
+    into_add: dict = field(default_factory=dict)  # calibrated tensor -> the requantized output of the addition
+
+
+def _consumers(graph) -> dict[str, list]:
+    users: dict[str, list] = {}
+    for node in graph.node:
+        for name in node.input:
+            users.setdefault(name, []).append(node)
+    return users
+
+
+def _fold(layer_out: str, spec: LayerSpec, users: dict, values: dict) -> tuple[Fold, str, list] | None:
+    """The BatchNorm (Mul by a constant, then Add of one) that alone follows a convolution, if it can fold."""
+    chain = users.get(layer_out, [])
+    if spec.kind != "conv" or len(chain) != 1 or chain[0].op_type != "Mul" or chain[0].input[1] not in values:
+        return None
+    mul = chain[0]
+    after = users.get(mul.output[0], [])
+    if len(after) != 1 or after[0].op_type != "Add" or after[0].input[1] not in values:
+        return None
+    add, channels = after[0], spec.codes.shape[0]
+    scale, shift = values[mul.input[1]].astype(np.float32), values[add.input[1]].astype(np.float32)
+    if scale.size not in (1, channels) or shift.size not in (1, channels):
+        return None
+    scale = np.broadcast_to(scale.reshape(-1), (channels,)).copy()
+    shift = np.broadcast_to(shift.reshape(-1), (channels,)).copy()
+    negated = spec.codes.reshape(channels, -1)[scale < 0]
+    lo, hi = -(1 << 7), (1 << 7) - 1
+    if negated.size and not (lo <= -int(negated.max()) and -int(negated.min()) <= hi):
+        return None  # a negated code would leave the 8-bit container
+    return Fold(scale, shift), add.output[0], [mul.name, add.name]
+
+
+def _requant_point(tensor: str, users: dict) -> str:
+    """Where to requantize ``tensor``: after a ReLU that alone consumes it (the Q then absorbs the ReLU)."""
+    after = users.get(tensor, [])
+    return after[0].output[0] if len(after) == 1 and after[0].op_type == "Relu" else tensor
+
+
+def plan(proto, specs: dict[str, LayerSpec], layer_of) -> Plan:
+    """Which BatchNorms fold into the layer before them and which tensors are requantized to 8 bits.
+
+    ``layer_of(node)`` names the quantized layer a placeholder node stands for (None for other nodes).
+    """
+    graph = proto.graph
+    values, users = constants(graph), _consumers(graph)
+    folds, points, dropped = {}, [], set()
+    for node in graph.node:
+        name = layer_of(node)
+        if name is None:
+            if node.op_type == "Add" and not any(i in values for i in node.input):  # a residual addition
+                points.append(_requant_point(node.output[0], users))
+            continue
+        out = node.output[0]
+        found = _fold(out, specs[name], users, values)
+        if found is not None:
+            folds[out] = found
+            dropped.update(found[2])
+            out = found[1]
+        if specs[name].kind == "conv":
+            points.append(_requant_point(out, users))
+    outputs, the_plan = {o.name for o in graph.output}, Plan(folds, {}, dropped)
+    for tensor in dict.fromkeys(points):
+        if tensor in outputs:  # the model's own outputs stay float
+            continue
+        consumers = [specs[layer_of(u)] if layer_of(u) else None for u in users.get(tensor, [])]
+        same = consumers and None not in consumers and len({_quantizer(s) for s in consumers}) == 1
+        first = consumers[0] if same else None  # one input quantizer: its own step, no extra rounding
+        the_plan.requantized[tensor] = (f"{first.name}.input_scale", f"{first.name}.input_zero_point") if same else None
+        layer = next((c for c in consumers if c is not None), None)
+        if not same and layer is not None:
+            the_plan.grid[tensor] = float(layer.a_scale)
+        after = users.get(tensor, [])
+        if not same and len(after) == 1 and after[0].op_type == "Add":
+            the_plan.into_add[tensor] = _requant_point(after[0].output[0], users)
+    return the_plan
+
+
+def _quantizer(spec: LayerSpec) -> tuple:
+    return float(spec.a_scale), spec.a_signed
+
+
+def calibrated_step(low: float, high: float, grid: float | None) -> float:
+    """An 8-bit step covering [low, high] (uint8 from 0 when never negative, else int8 around 0); with ``grid``,
+    the input step of a quantized layer the tensor feeds, the largest ``grid / n`` (n odd) that still covers it.
+
+    With an odd n every midpoint between two levels of the layer is a midpoint of the finer grid too, so rounding
+    to the fine grid first and then to the layer's gives the layer's own codes (PyTorch rounds only once)."""
+    levels = 255 if low >= 0 else 127
+    step = max(high if low >= 0 else max(-low, high), 1e-8) / levels
+    if grid is not None and grid >= step:
+        n = int(grid / step)
+        n -= 1 - n % 2  # the largest odd n with grid / n >= step
+        step = grid / n
+    return step
+
+
+def calibrated_scale(tensor: str, step: float, unsigned: bool) -> tuple[list, str, str]:
+    """(initializers, scale, zero point) of an 8-bit requantization of ``tensor`` with ``step``."""
+    scale, zero = f"{tensor}/requant_scale", f"{tensor}/requant_zero_point"
+    inits = [numpy_helper.from_array(np.array(step, np.float32), scale),
+             helper.make_tensor(zero, TensorProto.UINT8 if unsigned else TensorProto.INT8, [], [0])]
+    return inits, scale, zero
+
+
+def kernel_counts(optimized: onnx.ModelProto) -> Counter:
+    """How many nodes of each type the optimised graph runs."""
+    return Counter(node.op_type for node in optimized.graph.node)
+
+
+# building the graph ---------------------------------------------------------------------------------------------
+def _expand(proto, specs: dict[str, LayerSpec], types: dict[str, QTypes], layer_of, the_plan: Plan,
+            scales: dict[str, tuple[str, str]]) -> None:
+    """Replace every placeholder by its fast subgraph, drop folded BatchNorms and requantize the planned tensors
+    that have a scale in ``scales`` (the others stay float: that is how their ranges are measured)."""
+    graph, nodes, done = proto.graph, [], set()
+    taken = {init.name for init in graph.initializer}
+
+    def emit(new_nodes: list, produced: str) -> None:
+        if produced in scales:  # the last node writes the float value; Q/DQ make the tensor itself
+            new_nodes[-1].output[list(new_nodes[-1].output).index(produced)] = f"{produced}/float"
+            new_nodes += requantize_nodes(produced, f"{produced}/float", *scales[produced])
+        nodes.extend(new_nodes)
+
+    for node in graph.node:
+        if node.name in the_plan.dropped:
+            continue
+        name = layer_of(node)
+        if name is None:
+            emit([node], next((o for o in node.output if o in scales), ""))
+            continue
+        out, fold = node.output[0], None
+        if out in the_plan.folds:
+            fold, out, _ = the_plan.folds[out]
+        sub_nodes, inits = fast_layer_nodes(specs[name], node.input[0], out, types[name], fold)
+        emit(sub_nodes, out)
+        if name not in done:  # a layer called twice shares its initializers
+            done.add(name)
+            clash = [i.name for i in inits if i.name in taken]
+            if clash:
+                raise MixbitsError(f"initializer names {clash} of layer {name!r} are taken by the float graph")
+            graph.initializer.extend(inits)
+    del graph.node[:]
+    graph.node.extend(nodes)
+    used = {i for n in graph.node for i in n.input}  # folded BatchNorm constants are no longer needed
+    kept = [i for i in graph.initializer if i.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+
+
+def _ranges(data: bytes, tensors: list[str], x: np.ndarray) -> dict[str, tuple[float, float]]:
+    """(min, max) of each tensor over the calibration inputs, from the graph with no requantization yet."""
+    proto = onnx.load_from_string(data)
+    proto.graph.output.extend(helper.make_empty_tensor_value_info(t) for t in tensors)
+    sess = session(proto.SerializeToString(), optimize=False)
+    names = [o.name for o in sess.get_outputs()]
+    values = dict(zip(names, sess.run(None, {"input": x}), strict=True))
+    return {t: (float(values[t].min()), float(values[t].max())) for t in tensors}
+
+
+def build_fast(raw: bytes, specs: dict[str, LayerSpec], types: dict[str, QTypes], opset: int, layer_of,
+               calibration: np.ndarray | None) -> bytes:
+    """The fast form of the placeholder graph ``raw``; residual streams are requantized with steps that cover
+    their range on ``calibration`` inputs (a batch of samples)."""
+    the_plan = plan(onnx.load_from_string(raw), specs, layer_of)
+    own = {t: s for t, s in the_plan.requantized.items() if s is not None}
+    measured = [t for t, s in the_plan.requantized.items() if s is None]
+
+    def build(scales: dict, extra_inits: list) -> onnx.ModelProto:
+        proto = onnx.load_from_string(raw)
+        _expand(proto, specs, types, layer_of, the_plan, scales)
+        proto.graph.initializer.extend(extra_inits)
+        set_opset(proto, opset)
+        return proto
+
+    extra, scales = [], dict(own)
+    if measured:
+        if calibration is None:
+            raise MixbitsError(f"the fast form requantizes {len(measured)} residual tensors (first {measured[0]!r}) "
+                               "to 8 bits and needs calibration inputs to size their steps: pass calibration= (a "
+                               "batch of samples) or check_inputs=, or form='exact'")
+        ranges = _ranges(build(own, []).SerializeToString(), measured, np.asarray(calibration, np.float32))
+        steps = {t: calibrated_step(*ranges[t], the_plan.grid.get(t)) for t in measured}
+        for tensor, point in the_plan.into_add.items():  # the addition's own step where it covers the input:
+            low, high = ranges[tensor]  # the integer sum then needs no rescaling of that input
+            if point in steps and max(-low, high) <= 127 * steps[point]:
+                steps[tensor] = steps[point]
+        for tensor in measured:
+            inits, scale, zero = calibrated_scale(tensor, steps[tensor], ranges[tensor][0] >= 0)
+            extra += inits
+            scales[tensor] = (scale, zero)
+    proto = build(scales, extra)
+    onnx.checker.check_model(proto, full_check=True)
+    return proto.SerializeToString()
+
+
+def optimized_graph(data: bytes) -> onnx.ModelProto:
+    """The graph as onnxruntime's default optimisations leave it (``SessionOptions.optimized_model_filepath``)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "optimized.onnx"
+        session(data, optimized_path=str(path))
+        return onnx.load(path)
+
+
+def unfused_layers(data: bytes, specs: dict[str, LayerSpec]) -> tuple[Counter, list[str]]:
+    """(node types of the optimised graph, the quantized layers whose float Conv/Gemm/MatMul onnxruntime kept)."""
+    optimized = optimized_graph(data)
+    owner = {f"{s.name}.{what}": s.name for s in specs.values() for what in ("weight_int", "bias")}
+    for node in optimized.graph.node:  # a weight DequantizeLinear left unfused hands its layer on
+        if node.op_type == "DequantizeLinear" and node.input[0] in owner:
+            owner[node.output[0]] = owner[node.input[0]]
+    unfused = {owner[i] for n in optimized.graph.node if n.op_type in FLOAT_PRODUCTS for i in n.input if i in owner}
+    return kernel_counts(optimized), sorted(unfused)
+
+
+def fast_layer_model(spec: LayerSpec, types: QTypes, opset: int, in_shape, out_scale: float = 1.0):
+    """A graph holding only this layer in the fast form, input ``x`` of shape ``in_shape`` (batch included); a
+    convolution's output is requantized to int8 at ``out_scale``, as in the whole graph."""
+    conv = spec.kind == "conv"
+    nodes, inits = fast_layer_nodes(spec, "x", "y/float" if conv else "y", types)
+    if conv:
+        nodes += requantize_nodes("y", "y/float", "y.scale", "y.zero_point")
+        inits += [numpy_helper.from_array(np.array(out_scale, np.float32), "y.scale"),
+                  helper.make_tensor("y.zero_point", TensorProto.INT8, [], [0])]
+    graph = helper.make_graph(nodes, spec.name or "layer", [helper.make_tensor_value_info("x", 1, list(in_shape))],
+                              [helper.make_tensor_value_info("y", 1, None)], inits)
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    set_opset(proto, opset)
+    return proto
