@@ -191,7 +191,10 @@ def plan(proto, specs: dict[str, LayerSpec], layer_of) -> Plan:
     for node in graph.node:
         name = layer_of(node)
         if name is None:
-            if node.op_type == "Add" and not any(i in values for i in node.input):  # a residual addition
+            # A residual addition of requantized outputs runs as QLinearAdd once it is requantized too; one of
+            # float tensors (a transformer's, after its Linear layers) stays float: no kernel to gain, only rounding.
+            if node.op_type == "Add" and any(i in points for i in node.input) and not any(i in values for i in
+                                                                                         node.input):
                 points.append(_requant_point(node.output[0], users))
             continue
         out = node.output[0]
@@ -200,8 +203,12 @@ def plan(proto, specs: dict[str, LayerSpec], layer_of) -> Plan:
             folds[out] = found
             dropped.update(found[2])
             out = found[1]
-        if specs[name].kind == "conv":
-            points.append(_requant_point(out, users))
+        point = _requant_point(out, users)
+        ends = users.get(point, [])
+        # A convolution whose output goes to quantized layers or residual additions runs as QLinearConv; one that
+        # feeds float ops (a transformer's patch embedding) stays a float product: no kernel to gain after it.
+        if specs[name].kind == "conv" and ends and all(layer_of(u) or u.op_type == "Add" for u in ends):
+            points.append(point)
     outputs, the_plan = {o.name for o in graph.output}, Plan(folds, {}, dropped)
     for tensor in dict.fromkeys(points):
         if tensor in outputs:  # the model's own outputs stay float
@@ -239,10 +246,12 @@ def calibrated_step(low: float, high: float, grid: float | None) -> float:
 
 
 def calibrated_scale(tensor: str, step: float, unsigned: bool) -> tuple[list, str, str]:
-    """(initializers, scale, zero point) of an 8-bit requantization of ``tensor`` with ``step``."""
+    """(initializers, scale, zero point) of an 8-bit requantization of ``tensor`` with ``step``: uint8, from 0 or
+    around 128 (every activation in uint8: onnxruntime 1.32 refuses a ViT whose int8 and uint8 activations meet
+    where it moves a QuantizeLinear across a Reshape)."""
     scale, zero = f"{tensor}/requant_scale", f"{tensor}/requant_zero_point"
     inits = [numpy_helper.from_array(np.array(step, np.float32), scale),
-             helper.make_tensor(zero, TensorProto.UINT8 if unsigned else TensorProto.INT8, [], [0])]
+             helper.make_tensor(zero, TensorProto.UINT8, [], [0 if unsigned else 128])]
     return inits, scale, zero
 
 
