@@ -86,7 +86,11 @@ def ort_int8(float_path: Path, path: Path, calib: np.ndarray) -> None:
             return next(self.batches, None)
 
     pre = path.with_suffix(".pre.onnx")
-    quant_pre_process(str(float_path), str(pre))
+    try:
+        quant_pre_process(str(float_path), str(pre))
+    except Exception as e:  # noqa: BLE001 - its symbolic shape inference fails on ViT's reshapes; its own option
+        print(f"  quant_pre_process: {type(e).__name__}; again with skip_symbolic_shape=True", flush=True)
+        quant_pre_process(str(float_path), str(pre), skip_symbolic_shape=True)
     quantize_static(str(pre), str(path), Reader(), quant_format=QuantFormat.QDQ,
                     activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
 

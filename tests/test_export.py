@@ -190,12 +190,14 @@ def test_latency_table_drives_a_budget(tmp_path):
     table = measure_latency_table(model, space, SHAPE, repeats=2, warmup=1, threads=1)
     table.save(tmp_path / "lut.json")
     loaded = LatencyTable.load(tmp_path / "lut.json")
-    assert loaded.unit == "ms" and "onnxruntime" in loaded.device
+    assert loaded.unit == "ms" and "onnxruntime" in loaded.device and "fast export form" in loaded.device
     loaded.check_covers(space)
     stats = profile(model, SHAPE)
     budget = parse_budget("latency<=uniform:4")
     check_feasible(budget, stats, space, loaded)
     assert budget.satisfied(stats, Policy.uniform(space, 4), space, loaded)
+    with pytest.raises(MixbitsError, match="form must be"):
+        measure_latency_table(model, space, SHAPE, form="quick")
 
 
 def test_cli_export_writes_checked_files(tiny_q_run, tmp_path, capsys):

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import tempfile
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -39,7 +39,19 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from ..errors import MixbitsError
-from .qdq import UNSIGNED, LayerSpec, QTypes, _input_inits, _int_tensor, session, set_opset, wide_weights
+from .qdq import (
+    SIGNED,
+    SINCE,
+    UNSIGNED,
+    WIDTH,
+    LayerSpec,
+    QTypes,
+    _input_inits,
+    _int_tensor,
+    session,
+    set_opset,
+    wide_weights,
+)
 
 INTEGER_KERNELS = ("QLinearConv", "QGemm", "QLinearMatMul", "MatMulIntegerToFloat", "DynamicQuantizeMatMul",
                    "ConvInteger", "MatMulInteger")
@@ -76,12 +88,13 @@ def fast_layer_nodes(spec: LayerSpec, x: str, y: str, types: QTypes, fold: Fold 
         codes = codes * sign.reshape((-1,) + (1,) * (codes.ndim - 1))
         w_scale = (w_scale * np.abs(fold.scale)).astype(np.float32)
         bias = (bias * fold.scale + fold.shift).astype(np.float32)
+    m = 1
     if spec.kind == "conv":  # onnxruntime rounds a convolution's bias to int32 at input step x weight step: at
         # 2-bit inputs one such unit was 7 levels of the output. Codes times m (within [-32, 32]) with the weight
         # step divided by m give the same products and an m times finer bias. (Up to 64 broke onnxruntime's
         # kernels here: ResNet-20 W4A4 agreed on 90.0 % of samples instead of 97.7 %.)
         m = max(1, 32 // max(int(np.abs(codes).max(initial=0)), 1))
-        codes, w_scale = codes * m, (w_scale / np.float32(m)).astype(np.float32)
+        w_scale = (w_scale / np.float32(m)).astype(np.float32)
     matmul = spec.kind == "linear" and max(spec.in_ranks or (2,)) > 2
     if matmul:  # MatMul takes (in, out): per output channel is axis 1
         codes = codes.T
@@ -95,14 +108,18 @@ def fast_layer_nodes(spec: LayerSpec, x: str, y: str, types: QTypes, fold: Fold 
     xd, wd = f"{y}/input_codes", f"{y}/weight"
     nodes.append(node("DequantizeLinear", [codes_name, f"{n}.input_scale", f"{n}.input_zero_point"], [xd],
                       name=f"{y}/DequantizeInput"))
-    nodes.append(node("DequantizeLinear", [f"{n}.weight_int", f"{n}.weight_scale", f"{n}.weight_zero_point"], [wd],
+    wzp, container = types.weight_zero_point, UNSIGNED[8] if types.weight_zero_point else TensorProto.INT8
+    widen, weight = _widening_nodes(n, y, types.weight, container, m)
+    nodes += widen
+    nodes.append(node("DequantizeLinear", [weight, f"{n}.weight_scale", f"{n}.weight_zero_point"], [wd],
                       name=f"{y}/DequantizeWeight", axis=1 if matmul else 0))
-    wzp = types.weight_zero_point
     inits = _input_inits(spec, types) + [
-        _int_tensor(f"{n}.weight_int", codes + wzp, types.weight),
-        _int_tensor(f"{n}.weight_zero_point", np.full(channels, wzp, np.int64), types.weight),
+        _int_tensor(f"{n}.weight_int", (codes if widen else codes * m) + wzp, types.weight),
+        _int_tensor(f"{n}.weight_zero_point", np.full(channels, wzp, np.int64), container),
         numpy_helper.from_array(w_scale, f"{n}.weight_scale"),
         numpy_helper.from_array(bias, f"{n}.bias")]
+    if widen and m > 1:
+        inits.append(numpy_helper.from_array(np.array(m, np.int32), f"{n}.weight_multiplier"))
     if spec.kind == "conv":
         nodes.append(node("Conv", [xd, wd, f"{n}.bias"], [y], name=f"{y}/Conv", **spec.conv))
         return nodes, inits
@@ -111,6 +128,39 @@ def fast_layer_nodes(spec: LayerSpec, x: str, y: str, types: QTypes, fold: Fold 
         node("Gemm", [xd, wd], [f"{y}/product"], name=f"{y}/Gemm", transB=1)
     nodes += [product, node("Add", [f"{y}/product", f"{n}.bias"], [y], name=f"{y}/AddBias")]
     return nodes, inits
+
+
+def _widening_nodes(n: str, y: str, stored: int, container: int, m: int) -> tuple[list, str]:
+    """(nodes, the weight tensor DequantizeLinear reads): codes stored in a 2- or 4-bit type are widened to int8
+    (and multiplied by m) by Cast/Mul nodes on constants, which onnxruntime folds once at session start, so the
+    file keeps them packed and the kernel still gets an int8 initializer to fuse (a DequantizeLinear of int4
+    or int2 itself is not fused into QLinearConv by onnxruntime 1.32)."""
+    if WIDTH[stored] == 8:
+        return [], f"{n}.weight_int"
+    node = helper.make_node
+    if m == 1:
+        return [node("Cast", [f"{n}.weight_int"], [f"{y}/weight_int8"], name=f"{y}/WidenWeight", to=container)], \
+            f"{y}/weight_int8"
+    return [node("Cast", [f"{n}.weight_int"], [f"{y}/weight_int32"], name=f"{y}/WidenWeight", to=TensorProto.INT32),
+            node("Mul", [f"{y}/weight_int32", f"{n}.weight_multiplier"], [f"{y}/weight_times_m"],
+                 name=f"{y}/MultiplyWeight"),
+            node("Cast", [f"{y}/weight_times_m"], [f"{y}/weight_int8"], name=f"{y}/NarrowWeight", to=container)], \
+        f"{y}/weight_int8"
+
+
+def storage_type(spec: LayerSpec, types: QTypes, fold: Fold | None, opset: int) -> QTypes:
+    """The narrowest signed type that holds the layer's stored codes (negated where a folded BatchNorm scale is
+    negative) at ``opset``: int2 from opset 25, int4 from 21, else the 8-bit container."""
+    if types.weight_zero_point:  # wide codes: uint8 with zero point 128
+        return types
+    codes = spec.codes.astype(np.int64)
+    if fold is not None:
+        codes = codes * np.where(fold.scale < 0, -1, 1).reshape((-1,) + (1,) * (codes.ndim - 1))
+    low, high = int(codes.min(initial=0)), int(codes.max(initial=0))
+    for width in (2, 4):
+        if opset >= SINCE[width] and -(1 << (width - 1)) <= low and high < (1 << (width - 1)):
+            return replace(types, weight=SIGNED[width])
+    return replace(types, weight=TensorProto.INT8)
 
 
 def requantize_nodes(tensor: str, source: str, scale: str, zero_point: str) -> list:
@@ -175,9 +225,10 @@ def _fold(layer_out: str, spec: LayerSpec, users: dict, values: dict) -> tuple[F
 
 
 def _requant_point(tensor: str, users: dict) -> str:
-    """Where to requantize ``tensor``: after a ReLU that alone consumes it (the Q then absorbs the ReLU)."""
+    """Where to requantize ``tensor``: after a ReLU or a Clip (ReLU6) that alone consumes it; onnxruntime then
+    absorbs a ReLU into the QuantizeLinear's zero point, and the next layer's own step applies after the clip."""
     after = users.get(tensor, [])
-    return after[0].output[0] if len(after) == 1 and after[0].op_type == "Relu" else tensor
+    return after[0].output[0] if len(after) == 1 and after[0].op_type in ("Relu", "Clip") else tensor
 
 
 def plan(proto, specs: dict[str, LayerSpec], layer_of) -> Plan:
@@ -311,10 +362,13 @@ def _ranges(data: bytes, tensors: list[str], x: np.ndarray) -> dict[str, tuple[f
 
 
 def build_fast(raw: bytes, specs: dict[str, LayerSpec], types: dict[str, QTypes], opset: int, layer_of,
-               calibration: np.ndarray | None) -> bytes:
-    """The fast form of the placeholder graph ``raw``; residual streams are requantized with steps that cover
-    their range on ``calibration`` inputs (a batch of samples)."""
+               calibration: np.ndarray | None) -> tuple[bytes, dict[str, QTypes]]:
+    """(the fast form of the placeholder graph ``raw``, each layer's types with the type its codes are stored in);
+    residual streams are requantized with steps that cover their range on ``calibration`` inputs (a batch)."""
     the_plan = plan(onnx.load_from_string(raw), specs, layer_of)
+    folds = {fold_info[1]: fold_info[0] for fold_info in the_plan.folds.values()}
+    outputs = _layer_outputs(onnx.load_from_string(raw), layer_of, the_plan)
+    types = {name: storage_type(specs[name], t, folds.get(outputs.get(name)), opset) for name, t in types.items()}
     own = {t: s for t, s in the_plan.requantized.items() if s is not None}
     measured = [t for t, s in the_plan.requantized.items() if s is None]
 
@@ -343,7 +397,18 @@ def build_fast(raw: bytes, specs: dict[str, LayerSpec], types: dict[str, QTypes]
             scales[tensor] = (scale, zero)
     proto = build(scales, extra)
     onnx.checker.check_model(proto, full_check=True)
-    return proto.SerializeToString()
+    return proto.SerializeToString(), types
+
+
+def _layer_outputs(proto, layer_of, the_plan: Plan) -> dict[str, str]:
+    """Each layer's output tensor after folding (the first call of a layer called twice)."""
+    out = {}
+    for node in proto.graph.node:
+        name = layer_of(node)
+        if name is not None and name not in out:
+            fold = the_plan.folds.get(node.output[0])
+            out[name] = fold[1] if fold else node.output[0]
+    return out
 
 
 def optimized_graph(data: bytes) -> onnx.ModelProto:

@@ -250,7 +250,7 @@ def export_onnx(model: nn.Module, input_shape, path, opset: int | None = None, c
             calibration = first[0][:256]
         if isinstance(calibration, torch.Tensor):
             calibration = calibration.detach().float().cpu().numpy()
-        data = build_fast(raw, specs, types, opset, _layer_of, calibration)
+        data, types = build_fast(raw, specs, types, opset, _layer_of, calibration)
         counts, unfused = unfused_layers(data, specs)
         kernels = dict(sorted(counts.items()))
         if unfused:
