@@ -17,7 +17,7 @@ from mixbits.quant import apply_policy, calibrate, quantize_model
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 from mixbits.export import export_onnx  # noqa: E402
-from mixbits.export.fused import calibrated_step, unfused_layers  # noqa: E402
+from mixbits.export.fused import FLOAT_PRODUCTS, calibrated_step, unfused_layers  # noqa: E402
 
 SHAPE = (3, 10, 10)
 
@@ -71,7 +71,7 @@ def test_fast_form_runs_integer_kernels_and_agrees(bits, tmp_path):
     ops = _optimized_ops(tmp_path / "m.onnx")
     # every convolution a QLinearConv, the head a QGemm, the residual addition a QLinearAdd: no float product left
     assert ops["QLinearConv"] == 3 and ops["QGemm"] == 1 and ops["QLinearAdd"] == 1, ops
-    assert not ops["Conv"] and not ops["Gemm"] and not ops["MatMul"], ops
+    assert not any(ops[op] for op in FLOAT_PRODUCTS), ops
     assert dict(ops) == report.kernels
     check = report.check
     assert check["layer_max_levels"] <= 1.001  # each layer alone: within one level of its 8-bit output
@@ -154,3 +154,67 @@ def test_fast_form_needs_calibration_for_residual_streams(tmp_path):
         export_onnx(_model(4), SHAPE, tmp_path / "m.onnx", form="quick")
     report = export_onnx(_model(4), SHAPE, tmp_path / "m.onnx", calibration=torch.randn(32, *SHAPE))
     assert report.check is None and (tmp_path / "m.onnx").stat().st_size == report.bytes
+
+
+class TracedDifferently(nn.Module):
+    """Its forward scales one activation only while exported: a graph that computes something else."""
+
+    def __init__(self):
+        super().__init__()
+        self.first, self.second, self.head = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3), nn.Linear(8, 10)
+
+    def forward(self, x):
+        x = torch.relu(self.first(x))
+        if torch.onnx.is_in_onnx_export():
+            x = x * 1.5
+        return self.head(torch.relu(self.second(x)).mean((2, 3)))
+
+
+def test_fast_form_mismatch_names_the_layer_whose_input_differs(tmp_path):
+    torch.manual_seed(0)
+    model = TracedDifferently()
+    space = SearchSpace.from_model(model, (8,), (8,), fixed="none")
+    qmodel = quantize_model(model, space)
+    calibrate(qmodel, torch.randn(64, *SHAPE))
+    with pytest.raises(MixbitsError) as caught, pytest.warns(UserWarning, match="float products"):
+        export_onnx(apply_policy(qmodel.eval(), Policy.uniform(space, 8)), SHAPE, tmp_path / "m.onnx",
+                    check_inputs=torch.randn(200, *SHAPE))
+    message = str(caught.value)
+    assert "first node that differs from PyTorch" in message and "of the input of layer 'second'" in message
+    assert not (tmp_path / "m.onnx").exists()
+
+
+class ReLU6Net(nn.Module):
+    """conv -> BN -> ReLU6 -> conv -> ReLU -> mean -> linear (MobileNetV2's activation)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.bn, self.b, self.fc = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), \
+            nn.Conv2d(8, 8, 3, padding=1), nn.Linear(8, 5)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.b(nn.functional.relu6(self.bn(self.a(x))))).mean((2, 3)))
+
+
+def test_relu6_is_requantized_before_its_clip_and_fuses(tmp_path):
+    # A Clip between Conv and QuantizeLinear stops the fusion (onnxruntime runs a float FusedConv instead): the
+    # output is quantized with the next layer's step before the Clip, which lands on the same codes.
+    torch.manual_seed(0)
+    model = ReLU6Net()
+    space = SearchSpace.from_model(model, (4,), (4,), fixed="none")
+    qmodel = quantize_model(model, space)
+    calibrate(qmodel, torch.randn(64, *SHAPE))
+    with pytest.warns(UserWarning, match="float products, not integer kernels: b$"):
+        report = export_onnx(apply_policy(qmodel.eval(), Policy.uniform(space, 4)), SHAPE, tmp_path / "m.onnx",
+                             check_inputs=torch.randn(200, *SHAPE))
+    ops = _optimized_ops(tmp_path / "m.onnx")
+    assert ops["QLinearConv"] == 1 and report.unfused_layers == ["b"]  # b feeds a mean: no kernel to gain there
+    proto = onnx.load(tmp_path / "m.onnx")
+    relu6 = next(n for n in proto.graph.node if n.name == "/Clip")  # the ReLU6 moved onto b's input codes
+    assert relu6.op_type == "Identity"
+    requantize = next(n for n in proto.graph.node if n.output[0] == relu6.input[0]).input[0]
+    assert next(n for n in proto.graph.node if n.output[0] == requantize).input[1] == "b.input_scale"
+    inits = {i.name: onnx.numpy_helper.to_array(i) for i in proto.graph.initializer}
+    step = np.float32(qmodel.b.a_quant.step(4, 1).item())
+    assert int(inits["b.input_max"]) == min(15, int(np.round(np.float32(6.0) / step)))
+    assert report.check["top1_agreement"] >= 99.0

@@ -55,7 +55,8 @@ from .qdq import (
 
 INTEGER_KERNELS = ("QLinearConv", "QGemm", "QLinearMatMul", "MatMulIntegerToFloat", "DynamicQuantizeMatMul",
                    "ConvInteger", "MatMulInteger")
-FLOAT_PRODUCTS = ("Conv", "Gemm", "MatMul")
+# float products as onnxruntime's optimised graph names them (FusedConv: a Conv with its activation)
+FLOAT_PRODUCTS = ("Conv", "Gemm", "MatMul", "FusedConv", "FusedGemm", "FusedMatMul", "NhwcFusedConv")
 
 
 def fast_types(spec: LayerSpec) -> QTypes:
@@ -74,9 +75,11 @@ class Fold:
     shift: np.ndarray
 
 
-def fast_layer_nodes(spec: LayerSpec, x: str, y: str, types: QTypes, fold: Fold | None = None) -> tuple[list, list]:
+def fast_layer_nodes(spec: LayerSpec, x: str, y: str, types: QTypes, fold: Fold | None = None,
+                     upper: float | None = None) -> tuple[list, list]:
     """(nodes, initializers) computing ``y`` from ``x`` as a QDQ pattern that fuses into an integer kernel (the
-    requantization of the output, where there is one, is added by the caller)."""
+    requantization of the output, where there is one, is added by the caller). ``upper``: a ReLU6's bound
+    before the layer, applied to the input codes (``round(min(x, 6) / s) == min(round(x / s), round(6 / s))``)."""
     n, node = spec.name, helper.make_node
     channels = spec.codes.shape[0]
     w_scale = np.broadcast_to(np.float32(spec.a_scale) * spec.w_scale.astype(np.float32), (channels,))
@@ -113,7 +116,8 @@ def fast_layer_nodes(spec: LayerSpec, x: str, y: str, types: QTypes, fold: Fold 
     nodes += widen
     nodes.append(node("DequantizeLinear", [weight, f"{n}.weight_scale", f"{n}.weight_zero_point"], [wd],
                       name=f"{y}/DequantizeWeight", axis=1 if matmul else 0))
-    inits = _input_inits(spec, types) + [
+    upper_code = None if upper is None else int(np.round(np.float32(upper) / np.float32(spec.a_scale)))
+    inits = _input_inits(spec, types, upper_code) + [
         _int_tensor(f"{n}.weight_int", (codes if widen else codes * m) + wzp, types.weight),
         _int_tensor(f"{n}.weight_zero_point", np.full(channels, wzp, np.int64), container),
         numpy_helper.from_array(w_scale, f"{n}.weight_scale"),
@@ -191,6 +195,8 @@ class Plan:
     requantized: dict  # tensor -> (scale name, zero point name) of its 8-bit requantization, or None: calibrate
     dropped: set
     grid: dict = field(default_factory=dict)  # calibrated tensor -> the input step of a quantized layer it feeds
+    bounds: dict = field(default_factory=dict)  # layer -> the ReLU6 bound applied to its input codes instead
+    bypassed: set = field(default_factory=set)  # the Clip nodes of those ReLU6s (an Identity takes their place)
     into_add: dict = field(default_factory=dict)  # calibrated tensor -> the requantized output of the addition
 
 
@@ -224,11 +230,19 @@ def _fold(layer_out: str, spec: LayerSpec, users: dict, values: dict) -> tuple[F
     return Fold(scale, shift), add.output[0], [mul.name, add.name]
 
 
-def _requant_point(tensor: str, users: dict) -> str:
-    """Where to requantize ``tensor``: after a ReLU or a Clip (ReLU6) that alone consumes it; onnxruntime then
-    absorbs a ReLU into the QuantizeLinear's zero point, and the next layer's own step applies after the clip."""
+def _requant_point(tensor: str, users: dict) -> tuple[str, str]:
+    """(where to requantize ``tensor``, the tensor whose consumers decide its step).
+
+    After a ReLU that alone consumes it: onnxruntime absorbs the ReLU into the QuantizeLinear's zero point.
+    Before a Clip (ReLU6) that alone consumes it, with the step of what the Clip feeds: a Clip between Conv
+    and QuantizeLinear stops the fusion, and quantizing first changes nothing, since rounding is monotone and
+    the Clip's bound lands on the same code either way (``min(round(y / s), round(6 / s))``)."""
     after = users.get(tensor, [])
-    return after[0].output[0] if len(after) == 1 and after[0].op_type in ("Relu", "Clip") else tensor
+    if len(after) == 1 and after[0].op_type == "Relu":
+        return after[0].output[0], after[0].output[0]
+    if len(after) == 1 and after[0].op_type == "Clip":
+        return tensor, after[0].output[0]
+    return tensor, tensor
 
 
 def plan(proto, specs: dict[str, LayerSpec], layer_of) -> Plan:
@@ -238,7 +252,7 @@ def plan(proto, specs: dict[str, LayerSpec], layer_of) -> Plan:
     """
     graph = proto.graph
     values, users = constants(graph), _consumers(graph)
-    folds, points, dropped = {}, [], set()
+    folds, points, dropped = {}, {}, set()  # requantization point -> the tensor whose consumers decide its step
     for node in graph.node:
         name = layer_of(node)
         if name is None:
@@ -246,7 +260,8 @@ def plan(proto, specs: dict[str, LayerSpec], layer_of) -> Plan:
             # float tensors (a transformer's, after its Linear layers) stays float: no kernel to gain, only rounding.
             if node.op_type == "Add" and any(i in points for i in node.input) and not any(i in values for i in
                                                                                          node.input):
-                points.append(_requant_point(node.output[0], users))
+                point, through = _requant_point(node.output[0], users)
+                points[point] = through
             continue
         out = node.output[0]
         found = _fold(out, specs[name], users, values)
@@ -254,27 +269,40 @@ def plan(proto, specs: dict[str, LayerSpec], layer_of) -> Plan:
             folds[out] = found
             dropped.update(found[2])
             out = found[1]
-        point = _requant_point(out, users)
-        ends = users.get(point, [])
+        point, through = _requant_point(out, users)
+        ends = users.get(through, [])
         # A convolution whose output goes to quantized layers or residual additions runs as QLinearConv; one that
         # feeds float ops (a transformer's patch embedding) stays a float product: no kernel to gain after it.
         if specs[name].kind == "conv" and ends and all(layer_of(u) or u.op_type == "Add" for u in ends):
-            points.append(point)
+            points[point] = through
     outputs, the_plan = {o.name for o in graph.output}, Plan(folds, {}, dropped)
-    for tensor in dict.fromkeys(points):
-        if tensor in outputs:  # the model's own outputs stay float
+    for tensor, through in points.items():
+        if tensor in outputs or through in outputs:  # the model's own outputs stay float
             continue
-        consumers = [specs[layer_of(u)] if layer_of(u) else None for u in users.get(tensor, [])]
+        consumers = [specs[layer_of(u)] if layer_of(u) else None for u in users.get(through, [])]
         same = consumers and None not in consumers and len({_quantizer(s) for s in consumers}) == 1
         first = consumers[0] if same else None  # one input quantizer: its own step, no extra rounding
         the_plan.requantized[tensor] = (f"{first.name}.input_scale", f"{first.name}.input_zero_point") if same else None
+        clip = users[tensor][0] if through != tensor else None
+        bound = _relu6_bound(clip, values)
+        if same and bound is not None and not any(c.a_signed for c in consumers):  # the ReLU6 on the codes
+            the_plan.bypassed.add(clip.name)
+            the_plan.bounds.update({c.name: bound for c in consumers})
         layer = next((c for c in consumers if c is not None), None)
         if not same and layer is not None:
             the_plan.grid[tensor] = float(layer.a_scale)
-        after = users.get(tensor, [])
+        after = users.get(through, [])
         if not same and len(after) == 1 and after[0].op_type == "Add":
-            the_plan.into_add[tensor] = _requant_point(after[0].output[0], users)
+            the_plan.into_add[tensor] = _requant_point(after[0].output[0], users)[0]
     return the_plan
+
+
+def _relu6_bound(clip, values: dict) -> float | None:
+    """The upper bound of a Clip from 0 (a ReLU6), if that is what ``clip`` is."""
+    if clip is None or len(clip.input) < 3 or clip.input[1] not in values or clip.input[2] not in values:
+        return None
+    low, high = float(values[clip.input[1]]), float(values[clip.input[2]])
+    return high if low == 0.0 else None
 
 
 def _quantizer(spec: LayerSpec) -> tuple:
@@ -328,6 +356,9 @@ def _expand(proto, specs: dict[str, LayerSpec], types: dict[str, QTypes], layer_
     for node in graph.node:
         if node.name in the_plan.dropped:
             continue
+        if node.name in the_plan.bypassed:  # a ReLU6 now applied to the next layer's codes
+            nodes.append(helper.make_node("Identity", [node.input[0]], [node.output[0]], name=node.name))
+            continue
         name = layer_of(node)
         if name is None:
             emit([node], next((o for o in node.output if o in scales), ""))
@@ -335,7 +366,8 @@ def _expand(proto, specs: dict[str, LayerSpec], types: dict[str, QTypes], layer_
         out, fold = node.output[0], None
         if out in the_plan.folds:
             fold, out, _ = the_plan.folds[out]
-        sub_nodes, inits = fast_layer_nodes(specs[name], node.input[0], out, types[name], fold)
+        sub_nodes, inits = fast_layer_nodes(specs[name], node.input[0], out, types[name], fold,
+                                            the_plan.bounds.get(name))
         emit(sub_nodes, out)
         if name not in done:  # a layer called twice shares its initializers
             done.add(name)
@@ -369,6 +401,7 @@ def build_fast(raw: bytes, specs: dict[str, LayerSpec], types: dict[str, QTypes]
     folds = {fold_info[1]: fold_info[0] for fold_info in the_plan.folds.values()}
     outputs = _layer_outputs(onnx.load_from_string(raw), layer_of, the_plan)
     types = {name: storage_type(specs[name], t, folds.get(outputs.get(name)), opset) for name, t in types.items()}
+    types = {name: replace(t, clip=True) if name in the_plan.bounds else t for name, t in types.items()}
     own = {t: s for t, s in the_plan.requantized.items() if s is not None}
     measured = [t for t, s in the_plan.requantized.items() if s is None]
 

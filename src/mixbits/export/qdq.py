@@ -178,13 +178,15 @@ def _weight_inits(spec: LayerSpec, types: QTypes) -> list:
     return inits
 
 
-def _input_inits(spec: LayerSpec, types: QTypes) -> list:
+def _input_inits(spec: LayerSpec, types: QTypes, upper_code: int | None = None) -> list:
+    """The input scale and zero point, and the Clip bounds (the highest code at most ``upper_code``)."""
     n = spec.name
     zp = types.zero_point
     inits = [numpy_helper.from_array(np.array(spec.a_scale, np.float32), f"{n}.input_scale"),
              _scalar(f"{n}.input_zero_point", zp, types.act)]
     if types.clip:
         lo, hi = integer_range(spec.a_bits, spec.a_signed)
+        hi = hi if upper_code is None else min(hi, upper_code)
         inits += [_scalar(f"{n}.input_min", lo + zp, types.act), _scalar(f"{n}.input_max", hi + zp, types.act)]
     return inits
 
