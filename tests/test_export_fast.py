@@ -16,6 +16,8 @@ from mixbits.quant import apply_policy, calibrate, quantize_model
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
+from test_export_ops import TracedDifferently  # noqa: E402 - the same model for the exact form's test
+
 from mixbits.export import export_onnx  # noqa: E402
 from mixbits.export.fused import FLOAT_PRODUCTS, calibrated_step, unfused_layers  # noqa: E402
 
@@ -48,6 +50,16 @@ def _model(bits: int, negative_bn: bool = False) -> nn.Module:
     if negative_bn:  # channels whose BatchNorm flips the sign: folding negates their codes
         model.bn1.weight.data[::2] *= -1
     space = SearchSpace.from_model(model, range(2, 9), range(2, 9), fixed="none")
+    qmodel = quantize_model(model, space)
+    calibrate(qmodel, torch.randn(64, *SHAPE))
+    return apply_policy(qmodel.eval(), Policy.uniform(space, bits))
+
+
+def _uniform(model_class, bits: int) -> nn.Module:
+    """A seeded ``model_class()`` quantized at ``bits`` everywhere (no fixed layers), calibrated, in eval mode."""
+    torch.manual_seed(0)
+    model = model_class()
+    space = SearchSpace.from_model(model, (bits,), (bits,), fixed="none")
     qmodel = quantize_model(model, space)
     calibrate(qmodel, torch.randn(64, *SHAPE))
     return apply_policy(qmodel.eval(), Policy.uniform(space, bits))
@@ -156,29 +168,10 @@ def test_fast_form_needs_calibration_for_residual_streams(tmp_path):
     assert report.check is None and (tmp_path / "m.onnx").stat().st_size == report.bytes
 
 
-class TracedDifferently(nn.Module):
-    """Its forward scales one activation only while exported: a graph that computes something else."""
-
-    def __init__(self):
-        super().__init__()
-        self.first, self.second, self.head = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3), nn.Linear(8, 10)
-
-    def forward(self, x):
-        x = torch.relu(self.first(x))
-        if torch.onnx.is_in_onnx_export():
-            x = x * 1.5
-        return self.head(torch.relu(self.second(x)).mean((2, 3)))
-
-
 def test_fast_form_mismatch_names_the_layer_whose_input_differs(tmp_path):
-    torch.manual_seed(0)
-    model = TracedDifferently()
-    space = SearchSpace.from_model(model, (8,), (8,), fixed="none")
-    qmodel = quantize_model(model, space)
-    calibrate(qmodel, torch.randn(64, *SHAPE))
+    model = _uniform(TracedDifferently, 8)
     with pytest.raises(MixbitsError) as caught, pytest.warns(UserWarning, match="float products"):
-        export_onnx(apply_policy(qmodel.eval(), Policy.uniform(space, 8)), SHAPE, tmp_path / "m.onnx",
-                    check_inputs=torch.randn(200, *SHAPE))
+        export_onnx(model, SHAPE, tmp_path / "m.onnx", check_inputs=torch.randn(200, *SHAPE))
     message = str(caught.value)
     assert "first node that differs from PyTorch" in message and "of the input of layer 'second'" in message
     assert not (tmp_path / "m.onnx").exists()
@@ -199,14 +192,9 @@ class ReLU6Net(nn.Module):
 def test_relu6_is_requantized_before_its_clip_and_fuses(tmp_path):
     # A Clip between Conv and QuantizeLinear stops the fusion (onnxruntime runs a float FusedConv instead): the
     # output is quantized with the next layer's step before the Clip, which lands on the same codes.
-    torch.manual_seed(0)
-    model = ReLU6Net()
-    space = SearchSpace.from_model(model, (4,), (4,), fixed="none")
-    qmodel = quantize_model(model, space)
-    calibrate(qmodel, torch.randn(64, *SHAPE))
+    qmodel = _uniform(ReLU6Net, 4)
     with pytest.warns(UserWarning, match="float products, not integer kernels: b$"):
-        report = export_onnx(apply_policy(qmodel.eval(), Policy.uniform(space, 4)), SHAPE, tmp_path / "m.onnx",
-                             check_inputs=torch.randn(200, *SHAPE))
+        report = export_onnx(qmodel, SHAPE, tmp_path / "m.onnx", check_inputs=torch.randn(200, *SHAPE))
     ops = _optimized_ops(tmp_path / "m.onnx")
     assert ops["QLinearConv"] == 1 and report.unfused_layers == ["b"]  # b feeds a mean: no kernel to gain there
     proto = onnx.load(tmp_path / "m.onnx")

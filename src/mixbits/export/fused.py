@@ -340,6 +340,17 @@ def kernel_counts(optimized: onnx.ModelProto) -> Counter:
 
 
 # building the graph ---------------------------------------------------------------------------------------------
+def add_layer_initializers(graph, name: str, inits: list, taken: set[str], done: set[str]) -> None:
+    """Add a layer's initializers once (a layer called twice shares them), refusing names the float graph has."""
+    if name in done:
+        return
+    done.add(name)
+    clash = [i.name for i in inits if i.name in taken]
+    if clash:
+        raise MixbitsError(f"initializer names {clash} of layer {name!r} are taken by the float graph")
+    graph.initializer.extend(inits)
+
+
 def _expand(proto, specs: dict[str, LayerSpec], types: dict[str, QTypes], layer_of, the_plan: Plan,
             scales: dict[str, tuple[str, str]]) -> None:
     """Replace every placeholder by its fast subgraph, drop folded BatchNorms and requantize the planned tensors
@@ -369,12 +380,7 @@ def _expand(proto, specs: dict[str, LayerSpec], types: dict[str, QTypes], layer_
         sub_nodes, inits = fast_layer_nodes(specs[name], node.input[0], out, types[name], fold,
                                             the_plan.bounds.get(name))
         emit(sub_nodes, out)
-        if name not in done:  # a layer called twice shares its initializers
-            done.add(name)
-            clash = [i.name for i in inits if i.name in taken]
-            if clash:
-                raise MixbitsError(f"initializer names {clash} of layer {name!r} are taken by the float graph")
-            graph.initializer.extend(inits)
+        add_layer_initializers(graph, name, inits, taken, done)
     del graph.node[:]
     graph.node.extend(nodes)
     used = {i for n in graph.node for i in n.input}  # folded BatchNorm constants are no longer needed

@@ -36,7 +36,7 @@ from ..quant import quant_layers
 from ..quant.convert import _set_submodule, require_quantized
 from ..utils import atomic_write_bytes
 from .check import _check, first_batch
-from .fused import build_fast, fast_types, unfused_layers
+from .fused import add_layer_initializers, build_fast, fast_types, unfused_layers
 from .placement import Refusal, settle_types
 from .qdq import LayerSpec, QTypes, choose_types, layer_nodes, layer_spec, resolve_opset, session, set_opset
 
@@ -167,12 +167,7 @@ def _expand(proto, specs: dict[str, LayerSpec], types: dict[str, QTypes], opset:
         name = next(a.s.decode() for a in node.attribute if a.name == "name")
         sub_nodes, inits = layer_nodes(specs[name], node.input[0], node.output[0], types[name])
         nodes.extend(sub_nodes)
-        if name not in done:  # a layer called twice shares its initializers
-            done.add(name)
-            clash = [i.name for i in inits if i.name in taken]
-            if clash:
-                raise MixbitsError(f"initializer names {clash} of layer {name!r} are taken by the float graph")
-            graph.initializer.extend(inits)
+        add_layer_initializers(graph, name, inits, taken, done)
     del graph.node[:]
     graph.node.extend(nodes)
     set_opset(proto, opset)
