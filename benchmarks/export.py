@@ -163,7 +163,8 @@ def measure(name: str, model: nn.Module, test_loader, samples: int, opset, tmp: 
     x, y = _take(test_loader, samples)
     start = time.perf_counter()
     batches = list(zip(x.split(500), y.split(500), strict=True))
-    onnx = export_onnx(model, SHAPE, tmp / "model.onnx", opset=opset, check_inputs=batches, max_mismatch=1.0,
+    onnx = export_onnx(model, SHAPE, tmp / "model.onnx", form="exact", opset=opset, check_inputs=batches,
+                       max_mismatch=1.0,
                        min_agreement=0.0)
     packed = pack_model(model, tmp / "model.mxb", input_shape=SHAPE)
     c = onnx.check
@@ -228,7 +229,8 @@ def op_rows(args, train_loader, test_loader) -> list[dict]:
                 model, after = op_model(op, bits, calib, head_data)
                 for opset in (13, 21, 25):
                     start = time.perf_counter()
-                    report = export_onnx(model, SHAPE, Path(tmp) / "op.onnx", opset=opset, check_inputs=batches,
+                    report = export_onnx(model, SHAPE, Path(tmp) / "op.onnx", form="exact", opset=opset,
+                                         check_inputs=batches,
                                          max_mismatch=1.0, min_agreement=0.0)
                     rows.append({"op": op, "a_bits": bits, "opset": opset, **agreement(report.check),
                                  "act_type": report.layers[after]["act_type"],
@@ -321,7 +323,8 @@ def zoo_bases(args, train_loader, test_loader, names: list[str]):
 def zoo_row(model: nn.Module, opset: int, batches, path: Path) -> dict:
     start = time.perf_counter()
     try:
-        report = export_onnx(model, SHAPE, path, opset=opset, check_inputs=batches, max_mismatch=1.0,
+        report = export_onnx(model, SHAPE, path, form="exact", opset=opset, check_inputs=batches,
+                             max_mismatch=1.0,
                              min_agreement=0.0)
     except Exception as e:  # noqa: BLE001 - a failed export is a result of this table, recorded with its message
         return {"error": f"{type(e).__name__}: {e}", "seconds": round(time.perf_counter() - start, 1)}

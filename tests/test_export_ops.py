@@ -69,7 +69,7 @@ def test_every_op_exports_and_matches_under_default_optimisations(a_bits, tmp_pa
     model = _ops_model(a_bits)
     x = torch.randn(500, *SHAPE)
     for opset in OPSETS:
-        report = export_onnx(model, SHAPE, tmp_path / "m.onnx", opset=opset, check_inputs=x.split(250))
+        report = export_onnx(model, SHAPE, tmp_path / "m.onnx", form="exact", opset=opset, check_inputs=x.split(250))
         check = report.check
         assert check["layer_max_rel_diff"] == 0.0  # each layer alone: the integer form, to the bit
         for figures in (check, check["unoptimized"]):  # as deployed, and with no graph optimisation
@@ -153,7 +153,7 @@ def _bias_into_conv(data: bytes) -> bytes:
 def test_mismatch_from_an_optimisation_names_the_first_differing_node(tmp_path):
     model = _bias_model(Bias())
     x = torch.randn(500, *SHAPE)
-    report = export_onnx(model, SHAPE, tmp_path / "m.onnx", opset=21, check_inputs=x)
+    report = export_onnx(model, SHAPE, tmp_path / "m.onnx", form="exact", opset=21, check_inputs=x)
     assert report.check["top1_agreement"] == 100.0  # the bias as its own Add: nothing to quantize
     old = _bias_into_conv((tmp_path / "m.onnx").read_bytes())
     try:
@@ -185,7 +185,7 @@ class TracedDifferently(nn.Module):
 def test_mismatch_in_the_graph_itself_names_the_layer_and_writes_nothing(tmp_path):
     model = _bias_model(TracedDifferently())
     with pytest.raises(AdvisedError) as caught:
-        export_onnx(model, SHAPE, tmp_path / "m.onnx", check_inputs=torch.randn(200, *SHAPE))
+        export_onnx(model, SHAPE, tmp_path / "m.onnx", form="exact", check_inputs=torch.randn(200, *SHAPE))
     message = str(caught.value)
     assert "with onnxruntime's graph optimisations disabled: 200 of 200 samples differ" in message
     assert "first node that differs from PyTorch" in message and "of the input of layer 'second'" in message

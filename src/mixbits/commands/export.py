@@ -1,8 +1,11 @@
 """`mixbits export RUN --out DIR`: a trained quantized run as QDQ ONNX and packed integer weights, checked.
 
-    mixbits export runs/w4a4 --out export/w4a4 [--opset 21] [--format onnx,packed] [--check-samples 1000]
+    mixbits export runs/w4a4 --out export/w4a4 [--form fast|exact] [--opset 21] [--format onnx,packed]
+                                               [--check-samples 1000]
 
-Writes model.onnx (QuantizeLinear/DequantizeLinear around every quantized layer, integer weights),
+Writes model.onnx (by default the integer codes multiplied in float Conv/Gemm nodes, matching PyTorch to the
+bit but slower than the float model; ``--form fast`` writes every quantized layer as a pattern onnxruntime runs as
+an integer kernel, QLinearConv, QGemm, QLinearAdd, within a level of PyTorch per layer: docs/export.md),
 model.mxb (weights bit-packed at their bit-widths; layout in docs/export.md), policy.json, and
 export_report.json: ONNX Runtime against PyTorch on the first --check-samples test samples (max
 |diff| of every output, top-1 agreement where the output is class scores, each layer alone; --no-check
@@ -33,6 +36,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="directory for model.onnx, model.mxb, policy.json, export_report.json")
     p.add_argument("--opset", type=int, help="ONNX opset (default: the highest of 25, 21, 13 onnxruntime runs; "
                                              "13 stores every code as int8)")
+    p.add_argument("--form", choices=("fast", "exact"), default="exact",
+                   help="exact (default): float products of the integer codes, bit-exact against PyTorch, slower "
+                        "than float; fast: integer kernels in onnxruntime, within a level of PyTorch per layer")
     p.add_argument("--format", default="onnx,packed", help="comma-separated formats: onnx, packed (default: both)")
     p.add_argument("--check-samples", type=int, default=1000,
                    help="test samples on which ONNX Runtime is compared with PyTorch (0: no check; default 1000)")
@@ -64,7 +70,7 @@ def _write(args, model, card, formats: list[str], check, out: Path) -> dict:
     report = {"run": str(args.run), "model": card.name, "policy": card.policy.describe(),
               "kept_float": kept_float(model, quant_layers(model))}
     if "onnx" in formats:
-        report["onnx"] = _export_onnx(model, card, args.opset, check, out / "model.onnx")
+        report["onnx"] = _export_onnx(model, card, args.opset, check, out / "model.onnx", args.form)
     if "packed" in formats:
         from ..export import pack_model
 
@@ -83,15 +89,24 @@ def _formats(text: str) -> list[str]:
     return formats
 
 
-def _export_onnx(model, card, opset: int | None, check, path: Path) -> dict:
+def _export_onnx(model, card, opset: int | None, check, path: Path, form: str = "exact") -> dict:
     from ..export import export_onnx
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        report = export_onnx(model, card.example_input(), path, opset=opset, check_inputs=check)
+        report = export_onnx(model, card.example_input(), path, opset=opset, check_inputs=check, form=form,
+                             calibration=None if check is not None or form == "exact" else _calibration(card))
     for w in caught:
         print(f"mixbits export: warning: {w.message}", file=sys.stderr)
     return report.to_dict()
+
+
+def _calibration(card):
+    """A calibration batch for the fast form when no check runs (--check-samples 0): 64 standard normal inputs
+    of the model's shape, like normalised images; with a check, its first test images calibrate instead."""
+    import torch
+
+    return torch.randn(64, *card.input_shape, generator=torch.Generator().manual_seed(0))
 
 
 def _check_batches(args, saved: dict):
@@ -114,7 +129,11 @@ def _print_summary(out: Path, report: dict) -> None:
     print(f"exported {report['model']} ({report['policy']}) to {out}/")
     if "onnx" in report:
         onnx = report["onnx"]
-        print(f"  model.onnx   {onnx['bytes'] / 1e3:9.1f} KB  opset {onnx['opset']}")
+        print(f"  model.onnx   {onnx['bytes'] / 1e3:9.1f} KB  opset {onnx['opset']}, {onnx['form']} form")
+        kernels = {k: v for k, v in onnx.get("kernels", {}).items() if k.startswith(("QLinear", "QGemm", "MatMulInt"))}
+        if kernels:
+            print("  integer kernels in onnxruntime: " + ", ".join(f"{v} {k}" for k, v in kernels.items()) +
+                  (f"; left as float products: {', '.join(onnx['unfused_layers'])}" if onnx["unfused_layers"] else ""))
         check = onnx.get("check")
         if check:
             agreement = (f"top-1 agreement {check['top1_agreement']:.2f} % with onnxruntime's default optimisations "

@@ -4,8 +4,9 @@
     mixbits lut --model resnet20 --input-shape 1,28,28 --out lut.json [--runtime torch] [--repeats 10]
 
 Every layer of the search space (default: W2..6 A2..6, first and last layer at 8 bits) is timed at
-every (w, a) it may take, alone, at batch 1: with onnxruntime, as the layer's QDQ ONNX subgraph
-(what `mixbits export` writes), or with --runtime torch, as the PyTorch layer's inference. Each entry
+every (w, a) it may take, alone, at batch 1: with onnxruntime, as the layer's ONNX subgraph in the form
+`mixbits export` writes (--form; default fast: the integer kernels onnxruntime fuses), or with
+--runtime torch, as the PyTorch layer's inference. Each entry
 is the median of --repeats runs; the file is in the mixbits.latency/1 format that --latency-table reads.
 An existing --out file is replaced only with --force.
 """
@@ -35,6 +36,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repeats", type=int, default=10, help="timed runs per entry (median; default 10)")
     p.add_argument("--warmup", type=int, default=2, help="untimed runs before them (default 2)")
     p.add_argument("--threads", type=int, help="intra-op threads (default: the runtime's own choice)")
+    p.add_argument("--form", choices=("fast", "exact"), default="fast",
+                   help="the export form timed (default fast: the integer kernels mixbits export writes)")
     p.add_argument("--opset", type=int, help="ONNX opset of the timed graphs (default: as mixbits export)")
     p.add_argument("--bits", default=",".join(map(str, DEFAULT_BITS)),
                    help="candidate bit-widths for weights and activations (default 2,3,4,5,6)")
@@ -55,7 +58,7 @@ def run(args) -> int:
     space = search_space(model, QuantConfig(w_bits=bits, a_bits=bits))
     print(f"timing {len(space.layers)} layers with {args.runtime} ...", file=sys.stderr)
     table = measure_latency_table(model, space, shape, runtime=args.runtime, repeats=args.repeats,
-                                  warmup=args.warmup, threads=args.threads, opset=args.opset)
+                                  warmup=args.warmup, threads=args.threads, opset=args.opset, form=args.form)
     table.save(args.out)
     entries = sum(len(e) for e in table.layers.values())
     print(f"wrote {args.out}: {entries} entries for {len(table.layers)} layers, in {table.unit}, on {table.device}")

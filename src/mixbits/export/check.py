@@ -13,6 +13,7 @@ from torch import nn
 from ..data.batches import call_model, first_rows
 from ..errors import AdvisedError, MixbitsError
 from ..quant import quant_layers
+from .fused import fast_layer_model
 from .inputs import GraphInputs, as_numpy, output_tensors
 from .locate import against_optimized, against_pytorch, padded
 from .qdq import LayerSpec, QTypes, layer_model, session
@@ -30,15 +31,26 @@ def _batches(inputs):
             yield item, None
 
 
+def first_batch(inputs) -> tuple[tuple, object]:
+    """(the first (x, y) batch of ``inputs``, all batches again with it first)."""
+    batches = _batches(inputs)
+    first = next(batches, None)
+    if first is None:
+        raise MixbitsError("check_inputs yielded no samples; give an input batch or a loader of batches")
+    return first, itertools.chain([first], batches)
+
+
 @torch.no_grad()
 def check_layers(model: nn.Module, specs: dict[str, LayerSpec], types: dict[str, QTypes], opset: int,
-                 x: torch.Tensor, tolerance: float = 1e-3) -> dict:
+                 x: torch.Tensor, tolerance: float = 1e-3, form: str = "exact") -> dict:
     """Each quantized layer's QDQ subgraph alone, fed the very input PyTorch gave that layer.
 
     With identical inputs the integer codes are identical, and the integer form (quant/layers.py) makes
     the outputs identical too: a layer off by more than ``tolerance`` is named. (End to end, a float op
     between layers that rounds differently in the two runtimes can flip an activation sitting exactly
-    between two levels in a later layer; ``check_onnx`` allows for those.)
+    between two levels in a later layer; ``check_onnx`` allows for those.) In the fast form a convolution's
+    output is requantized to int8 at 1/127 of its largest value, and it may differ from PyTorch by at most one
+    of those levels (``layer_max_levels``; the int32 bias and the requantization multiplier round there).
     """
     layers, seen = quant_layers(model), {}
 
@@ -53,18 +65,21 @@ def check_layers(model: nn.Module, specs: dict[str, LayerSpec], types: dict[str,
     finally:
         for h in hooks:
             h.remove()
-    worst = {"layer_max_rel_diff": 0.0, "worst_layer": None}
+    worst = {"layer_max_rel_diff": 0.0, "worst_layer": None, "layer_max_levels": 0.0}
     for name, (inp, ref) in seen.items():
-        inp = padded(layers[name], inp)
-        proto = layer_model(specs[name], types[name], opset, tuple(inp.shape))
+        inp, largest = padded(layers[name], inp), max(float(ref.abs().max()), 1e-12)
+        level = largest / 127
+        proto = (layer_model(specs[name], types[name], opset, tuple(inp.shape)) if form == "exact" else
+                 fast_layer_model(specs[name], types[name], opset, tuple(inp.shape), level))
         got = torch.from_numpy(session(proto.SerializeToString()).run(None, {"x": as_numpy(inp)})[0])
-        rel = float((got - ref).abs().max()) / max(float(ref.abs().max()), 1e-12)
-        if rel > tolerance:
+        rel = float((got - ref).abs().max()) / largest
+        worst["layer_max_levels"] = max(worst["layer_max_levels"], rel * 127)
+        if rel > (tolerance if form == "exact" else 1.001 / 127):
             raise AdvisedError(f"layer {name!r} alone differs from PyTorch by {rel:.2g} of its largest output "
                                f"(tolerance {tolerance:g}) with types {types[name].describe()}",
                                [("opset=13", "--opset 13")] if opset != 13 else [])
         if rel >= worst["layer_max_rel_diff"]:
-            worst = {"layer_max_rel_diff": rel, "worst_layer": name}
+            worst.update(layer_max_rel_diff=rel, worst_layer=name)
     return worst
 
 
@@ -226,16 +241,14 @@ def _describe(where: dict | None, reference: str) -> str:
 
 
 def _check(model, data: bytes, inputs, graph: tuple, layers, limits: tuple[float, float, float]) -> dict:
-    """``graph``: (GraphInputs, output names) of the exported graph."""
+    """``graph``: (GraphInputs, output names) of the exported graph; ``layers``: (specs, types, opset, form)."""
     graph_inputs, outputs = graph
-    batches = _batches(inputs)
-    first = next(batches, None)
-    if first is None:
-        raise MixbitsError("check_inputs yielded no samples; give an input batch or a loader of batches")
+    first, batches = first_batch(inputs)
+    specs, types, opset, form = layers
     was_training = model.training
     try:
-        per_layer = check_layers(model.eval(), *layers, first_rows(first[0], 64), limits[0])
+        per_layer = check_layers(model.eval(), specs, types, opset, first_rows(first[0], 64), limits[0], form)
     finally:
         model.train(was_training)
-    result = check_onnx(model, data, itertools.chain([first], batches), outputs, *limits, graph_inputs=graph_inputs)
+    result = check_onnx(model, data, batches, outputs, *limits, graph_inputs=graph_inputs)
     return {**result, **per_layer}

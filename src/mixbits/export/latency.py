@@ -1,14 +1,16 @@
 """Latency lookup tables measured on this machine, in the ``mixbits.latency/1`` format budgets read.
 
-Every (layer, w, a) the search space allows is timed on its own: the layer's QDQ subgraph, exactly
-as ``export_onnx`` writes it (input QuantizeLinear/DequantizeLinear, integer weight and its
-DequantizeLinear, Conv or Gemm, Mul by the scales), with the layer's real shapes at batch 1, run by onnxruntime. The
-weights are random codes: timing does not depend on their values. ``runtime="torch"`` times the
-PyTorch layer's inference instead (its integer form: what evaluation pays, not a deployment figure).
+Every (layer, w, a) the search space allows is timed on its own: the layer's subgraph exactly as
+``export_onnx`` writes it in the chosen form (default ``fast``: input QuantizeLinear, the Clip below 8 bits,
+the integer kernel onnxruntime fuses (QLinearConv with its 8-bit output, QGemm, MatMulIntegerToFloat); ``exact``:
+the float product of the codes and the Mul by the scales), with the layer's real shapes at batch 1, run by
+onnxruntime with its default optimisations. The weights are random codes: timing does not depend on their
+values. ``runtime="torch"`` times the PyTorch layer's inference instead (its integer form: what evaluation
+pays, not a deployment figure).
 
-A table only says what this runtime does here: onnxruntime's CPU kernels compute in 8 bits or in
-float whatever the bit-width, so below 8 bits the entries differ by noise and by narrow-type
-(de)quantization overhead rather than by arithmetic savings.
+A table only says what this runtime does here: onnxruntime's CPU kernels compute in 8 bits whatever the
+bit-width, so below 8 bits the entries differ by noise and by the Clip to the narrower range, not by
+arithmetic savings: on CPUs sub-8-bit pays in size and BitOPs, not in time.
 """
 
 from __future__ import annotations
@@ -84,7 +86,8 @@ def _synthetic_spec(name: str, module: nn.Module, w: int, a: int, signed: bool, 
                      signed, w, a, bias, _conv_attrs(module) if conv else {}, in_ranks=(rank,))
 
 
-def _onnx_timer(name, module, space, in_shape, opset: int, threads: int | None):
+def _onnx_timer(name, module, space, in_shape, opset: int, threads: int | None, form: str = "fast"):
+    from .fused import fast_layer_model, fast_types
     from .qdq import choose_types, layer_model, session
 
     signed = _input_signed(module, name, space)
@@ -95,7 +98,8 @@ def _onnx_timer(name, module, space, in_shape, opset: int, threads: int | None):
 
     def timer(w: int, a: int, repeats: int, warmup: int) -> float:
         spec = _synthetic_spec(name, module, w, a, signed, x.ndim)
-        proto = layer_model(spec, choose_types(spec, opset), opset, x.shape)
+        proto = (fast_layer_model(spec, fast_types(spec), opset, x.shape, 0.05) if form == "fast" else
+                 layer_model(spec, choose_types(spec, opset), opset, x.shape))
         sess = session(proto.SerializeToString(), threads)
         return _median_ms(lambda: sess.run(None, {"x": x}), repeats, warmup)
 
@@ -115,24 +119,28 @@ def _torch_timer(name, module, space, in_shape):
     return timer
 
 
-def _device(runtime: str, threads: int | None) -> str:
+def _device(runtime: str, threads: int | None, form: str = "fast") -> str:
     cpu = platform.processor() or platform.machine() or "cpu"
     if runtime == "torch":
         return f"{cpu}, torch {torch.__version__} integer form, {torch.get_num_threads()} threads"
     import onnxruntime as ort
 
-    return f"{cpu}, onnxruntime {ort.__version__} CPUExecutionProvider, {threads or 'default'} threads"
+    return f"{cpu}, onnxruntime {ort.__version__} CPUExecutionProvider, {form} export form, " \
+           f"{threads or 'default'} threads"
 
 
 def measure_latency_table(model, space: SearchSpace | None = None, input_shape=None, runtime: str = "onnxruntime",
                           repeats: int = 10, warmup: int = 2, threads: int | None = None, opset: int | None = None,
-                          progress: Callable[[str], None] | None = None) -> LatencyTable:
+                          progress: Callable[[str], None] | None = None, form: str = "fast") -> LatencyTable:
     """Time every layer of ``space`` at every (w, a) it may take; returns the table (in ms, batch 1).
 
     ``model`` is a ModelCard (its float model, space and input shape) or a model, float or quantized
     (its own space when ``space`` is None). Each entry is the median of ``repeats`` runs after
-    ``warmup`` runs; ``progress`` is called with each layer's name as it starts.
+    ``warmup`` runs; ``progress`` is called with each layer's name as it starts. ``form`` is the export form
+    timed (``export_onnx``'s "fast", the default here, or "exact").
     """
+    if form not in ("fast", "exact"):
+        raise MixbitsError(f"form must be 'fast' or 'exact', got {form!r}; use the form you export with")
     if runtime not in RUNTIMES:
         raise MixbitsError(f"unknown runtime {runtime!r}{did_you_mean(runtime, RUNTIMES)}; use one of {RUNTIMES}")
     if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1 or warmup < 0:
@@ -152,8 +160,8 @@ def measure_latency_table(model, space: SearchSpace | None = None, input_shape=N
         if progress:
             progress(name)
         in_shape = stats.layers[name].in_shape
-        timer = (_onnx_timer(name, modules[name], space, in_shape, opset, threads) if runtime == "onnxruntime"
+        timer = (_onnx_timer(name, modules[name], space, in_shape, opset, threads, form) if runtime == "onnxruntime"
                  else _torch_timer(name, modules[name], space, in_shape))
         layers[name] = {LatencyTable.key(w, a): round(timer(w, a, repeats, warmup), 6)
                         for w, a in itertools.product(*space.candidates(name))}
-    return LatencyTable(layers, "ms", _device(runtime, threads))
+    return LatencyTable(layers, "ms", _device(runtime, threads, form))

@@ -9,7 +9,8 @@ samples that differed, and walk the nodes in graph order:
   fused away have no tensor to compare, so the answer is the first kept node that differs, the last
   kept node before it that agrees, and the original nodes rewritten in between.
 - ``against_pytorch``: the unoptimised graph against PyTorch, at each quantized layer's input codes
-  (the output of its ``DequantizeInput`` node) and at the outputs.
+  (the output of its ``DequantizeInput`` node: the codes in the exact form, codes x step in the fast form)
+  and at the outputs.
 """
 
 from __future__ import annotations
@@ -113,13 +114,15 @@ def against_optimized(data: bytes, feeds: dict, tolerance: float) -> dict | None
 def against_pytorch(model: nn.Module, data: bytes, x, feeds: dict, tolerance: float) -> dict | None:
     """The first quantized layer input (or output) of the unoptimised graph that differs from PyTorch's."""
     proto, layers = onnx.load_from_string(data), quant_layers(model)
-    order, tensors = [], {}  # the first input codes of each layer, in graph order
+    order, tensors, scaled = [], {}, set()  # the first input codes of each layer, in graph order
     for node in proto.graph.node:
         name = _layer_of(node) if node.name.endswith("/DequantizeInput") else None
         if name in layers and name not in tensors:
             order.append((node, node.output[0]))
             tensors[name] = node.output[0]
-    ref = _quantized_inputs(model, tensors, x)
+            if node.input[1].endswith(".input_scale"):  # the fast form dequantizes to codes x step
+                scaled.add(name)
+    ref = _quantized_inputs(model, tensors, x, scaled)
     outputs = [o.name for o in proto.graph.output]
     ref.update(zip(outputs, [t.float().numpy() for t in output_tensors(call_model(model, x))], strict=True))
     producers = {t: n for n in proto.graph.node for t in n.output}
@@ -127,14 +130,17 @@ def against_pytorch(model: nn.Module, data: bytes, x, feeds: dict, tolerance: fl
     return _first_divergence(order, ref, _run_exposing(proto, list(ref), feeds), tolerance)
 
 
-def _quantized_inputs(model: nn.Module, tensors: dict[str, str], x) -> dict[str, np.ndarray]:
-    """PyTorch's input codes of each layer in ``tensors`` (its first call), keyed by that layer's ONNX tensor."""
+def _quantized_inputs(model: nn.Module, tensors: dict[str, str], x,
+                      scaled: set[str] = frozenset()) -> dict[str, np.ndarray]:
+    """PyTorch's input codes of each layer in ``tensors`` (its first call), keyed by that layer's ONNX tensor;
+    times the step for the layers in ``scaled``."""
     layers, seen = quant_layers(model), {}
 
     def record(name):
         def hook(module, inputs):
-            codes, _ = module.a_quant.codes(padded(module, inputs[0]), module.a_quant.bits)
-            seen.setdefault(tensors[name], codes.float().numpy())
+            codes, step = module.a_quant.codes(padded(module, inputs[0]), module.a_quant.bits)
+            codes = codes.float() * step.float() if name in scaled else codes.float()
+            seen.setdefault(tensors[name], codes.numpy())
         return hook
 
     hooks = [layers[name].register_forward_pre_hook(record(name)) for name in tensors]

@@ -25,6 +25,7 @@ import warnings
 from dataclasses import asdict, dataclass, field
 
 import onnx
+import onnxruntime as ort
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -35,13 +36,18 @@ from ..layer_types import kept_float
 from ..quant import quant_layers
 from ..quant.convert import _set_submodule, require_quantized
 from ..utils import atomic_write_bytes
-from .check import _check
+from .check import _check, first_batch
+from .fused import add_layer_initializers, build_fast, fast_types, unfused_layers
 from .inputs import GraphInputs, output_names
 from .locate import padded_conv
 from .placement import Refusal, settle_types
 from .qdq import LayerSpec, QTypes, choose_types, layer_nodes, layer_spec, resolve_opset, session, set_opset
 
 DOMAIN = "mixbits"
+FORMS = ("fast", "exact")
+# (tolerance, max_mismatch, min_agreement) of the check by form: the fast form requantizes residual streams to
+# 8 bits, which PyTorch adds in float, so its logits move by a fraction of a level everywhere (docs/export.md).
+CHECK_LIMITS = {"exact": (1e-3, 0.5, 99.0), "fast": (0.05, 0.5, 90.0)}
 
 
 @dataclass
@@ -55,6 +61,9 @@ class ExportReport:
     float_layers: list[str] = field(default_factory=list)
     widened_inputs: list[str] = field(default_factory=list)  # narrow input types the whole graph refused
     check: dict | None = None
+    form: str = "fast"
+    kernels: dict[str, int] = field(default_factory=dict)  # node types of onnxruntime's optimised graph (fast form)
+    unfused_layers: list[str] = field(default_factory=list)  # quantized layers onnxruntime left as float products
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -165,12 +174,7 @@ def _expand(proto, specs: dict[str, LayerSpec], types: dict[str, QTypes], opset:
         name = next(a.s.decode() for a in node.attribute if a.name == "name")
         sub_nodes, inits = layer_nodes(specs[name], node.input[0], node.output[0], types[name])
         nodes.extend(sub_nodes)
-        if name not in done:  # a layer called twice shares its initializers
-            done.add(name)
-            clash = [i.name for i in inits if i.name in taken]
-            if clash:
-                raise MixbitsError(f"initializer names {clash} of layer {name!r} are taken by the float graph")
-            graph.initializer.extend(inits)
+        add_layer_initializers(graph, name, inits, taken, done)
     del graph.node[:]
     graph.node.extend(nodes)
     set_opset(proto, opset)
@@ -207,19 +211,40 @@ def _example(model: nn.Module, input_shape):
     return torch.zeros(1, *shape, dtype=next(model.parameters()).dtype)
 
 
+def _layer_of(node) -> str | None:
+    """The quantized layer a placeholder node stands for (None for the float graph's own nodes)."""
+    return next(a.s.decode() for a in node.attribute if a.name == "name") if node.domain == DOMAIN else None
+
+
+def _limits(form: str, tolerance, max_mismatch, min_agreement) -> tuple[float, float, float]:
+    given = (tolerance, max_mismatch, min_agreement)
+    return tuple(d if g is None else g for g, d in zip(given, CHECK_LIMITS[form], strict=True))
+
+
 # the public entry point ----------------------------------------------------------------------------
 def export_onnx(model: nn.Module, input_shape, path, opset: int | None = None, check_inputs=None,
-                tolerance: float = 1e-3, max_mismatch: float = 0.5, min_agreement: float = 99.0) -> ExportReport:
+                tolerance: float | None = None, max_mismatch: float | None = None,
+                min_agreement: float | None = None, form: str = "exact", calibration=None) -> ExportReport:
     """Write ``model`` (quantized, at fixed bits, calibrated) as a QDQ ONNX file at ``path``.
 
     ``input_shape`` is one sample's shape (a float input, e.g. (C, H, W)), or an example input of any
     shape and dtype: a batched tensor (token ids, vectors, sequences), or a tuple or dict of them (graph
-    inputs ``input_0``... or the dict's keys; see ``inputs.py``). The batch dimension is dynamic. ``opset`` defaults to
-    the highest of 25, 21, 13 that the installed onnxruntime runs. With ``check_inputs`` (a tensor, or
-    an iterable of tensors or (x, y) batches) the file is run with onnxruntime and compared with the
-    PyTorch model before it is written: every layer alone must match to ``tolerance`` (relative), the
-    whole model as ``check_onnx`` says; else it raises.
+    inputs ``input_0``... or the dict's keys; see ``inputs.py``). The batch dimension is dynamic. ``opset``
+    defaults to the highest of 25, 21, 13 that the installed onnxruntime runs.
+
+    ``form="exact"`` (default) multiplies the integer codes in float Conv/Gemm nodes, which reproduces PyTorch's
+    integer form to the bit but runs slower than the float model; ``form="fast"`` writes every quantized layer as
+    a pattern onnxruntime fuses into an integer kernel (QLinearConv, QGemm, ...; ``fused.py``), for one float
+    tensor input, and agrees with PyTorch less closely (docs/export.md). ``calibration`` (a batch of inputs;
+    default: the first batch of ``check_inputs``) sizes the 8-bit steps of residual streams in the fast form.
+    With ``check_inputs`` (a tensor, or an iterable of tensors or (x, y) batches) the file is run with
+    onnxruntime and compared with the PyTorch model before it is written: every layer alone must match (to
+    ``tolerance``, relative, in the exact form; to one level of its 8-bit output in the fast form), the whole
+    model as ``check_onnx`` says (limits by form: ``CHECK_LIMITS``); else it raises.
     """
+    if form not in FORMS:
+        raise MixbitsError(f"form must be one of {FORMS}, got {form!r}: 'fast' runs integer kernels, 'exact' "
+                           "matches PyTorch to the bit")
     layers = require_quantized(model)
     opset = resolve_opset(opset)
     specs = {name: layer_spec(name, layer) for name, layer in layers.items()}
@@ -231,14 +256,33 @@ def export_onnx(model: nn.Module, input_shape, path, opset: int | None = None, c
     raw, stubs, outputs = _trace(model, example, inputs, opset)
     for name, stub in stubs.items():
         specs[name].in_ranks = tuple(sorted(stub.ranks))
-    types = {name: choose_types(spec, opset) for name, spec in specs.items()}
-    types, widened = settle_types(types, specs, _refusal(raw, specs, opset, inputs.feeds(example)), opset)
-    data = _build(raw, specs, types, opset)
+    first, check_inputs = first_batch(check_inputs) if check_inputs is not None else (None, None)
+    kernels, unfused = {}, []
+    if form == "exact":
+        types = {name: choose_types(spec, opset) for name, spec in specs.items()}
+        types, widened = settle_types(types, specs, _refusal(raw, specs, opset, inputs.feeds(example)), opset)
+        data = _build(raw, specs, types, opset)
+    else:
+        if not (isinstance(example, torch.Tensor) and example.is_floating_point()):
+            raise MixbitsError("form='fast' exports models whose input is one float tensor (images, vectors); "
+                               "export this model with form='exact'")
+        types, widened = {name: fast_types(spec) for name, spec in specs.items()}, []
+        if calibration is None and first is not None:
+            calibration = first[0][:256]
+        if isinstance(calibration, torch.Tensor):
+            calibration = calibration.detach().float().cpu().numpy()
+        data, types = build_fast(raw, specs, types, opset, _layer_of, calibration)
+        counts, unfused = unfused_layers(data, specs)
+        kernels = dict(sorted(counts.items()))
+        if unfused:
+            warnings.warn(f"onnxruntime {ort.__version__} runs these quantized layers as float products, not integer "
+                          f"kernels: {', '.join(unfused)}", stacklevel=2)
     described = {n: {"w_bits": specs[n].w_bits, "a_bits": specs[n].a_bits, "per_channel": specs[n].per_channel,
                      **t.describe()} for n, t in types.items()}
-    report = ExportReport(str(path), opset, len(data), described, float_layers, widened)
+    report = ExportReport(str(path), opset, len(data), described, float_layers, widened, form=form, kernels=kernels,
+                          unfused_layers=unfused)
     if check_inputs is not None:
-        limits = (tolerance, max_mismatch, min_agreement)
-        report.check = _check(model, data, check_inputs, (inputs, outputs), (specs, types, opset), limits)
+        limits = _limits(form, tolerance, max_mismatch, min_agreement)
+        report.check = _check(model, data, check_inputs, (inputs, outputs), (specs, types, opset, form), limits)
     atomic_write_bytes(path, data)
     return report

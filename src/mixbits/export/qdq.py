@@ -130,15 +130,21 @@ def choose_types(spec: LayerSpec, opset: int) -> QTypes:
                        [("opset=13", "--opset 13")] if opset != 13 else [])
 
 
-def wide_linear_weights(spec: LayerSpec) -> bool:
-    """Whether a Linear layer's weight codes leave [-64, 64], so that they go as uint8 with zero point 128.
+def wide_weights(spec: LayerSpec) -> bool:
+    """Whether a layer's weight codes leave [-64, 64], so that an integer kernel must take them as uint8 with zero
+    point 128.
 
-    onnxruntime fuses DequantizeLinear -> Gemm/MatMul into an integer product (QGemm, MatMulIntegerToFloat).
-    With int8 weights it runs as uint8 x int8, and on x86 CPUs without VNNI (AVX2, AVX-512F) that kernel
-    adds pairs of products in int16, which saturates once |code| > 64 (255 x 65 x 2 > 32767): a W8 layer's
-    outputs moved by up to a tenth of their range. Unsigned weights take the uint8 x uint8 kernel, which
-    widens to int16 before multiplying and is exact. Convolutions are not fused so (no Q after them)."""
-    return spec.kind == "linear" and int(np.abs(spec.codes).max(initial=0)) > 64
+    onnxruntime's uint8 x int8 kernels add pairs of products in int16 on x86 CPUs without VNNI (AVX2,
+    AVX-512F), which saturates once |code| > 64 (255 x 65 x 2 > 32767): a W8 layer's outputs moved by up to a
+    tenth of their range. Unsigned weights take the uint8 x uint8 kernel, which widens to int16 before
+    multiplying and is exact."""
+    return int(np.abs(spec.codes).max(initial=0)) > 64
+
+
+def wide_linear_weights(spec: LayerSpec) -> bool:
+    """``wide_weights`` for the exact form, where only a Linear layer's DequantizeLinear -> Gemm/MatMul is fused
+    into an integer product (QGemm, MatMulIntegerToFloat); its convolutions stay float (no Q after them)."""
+    return spec.kind == "linear" and wide_weights(spec)
 
 
 def widened(types: QTypes, spec: LayerSpec) -> QTypes:
@@ -181,13 +187,15 @@ def _channel_shape(spec: LayerSpec) -> tuple[int, ...]:
     return (-1, *[1] * len(spec.conv["kernel_shape"])) if spec.conv else (-1,)
 
 
-def _input_inits(spec: LayerSpec, types: QTypes) -> list:
+def _input_inits(spec: LayerSpec, types: QTypes, upper_code: int | None = None) -> list:
+    """The input scale and zero point, and the Clip bounds (the highest code at most ``upper_code``)."""
     n = spec.name
     zp = types.zero_point
     inits = [numpy_helper.from_array(np.array(spec.a_scale, np.float32), f"{n}.input_scale"),
              _scalar(f"{n}.input_zero_point", zp, types.act)]
     if types.clip:
         lo, hi = integer_range(spec.a_bits, spec.a_signed)
+        hi = hi if upper_code is None else min(hi, upper_code)
         inits += [_scalar(f"{n}.input_min", lo + zp, types.act), _scalar(f"{n}.input_max", hi + zp, types.act)]
     return inits
 
