@@ -187,7 +187,7 @@ def test_load_packed_rejects_other_files(tmp_path):
 def test_latency_table_drives_a_budget(tmp_path):
     model = Tiny()
     space = SearchSpace.from_model(model, (2, 4), (2, 4))
-    table = measure_latency_table(model, space, SHAPE, repeats=2, warmup=1, threads=1)
+    table = measure_latency_table(model, space, SHAPE, repeats=2, warmup=1, threads=1, form="fast")
     table.save(tmp_path / "lut.json")
     loaded = LatencyTable.load(tmp_path / "lut.json")
     assert loaded.unit == "ms" and "onnxruntime" in loaded.device and "fast export form" in loaded.device
@@ -203,11 +203,11 @@ def test_latency_table_drives_a_budget(tmp_path):
 def test_cli_export_writes_checked_files(tiny_q_run, tmp_path, capsys):
     trained_run = tiny_q_run.dir  # shared with other tests: read only, everything is written under tmp_path
     out = tmp_path / "exported"
-    assert main(["export", str(trained_run), "--out", str(out), "--check-samples", "1000"]) == 0
+    assert main(["export", str(trained_run), "--out", str(out), "--check-samples", "1000", "--form", "fast"]) == 0
     assert {p.name for p in out.iterdir()} == {"model.onnx", "model.mxb", "policy.json", "export_report.json", MARKER}
     report = json.loads((out / "export_report.json").read_text())
     check = report["onnx"]["check"]
-    # The default fast form: integer kernels, whose 8-bit residual streams move a few predictions (docs/export.md)
+    # The fast form: integer kernels, whose 8-bit residual streams move a few predictions (docs/export.md)
     assert report["onnx"]["form"] == "fast" and report["onnx"]["kernels"]["QLinearConv"] >= 1
     # a convolution whose output only feeds float ops (the pooling before the head) stays a float product
     assert set(report["onnx"]["unfused_layers"]) < set(report["onnx"]["layers"])

@@ -78,7 +78,7 @@ def _optimized_ops(path: Path) -> Counter:
 def test_fast_form_runs_integer_kernels_and_agrees(bits, tmp_path):
     model = _model(bits)
     x = torch.randn(300, *SHAPE)
-    report = export_onnx(model, SHAPE, tmp_path / "m.onnx", check_inputs=x.split(100))
+    report = export_onnx(model, SHAPE, tmp_path / "m.onnx", check_inputs=x.split(100), form="fast")
     assert report.form == "fast" and report.unfused_layers == []
     ops = _optimized_ops(tmp_path / "m.onnx")
     # every convolution a QLinearConv, the head a QGemm, the residual addition a QLinearAdd: no float product left
@@ -94,7 +94,7 @@ def test_fast_form_requantizes_with_the_next_layers_own_step(tmp_path):
     # conv1 -> BN -> ReLU feeds only conv2: its output is quantized once, with conv2's input step, so the codes
     # conv2 multiplies are PyTorch's; the graph holds no calibrated step for it.
     model = _model(4)
-    export_onnx(model, SHAPE, tmp_path / "m.onnx", check_inputs=torch.randn(64, *SHAPE))
+    export_onnx(model, SHAPE, tmp_path / "m.onnx", check_inputs=torch.randn(64, *SHAPE), form="fast")
     proto = onnx.load(tmp_path / "m.onnx")
     requantize = {n.input[0]: n for n in proto.graph.node if n.name.endswith("/Requantize")}
     assert requantize["/Relu_1_output_0/float"].input[1] == "conv2.input_scale"  # conv1 -> BN -> ReLU (the 2nd)
@@ -103,7 +103,7 @@ def test_fast_form_requantizes_with_the_next_layers_own_step(tmp_path):
 
 def test_negative_batchnorm_scale_folds_by_negating_codes(tmp_path):
     model = _model(4, negative_bn=True)
-    report = export_onnx(model, SHAPE, tmp_path / "m.onnx", check_inputs=torch.randn(200, *SHAPE))
+    report = export_onnx(model, SHAPE, tmp_path / "m.onnx", check_inputs=torch.randn(200, *SHAPE), form="fast")
     assert report.unfused_layers == [] and report.check["layer_max_levels"] <= 1.001
     assert report.check["top1_agreement"] >= 90.0
     inits = {i.name: onnx.numpy_helper.to_array(i) for i in onnx.load(tmp_path / "m.onnx").graph.initializer}
@@ -124,7 +124,7 @@ def test_wide_convolution_weights_go_as_uint8(tmp_path):
         conv = model.conv1
         conv.weight.copy_(torch.randn_like(conv.weight).sign() * 0.05)
         conv.w_quant.steps[conv.w_quant.index(8)] = 0.05 / 127
-    report = export_onnx(model, SHAPE, tmp_path / "m.onnx", check_inputs=torch.randn(200, *SHAPE))
+    report = export_onnx(model, SHAPE, tmp_path / "m.onnx", check_inputs=torch.randn(200, *SHAPE), form="fast")
     assert report.layers["conv1"]["weight_type"] == "uint8" and report.layers["conv1"]["weight_zero_point"] == 128
     assert report.check["layer_max_levels"] <= 1.001
     codes, _ = conv.w_quant.integers(conv.weight)
@@ -134,7 +134,7 @@ def test_wide_convolution_weights_go_as_uint8(tmp_path):
 def test_lost_fusion_is_reported(tmp_path):
     # A float bias input keeps onnxruntime from fusing DequantizeLinear -> Gemm into QGemm: the check must see it.
     model = _model(4)
-    report = export_onnx(model, SHAPE, tmp_path / "m.onnx", check_inputs=torch.randn(64, *SHAPE))
+    report = export_onnx(model, SHAPE, tmp_path / "m.onnx", check_inputs=torch.randn(64, *SHAPE), form="fast")
     proto = onnx.load(tmp_path / "m.onnx")
     gemm = next(n for n in proto.graph.node if n.op_type == "Gemm")
     add = next(n for n in proto.graph.node if n.input and n.input[0] == gemm.output[0])
@@ -160,17 +160,17 @@ def test_calibrated_step_aligns_with_the_next_layer():
 
 def test_fast_form_needs_calibration_for_residual_streams(tmp_path):
     with pytest.raises(MixbitsError, match="calibration"):
-        export_onnx(_model(4), SHAPE, tmp_path / "m.onnx")
+        export_onnx(_model(4), SHAPE, tmp_path / "m.onnx", form="fast")
     with pytest.raises(MixbitsError, match="form must be one of"):
         export_onnx(_model(4), SHAPE, tmp_path / "m.onnx", form="quick")
-    report = export_onnx(_model(4), SHAPE, tmp_path / "m.onnx", calibration=torch.randn(32, *SHAPE))
+    report = export_onnx(_model(4), SHAPE, tmp_path / "m.onnx", calibration=torch.randn(32, *SHAPE), form="fast")
     assert report.check is None and (tmp_path / "m.onnx").stat().st_size == report.bytes
 
 
 def test_fast_form_mismatch_names_the_layer_whose_input_differs(tmp_path):
     model = _uniform(TracedDifferently, 8)
     with pytest.raises(MixbitsError) as caught, pytest.warns(UserWarning, match="float products"):
-        export_onnx(model, SHAPE, tmp_path / "m.onnx", check_inputs=torch.randn(200, *SHAPE))
+        export_onnx(model, SHAPE, tmp_path / "m.onnx", check_inputs=torch.randn(200, *SHAPE), form="fast")
     message = str(caught.value)
     assert "first node that differs from PyTorch" in message and "of the input of layer 'second'" in message
     assert not (tmp_path / "m.onnx").exists()
@@ -193,7 +193,7 @@ def test_relu6_is_requantized_before_its_clip_and_fuses(tmp_path):
     # output is quantized with the next layer's step before the Clip, which lands on the same codes.
     qmodel = _uniform(ReLU6Net, 4)
     with pytest.warns(UserWarning, match="float products, not integer kernels: b$"):
-        report = export_onnx(qmodel, SHAPE, tmp_path / "m.onnx", check_inputs=torch.randn(200, *SHAPE))
+        report = export_onnx(qmodel, SHAPE, tmp_path / "m.onnx", check_inputs=torch.randn(200, *SHAPE), form="fast")
     ops = _optimized_ops(tmp_path / "m.onnx")
     assert ops["QLinearConv"] == 1 and report.unfused_layers == ["b"]  # b feeds a mean: no kernel to gain there
     proto = onnx.load(tmp_path / "m.onnx")

@@ -5,7 +5,7 @@
 
 Every layer of the search space (default: W2..6 A2..6, first and last layer at 8 bits) is timed at
 every (w, a) it may take, alone, at batch 1: with onnxruntime, as the layer's ONNX subgraph in the form
-`mixbits export` writes (--form; default fast: the integer kernels onnxruntime fuses), or with
+`mixbits export` writes (--form; default exact, as the export's; fast: the integer kernels onnxruntime fuses), or with
 --runtime torch, as the PyTorch layer's inference. Each entry
 is the median of --repeats runs; the file is in the mixbits.latency/1 format that --latency-table reads.
 An existing --out file is replaced only with --force.
@@ -36,8 +36,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repeats", type=int, default=10, help="timed runs per entry (median; default 10)")
     p.add_argument("--warmup", type=int, default=2, help="untimed runs before them (default 2)")
     p.add_argument("--threads", type=int, help="intra-op threads (default: the runtime's own choice)")
-    p.add_argument("--form", choices=("fast", "exact"), default="fast",
-                   help="the export form timed (default fast: the integer kernels mixbits export writes)")
+    p.add_argument("--form", choices=("fast", "exact"), default="exact",
+                   help="the export form timed (default exact, as mixbits export's; fast: its integer kernels)")
     p.add_argument("--opset", type=int, help="ONNX opset of the timed graphs (default: as mixbits export)")
     p.add_argument("--bits", default=",".join(map(str, DEFAULT_BITS)),
                    help="candidate bit-widths for weights and activations (default 2,3,4,5,6)")

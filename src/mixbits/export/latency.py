@@ -1,9 +1,10 @@
 """Latency lookup tables measured on this machine, in the ``mixbits.latency/1`` format budgets read.
 
 Every (layer, w, a) the search space allows is timed on its own: the layer's subgraph exactly as
-``export_onnx`` writes it in the chosen form (default ``fast``: input QuantizeLinear, the Clip below 8 bits,
-the integer kernel onnxruntime fuses (QLinearConv with its 8-bit output, QGemm, MatMulIntegerToFloat); ``exact``:
-the float product of the codes and the Mul by the scales), with the layer's real shapes at batch 1, run by
+``export_onnx`` writes it in the chosen form (default ``exact``, as the export's: the float product of the codes
+and the Mul by the scales; ``fast``: input QuantizeLinear, the Clip below 8 bits, the integer kernel onnxruntime
+fuses (QLinearConv with its 8-bit output, QGemm, MatMulIntegerToFloat), for convolutions and Linear layers),
+with the layer's real shapes at batch 1, run by
 onnxruntime with its default optimisations. The weights are random codes: timing does not depend on their
 values. ``runtime="torch"`` times the PyTorch layer's inference instead (its integer form: what evaluation
 pays, not a deployment figure).
@@ -86,7 +87,7 @@ def _synthetic_spec(name: str, module: nn.Module, w: int, a: int, signed: bool, 
                      signed, w, a, bias, _conv_attrs(module) if conv else {}, in_ranks=(rank,))
 
 
-def _onnx_timer(name, module, space, in_shape, opset: int, threads: int | None, form: str = "fast"):
+def _onnx_timer(name, module, space, in_shape, opset: int, threads: int | None, form: str = "exact"):
     from .fused import fast_layer_model, fast_types
     from .qdq import choose_types, layer_model, session
 
@@ -119,7 +120,7 @@ def _torch_timer(name, module, space, in_shape):
     return timer
 
 
-def _device(runtime: str, threads: int | None, form: str = "fast") -> str:
+def _device(runtime: str, threads: int | None, form: str = "exact") -> str:
     cpu = platform.processor() or platform.machine() or "cpu"
     if runtime == "torch":
         return f"{cpu}, torch {torch.__version__} integer form, {torch.get_num_threads()} threads"
@@ -131,13 +132,13 @@ def _device(runtime: str, threads: int | None, form: str = "fast") -> str:
 
 def measure_latency_table(model, space: SearchSpace | None = None, input_shape=None, runtime: str = "onnxruntime",
                           repeats: int = 10, warmup: int = 2, threads: int | None = None, opset: int | None = None,
-                          progress: Callable[[str], None] | None = None, form: str = "fast") -> LatencyTable:
+                          progress: Callable[[str], None] | None = None, form: str = "exact") -> LatencyTable:
     """Time every layer of ``space`` at every (w, a) it may take; returns the table (in ms, batch 1).
 
     ``model`` is a ModelCard (its float model, space and input shape) or a model, float or quantized
     (its own space when ``space`` is None). Each entry is the median of ``repeats`` runs after
     ``warmup`` runs; ``progress`` is called with each layer's name as it starts. ``form`` is the export form
-    timed (``export_onnx``'s "fast", the default here, or "exact").
+    timed (``export_onnx``'s: "exact", the default as there, or "fast").
     """
     if form not in ("fast", "exact"):
         raise MixbitsError(f"form must be 'fast' or 'exact', got {form!r}; use the form you export with")
