@@ -8,7 +8,7 @@ For ResNet-20 and MobileNetV2 (the front benchmark's trained float weights, medi
 kept), each at uniform W8A8, uniform W4A4 and a mixed policy with 2-bit layers (the searchable layers in turn at
 W2A2, W4A4, W3A8; first and last layer at W8A8), quantized with calibrated steps (no QAT):
 
-- ``mixbits.export.export_onnx`` in the default fast form, checked on ``--samples`` Fashion-MNIST test images:
+- ``mixbits.export.export_onnx`` in the fast form (``form="fast"``), checked on ``--samples`` Fashion-MNIST test images:
   top-1 agreement with PyTorch under onnxruntime's default optimisations and with none, each layer alone in
   levels of its 8-bit output, the kernels onnxruntime runs (from its optimised graph), and the layers it left as
   float products;
@@ -150,7 +150,7 @@ def measure_model(name: str, args, loaders, tmp: Path) -> list[dict]:
             calibrate(model, calib)  # the new head's weight step
         path = tmp / f"{label.split()[0]}.onnx"
         report = export_onnx(model.eval(), SHAPE, path, check_inputs=batches, calibration=calib,
-                             max_mismatch=1.0, min_agreement=0.0)
+                             max_mismatch=1.0, min_agreement=0.0, form="fast")
         packed = pack_model(model, tmp / "model.mxb", input_shape=SHAPE)
         c = report.check
         integer = {k: v for k, v in report.kernels.items() if k.startswith(("QLinear", "QGemm", "MatMulInteger"))}
