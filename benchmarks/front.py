@@ -46,7 +46,15 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import RESULTS, markdown_table, metadata  # noqa: E402
 from front_plot import plot_front  # noqa: E402
 from front_references import MIX_REFERENCES, UNIFORM_REFERENCES, is_depthwise, rule_policy  # noqa: E402
-from front_stats import GAINS, add_gains, add_paired_gains, add_reference_gains, pooled, summarise  # noqa: E402
+from front_stats import (  # noqa: E402
+    GAINS,
+    REFERENCE_METHODS,
+    add_gains,
+    add_paired_gains,
+    add_reference_gains,
+    pooled,
+    summarise,
+)
 
 import mixbits  # noqa: E402
 from mixbits.cost import bitops, profile, size_bytes  # noqa: E402
@@ -361,11 +369,8 @@ class Bench:
               f"{row['search_seconds'] or 0:.0f} s, fine-tune {row['finetune_seconds']:.0f} s)", flush=True)
 
 
-REFERENCE_LABELS = (REFERENCE, "mix-ref", "rule-ref")
-
-
 def write_results(bench: Bench, methods: list[str]) -> Path:
-    wanted = {*REFERENCE_LABELS, *(label for method in methods for label in labels_of(method))}
+    wanted = {*REFERENCE_METHODS, *(label for method in methods for label in labels_of(method))}
     rows = [r for r in bench.cache.rows.values() if r["method"] in wanted]
     rows = sorted(rows, key=lambda r: (r["method"], r["budget"], r["seed"]))
     add_paired_gains(add_reference_gains(add_gains(rows, REFERENCE)))
@@ -375,7 +380,7 @@ def write_results(bench: Bench, methods: list[str]) -> Path:
     for line in summary:
         line["search_x_qat"] = line["search_seconds"] / qat_seconds if qat_seconds else None
     between = [f"bitops<={b}" for b in BETWEEN]
-    pooled_lines = [line for line in pooled(rows, between) if line["method"] not in REFERENCE_LABELS]
+    pooled_lines = [line for line in pooled(rows, between) if line["method"] not in REFERENCE_METHODS]
     name = f"front-{bench.args.model}-{bench.args.preset}"
     meta = {**metadata(), "preset": bench.args.preset, "preset_settings": bench.preset, "code": bench.cache.version,
             "stale_rows": sum(1 for r in rows if r.get("stale")), "float_top1": bench.float_top1,
