@@ -17,7 +17,7 @@ data order. Each row records test top-1, BitOPs, size, the policy, and the compu
 fine-tune in seconds and in forward passes of the whole network (samples).
 
 Every finished row is kept in benchmarks/front-state/<model>-<preset>/rows.jsonl, which is committed,
-with the version of the code that made it (a hash of src/ and this benchmark), so a preset can be
+with the version of the code that made it (a hash of the library modules it loads and of this benchmark), so a preset can be
 completed over several sittings and machines: rerun the same command at the commit named in the
 results' meta (``git worktree add ../bench <commit>``, then ``--state-dir`` pointing at this checkout's
 front-state). A row from other code is re-run, never mixed in (``--keep-stale`` keeps it, marked). The
@@ -43,6 +43,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # this checkout's library, whatever is installed
 from common import RESULTS, markdown_table, metadata  # noqa: E402
 from front_plot import plot_front  # noqa: E402
 from front_references import MIX_REFERENCES, UNIFORM_REFERENCES, is_depthwise, rule_policy  # noqa: E402
@@ -113,10 +114,19 @@ def labels_of(method: str) -> list[str]:
     return [method, *EXTRA_ROWS.get(method, ())]
 
 
+def _library_files() -> list[Path]:
+    """The source files of the mixbits modules this process has loaded."""
+    return sorted({Path(m.__file__).resolve() for name, m in list(sys.modules.items())
+                   if (name == "mixbits" or name.startswith("mixbits.")) and getattr(m, "__file__", None)})
+
+
 def code_version() -> str:
-    """A hash of the library's sources and this benchmark: rows made by other code are stale."""
+    """A hash of the library code the front runs (the mixbits modules loaded once this file's imports are done)
+    and of this benchmark: rows made by other code are stale. Modules the front never loads (the exporter, the
+    CLI commands, the ONNX writer) do not enter, so changing them keeps the rows; ``RowCache.put`` refuses a row if a module was loaded
+    after the version was taken."""
     digest = hashlib.sha256()
-    for path in sorted([*(ROOT / "src").rglob("*.py"), *Path(__file__).parent.glob("front*.py")]):
+    for path in sorted([*_library_files(), *Path(__file__).resolve().parent.glob("front*.py")]):
         digest.update(path.relative_to(ROOT).as_posix().encode())
         digest.update(path.read_bytes())
     return digest.hexdigest()[:16]
@@ -127,6 +137,7 @@ class RowCache:
 
     def __init__(self, directory: Path, version: str, keep_stale: bool = False):
         self.path, self.version = directory / "rows.jsonl", version
+        self.library = _library_files()  # what ``version`` covers
         self.rows: dict[str, dict] = {}
         self.stale = 0
         if self.path.is_file():
@@ -147,6 +158,11 @@ class RowCache:
         return self.rows.get(self.key(method, budget, seed))
 
     def put(self, row: dict) -> None:
+        late = sorted(set(_library_files()) - set(self.library))
+        if late:  # code that made this row is not in the version: the cache could keep it after that code changed
+            raise RuntimeError(f"mixbits modules loaded after the front keyed its rows: "
+                               f"{', '.join(p.relative_to(ROOT).as_posix() for p in late)}; import them at the "
+                               "top of benchmarks/front.py so the code version covers them")
         row = {**row, "key": self.key(row["method"], row["budget"], row["seed"]), "code": self.version}
         self.rows[row["key"]] = row
         self.path.parent.mkdir(parents=True, exist_ok=True)

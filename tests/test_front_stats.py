@@ -280,3 +280,19 @@ def test_the_deployment_rule_holds_depthwise_layers_at_8_bits_and_fits_the_rest(
     higher = rule_policy(stats, space, "bitops<=uniform:6")
     assert higher["3"][0] > bits  # more budget, more bits for the rest
     assert rule_policy(stats, space, "bitops<=uniform:2") is None  # 8-bit depthwise leaves no room at W2A2's cost
+
+
+def test_the_code_version_covers_the_library_the_front_loaded_and_a_late_module_is_refused(tmp_path, monkeypatch):
+    import front
+    from front import RowCache, code_version
+
+    loaded = front._library_files()
+    assert any(p.name == "dnas.py" for p in loaded) and any(p.name == "loop.py" for p in loaded)
+    version = code_version()
+    assert version == code_version()
+    cache = RowCache(tmp_path, version)
+    late = Path(front.ROOT) / "src" / "mixbits" / "late_module.py"  # a module imported after the rows were keyed
+    monkeypatch.setattr(front, "_library_files", lambda: [*loaded, late])
+    with pytest.raises(RuntimeError, match="late_module.py"):
+        cache.put({"method": "hawq", "budget": "bitops<=uniform:2.5", "seed": 0, "test_top1": 80.0})
+    assert not (tmp_path / "rows.jsonl").exists()
