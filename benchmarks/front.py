@@ -17,8 +17,8 @@ data order. Each row records test top-1, BitOPs, size, the policy, and the compu
 fine-tune in seconds and in forward passes of the whole network (samples).
 
 Every finished row is kept in benchmarks/front-state/<model>-<preset>/rows.jsonl, which is committed,
-with the version of the code that made it (a hash of the library modules it loads and of this benchmark), so a preset can be
-completed over several sittings and machines: rerun the same command at the commit named in the
+with the version of the code that made it (a hash of the library modules it loads and of this benchmark),
+so a preset can be completed over several sittings and machines: rerun the same command at the commit named in the
 results' meta (``git worktree add ../bench <commit>``, then ``--state-dir`` pointing at this checkout's
 front-state). A row from other code is re-run, never mixed in (``--keep-stale`` keeps it, marked). The
 float model is trained once per (model, preset), kept beside the rows (float.pt) and shared by every
@@ -121,10 +121,10 @@ def _library_files() -> list[Path]:
 
 
 def code_version() -> str:
-    """A hash of the library code the front runs (the mixbits modules loaded once this file's imports are done)
-    and of this benchmark: rows made by other code are stale. Modules the front never loads (the exporter, the
-    CLI commands, the ONNX writer) do not enter, so changing them keeps the rows; ``RowCache.put`` refuses a row if a module was loaded
-    after the version was taken."""
+    """A hash of the library code the front runs (the mixbits modules loaded once this file's imports are
+    done) and of this benchmark: rows made by other code are stale. Modules the front never loads (the CLI
+    commands, the ONNX writer) do not enter, so changing them keeps the rows; ``RowCache.put`` refuses a row
+    if a module was loaded after the version was taken."""
     digest = hashlib.sha256()
     for path in sorted([*_library_files(), *Path(__file__).resolve().parent.glob("front*.py")]):
         digest.update(path.relative_to(ROOT).as_posix().encode())

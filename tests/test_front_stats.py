@@ -296,3 +296,21 @@ def test_the_code_version_covers_the_library_the_front_loaded_and_a_late_module_
     with pytest.raises(RuntimeError, match="late_module.py"):
         cache.put({"method": "hawq", "budget": "bitops<=uniform:2.5", "seed": 0, "test_top1": 80.0})
     assert not (tmp_path / "rows.jsonl").exists()
+
+
+def test_the_recipe_sizing_pairs_each_fine_tuned_one_shot_policy_with_its_retraining_free_score(tmp_path, monkeypatch):
+    import recipe
+
+    monkeypatch.setattr(recipe, "STATE", tmp_path)
+    rows = recipe.Rows("m")
+    for seed, free in ((0, 80.0), (1, 82.0)):
+        rows.put({"key": f"oneshot-free|b|{seed}", "recipe": "oneshot-free", "policy": "b", "seed": seed,
+                  "test_top1": free})
+        rows.put({"key": f"oneshot-e6-fitted-kd|b|{seed}", "recipe": "oneshot-e6-fitted-kd", "policy": "b",
+                  "seed": seed, "test_top1": free + 0.5 - seed})
+        rows.put({"key": f"e6-fitted-kd|uniform:2|{seed}", "recipe": "e6-fitted-kd", "policy": "uniform:2",
+                  "seed": seed, "test_top1": 70.0 + seed, "finetune_seconds": 1.0})
+    gaps = recipe.oneshot_gaps(recipe.Rows("m"))  # read back from the state file
+    assert [(g["recipe"], g["n"]) for g in gaps] == [("e6-fitted-kd", 2)]
+    assert gaps[0]["mean_gap"] == pytest.approx(0.0) and gaps[0]["min_gap"] == pytest.approx(-0.5)
+    assert [(s["recipe"], s["policy"], s["n"]) for s in recipe.summary(rows)] == [("e6-fitted-kd", "uniform:2", 2)]
