@@ -17,8 +17,9 @@ data order. Each row records test top-1, BitOPs, size, the policy, and the compu
 fine-tune in seconds and in forward passes of the whole network (samples).
 
 Every finished row is kept in benchmarks/front-state/<model>-<preset>/rows.jsonl, which is committed,
-with the version of the code that made it (a hash of the library modules it loads and of this benchmark),
-so a preset can be completed over several sittings and machines: rerun the same command at the commit named in the
+with the version of the code that made it (per method, ``CodeVersion``: the library modules the front loads,
+of the searches' own sources only that method's, and the row-making files of this benchmark), so a preset can be
+completed over several sittings and machines: rerun the same command at the commit named in the
 results' meta (``git worktree add ../bench <commit>``, then ``--state-dir`` pointing at this checkout's
 front-state). A row from other code is re-run, never mixed in (``--keep-stale`` keeps it, marked). The
 float model is trained once per (model, preset), kept beside the rows (float.pt) and shared by every
@@ -120,30 +121,63 @@ def _library_files() -> list[Path]:
                    if (name == "mixbits" or name.startswith("mixbits.")) and getattr(m, "__file__", None)})
 
 
-def code_version() -> str:
-    """A hash of the library code the front runs (the mixbits modules loaded once this file's imports are
-    done) and of this benchmark: rows made by other code are stale. Modules the front never loads (the CLI
-    commands, the ONNX writer) do not enter, so changing them keeps the rows; ``RowCache.put`` refuses a row
-    if a module was loaded after the version was taken."""
-    digest = hashlib.sha256()
-    for path in sorted([*_library_files(), *Path(__file__).resolve().parent.glob("front*.py")]):
-        digest.update(path.relative_to(ROOT).as_posix().encode())
-        digest.update(path.read_bytes())
-    return digest.hexdigest()[:16]
+# Search sources that only their own method runs (tests/test_front_stats.py checks that no other module imports
+# them): a change to one of them stales that method's rows alone, a change anywhere else every row.
+METHOD_SOURCES = {"dnas": ("search/dnas.py",), "dmpq": ("search/dmpq.py",), "ssps": ("search/ssps.py",),
+                  "hawq": ("search/hawq.py", "search/hutchinson.py"), "sdq": ("search/sdq/",),
+                  "oneshot": ("search/oneshot/", "search/greedy.py")}
+ROW_SOURCES = ("front.py", "front_references.py")  # the benchmark's code that makes rows (not the reporting)
+
+
+def method_of(label: str) -> str:
+    """The search a row label belongs to (``oneshot-free`` -> ``oneshot``; a reference is its own label)."""
+    return next((method for method, extra in EXTRA_ROWS.items() if label in extra), label)
+
+
+class CodeVersion:
+    """Hashes of the code that makes each method's rows: the mixbits modules loaded once this file's imports are
+    done, the row-making benchmark files, and of METHOD_SOURCES only the method's own. Rows made by other code
+    are stale. Modules the front never loads (the CLI commands, the ONNX writer) do not enter, so changing them
+    keeps the rows; ``RowCache.put`` refuses a row if a mixbits module was loaded after the version was taken."""
+
+    def __init__(self, fixed: str | None = None):
+        self.library = _library_files()
+        self.fixed = fixed  # one version for every method (tests, and caches keyed by another cache's version)
+        here = Path(__file__).resolve().parent
+        self._files = {p: p.relative_to(ROOT).as_posix() for p in [*self.library, *(here / f for f in ROW_SOURCES)]}
+
+    def _owner(self, name: str) -> str | None:
+        inside = name.split("src/mixbits/", 1)[-1] if name.startswith("src/mixbits/") else None
+        return next((m for m, own in METHOD_SOURCES.items() if inside and inside.startswith(own)), None)
+
+    def of(self, label: str | None) -> str:
+        """The version of ``label``'s rows; None: of the code every row shares."""
+        if self.fixed is not None:
+            return self.fixed
+        method = None if label is None else method_of(label)
+        digest = hashlib.sha256()
+        for path, name in sorted(self._files.items(), key=lambda kv: kv[1]):
+            if self._owner(name) in (None, method):
+                digest.update(name.encode())
+                digest.update(path.read_bytes())
+        return digest.hexdigest()[:16]
+
+    def __str__(self) -> str:
+        return self.of(None)
 
 
 class RowCache:
     """rows.jsonl: one finished row per line, keyed by (method, budget, seed) and the code version."""
 
-    def __init__(self, directory: Path, version: str, keep_stale: bool = False):
-        self.path, self.version = directory / "rows.jsonl", version
-        self.library = _library_files()  # what ``version`` covers
+    def __init__(self, directory: Path, version: CodeVersion | str, keep_stale: bool = False):
+        self.path = directory / "rows.jsonl"
+        self.version = version if isinstance(version, CodeVersion) else CodeVersion(fixed=version)
         self.rows: dict[str, dict] = {}
         self.stale = 0
         if self.path.is_file():
             for line in self.path.read_text().splitlines():
                 row = json.loads(line)
-                if row.get("code") != self.version:
+                if row.get("code") != self.version.of(row["method"]):
                     self.stale += 1
                     if not keep_stale:
                         continue
@@ -158,12 +192,13 @@ class RowCache:
         return self.rows.get(self.key(method, budget, seed))
 
     def put(self, row: dict) -> None:
-        late = sorted(set(_library_files()) - set(self.library))
+        late = sorted(set(_library_files()) - set(self.version.library))
         if late:  # code that made this row is not in the version: the cache could keep it after that code changed
             raise RuntimeError(f"mixbits modules loaded after the front keyed its rows: "
                                f"{', '.join(p.relative_to(ROOT).as_posix() for p in late)}; import them at the "
                                "top of benchmarks/front.py so the code version covers them")
-        row = {**row, "key": self.key(row["method"], row["budget"], row["seed"]), "code": self.version}
+        row = {**row, "key": self.key(row["method"], row["budget"], row["seed"]),
+               "code": self.version.of(row["method"])}
         self.rows[row["key"]] = row
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.path.write_text("".join(json.dumps(r) + "\n" for r in self.rows.values()))  # stale rows are dropped
@@ -203,7 +238,7 @@ class Bench:
         self.state = Path(args.state_dir) / f"{args.model}-{args.preset}"
         self.dir = CACHE / f"{args.model}-{args.preset}"
         self.recipe = {**RECIPE, **MODEL_RECIPE[args.model]}
-        self.cache = RowCache(self.state, code_version(), keep_stale=args.keep_stale)
+        self.cache = RowCache(self.state, CodeVersion(), keep_stale=args.keep_stale)
         self.device = torch.device(args.device)
         self._loaders: dict[int, tuple] = {}
         set_fused(args.device == "cpu")
@@ -271,7 +306,7 @@ class Bench:
         """``policy`` fine-tuned with the recipe; ``searched`` = (result, index): from the weights the search
         kept for that budget instead of the float model's."""
         train = self.loaders(seed)[0]
-        run_dir = finetune_dir(self.dir / "finetune" / self.cache.version, name, policy,
+        run_dir = finetune_dir(self.dir / "finetune" / str(self.cache.version), name, policy,
                                {**extra, **({"searched": True} if searched else {})})
         target, index = searched if searched else (policy, 0)
         started = time.perf_counter()
@@ -317,7 +352,7 @@ class Bench:
         kept = {"keep_weights": True} if method in KEEPS_WEIGHTS else {}
         rival = {"random_baseline": True} if method in RANDOM_BASELINE else {}
         options = {**epochs, **kept, **rival, **(options or {})}
-        where = self.dir / "search" / self.cache.version / f"{method}-s{seed}"
+        where = self.dir / "search" / self.cache.version.of(method) / f"{method}-s{seed}"
         run_dir = where if kept else None  # where kept weights are written (a fresh search each time: no resume)
         if run_dir is not None and run_dir.exists():  # left by an interrupted search, whose checkpoint would
             shutil.rmtree(run_dir)  # make the library refuse the run directory
@@ -398,7 +433,8 @@ def write_results(bench: Bench, methods: list[str]) -> Path:
     between = [f"bitops<={b}" for b in BETWEEN]
     pooled_lines = [line for line in pooled(rows, between) if line["method"] not in REFERENCE_METHODS]
     name = f"front-{bench.args.model}-{bench.args.preset}"
-    meta = {**metadata(), "preset": bench.args.preset, "preset_settings": bench.preset, "code": bench.cache.version,
+    code = {m: bench.cache.version.of(m) for m in ("uniform-ref", *methods)}  # per method: see CodeVersion
+    meta = {**metadata(), "preset": bench.args.preset, "preset_settings": bench.preset, "code": code,
             "stale_rows": sum(1 for r in rows if r.get("stale")), "float_top1": bench.float_top1,
             "validation_split": "seed 0's (the float model's), for every seed",
             "recipe": {**bench.recipe, "init": "fitted", "lr": mixbits.FINETUNE_LR["sgd"],
@@ -414,7 +450,7 @@ def write_results(bench: Bench, methods: list[str]) -> Path:
     pooled_table = markdown_table(pooled_lines, pooled_columns)
     stale = meta["stale_rows"]
     header = (f"{bench.args.model}, preset {bench.args.preset} ({bench.preset}); float {bench.float_top1:.2f} %; "
-              f"recipe {meta['recipe']}; validation split of seed 0 for every seed; code {bench.cache.version}, "
+              f"recipe {meta['recipe']}; validation split of seed 0 for every seed; shared code {bench.cache.version}, "
               f"commit {meta['commit']}" + (f"; {stale} rows from earlier code (stale: true)" if stale else "")
               + ". Gains are paired by seed, with 95 % Student-t intervals over seeds: mean_gain over the uniform "
               "front (the chord through W2A2, W3A3, W4A4 in log BitOPs), gain_vs_best_reference over the best of "

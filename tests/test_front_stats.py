@@ -284,18 +284,83 @@ def test_the_deployment_rule_holds_depthwise_layers_at_8_bits_and_fits_the_rest(
 
 def test_the_code_version_covers_the_library_the_front_loaded_and_a_late_module_is_refused(tmp_path, monkeypatch):
     import front
-    from front import RowCache, code_version
+    from front import CodeVersion, RowCache
 
     loaded = front._library_files()
     assert any(p.name == "dnas.py" for p in loaded) and any(p.name == "loop.py" for p in loaded)
-    version = code_version()
-    assert version == code_version()
+    version = CodeVersion()
+    assert version.of("hawq") == CodeVersion().of("hawq")
     cache = RowCache(tmp_path, version)
     late = Path(front.ROOT) / "src" / "mixbits" / "late_module.py"  # a module imported after the rows were keyed
     monkeypatch.setattr(front, "_library_files", lambda: [*loaded, late])
     with pytest.raises(RuntimeError, match="late_module.py"):
         cache.put({"method": "hawq", "budget": "bitops<=uniform:2.5", "seed": 0, "test_top1": 80.0})
     assert not (tmp_path / "rows.jsonl").exists()
+
+
+def test_a_change_to_one_method_s_own_source_stales_its_rows_alone(tmp_path, monkeypatch):
+    import front
+    from front import CodeVersion, RowCache
+
+    before = CodeVersion()
+    cache = RowCache(tmp_path, before)
+    for method in ("dnas", "hawq", "oneshot-free", "uniform-ref"):
+        cache.put({"method": method, "budget": "bitops<=uniform:2.5", "seed": 0, "test_top1": 80.0})
+    real = Path.read_bytes
+
+    def edited(path):  # DNAS's own source as if it were changed
+        return real(path) + (b"# edited" if path.name == "dnas.py" else b"")
+
+    monkeypatch.setattr(Path, "read_bytes", edited)
+    after = RowCache(tmp_path, CodeVersion())
+    assert after.stale == 1 and after.get("dnas", "bitops<=uniform:2.5", 0) is None
+    assert after.get("hawq", "bitops<=uniform:2.5", 0) and after.get("oneshot-free", "bitops<=uniform:2.5", 0)
+
+    def shared_edit(path):  # the quantizer, which every row runs
+        return real(path) + (b"# edited" if path.name == "lsq.py" or path.name == "quantizer.py" else b"")
+
+    monkeypatch.setattr(Path, "read_bytes", shared_edit)
+    assert RowCache(tmp_path, CodeVersion()).stale == 4
+    assert front.method_of("sdq-stage2") == "sdq" and front.method_of("rule-ref") == "rule-ref"
+
+
+def _imported_modules(path: Path, package_root: Path) -> set[str]:
+    """Absolute names of the modules a source file imports (``from .x import y`` gives ``...x`` and ``...x.y``)."""
+    import ast
+
+    parts = path.relative_to(package_root.parent).with_suffix("").parts
+    package = parts[:-1]  # a module's package, or the package an __init__ file is
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = list(package[: len(package) - node.level + 1]) if node.level else []
+            module = ".".join([*base, *(node.module.split(".") if node.module else [])])
+            names |= {module, *(f"{module}.{alias.name}" for alias in node.names)}
+    return names
+
+
+def test_a_method_s_own_sources_are_imported_by_no_other_module():
+    from front import METHOD_SOURCES
+
+    src = Path(__file__).resolve().parents[1] / "src" / "mixbits"
+
+    def module_name(path: Path) -> str:
+        parts = path.relative_to(src.parent).with_suffix("").parts
+        return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+    registry = src / "search" / "__init__.py"  # imports every method to register it
+    for method, own in METHOD_SOURCES.items():
+        owned = [p for o in own for p in ((src / o).rglob("*.py") if o.endswith("/") else [src / o])]
+        assert owned and all(p.is_file() for p in owned), method
+        owned_names = {module_name(p) for p in owned}
+        for path in src.rglob("*.py"):
+            if path in owned or path == registry:
+                continue
+            assert not _imported_modules(path, src) & owned_names, f"{path} imports {method}'s own sources"
+    searcher = src / "search" / "oneshot" / "searcher.py"  # the check sees a relative import of a method's module
+    assert "mixbits.search.greedy" in _imported_modules(searcher, src)
 
 
 def test_the_recipe_sizing_pairs_each_fine_tuned_one_shot_policy_with_its_retraining_free_score(tmp_path, monkeypatch):

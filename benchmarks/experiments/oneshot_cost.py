@@ -28,7 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/
 from common import EXPERIMENT_RESULTS as RESULTS  # noqa: E402
 from common import front_float_model, markdown_table, metadata, write_result
-from front import BUDGETS, MODEL_RECIPE, MODELS, RECIPE, code_version, forward_counter  # noqa: E402
+from front import BUDGETS, MODEL_RECIPE, MODELS, RECIPE, CodeVersion, forward_counter  # noqa: E402
 
 import mixbits  # noqa: E402
 from mixbits.data import DataConfig, build_loaders  # noqa: E402
@@ -89,7 +89,7 @@ def main() -> None:
     if model is None:
         raise SystemExit(f"no kept float weights for {args.model}: run benchmarks/front.py --model "
                          f"{args.model} --preset medium first")
-    cache = CACHE / f"{args.model}-{code_version()}.jsonl"
+    cache = CACHE / f"{args.model}-{CodeVersion()}.jsonl"
     done = [json.loads(line) for line in cache.read_text().splitlines()] if cache.is_file() else []
     for samples in args.train_samples:
         for start in args.starts:
@@ -109,7 +109,7 @@ def main() -> None:
                       f"`python benchmarks/experiments/oneshot_cost.py --model {args.model}` "
                       f"(`--epochs E --train-samples N "
                       f"--starts S [--options O]` for each row) at {meta['commit']} ({meta['date']}, code "
-                      f"{code_version()}), {torch.get_num_threads()} threads. search: one-shot at the medium budgets "
+                      f"{CodeVersion()}), {torch.get_num_threads()} threads. search: one-shot at the medium budgets "
                       f"({', '.join(BUDGETS)}), supernet then walk and fills; qat: uniform W4A4 fine-tuned for the "
                       "same epochs with the front's recipe; samples: forward samples through the whole network; "
                       "options: one-shot options other than the defaults. A QAT run of 1,000 optimiser steps or more "
