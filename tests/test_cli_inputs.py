@@ -1,6 +1,7 @@
 """The command line on models whose inputs are not one image tensor: token ids into Conv1d layers, a tuple of
 two tensors (positional inputs) and a dict of them (keyword inputs), each named as file.py:factory, through
-train, search (HAWQ and one-shot), fine-tune, eval, cost and export with the onnxruntime check."""
+train, search (HAWQ and one-shot), fine-tune, eval, cost, lut and export with the onnxruntime check; and a model
+with LSTM and GRU layers, kept float and named so by every command."""
 
 from __future__ import annotations
 
@@ -47,6 +48,27 @@ class Pair(nn.Module):
     def forward(self, image, features):
         a = torch.relu(self.mid(torch.relu(self.image(image)))).mean((2, 3))
         return self.head(torch.relu(self.mix(torch.cat([a, torch.relu(self.features(features))], 1))))
+
+
+class Recurrent(nn.Module):
+    """Token ids -> embedding -> LSTM -> Conv1d -> GRU -> class scores: the recurrent layers stay float."""
+
+    def __init__(self, num_classes):
+        super().__init__()
+        self.emb = nn.Embedding(20, 8)
+        self.lstm = nn.LSTM(8, 8, batch_first=True)
+        self.conv = nn.Conv1d(8, 8, 3, padding=1)
+        self.gru = nn.GRU(8, 8, batch_first=True)
+        self.head = nn.Linear(8, num_classes)
+
+    def forward(self, x):
+        h, _ = self.lstm(self.emb(x))
+        h, _ = self.gru(torch.relu(self.conv(h.transpose(1, 2))).transpose(1, 2))
+        return self.head(h.mean(1))
+
+
+def recurrent(num_classes=3):
+    return Recurrent(num_classes)
 
 
 def sequence(num_classes=3):
@@ -132,3 +154,34 @@ def test_token_tuple_and_dict_inputs_go_through_every_command(tmp_path, capsys, 
     capsys.readouterr()
     assert main(["export", str(run), "--out", str(tmp_path / "fast"), "--form", "fast", "--no-check"]) == 2
     assert "form='exact'" in capsys.readouterr().err and not (tmp_path / "fast").exists()
+
+
+def test_recurrent_layers_are_warned_about_and_listed_kept_float_by_every_command(tmp_path, capsys):
+    path = tmp_path / "inputs_user.py"
+    path.write_text(USER_CODE)
+    common = ["--model", f"{path}:recurrent", "--data", f"{path}:token_data", "--batch-size", "16"]
+    assert main(["train", *common, "--epochs", "1", "--out", str(tmp_path / "fp")]) == 0
+    capsys.readouterr()
+    listed = r"2 layer\(s\) with weights stay float, counted at 32 bits in BitOPs and size: lstm \(LSTM\), gru \(GRU\)"
+    with pytest.warns(UserWarning, match=listed):  # Python prints it on stderr outside pytest
+        assert main(["search", *common, "--method", "hawq", *METHODS["hawq"], "--init", str(tmp_path / "fp"),
+                     "--budget", "bitops<=uniform:4", "--finetune-epochs", "1", "--out", str(tmp_path / "s")]) == 0
+    (row,) = json.loads(capsys.readouterr().out)
+    assert row["kept_float"] == ["lstm", "gru"]
+    assert json.loads((tmp_path / "s" / "search.json").read_text())["kept_float"] == ["lstm", "gru"]
+    run = tmp_path / "s" / "finetune" / "budget0"
+    assert json.loads((run / "result.json").read_text())["kept_float"] == ["lstm", "gru"]
+    with pytest.warns(UserWarning, match=listed):  # every command that rebuilds the run says it again
+        model, _, _ = load_trained(run)
+    assert list(quant_layers(model)) == ["emb", "conv", "head"]
+    with pytest.warns(UserWarning, match=listed):
+        assert main(["cost", str(run)]) == 0
+    table = capsys.readouterr().out
+    assert "kept float (32-bit weights and inputs, counted in BitOPs and size): lstm, gru" in table
+    assert all(line.split()[4:6] == ["32", "32"] for line in table.splitlines() if line.startswith(("lstm", "gru")))
+    with pytest.warns(UserWarning, match=listed):
+        assert main(["export", str(run), "--out", str(tmp_path / "exp"), "--check-samples", "16"]) == 0
+    assert "kept float (32-bit, counted in the predicted size): lstm, gru" in capsys.readouterr().out
+    report = json.loads((tmp_path / "exp" / "export_report.json").read_text())
+    assert report["kept_float"] == ["lstm", "gru"] and report["onnx"]["float_layers"] == ["lstm", "gru"]
+    assert report["onnx"]["check"]["samples"] == 16 and report["onnx"]["check"]["differing_samples"] <= 1
