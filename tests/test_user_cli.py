@@ -215,3 +215,4 @@ def test_help_names_the_factory_specs_the_commands_accept(capsys):
         main(["search", "--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "file.py:fn or module.path:fn" in text and "(train, test) or (train, val, test)" in text
+    assert "a tuple or dict of tensors" in text  # the input kinds tests/test_cli_inputs.py runs

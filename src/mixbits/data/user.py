@@ -2,15 +2,15 @@
 
 The factory returns ``(train, test)`` or ``(train, val, test)``: each an iterable of ``(inputs, targets)``
 batches (a DataLoader, or a list of pairs). The inputs are a tensor (images, token ids, vectors), a tuple of
-tensors (the model called as ``model(*inputs)``) or a dict of them (``model(**inputs)``). It is given ``batch_size``, ``eval_batch_size``,
-``seed`` and ``root`` (data.*) when its signature takes them. The number of classes is the loaders'
-``num_classes`` attribute (or their dataset's ``classes``), else the largest label in the test data + 1.
+tensors (the model called as ``model(*inputs)``) or a dict of them (``model(**inputs)``). It is given
+``batch_size``, ``eval_batch_size``, ``seed`` and ``root`` (data.*) when its signature takes them. The number of
+classes is the loaders' ``num_classes`` attribute (or their dataset's ``classes``), else the largest label in the
+test data + 1.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-
 
 from ..errors import MixbitsError
 from ..specs import call_with_accepted, load_factory
