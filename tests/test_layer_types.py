@@ -221,6 +221,45 @@ def test_lstm_and_gru_are_kept_float_by_search_fine_tune_and_export_and_priced_a
     assert report["packed"]["predicted_bytes"] == size_bits(stats, policy) / 8
 
 
+def _models_with_inputs():
+    """Every model the any-model tests run, the recurrent ones, and the zoo's transformer and depthwise CNN."""
+    from test_any_model import MODELS, _data
+
+    from mixbits.models import create
+
+    ids = _input((2, 10), "ids") % 20
+    return {**{kind: (make(), _data(kind)[0][0]) for kind, make in MODELS.items()},
+            "gru": (SequenceNet(), ids), "lstm_gru": (TwoRecurrent(), ids),
+            "vit_tiny": (create("vit_tiny", num_classes=10, in_chans=1), torch.randn(2, 1, 28, 28)),
+            "mobilenetv2": (create("mobilenetv2", num_classes=10, in_chans=3, width=0.25, small_input=True),
+                            torch.randn(2, 3, 32, 32))}
+
+
+def test_every_module_holding_a_weight_matrix_is_counted_in_bitops_and_size():
+    """Whatever its parameters are named: a module with a >= 2-D parameter is profiled, called (MACs > 0, but for
+    a lookup), and either in the policy or kept float at 32 bits; BitOPs and size add up layer by layer."""
+    from mixbits.quant.attention import prepare_model
+
+    for name, (model, x) in _models_with_inputs().items():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # nn.Transformer's note on nested tensors
+            prepare_model(model)
+        stats = profile(model, x)
+        holders = {n for n, m in model.named_modules() if any(p.dim() >= 2 for p in m.parameters(recurse=False))}
+        holders -= {""}  # a model's own parameters (a ViT's position embedding) count in size, at 32 bits
+        assert holders <= set(stats.layers), (name, holders - set(stats.layers))
+        assert all(s.macs > 0 for s in stats.layers.values() if s.kind != "embedding"), name
+        space = SearchSpace.from_model(model, example_input=x)
+        policy = Policy.uniform(space, 4)
+        kept = [n for n in stats.layers if n not in space.layers]
+        assert kept == (["rnn"] if name == "gru" else ["lstm", "gru"] if name == "lstm_gru" else []), name
+        bits = {n: policy.bits.get(n, (32, 32)) for n in stats.layers}
+        assert bitops(stats, policy) == sum(s.macs * bits[n][0] * bits[n][1] for n, s in stats.layers.items())
+        params = sum(p.numel() for p in model.parameters())
+        assert size_bits(stats, policy) == params * 32 - sum(s.params * (32 - bits[n][0])
+                                                             for n, s in stats.layers.items()), name
+
+
 def test_no_weight_bearing_layer_is_left_out_of_the_stats():
     model = nn.ModuleDict({"a": nn.Conv1d(2, 2, 1), "b": nn.Bilinear(3, 3, 2), "c": nn.LSTM(2, 2),
                            "d": nn.MultiheadAttention(4, 2), "e": nn.LayerNorm(4), "f": nn.ConvTranspose3d(2, 2, 1)})
