@@ -71,6 +71,10 @@ def recurrent(num_classes=3):
     return Recurrent(num_classes)
 
 
+def shallow(num_classes=3):  # an embedding (the first layer) and a head (the last): nothing left to search
+    return nn.Sequential(nn.Embedding(20, 8), nn.Flatten(), nn.Linear(80, num_classes))
+
+
 def sequence(num_classes=3):
     return Sequence(num_classes)
 
@@ -185,3 +189,17 @@ def test_recurrent_layers_are_warned_about_and_listed_kept_float_by_every_comman
     report = json.loads((tmp_path / "exp" / "export_report.json").read_text())
     assert report["kept_float"] == ["lstm", "gru"] and report["onnx"]["float_layers"] == ["lstm", "gru"]
     assert report["onnx"]["check"]["samples"] == 16 and report["onnx"]["check"]["differing_samples"] <= 1
+
+
+def test_a_model_with_nothing_to_search_is_one_clear_error_on_the_command_line(tmp_path, capsys):
+    path = tmp_path / "inputs_user.py"
+    path.write_text(USER_CODE)
+    common = ["--model", f"{path}:shallow", "--data", f"{path}:token_data", "--batch-size", "16"]
+    assert main(["train", *common, "--epochs", "1", "--out", str(tmp_path / "fp")]) == 0
+    for method, options in METHODS.items():
+        capsys.readouterr()
+        assert main(["search", *common, "--method", method, *options, "--init", str(tmp_path / "fp"), "--budget",
+                     "bitops<=uniform:4", "--out", str(tmp_path / method)]) == 2
+        err = capsys.readouterr().err
+        assert "nothing to search in Sequential: all 2 quantized layer(s) are held fixed (0, 2)" in err, err
+        assert "--set quant.fixed=none" in err and not (tmp_path / method).exists()  # nothing left behind
