@@ -147,6 +147,12 @@ def test_token_tuple_and_dict_inputs_go_through_every_command(tmp_path, capsys, 
         check = report["onnx"]["check"]
         assert check["samples"] == 16 and check["differing_samples"] <= 1 and check["top1_agreement"] >= 93.75
         assert report["kept_float"] == [] and (exported / "model.mxb").is_file()
+    # QAT at a policy from the float run: fine-tuning as `mixbits train` runs it on its own
+    capsys.readouterr()
+    assert main(["train", *common, "--epochs", "1", "--policy", "uniform:4", "--init", str(tmp_path / "fp"),
+                 "--out", str(tmp_path / "w4a4")]) == 0
+    trained = json.loads(capsys.readouterr().out)
+    assert trained["kept_float"] == [] and "4/4" in trained["policy"] and trained["compression"]["bitops"] > 1
     # a latency table of the run: every layer timed at its real input shapes, the first layers held as the search did
     assert main(["lut", str(run), "--out", str(tmp_path / "lut.json"), "--bits", "4", "--repeats", "1",
                  "--warmup", "0"]) == 0, capsys.readouterr().err
