@@ -174,6 +174,92 @@ def test_a_recurrent_layer_stays_float_with_a_warning_and_is_counted_everywhere(
     assert report["onnx"]["check"]["top1_agreement"] == 100.0
 
 
+class TwoRecurrent(nn.Module):
+    """Token ids -> embedding -> bidirectional LSTM -> Conv1d -> GRU -> class scores."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(20, 8)
+        self.lstm = nn.LSTM(8, 8, batch_first=True, bidirectional=True)
+        self.conv = nn.Conv1d(16, 12, 3, padding=1)
+        self.gru = nn.GRU(12, 12, batch_first=True)
+        self.head = nn.Linear(12, 3)
+
+    def forward(self, x):
+        h, _ = self.lstm(self.emb(x))
+        h, _ = self.gru(torch.relu(self.conv(h.transpose(1, 2))).transpose(1, 2))
+        return self.head(h.mean(1))
+
+
+@pytest.mark.parametrize("method", ["hawq", "oneshot"])
+def test_lstm_and_gru_are_kept_float_by_search_fine_tune_and_export_and_priced_at_32_bits(method, tmp_path):
+    from test_any_model import QUICK
+
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(0)
+    data = [(torch.randint(0, 20, (8, 10), generator=gen), torch.randint(0, 3, (8,), generator=gen))
+            for _ in range(3)]
+    with pytest.warns(UserWarning, match=r"2 layer\(s\) with weights stay float.*lstm \(LSTM\), gru \(GRU\)"):
+        result = mixbits.search(TwoRecurrent(), data, "bitops<=uniform:4", method=method, options=QUICK[method],
+                                progress=False)
+    assert result.kept_float == ["lstm", "gru"] and result.space.layers == ("emb", "conv", "head")
+    (policy,) = result.policies
+    stats = profile(TwoRecurrent(), data[0][0])
+    recurrent = stats.layers["lstm"].macs * 32 * 32 + stats.layers["gru"].macs * 32 * 32
+    assert stats.layers["lstm"].macs == 10 * 2 * 4 * 8 * (8 + 8) and stats.layers["gru"].macs == 10 * 3 * 12 * 24
+    assert bitops(stats, policy) == recurrent + sum(stats.layers[n].macs * w * a for n, (w, a) in policy.bits.items())
+    weights = {n: stats.layers[n].params + stats.layers[n].bias for n in ("lstm", "gru")}
+    assert all(r["w"] == r["a"] == 32 and r["size_bits"] == weights[r["name"]] * 32
+               for r in cost_table(stats, policy) if r["kept_float"])
+    with pytest.warns(UserWarning, match=r"lstm \(LSTM\), gru \(GRU\)"):
+        qmodel = mixbits.finetune(TwoRecurrent(), result, data, epochs=1, progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the export's own note on the float layers
+        report = mixbits.export(qmodel, tmp_path, data[0][0], check_inputs=data)
+    assert report["kept_float"] == ["lstm", "gru"] and report["onnx"]["float_layers"] == ["lstm", "gru"]
+    assert report["onnx"]["check"]["top1_agreement"] == 100.0
+    assert report["packed"]["predicted_bytes"] == size_bits(stats, policy) / 8
+
+
+def _models_with_inputs():
+    """Every model the any-model tests run, the recurrent ones, and the zoo's transformer and depthwise CNN."""
+    from test_any_model import MODELS, _data
+
+    from mixbits.models import create
+
+    ids = _input((2, 10), "ids") % 20
+    return {**{kind: (make(), _data(kind)[0][0]) for kind, make in MODELS.items()},
+            "gru": (SequenceNet(), ids), "lstm_gru": (TwoRecurrent(), ids),
+            "vit_tiny": (create("vit_tiny", num_classes=10, in_chans=1), torch.randn(2, 1, 28, 28)),
+            "mobilenetv2": (create("mobilenetv2", num_classes=10, in_chans=3, width=0.25, small_input=True),
+                            torch.randn(2, 3, 32, 32))}
+
+
+def test_every_module_holding_a_weight_matrix_is_counted_in_bitops_and_size():
+    """Whatever its parameters are named: a module with a >= 2-D parameter is profiled, called (MACs > 0, but for
+    a lookup), and either in the policy or kept float at 32 bits; BitOPs and size add up layer by layer."""
+    from mixbits.quant.attention import prepare_model
+
+    for name, (model, x) in _models_with_inputs().items():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # nn.Transformer's note on nested tensors
+            prepare_model(model)
+        stats = profile(model, x)
+        holders = {n for n, m in model.named_modules() if any(p.dim() >= 2 for p in m.parameters(recurse=False))}
+        holders -= {""}  # a model's own parameters (a ViT's position embedding) count in size, at 32 bits
+        assert holders <= set(stats.layers), (name, holders - set(stats.layers))
+        assert all(s.macs > 0 for s in stats.layers.values() if s.kind != "embedding"), name
+        space = SearchSpace.from_model(model, example_input=x)
+        policy = Policy.uniform(space, 4)
+        kept = [n for n in stats.layers if n not in space.layers]
+        assert kept == (["rnn"] if name == "gru" else ["lstm", "gru"] if name == "lstm_gru" else []), name
+        bits = {n: policy.bits.get(n, (32, 32)) for n in stats.layers}
+        assert bitops(stats, policy) == sum(s.macs * bits[n][0] * bits[n][1] for n, s in stats.layers.items())
+        params = sum(p.numel() for p in model.parameters())
+        assert size_bits(stats, policy) == params * 32 - sum(s.params * (32 - bits[n][0])
+                                                             for n, s in stats.layers.items()), name
+
+
 def test_no_weight_bearing_layer_is_left_out_of_the_stats():
     model = nn.ModuleDict({"a": nn.Conv1d(2, 2, 1), "b": nn.Bilinear(3, 3, 2), "c": nn.LSTM(2, 2),
                            "d": nn.MultiheadAttention(4, 2), "e": nn.LayerNorm(4), "f": nn.ConvTranspose3d(2, 2, 1)})

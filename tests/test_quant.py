@@ -6,6 +6,7 @@ from torch import nn
 
 from mixbits import MixbitsError, Policy, SearchSpace
 from mixbits.quant import (
+    STEP_FLOOR,
     LsqQuantizer,
     QConv2d,
     QLinear,
@@ -92,6 +93,44 @@ def test_quantizer_init_sign_and_per_bit_steps():
     assert q.steps.grad[1].abs().sum() == 0 and q.steps.grad[0].abs().sum() > 0
     with pytest.raises(MixbitsError, match="expected one of \\[2, 4\\]"):
         q.quantize(x, 3)
+
+
+def _run_at_step(mode: str, raw_step: float):
+    """(output, the step parameter's gradient, the layer) with the 4-bit input step parameter set to ``raw_step``."""
+    torch.manual_seed(0)
+    layer = QLinear(6, 4, w_bits=(2, 4), a_bits=(2, 4))
+    x = torch.rand(5, 6) + 0.5  # unsigned activations
+    calibrate(nn.Sequential(layer), x)
+    layer.set_bits(4, 4)
+    with torch.no_grad():
+        layer.a_quant.steps.fill_(raw_step)
+    if mode == "layer":  # the layer's single autograd node
+        out = layer(x)
+    else:
+        out = layer.a_quant(x) if mode == "fixed" else layer.a_quant.mix(x, torch.tensor([0.0, 1.0]))
+    (out * torch.linspace(-1, 2, out.numel()).view(out.shape)).sum().backward()
+    return out.detach(), layer.a_quant.steps.grad.clone(), layer
+
+
+@pytest.mark.parametrize("mode", ["fixed", "mixture", "layer"])
+def test_a_step_driven_below_zero_is_used_at_the_floor_and_its_gradient_still_flows(mode):
+    """LSQ's gradient can push a step through zero; the step used stays at STEP_FLOOR (a negative one flips every
+    code's sign), and the gradient reaches the parameter as if it were at the floor, so it can climb back."""
+    out, grad, layer = _run_at_step(mode, -0.05)
+    at_floor, grad_at_floor, _ = _run_at_step(mode, STEP_FLOOR)
+    torch.testing.assert_close(out, at_floor, rtol=0, atol=0)
+    torch.testing.assert_close(grad, grad_at_floor, rtol=0, atol=0)
+    assert grad[1].abs().item() > 0 and grad[0].item() == 0  # the 2-bit step took no part
+    x = torch.rand(5, 6) + 0.5
+    floor = torch.tensor([STEP_FLOOR])  # in float32, as the steps are
+    assert torch.equal(layer.a_quant.step(4, 2).detach(), floor) and torch.equal(layer.a_quant.integers(x, 4)[1], floor)
+    if mode == "fixed":  # every input above the clip range: the top code (15) times the floor
+        torch.testing.assert_close(out, torch.full_like(out, 15 * STEP_FLOOR))
+    quantizer = layer.a_quant
+    quantizer.steps.grad = None
+    (-quantizer(x).sum()).backward()  # a loss that wants a larger step
+    torch.optim.SGD([quantizer.steps], lr=1.0).step()
+    assert quantizer.steps[1].item() > STEP_FLOOR
 
 
 def test_signed_inferred_from_negative_inputs():

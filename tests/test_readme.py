@@ -49,3 +49,14 @@ def test_the_readme_example_searches_finetunes_evaluates_and_exports(tmp_path, m
     printed = capsys.readouterr().out
     assert "'samples': 256" in printed
     assert {p.name for p in (tmp_path / "exported").iterdir()} >= {"model.onnx", "model.mxb", "policy.json"}
+
+
+def test_the_command_table_names_every_command_and_search_method():
+    from mixbits import list_methods
+    from mixbits.__main__ import COMMANDS
+
+    rows = {re.match(r"\| `mixbits (\w+)", line).group(1): line for line in README.splitlines()
+            if re.match(r"\| `mixbits \w+", line)}
+    assert set(rows) == set(COMMANDS)
+    methods = rows["search"].split("--method", 1)[1].split(";", 1)[0]  # (`uniform`, `hawq`, ...; `mixbits list ...`)
+    assert sorted(re.findall(r"`(\w+)`", methods)) == sorted(list_methods())

@@ -187,24 +187,28 @@ def test_a_token_transformer_and_a_segmentation_net_go_through_the_cli(tmp_path,
     path.write_text(SHAPED_CODE)
     common = ["--model", f"{path}:{factory}", "--data", f"{path}:{data}", "--batch-size", "16"]
     assert main(["train", *common, "--epochs", "1", "--out", str(tmp_path / "fp")]) == 0
-    capsys.readouterr()
-    assert main(["search", *common, "--method", "hawq", "--init", str(tmp_path / "fp"), "--budget",
-                 "bitops<=uniform:4", "--set", "search.options.probes=1", "--finetune-epochs", "1",
-                 "--out", str(tmp_path / "s")]) == 0
-    (row,) = json.loads(capsys.readouterr().out)
-    run = tmp_path / "s" / "finetune" / "budget0"
-    _, card, _ = load_trained(run)
-    assert card.input_dtype == ("int64" if factory == "tokens" else "float32")
-    assert main(["eval", str(run)]) == 0
-    assert json.loads(capsys.readouterr().out)["top1"] == pytest.approx(row["test_top1"])
-    assert main(["cost", str(run)]) == 0
-    assert "total: MACs" in capsys.readouterr().out
-    assert main(["export", str(run), "--out", str(tmp_path / "exp"), "--check-samples", "16"]) == 0
-    report = json.loads((tmp_path / "exp" / "export_report.json").read_text())
-    check = report["onnx"]["check"]
-    assert check["samples"] == 16 and check["differing_samples"] <= 1
-    assert (check["top1_agreement"] is None) == (factory == "segment")
-    assert report["kept_float"] == []
+    searches = {"hawq": "search.options={probes: 1, trace_rse: null}",
+                "oneshot": "search.options={epochs: 1, eval_batches: 1, bn_batches: 1}"}
+    for method, options in searches.items():
+        capsys.readouterr()
+        assert main(["search", *common, "--method", method, "--init", str(tmp_path / "fp"), "--budget",
+                     "bitops<=uniform:4", "--set", options, "--finetune-epochs", "1",
+                     "--out", str(tmp_path / method)]) == 0
+        (row,) = json.loads(capsys.readouterr().out)
+        run = tmp_path / method / "finetune" / "budget0"
+        _, card, _ = load_trained(run)
+        assert card.input_dtype == ("int64" if factory == "tokens" else "float32")
+        assert main(["eval", str(run)]) == 0
+        assert json.loads(capsys.readouterr().out)["top1"] == pytest.approx(row["test_top1"])
+        assert main(["cost", str(run)]) == 0
+        assert "total: MACs" in capsys.readouterr().out
+        exported = tmp_path / f"exp-{method}"
+        assert main(["export", str(run), "--out", str(exported), "--check-samples", "16"]) == 0
+        report = json.loads((exported / "export_report.json").read_text())
+        check = report["onnx"]["check"]
+        assert check["samples"] == 16 and check["differing_samples"] <= 1
+        assert (check["top1_agreement"] is None) == (factory == "segment")
+        assert report["kept_float"] == [] and row["kept_float"] == []
     assert main(["export", str(run), "--out", str(tmp_path / "unchecked"), "--no-check", "--format", "onnx"]) == 0
     unchecked = json.loads((tmp_path / "unchecked" / "export_report.json").read_text())
     assert unchecked["onnx"]["check"] is None and (tmp_path / "unchecked" / "model.onnx").is_file()
@@ -215,3 +219,4 @@ def test_help_names_the_factory_specs_the_commands_accept(capsys):
         main(["search", "--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "file.py:fn or module.path:fn" in text and "(train, test) or (train, val, test)" in text
+    assert "a tuple or dict of tensors" in text  # the input kinds tests/test_cli_inputs.py runs

@@ -18,6 +18,7 @@ from torch import nn
 from .config import ModelConfig, QuantConfig, read_yaml
 from .data import DataConfig
 from .data.batches import one_batch
+from .data.layout import build, describe, first_tensor
 from .errors import MixbitsError
 from .models import create
 from .quant import apply_policy, initialize_steps, quantize_model
@@ -41,11 +42,14 @@ class ModelCard:
     policy: Policy | None = None
     per_channel: bool = False
     input_dtype: str = "float32"  # "int64" for token ids
+    # Several inputs (a tuple or dict batch): their layout (mixbits.data.layout); input_shape and input_dtype then
+    # describe the first tensor. None for one input tensor.
+    input_layout: dict | None = None
 
     def to_dict(self) -> dict:
         return {"name": self.name, "num_classes": self.num_classes, "in_chans": self.in_chans, "kwargs": self.kwargs,
                 "input_shape": list(self.input_shape), "per_channel": self.per_channel, "input_dtype": self.input_dtype,
-                "space": self.space.to_dict() if self.space else None,
+                "input_layout": self.input_layout, "space": self.space.to_dict() if self.space else None,
                 "policy": self.policy.to_dict() if self.policy else None}
 
     @classmethod
@@ -53,16 +57,23 @@ class ModelCard:
         return cls(d["name"], d["num_classes"], d["in_chans"], dict(d["kwargs"]), tuple(d["input_shape"]),
                    SearchSpace.from_dict(d["space"]) if d.get("space") else None,
                    Policy.from_dict(d["policy"]) if d.get("policy") else None, bool(d.get("per_channel", False)),
-                   str(d.get("input_dtype", "float32")))
+                   str(d.get("input_dtype", "float32")), d.get("input_layout"))
 
-    def example_input(self) -> torch.Tensor:
-        """A batch-1 input of the model's shape and dtype (zeros: token id 0 for a token model)."""
-        return torch.zeros((1, *self.input_shape), dtype=getattr(torch, self.input_dtype))
+    def layout(self) -> dict:
+        """The layout of the model's inputs (see mixbits.data.layout)."""
+        return self.input_layout or {"shape": list(self.input_shape), "dtype": self.input_dtype}
 
-    def record_input(self, example: torch.Tensor) -> None:
-        """Take the input shape and dtype from a batch of the training data."""
-        self.input_shape = tuple(int(s) for s in example.shape[1:])
-        self.input_dtype = str(example.dtype).removeprefix("torch.")
+    def example_input(self, rows: int = 1, generator: torch.Generator | None = None):
+        """An input of the model's layout, shapes and dtypes with ``rows`` samples: zeros (token id 0 for a token
+        model), or standard normal floats drawn from ``generator``. A tensor, or a tuple or dict of them."""
+        return build(self.layout(), rows, generator)
+
+    def record_input(self, example) -> None:
+        """Take the input layout, shapes and dtypes from a batch of the training data."""
+        layout = describe(example)
+        first = first_tensor(layout)
+        self.input_shape, self.input_dtype = tuple(first["shape"]), first["dtype"]
+        self.input_layout = None if "shape" in layout else layout
 
     def float_model(self) -> nn.Module:
         """The float model, its attention split into quantizable projections (mixbits.quant.prepare_model)."""

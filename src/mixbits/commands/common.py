@@ -14,8 +14,9 @@ def add_config_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--model", help="registered model name (`mixbits list models`), or a factory of your own: "
                                    "file.py:fn or module.path:fn, torchvision:NAME, timm:NAME (model.name)")
     g.add_argument("--data", help="dataset name: fashion-mnist, cifar10, cifar100, imagefolder, or a factory of "
-                                  "your own returning (train, test) or (train, val, test) batch iterables: "
-                                  "file.py:fn or module.path:fn (data.name)")
+                                  "your own returning (train, test) or (train, val, test) iterables of (inputs, "
+                                  "targets) batches, the inputs a tensor (images, token ids, vectors) or a tuple or "
+                                  "dict of tensors: file.py:fn or module.path:fn (data.name)")
     g.add_argument("--data-dir", help="dataset directory (data.root)")
     g.add_argument("--epochs", type=int, help="training epochs (train.epochs)")
     g.add_argument("--lr", type=float, help="peak learning rate (train.lr)")

@@ -43,7 +43,8 @@ def run(args) -> int:
     stats = profile(model, shape)
     latency = LatencyTable.load(args.latency_table) if args.latency_table else None
     budgets = parse_budgets(args.budget) if args.budget is not None else []  # "" is an error, as in search
-    space = search_space(model, QuantConfig())
+    # a run's recorded input finds every layer reading it (the "first" layers held at 8 bits), as its search did
+    space = search_space(model, QuantConfig(), example_input=shape if args.run else None)
     if latency is not None:
         latency.check_layers(space)
     for budget in budgets:  # every budget checked before anything is printed

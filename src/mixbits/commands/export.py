@@ -21,6 +21,7 @@ import warnings
 from pathlib import Path
 
 from ..data import build_loaders
+from ..data.batches import batch_size, first_rows
 from ..errors import MixbitsError, did_you_mean
 from ..layer_types import kept_float
 from ..pipeline import load_trained, resolve_checkpoint, saved_data_config
@@ -103,10 +104,11 @@ def _export_onnx(model, card, opset: int | None, check, path: Path, form: str = 
 
 def _calibration(card):
     """A calibration batch for the fast form when no check runs (--check-samples 0): 64 standard normal inputs
-    of the model's shape, like normalised images; with a check, its first test images calibrate instead."""
+    of the model's shape, like normalised images (integer inputs such as token ids: zeros); with a check, its first
+    test samples calibrate instead."""
     import torch
 
-    return torch.randn(64, *card.input_shape, generator=torch.Generator().manual_seed(0))
+    return card.example_input(64, torch.Generator().manual_seed(0))
 
 
 def _check_batches(args, saved: dict):
@@ -117,12 +119,13 @@ def _check_batches(args, saved: dict):
 
 
 def _first_samples(test_loader, count: int):
+    """The first ``count`` samples of the batches; the inputs a tensor, or a tuple or dict of them."""
     left = count
     for x, y in test_loader:
         if left <= 0:
             break
-        yield x[:left], y[:left]
-        left -= x.shape[0]
+        yield first_rows(x, left), y[:left]
+        left -= batch_size(x)
 
 
 def _print_summary(out: Path, report: dict) -> None:

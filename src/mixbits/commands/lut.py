@@ -55,7 +55,7 @@ def run(args) -> int:
         shape = _shape(args.input_shape)
         model = create(args.model, num_classes=args.num_classes, in_chans=shape[0])
     bits = _bits(args.bits)
-    space = search_space(model, QuantConfig(w_bits=bits, a_bits=bits))
+    space = search_space(model, QuantConfig(w_bits=bits, a_bits=bits), example_input=shape if args.run else None)
     print(f"timing {len(space.layers)} layers with {args.runtime} ...", file=sys.stderr)
     table = measure_latency_table(model, space, shape, runtime=args.runtime, repeats=args.repeats,
                                   warmup=args.warmup, threads=args.threads, opset=args.opset, form=args.form)

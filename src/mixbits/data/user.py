@@ -1,20 +1,21 @@
 """A user's data named on the command line: ``--data module.path:factory`` (or ``file.py:factory``).
 
 The factory returns ``(train, test)`` or ``(train, val, test)``: each an iterable of ``(inputs, targets)``
-batches (a DataLoader, or a list of tensor pairs). It is given ``batch_size``, ``eval_batch_size``,
-``seed`` and ``root`` (data.*) when its signature takes them. The number of classes is the loaders'
-``num_classes`` attribute (or their dataset's ``classes``), else the largest label in the test data + 1.
+batches (a DataLoader, or a list of pairs). The inputs are a tensor (images, token ids, vectors), a tuple of
+tensors (the model called as ``model(*inputs)``) or a dict of them (``model(**inputs)``). It is given
+``batch_size``, ``eval_batch_size``, ``seed`` and ``root`` (data.*) when its signature takes them. The number of
+classes is the loaders' ``num_classes`` attribute (or their dataset's ``classes``), else the largest label in the
+test data + 1.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
 from ..errors import MixbitsError
 from ..specs import call_with_accepted, load_factory
 from .batches import Batches, first_input
+from .layout import describe, first_tensor
 
 
 @dataclass
@@ -22,8 +23,8 @@ class DataInfo:
     """What a model built for the data needs to know (the same fields a built-in dataset gives)."""
 
     num_classes: int
-    in_chans: int
-    image_size: tuple[int, ...]
+    in_chans: int  # of the first input tensor: its dim 1 (1 for a (B,) input)
+    image_size: tuple[int, ...]  # its dims after that
 
 
 def user_loaders(cfg, seed: int, rank: int = 0, world_size: int = 1):
@@ -41,10 +42,11 @@ def user_loaders(cfg, seed: int, rank: int = 0, world_size: int = 1):
     train, test = Batches(train, f"{cfg.name} train"), Batches(test, f"{cfg.name} test")
     val = Batches(val, f"{cfg.name} val") if val is not None else None
     x = first_input(train)
-    if not isinstance(x, torch.Tensor) or x.dim() < 2:
-        raise MixbitsError(f"data {cfg.name!r}: batches must be (inputs, targets) with batched tensor inputs, got "
-                           f"{type(x).__name__}")
-    info = DataInfo(_num_classes(out, test), int(x.shape[1]), tuple(int(s) for s in x.shape[2:]))
+    try:
+        shape = first_tensor(describe(x))["shape"]
+    except MixbitsError as e:
+        raise MixbitsError(f"data {cfg.name!r}: batches must be (inputs, targets) with batched inputs; {e}") from None
+    info = DataInfo(_num_classes(out, test), shape[0] if shape else 1, tuple(shape[1:]))
     return train, val, test, info
 
 

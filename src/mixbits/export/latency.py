@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from ..cost import LatencyTable, profile
+from ..data.batches import input_tensors
 from ..errors import MixbitsError, did_you_mean
 from ..layer_types import kind as layer_kind
 from ..quant import integer_range, quant_layers, space_of
@@ -63,7 +64,7 @@ def _resolve(model, space: SearchSpace | None, input_shape) -> tuple[nn.Module, 
     if input_shape is None:
         raise MixbitsError("input_shape (C, H, W) or an example input is needed to give every layer its real shapes, "
                            "e.g. (1, 28, 28)")
-    if isinstance(input_shape, torch.Tensor):  # an example input: token ids keep their dtype
+    if input_tensors(input_shape):  # an example input (a tensor, or a tuple or dict): token ids keep their dtype
         return model, space, input_shape
     return model, space, tuple(int(s) for s in input_shape)
 

@@ -118,7 +118,8 @@ class QuantLayer:
             steps, plan = self.a_quant.mix_plan(x, self._a_probs, self._mix_bits[1])
             probs = self._a_probs
         else:
-            steps, probs, plan = self.a_quant.steps, None, self.a_quant.row_plan(x, self.a_quant.bits)
+            plan = self.a_quant.row_plan(x, self.a_quant.bits)  # first: it initialises the steps on first use
+            steps, probs = self.a_quant.table(), None
         return quantized_layer(x, steps, probs, plan, self.quantized_weight(), self.bias, op)
 
     def _runs_integer_form(self) -> bool:

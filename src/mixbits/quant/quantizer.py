@@ -4,6 +4,16 @@ The current bit-width is runtime state (``quantizer.bits``), so a single latent 
 candidate (weight sharing), and ``mix`` returns a probability-weighted sum over candidates
 (differentiable search). Each bit-width keeps its own step (seed 002 and EdMIPS), so training one
 bit-width never disturbs another's scale.
+
+A step must stay positive, and LSQ's gradient alone does not keep it so: a layer whose input the loss would
+rather silence (a tiny fitted step, a large learning rate) is driven through zero in one epoch, and a negative
+step flips the sign of every code, which onnxruntime's optimiser does not expect (it folds a Relu before the
+QuantizeLinear as if the scale were positive). So every use of a step goes through :meth:`LsqQuantizer.table`,
+which floors the learned value at ``STEP_FLOOR`` in the forward and passes the gradient through unchanged
+(straight through), as if the floor were not there: the parameter may sit below the floor for a while, and the
+first gradient that asks for a larger step brings it back, where a plain clamp (zero gradient below the floor)
+would hold it at the floor for good. At the floor the layer quantizes every input to a clip bound times
+``STEP_FLOOR``: practically a constant, which is what the loss was asking for.
 """
 
 from __future__ import annotations
@@ -19,6 +29,19 @@ from .lsq import lsq_quantize_row, row_codes
 from .lsq_mix import lsq_mix
 
 _UNKNOWN, _UNSIGNED, _SIGNED = -1, 0, 1
+STEP_FLOOR = 1e-8  # the smallest step a quantizer uses (and initialises to): positive, far below any data's scale
+
+
+class _FloorStep(torch.autograd.Function):
+    """``steps`` floored at STEP_FLOOR, with the gradient passed through as it comes (see the module doc)."""
+
+    @staticmethod
+    def forward(ctx, steps: Tensor) -> Tensor:
+        return steps.clamp_min(STEP_FLOOR)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        return grad
 
 
 def integer_range(bits: int, signed: bool) -> tuple[int, int]:
@@ -75,9 +98,13 @@ class LsqQuantizer(nn.Module):
             raise MixbitsError("quantizer sign is unknown until it has seen data; run calibrate(model, batch) first")
         return self._signed
 
+    def table(self) -> Tensor:
+        """The (candidates x channels) steps the quantizer uses: the learned ``steps`` floored at STEP_FLOOR."""
+        return _FloorStep.apply(self.steps)
+
     def step(self, bits: int, ndim: int) -> Tensor:
         """The step of ``bits`` shaped to broadcast against a tensor of ``ndim`` dimensions."""
-        return self.steps[self.index(bits)].view(self._step_shape(ndim))
+        return self.table()[self.index(bits)].view(self._step_shape(ndim))
 
     def _step_shape(self, ndim: int) -> tuple[int, ...]:
         channels = self.steps.shape[1]
@@ -95,7 +122,7 @@ class LsqQuantizer(nn.Module):
         mean_abs = self._mean_abs(x)
         for i in indices:
             _, qmax = integer_range(self.candidates[i], bool(int(self.sign_mode)))
-            self.steps[i].copy_((2 * mean_abs / math.sqrt(qmax)).clamp_min(1e-8))
+            self.steps[i].copy_((2 * mean_abs / math.sqrt(qmax)).clamp_min(STEP_FLOOR))
             self.initialized[i] = True
         self._refresh_cache()
 
@@ -125,7 +152,8 @@ class LsqQuantizer(nn.Module):
         return "row", row, self._step_shape(x.dim()), float(qmin), float(qmax), self._grad_scale(x, qmax)
 
     def quantize(self, x: Tensor, bits: int) -> Tensor:
-        return lsq_quantize_row(x, self.steps, *self.row_plan(x, bits)[1:])
+        plan = self.row_plan(x, bits)  # first: it initialises the steps on the first data seen
+        return lsq_quantize_row(x, self.table(), *plan[1:])
 
     def forward(self, x: Tensor) -> Tensor:
         return self.quantize(x, self.bits)
@@ -139,7 +167,8 @@ class LsqQuantizer(nn.Module):
         rows = [self.index(b) for b in bits]
         self._ensure_init(x)
         bounds = [integer_range(b, self.signed) for b in bits]
-        steps = self.steps if rows == list(range(len(self.candidates))) else self.steps[rows]
+        table = self.table()
+        steps = table if rows == list(range(len(self.candidates))) else table[rows]
         return steps, ("mix", self._step_shape(x.dim()), tuple((float(lo), float(hi)) for lo, hi in bounds),
                        tuple(self._grad_scale(x, qmax) for _, qmax in bounds))
 
@@ -155,7 +184,8 @@ class LsqQuantizer(nn.Module):
         operands of a layer's integer form. ``transient``: dropped before the next transient call (lsq.py)."""
         bits = self.bits if bits is None else bits
         _, row, shape, qmin, qmax, _ = self.row_plan(x, bits)
-        return row_codes(x, self.steps, row, shape, qmin, qmax, transient), self.step(bits, x.dim())
+        table = self.table()
+        return row_codes(x, table, row, shape, qmin, qmax, transient), table[row].view(shape)
 
     def integers(self, x: Tensor, bits: int | None = None) -> tuple[Tensor, Tensor]:
         """(integer codes as int32, step) of ``x`` at ``bits``: what an exporter stores."""

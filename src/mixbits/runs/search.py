@@ -20,7 +20,7 @@ from ..api import search as search_model
 from ..budget import check_feasible, parse_budgets
 from ..compiler import fused_setting
 from ..config import RunConfig
-from ..cost import LatencyTable, average_bits, bitops, profile, size_bytes
+from ..cost import LatencyTable, average_bits, bitops, kept_float_layers, profile, size_bytes
 from ..data import build_loaders
 from ..data.batches import model_input
 from ..errors import MixbitsError
@@ -144,7 +144,8 @@ def _row(cfg: RunConfig, budget: str, policy: Policy, stats, result: dict) -> di
     w_avg, a_avg = average_bits(stats, policy)
     return {"method": cfg.search.method, "budget": budget, "bitops": bitops(stats, policy),
             "size_bytes": size_bytes(stats, policy), "avg_w_bits": w_avg, "avg_a_bits": a_avg,
-            "search_seconds": result["seconds"], "policy": policy.describe(), "seed": cfg.train.seed}
+            "search_seconds": result["seconds"], "policy": policy.describe(), "seed": cfg.train.seed,
+            "kept_float": kept_float_layers(stats, policy)}
 
 
 def _subnet_fields(subnet: dict) -> dict:

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..cost import bitops, compression, profile, size_bytes
+from ..cost import bitops, compression, kept_float_layers, profile, size_bytes
 from ..pipeline import ModelCard
 from ..quant import apply_policy, quantize_model
 from ..quant.pair_bn import PairBatchNorm, attach_pair_bn, collapse_pair_bn
@@ -70,6 +70,7 @@ def evaluate_subnets(supernet: str | os.PathLike, card: ModelCard, per_channel: 
         result = {"run_dir": str(run_dir), "test_top1": metrics["top1"], "test_loss": metrics["loss"],
                   "model": card.name, "policy": policy.describe(), "bitops": bitops(stats, policy),
                   "size_bytes": size_bytes(stats, policy), "compression": compression(stats, policy),
+                  "kept_float": kept_float_layers(stats, policy),
                   "retraining_free": True, "bn_batches": 0 if pair_bn else len(bn_source), "train_seconds": 0.0}
         atomic_write_text(run_dir / "result.json", json.dumps(result, indent=2) + "\n")
         rows.append(result)

@@ -15,7 +15,7 @@ import torch
 
 from ..compiler import fused_setting
 from ..config import RunConfig
-from ..cost import bitops, compression, profile, size_bytes
+from ..cost import bitops, compression, kept_float_layers, profile, size_bytes
 from ..data import build_loaders
 from ..data.batches import model_input
 from ..errors import MixbitsError
@@ -141,5 +141,6 @@ def _summary(model, card: ModelCard, test_loader, device) -> dict:
     if card.policy is not None:
         stats = profile(card.float_model(), card.example_input())
         out.update({"policy": card.policy.describe(), "bitops": bitops(stats, card.policy),
-                    "size_bytes": size_bytes(stats, card.policy), "compression": compression(stats, card.policy)})
+                    "size_bytes": size_bytes(stats, card.policy), "compression": compression(stats, card.policy),
+                    "kept_float": kept_float_layers(stats, card.policy)})
     return out
