@@ -95,8 +95,9 @@ def fast_layer_nodes(spec: LayerSpec, x: str, y: str, types: QTypes, fold: Fold 
     m = 1
     if spec.kind == "conv":  # onnxruntime rounds a convolution's bias to int32 at input step x weight step: at
         # 2-bit inputs one such unit was 7 levels of the output. Codes times m (within [-32, 32]) with the weight
-        # step divided by m give the same products and an m times finer bias. (Up to 64 broke onnxruntime's
-        # kernels here: ResNet-20 W4A4 agreed on 90.0 % of samples instead of 97.7 %.)
+        # step divided by m give the same products and an m times finer bias. (Up to 64, ResNet-20 W4A4 agreed
+        # on 90.0 % of samples instead of 97.7 %: QLinearConv computes its integer model exactly, but which
+        # outputs land beside a midpoint moves with m; docs/export.md.)
         m = max(1, 32 // max(int(np.abs(codes).max(initial=0)), 1))
         w_scale = (w_scale / np.float32(m)).astype(np.float32)
     matmul = spec.kind == "linear" and max(spec.in_ranks or (2,)) > 2
