@@ -205,3 +205,19 @@ def test_relu6_is_requantized_before_its_clip_and_fuses(tmp_path):
     step = np.float32(qmodel.b.a_quant.step(4, 1).item())
     assert int(inits["b.input_max"]) == min(15, int(np.round(np.float32(6.0) / step)))
     assert report.check["top1_agreement"] >= 99.0
+
+
+@pytest.mark.parametrize("step, clipped", [(0.02, False), (0.05, True)])
+def test_relu6_bound_at_or_above_the_8bit_range_adds_no_clip(step, clipped, tmp_path):
+    # At 8 bits a ReLU6 bound of round(6 / step) >= 255 is the QuantizeLinear's own uint8 saturation: a Clip node
+    # there would only cost time (one per MobileNetV2 block); below 255 the bound must stay.
+    qmodel = _uniform(ReLU6Net, 8)
+    with torch.no_grad():
+        qmodel.b.a_quant.steps[qmodel.b.a_quant.index(8)] = step
+    with pytest.warns(UserWarning, match="float products"):
+        report = export_onnx(qmodel, SHAPE, tmp_path / "m.onnx", check_inputs=torch.randn(200, *SHAPE), form="fast")
+    clips = [n for n in onnx.load(tmp_path / "m.onnx").graph.node if n.op_type == "Clip"]
+    assert bool(clips) == clipped and report.layers["b"]["clip"] == clipped
+    assert _optimized_ops(tmp_path / "m.onnx")["QLinearConv"] == 1
+    # unoptimised, the QDQ graph requantizes in float as PyTorch does: without the Clip it still matches it
+    assert report.check["unoptimized"]["top1_agreement"] == 100.0 and report.check["layer_max_levels"] <= 1.001

@@ -39,6 +39,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from ..errors import MixbitsError
+from ..quant import integer_range
 from .qdq import (
     SIGNED,
     SINCE,
@@ -94,8 +95,9 @@ def fast_layer_nodes(spec: LayerSpec, x: str, y: str, types: QTypes, fold: Fold 
     m = 1
     if spec.kind == "conv":  # onnxruntime rounds a convolution's bias to int32 at input step x weight step: at
         # 2-bit inputs one such unit was 7 levels of the output. Codes times m (within [-32, 32]) with the weight
-        # step divided by m give the same products and an m times finer bias. (Up to 64 broke onnxruntime's
-        # kernels here: ResNet-20 W4A4 agreed on 90.0 % of samples instead of 97.7 %.)
+        # step divided by m give the same products and an m times finer bias. (Up to 64, ResNet-20 W4A4 agreed
+        # on 90.0 % of samples instead of 97.7 %: QLinearConv computes its integer model exactly, but which
+        # outputs land beside a midpoint moves with m; docs/export.md.)
         m = max(1, 32 // max(int(np.abs(codes).max(initial=0)), 1))
         w_scale = (w_scale / np.float32(m)).astype(np.float32)
     matmul = spec.kind == "linear" and max(spec.in_ranks or (2,)) > 2
@@ -116,7 +118,7 @@ def fast_layer_nodes(spec: LayerSpec, x: str, y: str, types: QTypes, fold: Fold 
     nodes += widen
     nodes.append(node("DequantizeLinear", [weight, f"{n}.weight_scale", f"{n}.weight_zero_point"], [wd],
                       name=f"{y}/DequantizeWeight", axis=1 if matmul else 0))
-    upper_code = None if upper is None else int(np.round(np.float32(upper) / np.float32(spec.a_scale)))
+    upper_code = None if upper is None else relu6_code(spec, upper)
     inits = _input_inits(spec, types, upper_code) + [
         _int_tensor(f"{n}.weight_int", (codes if widen else codes * m) + wzp, types.weight),
         _int_tensor(f"{n}.weight_zero_point", np.full(channels, wzp, np.int64), container),
@@ -132,6 +134,17 @@ def fast_layer_nodes(spec: LayerSpec, x: str, y: str, types: QTypes, fold: Fold 
         node("Gemm", [xd, wd], [f"{y}/product"], name=f"{y}/Gemm", transB=1)
     nodes += [product, node("Add", [f"{y}/product", f"{n}.bias"], [y], name=f"{y}/AddBias")]
     return nodes, inits
+
+
+def relu6_code(spec: LayerSpec, upper: float) -> int:
+    """The input code a ReLU6 bound ``upper`` lands on at the layer's input step."""
+    return int(np.round(np.float32(upper) / np.float32(spec.a_scale)))
+
+
+def _clips(spec: LayerSpec, types: QTypes, upper: float | None) -> bool:
+    """Whether the layer's input codes need a Clip: below 8 bits, or where a ReLU6 moved onto them bounds them below
+    the top of the 8-bit container (at or above it the QuantizeLinear's own saturation is the bound: no node)."""
+    return types.clip or (upper is not None and relu6_code(spec, upper) < integer_range(spec.a_bits, False)[1])
 
 
 def _widening_nodes(n: str, y: str, stored: int, container: int, m: int) -> tuple[list, str]:
@@ -407,7 +420,7 @@ def build_fast(raw: bytes, specs: dict[str, LayerSpec], types: dict[str, QTypes]
     folds = {fold_info[1]: fold_info[0] for fold_info in the_plan.folds.values()}
     outputs = _layer_outputs(onnx.load_from_string(raw), layer_of, the_plan)
     types = {name: storage_type(specs[name], t, folds.get(outputs.get(name)), opset) for name, t in types.items()}
-    types = {name: replace(t, clip=True) if name in the_plan.bounds else t for name, t in types.items()}
+    types = {name: replace(t, clip=_clips(specs[name], t, the_plan.bounds.get(name))) for name, t in types.items()}
     own = {t: s for t, s in the_plan.requantized.items() if s is not None}
     measured = [t for t, s in the_plan.requantized.items() if s is None]
 
