@@ -28,7 +28,7 @@ from mixbits.search.differentiable import (
     softmax_rows,
 )
 from mixbits.search.dmpq import DecayingSkip
-from mixbits.search.dnas import DnasOptions, dnas_loss
+from mixbits.search.dnas import DnasOptions, cost_pull, dnas_loss
 from mixbits.search.ssps import SequentialFixing, SspsOptions, fixing_steps
 from mixbits.search.supernet import split_for_architecture
 
@@ -91,6 +91,31 @@ def test_dnas_loss_grows_with_cost_and_scales_cross_entropy():
     assert float(high) == pytest.approx(expected, rel=1e-6)
 
 
+def test_dnas_cost_term_outweighs_the_task_at_the_cap_and_stops_pulling_just_under_it():
+    opts = DnasOptions()
+    ce = torch.tensor(1.0)
+
+    def elasticity(r):  # d log loss / d log cost: how much a share of cost saved is worth in shares of CE
+        ratio = torch.tensor(r, dtype=torch.float64, requires_grad=True)
+        loss = dnas_loss(ce, ratio, opts)
+        (grad,) = torch.autograd.grad(loss, ratio)
+        return float(grad * ratio / loss)
+
+    assert elasticity(1.0) > 1.0  # cost_scale 10, γ 0.6 gave 0.26: the search settled at 1.9-2.2x the cap
+    assert elasticity(1.0) == pytest.approx(cost_pull(1.0, opts), rel=1e-4)
+    assert elasticity(0.9) == 0.0 and cost_pull(0.9, opts) == 0.0  # under cap·e^0.01/cost_scale: no pull
+
+
+def test_dnas_expected_cost_ends_nearer_its_cap_than_at_the_former_constants():
+    def expected_over_cap(extra):
+        ctx = toy_search_context(parse_budgets("bitops<=uniform:3"), {"epochs": 2, "samples": 0, **extra},
+                                 bits=(2, 3, 4, 5, 6))
+        return run_searcher("dnas", ctx).trace[0]["epochs"][-1]["expected_bitops_over_cap"]
+
+    now, before = expected_over_cap({}), expected_over_cap({"cost_scale": 10.0, "gamma": 0.6})
+    assert abs(now - 1.0) < abs(before - 1.0) and 0.8 < now <= 1.0
+
+
 def test_sequential_fixing_takes_the_most_certain_layer_and_pins_it():
     arch = ArchParams(["a", "b", "c"], BITS, BITS)
     with torch.no_grad():
@@ -129,11 +154,25 @@ def test_decaying_skip_adds_the_shortcut_to_the_convolution():
     x = torch.randn(2, 4, 8, 8)
     calibrate(nn.Sequential(conv), x)
     plain = conv(x)
-    skip = DecayingSkip([conv], "linear", 0.5)
+    skip = DecayingSkip([conv], "linear", 0.5, scale="raw")
     shortcut = torch.cat([nn.functional.avg_pool2d(x, 2), torch.zeros(2, 2, 4, 4)], dim=1)
     torch.testing.assert_close(conv(x), plain + 0.5 * shortcut)
     skip.remove()
     torch.testing.assert_close(conv(x), plain)
+
+
+def test_matched_skip_is_as_large_as_the_convolution_output_at_weight_one():
+    conv = QConv2d(4, 4, 3, padding=1, w_bits=BITS, a_bits=BITS)
+    x = 100.0 * torch.randn(2, 4, 8, 8)  # an input far larger than what the convolution makes of it
+    calibrate(nn.Sequential(conv), x)
+    with torch.no_grad():
+        conv.weight.mul_(1e-3)
+    plain = conv(x)
+    skip = DecayingSkip([conv], "none", 1.0)  # matched is the default
+    added = conv(x) - plain
+    skip.remove()
+    torch.testing.assert_close(added.std(), plain.std(), rtol=1e-4, atol=0.0)
+    torch.testing.assert_close(added / added.std(), x / x.std(), rtol=1e-4, atol=1e-5)
 
 
 def test_repair_lowers_the_least_certain_layer_first():

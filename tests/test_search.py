@@ -1,4 +1,5 @@
 import itertools
+import math
 
 import numpy as np
 import pytest
@@ -11,7 +12,8 @@ from mixbits.budget import parse_budget, parse_budgets
 from mixbits.cost import bitops, profile
 from mixbits.quant import calibrate, quantize_model
 from mixbits.search import SEARCHERS, PolicyEvaluator, SearchContext, run_searcher, solve_choice
-from mixbits.search.hutchinson import batch_traces, converged_traces, hessian_traces
+from mixbits.search.hawq_stopping import sensitivity_errors
+from mixbits.search.hutchinson import _relative_errors, batch_traces, converged_traces, hessian_traces
 
 
 def _context(budgets, options=None, w_bits=(2, 4, 6), a_bits=(2, 4, 6)):
@@ -105,6 +107,42 @@ def test_hutchinson_adds_batches_until_every_trace_is_steady():
     assert worst_capped == pytest.approx(_worst_rse_by_hand(per_batch[:5]))
 
 
+def _batches_of(traces):
+    """Per-batch traces in ``batch_traces``' layout from {layer: ([weight per batch], [act per batch])}."""
+    count = len(next(iter(traces.values()))[0])
+    return [{n: {"weight": w[i], "act": a[i]} for n, (w, a) in traces.items()} for i in range(count)]
+
+
+def test_hawq_stops_on_the_sensitivities_shares_not_on_each_trace():
+    units = {n: {"weight": {2: 1.0, 4: 0.1}, "act": {2: 1.0, 4: 0.1}} for n in ("big", "other", "tiny")}
+    pairs = [(2, 2), (2, 4), (4, 2), (4, 4)]
+    hard = [1.0, 3.0, 0.5, 2.0]  # how hard each batch is: every layer's curvature scales with it
+    per_batch = _batches_of({
+        "big": ([10.0 * f for f in hard], [0.01, -0.02, 0.015, -0.004]),  # its activation trace is ~0
+        "other": ([5.0 * f for f in hard], [2.0 * f for f in hard]),
+        "tiny": ([0.01, 0.03, -0.01, 0.02], [0.0, 0.01, -0.01, 0.0])})  # both traces noise, Ω negligible
+    traces = _relative_errors(per_batch, list(units))
+    assert all(max(traces[n].values()) > 0.3 for n in units)  # the trace rule would take batch after batch
+    assert max(sensitivity_errors(per_batch, units, pairs).values()) < 0.02
+    per_batch[1]["other"]["weight"] = 1.0  # one layer's curvature moves on its own: its share is unsteady
+    assert sensitivity_errors(per_batch, units, pairs)["other"] > 0.2
+    assert sensitivity_errors(per_batch[:1], units, pairs)["big"] == math.inf  # one batch: no spread
+
+
+def test_hutchinson_holds_the_bound_to_the_errors_it_is_given():
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))
+    batches = [(torch.randn(8, 4), torch.randint(0, 3, (8,))) for _ in range(6)]
+    calls = []
+
+    def errors(per_batch):  # within the bound from the fourth batch on
+        calls.append(len(per_batch))
+        return {"0": 0.5 if len(per_batch) < 4 else 0.1, "2": 0.0}
+
+    got = converged_traces(model, iter(batches), ["0", "2"], probes=2, max_batches=6, bound=0.2, errors=errors)
+    assert got["batches"] == 4 and got["converged"] and got["errors"] == {"0": 0.1, "2": 0.0}
+    assert calls[:3] == [2, 3, 4]
+
+
 def test_hawq_records_how_steady_its_traces_are_and_warns_when_capped():
     budgets = [parse_budget("bitops<=uniform:4")]
     ctx = _context(budgets, {"probes": 2, "batches": 2, "trace_rse": 1e-6, "max_batches": 3})
@@ -112,7 +150,12 @@ def test_hawq_records_how_steady_its_traces_are_and_warns_when_capped():
         result = run_searcher("hawq", ctx)
     info = result.info["traces"]
     assert info["batches"] == 3 and info["probes"] == 6 and not info["converged"] and info["bound"] == 1e-6
+    assert info["rse_of"] == "trace" and info["max_rse"] == max(r["rse_held"] for r in result.front)
     assert info["max_rse"] == max(max(r["rse_weight"], r["rse_act"] or 0) for r in result.front)
+    ctx.options = {**ctx.options, "rse_of": "sensitivity"}
+    with pytest.warns(UserWarning, match=r"give their sensitivity shares a relative standard error"):
+        shares = run_searcher("hawq", ctx)
+    assert shares.info["traces"]["rse_of"] == "sensitivity" and shares.info["traces"]["batches"] == 3
     fixed = run_searcher("hawq", _context(budgets, {"probes": 2, "batches": 1, "trace_rse": None}))
     assert fixed.info["traces"]["batches"] == 1 and fixed.info["traces"]["converged"]
     assert all(r["rse_weight"] is None for r in fixed.front)  # one batch: no spread to measure

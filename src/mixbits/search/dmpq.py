@@ -39,6 +39,7 @@ from .differentiable import DECAYS, PENALTIES, ArchParams, budget_penalty, decay
 from .supernet import BudgetSearch, Derived, MethodSpec, search_each_budget, train_supernet
 
 REGULARIZERS = ("kl", "l2", "none")
+SKIP_SCALES = ("matched", "raw")
 
 
 @dataclass
@@ -49,7 +50,8 @@ class DmpqOptions(DifferentiableOptions):
     penalty: str = "hinge"  # "hinge" relu(r-1), "squared" relu(r-1)², "linear" r; r = E[BitOPs etc.]/cap
     penalty_weight: float = 2.0
     skip_schedule: str = "cosine"  # "cosine", "linear" or "none" (constant: an ablation)
-    skip_init: float = 1.0  # skip weight at the start of the search; 0 disables the skip
+    skip_init: float = 0.1  # skip weight at the start (docs/search.md: 1.0 wrecked the float start); 0: no skip
+    skip_scale: str = "matched"  # shortcut rescaled to the convolution output's spread ("raw": as it comes)
 
 
 @SEARCHERS.register("dmpq")
@@ -64,6 +66,7 @@ def dmpq_search(ctx: SearchContext) -> SearchResult:
         ("penalty_weight", positive(opts.penalty_weight), "a number > 0"),
         ("skip_schedule", one_of(opts.skip_schedule, DECAYS), f"one of {list(DECAYS)}"),
         ("skip_init", non_negative(opts.skip_init), "a number >= 0"),
+        ("skip_scale", one_of(opts.skip_scale, SKIP_SCALES), f"one of {list(SKIP_SCALES)}"),
     ])
     return search_each_budget(ctx, "dmpq", opts, lambda search: _search_budget(search, opts))
 
@@ -93,17 +96,28 @@ def skip_shortcut(x: Tensor, out: Tensor) -> Tensor:
     return x[:, :c_out]
 
 
+def matched_scale(shortcut: Tensor, out: Tensor) -> Tensor:
+    """The shortcut times std(out) / std(shortcut) (detached): a skip of weight 1 as large as the convolution's
+    output. A raw shortcut can dwarf it: a 1x1 expansion's output before its BatchNorm is far smaller than its
+    input, and the BatchNorm then normalises mostly the skip (``benchmarks/experiments/dmpq_loss.py``)."""
+    ratio = out.detach().float().std() / shortcut.detach().float().std().clamp_min(1e-12)
+    return shortcut * ratio.to(shortcut.dtype)
+
+
 class DecayingSkip(Hook):
     """Adds ``weight`` · shortcut(input) to each searchable convolution's output; ``weight`` follows the schedule."""
 
-    def __init__(self, layers, schedule: str, start: float):
-        self.schedule, self.start, self.weight = schedule, start, start
+    def __init__(self, layers, schedule: str, start: float, scale: str = "matched"):
+        self.schedule, self.start, self.weight, self.scale = schedule, start, start, scale
         self._handles = [layer.register_forward_hook(self._add_skip) for layer in layers if isinstance(layer, QConv2d)]
 
     def _add_skip(self, module, inputs, out):
         if self.weight == 0:
             return out
-        return out + self.weight * skip_shortcut(inputs[0], out)
+        shortcut = skip_shortcut(inputs[0], out)
+        if self.scale == "matched":
+            shortcut = matched_scale(shortcut, out)
+        return out + self.weight * shortcut
 
     def on_train_start(self, state: TrainState) -> None:
         self._total = max(1, state.cfg.epochs * state.steps_per_epoch)
@@ -132,7 +146,7 @@ def _search_budget(search: BudgetSearch, opts: DmpqOptions) -> Derived:
         loss = ce + opts.penalty_weight * penalty + opts.reg_weight * reg
         return loss, {"ce": ce.detach(), "penalty": penalty.detach(), "regularizer": reg.detach()}
 
-    skip = DecayingSkip(search.layers, opts.skip_schedule, opts.skip_init)
+    skip = DecayingSkip(search.layers, opts.skip_schedule, opts.skip_init, opts.skip_scale)
     spec = MethodSpec(sampled, arch_loss, mean, hooks=[skip], epoch_info=lambda state: {"skip_weight": skip.weight},
                       decisive_walk=dirichlet_walk)
     try:

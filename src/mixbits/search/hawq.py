@@ -38,17 +38,21 @@ from ..utils import atomic_write_text
 from .base import SEARCHERS, SearchContext, SearchResult, method_options
 from .costs import candidate_pairs, layer_cost_arrays, remaining_limits
 from .diff_options import is_int, positive
+from .hawq_stopping import Units, sensitivity, sensitivity_errors
 from .hutchinson import converged_traces, layer_inputs
 from .ilp import solve_choice
+
+RSE_OF = ("sensitivity", "trace")
 
 
 @dataclass
 class HawqOptions:
     probes: int = 16  # Hutchinson probes per batch
     batches: int = 2  # training batches the activation errors average over, and the traces' first batches
-    trace_rse: float | None = 0.2  # traces take batch after batch until each one's relative standard error is at
-    #   most this (None: exactly `batches` batches); benchmarks/experiments/hawq_traces.py: on ResNet-20 half the
-    #   traces still had an error near 0.3 after 2 to 6 batches of 16 probes, so 0.1 would hit the cap nearly always
+    trace_rse: float | None = 0.2  # traces take batch after batch until every layer's relative standard error is
+    #   at most this (None: exactly `batches` batches); docs/search.md, benchmarks/experiments/hawq_traces.py
+    rse_of: str = "trace"  # the error held to the bound: each trace's, or ("sensitivity") each layer's share of the
+    #   summed Ω the program compares (hawq_stopping.py; on ResNet-20 larger than the traces': docs/search.md)
     max_batches: int = 16  # ... or this many batches have been used (8x the former fixed 2)
     activations: bool = True  # include the activation term
     tied: bool = False  # only w == a candidates (HAWQ-V3's W4A4/W8A8-style choices)
@@ -61,6 +65,7 @@ def check_options(opts: HawqOptions) -> None:
         ("batches", is_int(opts.batches) and opts.batches >= 1, "a whole number >= 1"),
         ("trace_rse", opts.trace_rse is None or positive(opts.trace_rse),
          "a number > 0 (e.g. 0.1), or null for exactly `batches` batches"),
+        ("rse_of", opts.rse_of in RSE_OF, f"one of {list(RSE_OF)}"),
         ("max_batches", is_int(opts.max_batches) and opts.max_batches >= 1
          and (not is_int(opts.batches) or opts.max_batches >= opts.batches), "a whole number >= batches"),
         ("activations", isinstance(opts.activations, bool), "true or false"),
@@ -80,10 +85,12 @@ def hawq_search(ctx: SearchContext) -> SearchResult:
         raise MixbitsError("hawq needs the float model: run it through `mixbits search --init FLOAT_RUN`")
     layers = ctx.space.searchable
     batches = list(itertools.islice(iter(ctx.train_loader), opts.batches))
-    estimate = _cached_traces(ctx, opts)
-    traces = estimate["traces"]
     pairs = candidate_pairs(ctx, opts.tied)
-    scores = _scores(ctx, opts, traces, batches, pairs)
+    units = unit_errors(ctx, opts, batches)
+    estimate = _cached_traces(ctx, opts, units, pairs)
+    traces = estimate["traces"]
+    scores = np.array([[sensitivity(traces[n]["weight"], traces[n]["act"], units[n], w, a) for w, a in pairs]
+                       for n in layers])
     base, arrays = layer_cost_arrays(ctx, pairs)
     policies, trace = [], []
     for budget in ctx.budgets:
@@ -97,15 +104,17 @@ def hawq_search(ctx: SearchContext) -> SearchResult:
                       **ctx.cost(policy)})
     front = [{"layer": n, "trace_weight": traces[n]["weight"], "trace_act": traces[n]["act"],
               "rse_weight": _finite(estimate["rse"][n]["weight"]), "rse_act": _finite(estimate["rse"][n]["act"]),
+              "rse_held": _finite(estimate["errors"][n]),
               "sensitivity": {f"w{w}a{a}": float(scores[i, k]) for k, (w, a) in enumerate(pairs)}}
              for i, n in enumerate(layers)]
     summary = {k: estimate[k] for k in ("batches", "probes", "converged", "above_bound")}
-    summary["bound"] = opts.trace_rse
-    summary["max_rse"] = _finite(max((v for r in estimate["rse"].values() for v in r.values()), default=0.0))
+    summary["bound"], summary["rse_of"] = opts.trace_rse, opts.rse_of
+    summary["max_rse"] = _finite(max(estimate["errors"].values(), default=0.0))
     if not estimate["converged"]:
+        measured = "their traces" if opts.rse_of == "trace" else "their sensitivity shares"
         warnings.warn(f"hawq: after {estimate['batches']} batches ({estimate['probes']} probes) the Hessian traces "
                       f"of {len(estimate['above_bound'])} layer(s) ({', '.join(estimate['above_bound'][:5])}) still "
-                      f"have a relative standard error above trace_rse={opts.trace_rse} (largest "
+                      f"give {measured} a relative standard error above trace_rse={opts.trace_rse} (largest "
                       f"{summary['max_rse'] or math.inf:.3g}); raise max_batches or probes for a steadier ranking",
                       stacklevel=3)
     return SearchResult("hawq", list(ctx.budgets), policies, trace=trace, front=front,
@@ -117,27 +126,28 @@ def _finite(x: float) -> float | None:
     return x if math.isfinite(x) else None
 
 
-def _scores(ctx: SearchContext, opts: HawqOptions, traces: dict, batches, pairs) -> np.ndarray:
+def unit_errors(ctx: SearchContext, opts: HawqOptions, batches) -> Units:
+    """Per layer and bit-width, the squared quantization error at the fitted step per element: the weight's, and
+    the input activation's on ``batches`` (one step for every batch, as the deployed quantizer has); 0 for the
+    activations with ``activations: false`` and for an embedding, whose token ids are not quantized."""
     qlayers = quant_layers(ctx.model)
     inputs = (layer_inputs(ctx.float_model, batches, ctx.space.searchable, ctx.device, ctx.loss_fn)
               if opts.activations else {})
-    scores = np.zeros((len(ctx.space.searchable), len(pairs)))
+    units: Units = {}
     with torch.no_grad():
-        for i, name in enumerate(ctx.space.searchable):
+        for name in ctx.space.searchable:
             layer = qlayers[name]
-            w_err = {b: fitted_error(layer.w_quant, layer.weight, b) for b in ctx.space.w_bits}
-            w_curv = max(0.0, traces[name]["weight"]) / layer.weight.numel()
-            a_err, a_curv = {b: 0.0 for b in ctx.space.a_bits}, 0.0
-            if opts.activations and not layer.weight_only:  # an embedding's token ids are not quantized
-                acts = torch.cat(inputs[name])  # one step for every batch, as the deployed quantizer has
-                a_err = {b: fitted_error(layer.a_quant, acts, b) / len(inputs[name]) for b in ctx.space.a_bits}
-                a_curv = max(0.0, traces[name]["act"]) / inputs[name][0].numel()
-            for k, (w, a) in enumerate(pairs):
-                scores[i, k] = 0.5 * (w_curv * w_err[w] + a_curv * a_err[a])
-    return scores
+            weight = {b: fitted_error(layer.w_quant, layer.weight, b) / layer.weight.numel() for b in ctx.space.w_bits}
+            act = {b: 0.0 for b in ctx.space.a_bits}
+            if opts.activations and not layer.weight_only:
+                acts = torch.cat(inputs[name])
+                per_batch = inputs[name][0].numel() * len(inputs[name])
+                act = {b: fitted_error(layer.a_quant, acts, b) / per_batch for b in ctx.space.a_bits}
+            units[name] = {"weight": weight, "act": act}
+    return units
 
 
-def _cached_traces(ctx: SearchContext, opts: HawqOptions) -> dict:
+def _cached_traces(ctx: SearchContext, opts: HawqOptions, units: Units, pairs) -> dict:
     """``converged_traces``'s estimate (with ``trace_rse`` null: exactly ``batches`` batches), cached."""
     key = _fingerprint(ctx, opts)
     path = ctx.run_dir / "hawq_traces.json" if ctx.run_dir is not None else None
@@ -149,7 +159,9 @@ def _cached_traces(ctx: SearchContext, opts: HawqOptions) -> dict:
     estimate = converged_traces(ctx.float_model, iter(ctx.train_loader), ctx.space.searchable, opts.probes,
                                 opts.activations, ctx.seed, ctx.device, ctx.loss_fn, min_batches=opts.batches,
                                 max_batches=opts.batches if fixed else opts.max_batches,
-                                bound=math.inf if fixed else opts.trace_rse)
+                                bound=math.inf if fixed else opts.trace_rse,
+                                errors=((lambda per: sensitivity_errors(per, units, pairs))
+                                        if opts.rse_of == "sensitivity" else None))
     if path is not None:
         atomic_write_text(path, json.dumps({"key": key, "estimate": estimate}, indent=1))
     return estimate

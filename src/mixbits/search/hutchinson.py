@@ -41,28 +41,32 @@ def hessian_traces(model: nn.Module, batches: Iterable, layer_names: Sequence[st
 def converged_traces(model: nn.Module, batches: Iterable, layer_names: Sequence[str], probes: int = 16,
                      activations: bool = True, seed: int = 0, device: torch.device | str = "cpu",
                      loss_fn: Callable | None = None, min_batches: int = 2, max_batches: int = 32,
-                     bound: float = 0.1) -> dict:
-    """Traces from batch after batch (``probes`` probes each) until every layer's relative standard error is at
-    most ``bound``, or ``max_batches`` (or the batches) run out.
+                     bound: float = 0.1, errors: Callable[[list[dict]], dict[str, float]] | None = None) -> dict:
+    """Traces from batch after batch (``probes`` probes each) until every layer's error is at most ``bound``, or
+    ``max_batches`` (or the batches) run out.
 
     A trace is the mean of its per-batch estimates; its standard error the standard deviation of those over
     sqrt(batches), which holds both the probes' noise and the batches' differences (probes on one batch share
     its Hessian, so their spread alone would understate it); relative to |trace|. An exact zero (no gradient
-    reaches the tensor) has error 0. Returns {"traces": name -> {"weight", "act"}, "rse": the same layout,
-    "batches", "probes" (in all), "bound", "converged", "above_bound": [names]}.
+    reaches the tensor) has error 0. A layer's error is the larger of its two traces' relative errors, or what
+    ``errors(per_batch)`` gives per layer (HAWQ: its sensitivities', ``hawq_stopping``). Returns {"traces": name
+    -> {"weight", "act"}, "rse": the traces' relative errors in the same layout, "errors": name -> the error
+    the bound was held to, "batches", "probes" (in all), "bound", "converged", "above_bound": [names]}.
     """
+    layer_errors = errors or (lambda per: {n: max(r.values()) for n, r in _relative_errors(per, layer_names).items()})
     gen = torch.Generator().manual_seed(seed)
     per_batch: list[dict] = []
     for batch in itertools.islice(batches, max_batches):
         per_batch.append(batch_traces(model, batch, layer_names, probes, activations, gen, device, loss_fn))
-        if len(per_batch) >= max(2, min_batches) and _worst(_relative_errors(per_batch, layer_names)) <= bound:
+        if len(per_batch) >= max(2, min_batches) and max(layer_errors(per_batch).values(), default=0.0) <= bound:
             break
     rse = _relative_errors(per_batch, layer_names)
+    held = layer_errors(per_batch)
     traces = {n: {k: statistics.fmean(b[n][k] for b in per_batch) if per_batch else 0.0 for k in KINDS}
               for n in layer_names}
-    above = [n for n in layer_names if max(rse[n].values()) > bound]
-    return {"traces": traces, "rse": rse, "batches": len(per_batch), "probes": len(per_batch) * probes,
-            "bound": bound, "converged": not above, "above_bound": above}
+    above = [n for n in layer_names if held[n] > bound]
+    return {"traces": traces, "rse": rse, "errors": held, "batches": len(per_batch),
+            "probes": len(per_batch) * probes, "bound": bound, "converged": not above, "above_bound": above}
 
 
 def _relative_errors(per_batch: list[dict], layer_names: Sequence[str]) -> dict:
@@ -78,10 +82,6 @@ def _relative_errors(per_batch: list[dict], layer_names: Sequence[str]) -> dict:
             else:
                 out[n][k] = spread / abs(mean) if mean != 0.0 else math.inf
     return out
-
-
-def _worst(rse: dict) -> float:
-    return max((v for r in rse.values() for v in r.values()), default=0.0)
 
 
 def batch_traces(model: nn.Module, batch, layer_names: Sequence[str], probes: int, activations: bool,
