@@ -124,8 +124,8 @@ def _library_files() -> list[Path]:
 # Search sources that only their own method runs (tests/test_front_stats.py checks that no other module imports
 # them): a change to one of them stales that method's rows alone, a change anywhere else every row.
 METHOD_SOURCES = {"dnas": ("search/dnas.py",), "dmpq": ("search/dmpq.py",), "ssps": ("search/ssps.py",),
-                  "hawq": ("search/hawq.py", "search/hutchinson.py"), "sdq": ("search/sdq/",),
-                  "oneshot": ("search/oneshot/", "search/greedy.py")}
+                  "hawq": ("search/hawq.py", "search/hawq_stopping.py", "search/hutchinson.py"),
+                  "sdq": ("search/sdq/",), "oneshot": ("search/oneshot/", "search/greedy.py")}
 ROW_SOURCES = ("front.py", "front_references.py")  # the benchmark's code that makes rows (not the reporting)
 
 
