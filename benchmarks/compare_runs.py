@@ -33,12 +33,12 @@ def read_rows(path: Path) -> list[dict]:
 
 def qat_run(rows: list[dict]) -> dict:
     """Seconds and forward samples of one uniform QAT run of the preset's search epochs (mean over references)."""
-    from front import PRESETS, REFERENCE  # the presets' epochs; imported here, front.py loads the library
+    from front import REFERENCE, preset_for  # the presets' epochs; imported here, front.py loads the library
 
     refs = [r for r in rows if r["method"] == REFERENCE and r.get("finetune_passes")]
     if not refs:
         return {}
-    preset = PRESETS[refs[0]["preset"]]
+    preset = preset_for(refs[0]["preset"], refs[0]["model"])
     scale = preset["search_epochs"] / preset["finetune_epochs"]
     return {"seconds": scale * statistics.mean(r["finetune_seconds"] for r in refs),
             "passes": scale * statistics.mean(r["finetune_passes"] for r in refs)}

@@ -204,11 +204,14 @@ def test_policy_layers_groups_bits_by_kind_of_layer():
 
 
 def test_method_cost_counts_one_search_per_seed_as_multiples_of_one_qat_run():
+    from front import preset_for
     from method_cost import method_costs
 
+    preset = preset_for("medium", "resnet20")
+    qat_seconds = 20.0 * preset["search_epochs"] / preset["finetune_epochs"]  # a reference fine-tune takes 20 s
     rows = []
     for seed in (0, 1):
-        common = {"model": "x", "preset": "medium", "seed": seed}  # medium: 1 search epoch, 2 fine-tune epochs
+        common = {"model": "resnet20", "preset": "medium", "seed": seed}
         rows += [{**common, "method": "uniform-ref", "budget": f"uniform:{b}", "bitops": c, "test_top1": t,
                   "finetune_seconds": 20.0, "finetune_passes": 1000}
                  for b, c, t in ((2, 100.0, 80.0), (4, 400.0, 90.0))]
@@ -216,10 +219,10 @@ def test_method_cost_counts_one_search_per_seed_as_multiples_of_one_qat_run():
                   "search_seconds": 30.0 * (seed + 1), "search_passes": 500, "finetune_seconds": 20.0}
                  for b, g in (("bitops<=uniform:2.5", 0.0), ("bitops<=uniform:3.5", 2.0), ("bitops<=uniform:3", 9.0))]
     (line,) = method_costs(add_gains(rows))
-    # one QAT run of the search's single epoch: half a 2-epoch reference fine-tune, 10 s and 500 samples
-    assert line["search_seconds"] == 45.0 and line["search_x_qat"] == pytest.approx(4.5)
-    assert line["search_passes_x_qat"] == pytest.approx(1.0)
-    assert line["total_x_qat"] == pytest.approx((45.0 + 60.0) / 10.0)  # the search and three fine-tunes a seed
+    # one QAT run of the search's epochs: that share of a reference fine-tune's seconds and samples
+    assert line["search_seconds"] == 45.0 and line["search_x_qat"] == pytest.approx(45.0 / qat_seconds)
+    assert line["search_passes_x_qat"] == pytest.approx(500 / (1000 * qat_seconds / 20.0))
+    assert line["total_x_qat"] == pytest.approx((45.0 + 60.0) / qat_seconds)  # the search and three fine-tunes a seed
     # uniform:3 is a uniform level, not between them: pooled over 2.5 and 3.5 only (front at 200 BitOPs: 85)
     assert line["pooled_gain"] == pytest.approx(2.5) and line["seeds"] == 2 and line["gain_ci95"] > 0
 
