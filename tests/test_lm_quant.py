@@ -70,6 +70,19 @@ def test_hqq_beats_rtn_on_a_layer_output():
         assert hqq < rtn, (bits, hqq, rtn)
 
 
+def test_gptq_beats_hqq_and_rtn_on_correlated_inputs():
+    gen = torch.Generator().manual_seed(4)
+    w = weight(5, shape=(48, 128))
+    x = torch.randn(1024, 16, generator=gen) @ torch.randn(16, 128, generator=gen) + 0.1 * torch.randn(1024, 128,
+                                                                                                      generator=gen)
+    hessian = x.T.double() @ x.double() / len(x)
+    for bits in (2, 3, 4):
+        rtn, hqq, gptq = (relative(x @ quantize(w, bits, method=m, hessian=hessian).dequantize().T, x @ w.T)
+                          for m in ("rtn", "hqq", "gptq"))
+        assert gptq < 0.7 * min(rtn, hqq), (bits, gptq, hqq, rtn)
+    assert torch.equal(quantize(w, 3, method="gptq").codes, quantize(w, 3, method="rtn").codes)  # no Hessian: RTN
+
+
 # bits per weight ----------------------------------------------------------------------------------------------
 def test_bpw_counts_scales_and_zeros_by_hand():
     # 8 x 128 at 4 bits, groups of 64: 4096 code bits + 16 groups x (16-bit scale + 16-bit zero) = 4608 bits
@@ -122,6 +135,14 @@ def test_mixed_allocation_beats_uniform_on_held_out_loss(trained):
     assert searched["ilp"].predicted_error <= searched["greedy"].predicted_error + 1e-12
 
 
+def test_gptq_through_the_verb_meets_the_budget(trained):
+    model, calibration, held = trained["model"], trained["calibration"], trained["held"]
+    gptq = mixbits.quantize_weights(model, calibration, "bpw<=3.0", "greedy", quantizer="gptq", score="output")
+    rtn = mixbits.quantize_weights(model, calibration, "bpw<=3.0", "greedy", quantizer="rtn", score="output")
+    assert 2.5 < gptq.bpw <= 3.0 and sum(gptq.errors[n][2] < rtn.errors[n][2] for n in gptq.errors) >= 10
+    assert math.isfinite(perplexity(gptq.model, held))
+
+
 def test_overrides_by_name_and_regex(trained):
     model, calibration = trained["model"], trained["calibration"]
     overrides = {r"blocks\.\d+\.mlp\.down_proj": 8, "blocks.0.attn.v_proj": 4, "blocks.1.attn.q_proj": None}
@@ -169,7 +190,7 @@ def test_measurement_is_saved_and_reused(trained, tmp_path, monkeypatch):
 # clear errors -------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("kwargs, match", [
     ({"method": "anneal"}, "method must be one of ilp, greedy, uniform, random"),
-    ({"quantizer": "gptq"}, "quantizer must be one of rtn, hqq"),
+    ({"quantizer": "awq"}, "quantizer must be one of rtn, hqq, gptq"),
     ({"bits": (1, 4)}, "weight bits must be one of"),
     ({"group_size": 0}, "group_size must be"),
     ({"budget": "bpw<=2.0"}, "fewest bits allowed"),
@@ -180,3 +201,16 @@ def test_bad_input_is_named(trained, kwargs, match):
     args = {"batches": trained["calibration"], "budget": "bpw<=3.0", **kwargs}
     with pytest.raises(MixbitsError, match=match):
         mixbits.quantize_weights(trained["model"], args.pop("batches"), args.pop("budget"), **args)
+
+
+def test_the_readme_example_runs(tmp_path, monkeypatch, capsys):
+    import re
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("## Language models: bits per weight", 1)[1]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    monkeypatch.chdir(tmp_path)
+    exec(compile(code, "README.md", "exec"), {"__name__": "readme_lm_example"})
+    bpw, down_bits = capsys.readouterr().out.split(" bits per weight ")
+    assert float(bpw) <= 3.5 and down_bits.strip() == "4"
+    assert len(list((tmp_path / "measurements").glob("*.json"))) == 1

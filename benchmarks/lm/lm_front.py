@@ -1,10 +1,11 @@
 """Held-out perplexity of the tiny LM (benchmarks/lm/train_tiny_lm.py) under weight-only quantization.
 
-Rows: the float model; one bit-width on every layer (``uniform-rtn``, ``uniform-hqq``) at 2, 3, 4 bits; a
+Rows: the float model; one bit-width on every layer (``uniform-rtn``, ``uniform-hqq``, ``uniform-gptq``) at 2,
+3, 4 bits; then, with the hqq and with the gptq quantizer (the suffix), at 2.5, 3.0 and 3.5 bits per weight: a
 llama.cpp-style rule of thumb (``rule``: ``v_proj``/``down_proj`` one step higher in the layers llama.cpp's
-Q4_K_M picks, the rest at the most bits that fit); seeded ``random`` allocations (3 seeds); the searched
-allocations (``ilp``, ``greedy``; KL score; ``ilp-output``: the output-error score) at 2.5, 3.0 and 3.5 bits
-per weight; and uniform HQQ at group sizes 32/64/128. Each in two storage formats: a float16 zero point
+Q4_K_M picks, the rest at the most bits that fit), seeded ``random`` allocations (3 seeds) and the searched
+allocations (``ilp``, ``greedy``, KL score; ``ilp-hqq-output``: the output-error score); and uniform HQQ at
+group sizes 32/64/128. Each in two storage formats: a float16 zero point
 (``fp16-zero``) and an integer zero point of the weight's bits (``int-zero``). ``bpw`` counts scales and zeros.
 
     OMP_NUM_THREADS=1 nice -n 19 python benchmarks/lm/lm_front.py --run runs/tiny-lm
@@ -84,20 +85,23 @@ def main() -> None:
 
     for fmt, integer_zero in (("fp16-zero", False), ("int-zero", True)):
         kw = {"integer_zero": integer_zero, "cache_dir": cache}
-        for q in ("rtn", "hqq"):
+        for q in ("rtn", "hqq", "gptq"):
             for b in (2, 3, 4):
                 add(f"uniform-{q}", fmt, f"{b} bits",
                     mixbits.quantize_weights(model, calibration, "bpw<=16", "uniform", quantizer=q, bits=(b,), **kw))
         for budget in BUDGETS:
-            result = rule(model, calibration, budget, cfg.layers, **kw)
-            if result is not None:
-                add("rule", fmt, budget, result)
-            for seed in (0, 1, 2):
-                add("random", fmt, budget, mixbits.quantize_weights(model, calibration, budget, "random", seed=seed,
-                                                                    **kw), seed=seed)
-            for method in ("ilp", "greedy"):
-                add(method, fmt, budget, mixbits.quantize_weights(model, calibration, budget, method, **kw))
-            add("ilp-output", fmt, budget,
+            for q in ("hqq", "gptq"):
+                qkw = {**kw, "quantizer": q}
+                result = rule(model, calibration, budget, cfg.layers, **qkw)
+                if result is not None:
+                    add(f"rule-{q}", fmt, budget, result)
+                for seed in (0, 1, 2):
+                    add(f"random-{q}", fmt, budget,
+                        mixbits.quantize_weights(model, calibration, budget, "random", seed=seed, **qkw), seed=seed)
+                for method in ("ilp", "greedy"):
+                    add(f"{method}-{q}", fmt, budget, mixbits.quantize_weights(model, calibration, budget, method,
+                                                                               **qkw))
+            add("ilp-hqq-output", fmt, budget,
                 mixbits.quantize_weights(model, calibration, budget, "ilp", score="output", **kw))
     for g in (32, 64, 128):
         for b in (3, 4):
@@ -108,8 +112,8 @@ def main() -> None:
               f"({sum(p.numel() for p in model.parameters())} parameters, trained by benchmarks/lm/train_tiny_lm.py); "
               f"held-out: {args.eval_windows} windows of {cfg.context} bytes of the standard library's held-out files; "
               f"calibration: {args.calibration} windows from the training files. Groups of 64 unless named; "
-              "hqq quantizer for rule/random/ilp/greedy; search_seconds = measurement (once per format, then read "
-              "back) + allocation.")
+              "search_seconds = the measurement's seconds (measured once per format, quantizer and score, then "
+              "read back from the cache) + the allocation's.")
     write_report("lm-front", header, markdown_table(rows, columns),
                  {"rows": rows, "run": str(run), "model_config": cfg.to_dict(), "calibration_windows": args.calibration,
                   "eval_windows": args.eval_windows, "seconds": round(time.process_time(), 1)})

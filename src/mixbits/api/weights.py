@@ -21,6 +21,7 @@ from torch import nn
 from ..errors import MixbitsError, did_you_mean
 from ..lm.allocate import ALLOCATORS, allocate
 from ..lm.bpw import layer_bits, parse_weight_budget
+from ..lm.gptq import input_hessians
 from ..lm.groupwise import BITS, QUANTIZERS, GroupFormat, QuantizedWeight, check_bits, quantize
 from ..lm.measure import SCORES, measure
 from ..lm.targets import quantizable, resolve_overrides
@@ -59,7 +60,8 @@ def quantize_weights(model: nn.Module, batches: Iterable, budget: str, method: s
     LongTensor (batch, tokens) or a dict with ``input_ids``. ``budget``: ``"bpw<=3.5"`` (bits per weight of the
     quantized layers, scales and zero points counted; see ``mixbits.lm.bpw``) or ``"size<=1.2MB"``.
     ``method``: ``ilp`` (exact: least summed measured error), ``greedy``, ``uniform`` (one bit-width for all) or
-    ``random`` (a seeded baseline). ``quantizer``: ``rtn`` or ``hqq``. ``score``: ``kl`` (each layer's effect on
+    ``random`` (a seeded baseline). ``quantizer``: ``rtn``, ``hqq`` (no data) or ``gptq`` (uses the calibration
+    inputs; embeddings fall back to RTN). ``score``: ``kl`` (each layer's effect on
     the next-token distribution) or ``output`` (its own output error); see ``mixbits.lm.measure``.
     ``overrides``: ``{layer name or regex: bits, or None to keep it in float}``. ``head``/``embeddings``: also
     quantize the output head / nn.Embedding layers. ``cache_dir``: where the measurement is saved and reused.
@@ -83,17 +85,18 @@ def quantize_weights(model: nn.Module, batches: Iterable, budget: str, method: s
     shapes = {n: tuple(m.weight.shape) for n, m in layers.items()}
     costs = {n: {b: layer_bits(shapes[n], b, fmt) for b in sorted({*bits, *([fixed[n]] if n in fixed else [])})}
              for n in layers}
+    hessians = input_hessians(work, layers, ids) if quantizer == "gptq" else {}
     measured = None
     if method in ("ilp", "greedy"):
         searched = {n: m for n, m in layers.items() if n not in fixed}
-        measured = measure(work, searched, ids, bits, fmt, quantizer, score, cache_dir)
+        measured = measure(work, searched, ids, bits, fmt, quantizer, score, cache_dir, hessians)
     errors = dict(measured.errors) if measured else {}
     for n in fixed:
         errors[n] = {fixed[n]: 0.0}  # pinned: its error is the same in every allocation
     start = time.perf_counter()
     chosen = allocate(method, errors, costs, weight_budget.limit_bits(shapes), fixed, seed)
     solve_seconds = time.perf_counter() - start
-    packed = _apply(layers, chosen, fmt, quantizer)
+    packed = _apply(layers, chosen, fmt, quantizer, hessians)
     stored = sum(costs[n][chosen[n]] for n in layers)
     total = sum(r * c for r, c in shapes.values())
     predicted = sum(errors[n][chosen[n]] for n in layers) if measured else None
@@ -103,11 +106,11 @@ def quantize_weights(model: nn.Module, batches: Iterable, budget: str, method: s
 
 
 @torch.no_grad()
-def _apply(layers: dict[str, nn.Module], chosen: dict[str, int], fmt: GroupFormat,
-           quantizer: str) -> dict[str, QuantizedWeight]:
+def _apply(layers: dict[str, nn.Module], chosen: dict[str, int], fmt: GroupFormat, quantizer: str,
+           hessians: dict) -> dict[str, QuantizedWeight]:
     packed = {}
-    for n, module in layers.items():
-        packed[n] = quantize(module.weight.data, chosen[n], fmt, quantizer)
+    for n, module in layers.items():  # each from the float weights and float inputs (not sequential GPTQ)
+        packed[n] = quantize(module.weight.data, chosen[n], fmt, quantizer, hessians.get(n))
         module.weight.data = packed[n].dequantize().to(module.weight.dtype)
     return packed
 

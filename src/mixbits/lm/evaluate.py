@@ -31,3 +31,15 @@ def perplexity(model: nn.Module, windows: torch.Tensor, batch_size: int = 16) ->
         total += float(next_token_loss(model, chunk)) * len(chunk)
     model.train(was_training)
     return math.exp(total / len(windows))
+
+
+@torch.no_grad()
+def run_with_hooks(model: nn.Module, hooks: dict[nn.Module, object], batches) -> None:
+    """One forward pass over ``batches`` with a forward hook on each module of ``hooks``, removed afterwards."""
+    handles = [module.register_forward_hook(hook) for module, hook in hooks.items()]
+    try:
+        for ids in batches:
+            model(ids)
+    finally:
+        for handle in handles:
+            handle.remove()

@@ -1,4 +1,4 @@
-"""Group-wise asymmetric weight quantization: round-to-nearest and HQQ (half-quadratic) zero points.
+"""Group-wise asymmetric weight quantization: round-to-nearest, HQQ (half-quadratic) zero points, GPTQ.
 
 A weight matrix (rows = outputs, columns = inputs; an embedding's rows = tokens) is cut along each row
 into groups of ``group_size`` consecutive columns, the layout of onnxruntime's ``MatMulNBits`` blocks.
@@ -13,7 +13,7 @@ threshold) and solve for the zero point in closed form (a mean), with the penalt
 The math is a few lines and written here: the hqq package (0.2.8) ships only a source archive whose
 install runs a CUDA build and requires transformers and accelerate; torchao's (0.18) weight-only int-x
 path runs on CPU but its HQQ variant is scale-only and its import reports two CUDA extensions it cannot
-load. Everything here is deterministic float32 CPU arithmetic.
+load. GPTQ (``mixbits.lm.gptq``) uses calibration inputs. Everything here is deterministic CPU arithmetic.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import torch
 from ..errors import MixbitsError
 
 BITS = (2, 3, 4, 8)
-QUANTIZERS = ("rtn", "hqq")
+QUANTIZERS = ("rtn", "hqq", "gptq")
 
 
 @dataclass(frozen=True)
@@ -66,23 +66,38 @@ def check_bits(bits: int) -> int:
 
 
 def quantize(weight: torch.Tensor, bits: int, fmt: GroupFormat = GroupFormat(), method: str = "rtn",
-             iters: int = 20) -> QuantizedWeight:
-    """Quantize a 2-D ``weight`` group-wise with ``method`` ('rtn' or 'hqq')."""
+             hessian: torch.Tensor | None = None) -> QuantizedWeight:
+    """Quantize a 2-D ``weight`` group-wise with ``method``: 'rtn', 'hqq', or 'gptq' (which needs the layer's
+    input ``hessian``, Σ xᵀx over calibration tokens; without one, as for an embedding, it is RTN)."""
     check_bits(bits)
     if method not in QUANTIZERS:
         raise MixbitsError(f"quantizer {method!r} unknown; use one of {QUANTIZERS}")
     if weight.dim() != 2:
         raise MixbitsError(f"expected a 2-D weight (rows, columns), got shape {tuple(weight.shape)}")
+    if method == "gptq" and hessian is not None:
+        from .gptq import gptq_quantize  # here: gptq builds on this module's group parameters
+
+        return gptq_quantize(weight, bits, fmt, hessian)
     groups = _grouped(weight.detach().float(), fmt.group_size)
+    scale, zero = group_params(groups, bits, fmt, "hqq" if method == "hqq" else "rtn")
+    codes = encode(groups, scale, zero, bits)
+    return QuantizedWeight(codes, scale.half(), zero.half(), bits, tuple(weight.shape))
+
+
+def group_params(groups: torch.Tensor, bits: int, fmt: GroupFormat, method: str = "rtn",
+                 iters: int = 20) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each group's scale and zero point (rows, groups, 1), already rounded to what is stored."""
     top = 2**bits - 1
     low, high = groups.amin(-1, keepdim=True), groups.amax(-1, keepdim=True)
     scale = _half((high - low).clamp_min(1e-8) / top)
     zero = -low / scale
     if method == "hqq":
         zero = _hqq_zero(groups, scale, zero, top, iters)
-    zero = zero.round().clamp(0, top) if fmt.integer_zero else _half(zero)
-    codes = (groups / scale + zero).round().clamp(0, top)
-    return QuantizedWeight(codes.to(torch.uint8), scale.half(), zero.half(), bits, tuple(weight.shape))
+    return scale, (zero.round().clamp(0, top) if fmt.integer_zero else _half(zero))
+
+
+def encode(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
+    return (w / scale + zero).round().clamp(0, 2**bits - 1).to(torch.uint8)
 
 
 def _grouped(w: torch.Tensor, size: int) -> torch.Tensor:

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .evaluate import logits_of
+from .evaluate import logits_of, run_with_hooks
 from .groupwise import GroupFormat, quantize
 
 SCORES = ("kl", "output")
@@ -58,8 +58,10 @@ def measurement_key(model: nn.Module, batches: list[torch.Tensor], settings: dic
 
 
 def measure(model: nn.Module, layers: dict[str, nn.Module], batches: list[torch.Tensor], bits: tuple[int, ...],
-            fmt: GroupFormat, quantizer: str, score: str = "kl", cache_dir: str | Path | None = None) -> Measurement:
-    """Score every layer in ``layers`` at every bit-width, or read the saved measurement with the same key."""
+            fmt: GroupFormat, quantizer: str, score: str = "kl", cache_dir: str | Path | None = None,
+            hessians: dict | None = None) -> Measurement:
+    """Score every layer in ``layers`` at every bit-width, or read the saved measurement with the same key.
+    ``hessians`` (layer -> input Hessian) are what the 'gptq' quantizer needs."""
     settings = {"bits": list(bits), "group_size": fmt.group_size, "scale_bits": fmt.scale_bits,
                 "integer_zero": fmt.integer_zero, "quantizer": quantizer, "score": score, "layers": list(layers)}
     key = measurement_key(model, batches, settings)
@@ -68,7 +70,12 @@ def measure(model: nn.Module, layers: dict[str, nn.Module], batches: list[torch.
         return Measurement.load(path)
     start = time.perf_counter()
     run = _kl_errors if score == "kl" else _output_errors
-    errors = run(model, layers, batches, bits, fmt, quantizer)
+    hessians = hessians or {}
+
+    def quantized(name: str, weight: torch.Tensor, b: int) -> torch.Tensor:
+        return quantize(weight, b, fmt, quantizer, hessians.get(name)).dequantize().to(weight.dtype)
+
+    errors = run(model, layers, batches, bits, quantized)
     result = Measurement(key, settings, errors, round(time.perf_counter() - start, 3))
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -77,7 +84,7 @@ def measure(model: nn.Module, layers: dict[str, nn.Module], batches: list[torch.
 
 
 @torch.no_grad()
-def _kl_errors(model, layers, batches, bits, fmt, quantizer):
+def _kl_errors(model, layers, batches, bits, quantized):
     reference = [F.log_softmax(logits_of(model(ids)).float(), -1) for ids in batches]
 
     def divergence() -> float:
@@ -92,32 +99,26 @@ def _kl_errors(model, layers, batches, bits, fmt, quantizer):
         original = module.weight.data.clone()
         errors[name] = {}
         for b in bits:
-            module.weight.data = quantize(original, b, fmt, quantizer).dequantize().to(original.dtype)
+            module.weight.data = quantized(name, original, b)
             errors[name][b] = divergence()
         module.weight.data = original
     return errors
 
 
 @torch.no_grad()
-def _output_errors(model, layers, batches, bits, fmt, quantizer):
+def _output_errors(model, layers, batches, bits, quantized):
     inputs: dict[str, list[torch.Tensor]] = {n: [] for n in layers}
 
     def keep(name):
         return lambda module, args, out: inputs[name].append(args[0].detach())
 
-    handles = [m.register_forward_hook(keep(n)) for n, m in layers.items()]
-    try:
-        for ids in batches:
-            model(ids)
-    finally:
-        for h in handles:
-            h.remove()
+    run_with_hooks(model, {m: keep(n) for n, m in layers.items()}, batches)
     errors = {}
     for name, module in layers.items():
         w = module.weight.detach().float()
         errors[name] = {}
         for b in bits:
-            delta = quantize(w, b, fmt, quantizer).dequantize() - w
+            delta = quantized(name, w, b) - w
             num = sum(float(_apply(module, x, delta).pow(2).sum()) for x in inputs[name])
             den = sum(float(_apply(module, x, w).pow(2).sum()) for x in inputs[name])
             errors[name][b] = num / max(den, 1e-30)
