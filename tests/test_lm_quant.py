@@ -126,8 +126,11 @@ def test_ilp_is_exact_and_greedy_and_random_fit():
 
 def test_mixed_allocation_beats_uniform_on_held_out_loss(trained):
     model, calibration, held = trained["model"], trained["calibration"], trained["held"]
-    uniform = mixbits.quantize_weights(model, calibration, "bpw<=3.0", "uniform")
-    searched = {m: mixbits.quantize_weights(model, calibration, "bpw<=3.0", m) for m in ("ilp", "greedy")}
+    # hqq: on this 5-second model GPTQ's 2-bit error is within the held-out noise (the benchmark on the
+    # trained tiny LM, benchmarks/results/lm-front.md, compares GPTQ allocations)
+    uniform = mixbits.quantize_weights(model, calibration, "bpw<=3.0", "uniform", quantizer="hqq")
+    searched = {m: mixbits.quantize_weights(model, calibration, "bpw<=3.0", m, quantizer="hqq")
+                for m in ("ilp", "greedy")}
     assert uniform.bpw == 2.5  # 2-bit codes + 0.5 for scales and zeros: 3-bit (3.5) does not fit
     for result in searched.values():
         assert 2.5 < result.bpw <= 3.0

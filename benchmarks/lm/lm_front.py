@@ -63,6 +63,12 @@ def rule(model, calibration, budget: str, layers: int, **kw):
     return None
 
 
+def table(rows: list[dict]) -> str:
+    """The Markdown table; perplexities to 4 decimals (the rows differ in the second or third)."""
+    shown = [{**r, "ppl": f"{r['ppl']:.4f}"} for r in rows]
+    return markdown_table(shown, ["method", "format", "budget", "bpw", "seed", "ppl", "search_seconds"])
+
+
 def main() -> None:
     args = parse()
     run = Path(args.run)
@@ -107,14 +113,13 @@ def main() -> None:
         for b in (3, 4):
             add(f"uniform-hqq-g{g}", "fp16-zero", f"{b} bits", mixbits.quantize_weights(
                 model, calibration, "bpw<=16", "uniform", bits=(b,), group_size=g, cache_dir=cache))
-    columns = ["method", "format", "budget", "bpw", "seed", "ppl", "search_seconds"]
     header = (f"# Tiny LM weight-only quantization: held-out perplexity\n\nModel {run / 'model.pt'} "
               f"({sum(p.numel() for p in model.parameters())} parameters, trained by benchmarks/lm/train_tiny_lm.py); "
               f"held-out: {args.eval_windows} windows of {cfg.context} bytes of the standard library's held-out files; "
               f"calibration: {args.calibration} windows from the training files. Groups of 64 unless named; "
               "search_seconds = the measurement's seconds (measured once per format, quantizer and score, then "
               "read back from the cache) + the allocation's.")
-    write_report("lm-front", header, markdown_table(rows, columns),
+    write_report("lm-front", header, table(rows),
                  {"rows": rows, "run": str(run), "model_config": cfg.to_dict(), "calibration_windows": args.calibration,
                   "eval_windows": args.eval_windows, "seconds": round(time.process_time(), 1)})
 

@@ -49,7 +49,7 @@ class WeightQuantResult:
 
 
 def quantize_weights(model: nn.Module, batches: Iterable, budget: str, method: str = "ilp", *,
-                     quantizer: str = "hqq", bits: tuple[int, ...] = (2, 3, 4, 8), group_size: int = 64,
+                     quantizer: str = "gptq", bits: tuple[int, ...] = (2, 3, 4, 8), group_size: int = 64,
                      integer_zero: bool = False, score: str = "kl", overrides: dict | None = None,
                      head: bool = False, embeddings: bool = False, cache_dir: str | os.PathLike | None = None,
                      seed: int = 0) -> WeightQuantResult:
@@ -60,8 +60,8 @@ def quantize_weights(model: nn.Module, batches: Iterable, budget: str, method: s
     LongTensor (batch, tokens) or a dict with ``input_ids``. ``budget``: ``"bpw<=3.5"`` (bits per weight of the
     quantized layers, scales and zero points counted; see ``mixbits.lm.bpw``) or ``"size<=1.2MB"``.
     ``method``: ``ilp`` (exact: least summed measured error), ``greedy``, ``uniform`` (one bit-width for all) or
-    ``random`` (a seeded baseline). ``quantizer``: ``rtn``, ``hqq`` (no data) or ``gptq`` (uses the calibration
-    inputs; embeddings fall back to RTN). ``score``: ``kl`` (each layer's effect on
+    ``random`` (a seeded baseline). ``quantizer``: ``gptq`` (uses the calibration inputs; embeddings fall back to
+    RTN), ``hqq`` or ``rtn`` (no data). ``score``: ``kl`` (each layer's effect on
     the next-token distribution) or ``output`` (its own output error); see ``mixbits.lm.measure``.
     ``overrides``: ``{layer name or regex: bits, or None to keep it in float}``. ``head``/``embeddings``: also
     quantize the output head / nn.Embedding layers. ``cache_dir``: where the measurement is saved and reused.
