@@ -108,11 +108,11 @@ def main() -> None:
                     add(f"{method}-{q}", fmt, budget, mixbits.quantize_weights(model, calibration, budget, method,
                                                                                **qkw))
             add("ilp-hqq-output", fmt, budget,
-                mixbits.quantize_weights(model, calibration, budget, "ilp", score="output", **kw))
+                mixbits.quantize_weights(model, calibration, budget, "ilp", quantizer="hqq", score="output", **kw))
     for g in (32, 64, 128):
         for b in (3, 4):
             add(f"uniform-hqq-g{g}", "fp16-zero", f"{b} bits", mixbits.quantize_weights(
-                model, calibration, "bpw<=16", "uniform", bits=(b,), group_size=g, cache_dir=cache))
+                model, calibration, "bpw<=16", "uniform", quantizer="hqq", bits=(b,), group_size=g, cache_dir=cache))
     header = (f"# Tiny LM weight-only quantization: held-out perplexity\n\nModel {run / 'model.pt'} "
               f"({sum(p.numel() for p in model.parameters())} parameters, trained by benchmarks/lm/train_tiny_lm.py); "
               f"held-out: {args.eval_windows} windows of {cfg.context} bytes of the standard library's held-out files; "

@@ -34,6 +34,8 @@ def parse() -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--width", type=int, default=TinyLMConfig.width)
     p.add_argument("--layers", type=int, default=TinyLMConfig.layers)
+    p.add_argument("--eval-windows", type=int, default=EVAL_WINDOWS, help="held-out windows for the perplexity")
+    p.add_argument("--corpus-root", default=None, help="a directory of .py files (default: the standard library)")
     p.add_argument("--save-every", type=int, default=100)
     p.add_argument("--max-minutes", type=float, default=20.0, help="stop (checkpointed) after this long")
     return p.parse_args()
@@ -50,6 +52,7 @@ def main() -> None:
     args = parse()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    # what decides the weights and the record; a run with other settings does not reuse them
     settings = {k: v for k, v in vars(args).items() if k not in ("out", "save_every", "max_minutes")}
     record_path, ckpt_path = out / "record.json", out / "checkpoint.pt"
     if record_path.exists() and json.loads(record_path.read_text())["settings"] == settings:
@@ -70,7 +73,7 @@ def main() -> None:
         gen.set_state(ckpt["gen"])
         step, seconds = ckpt["step"], ckpt["seconds"]
         print(f"resuming at step {step}")
-    train, held = load_split()
+    train, held = load_split(args.corpus_root)
     print(describe(train, held), f"params={sum(p.numel() for p in model.parameters())}")
 
     def save() -> None:
@@ -98,10 +101,10 @@ def main() -> None:
             save()
             print(f"stopped at step {step} after --max-minutes {args.max_minutes}; run again to continue")
             return
-    ppl = perplexity(model, fixed_windows(held, EVAL_WINDOWS, cfg.context))
+    ppl = perplexity(model, fixed_windows(held, args.eval_windows, cfg.context))
     torch.save({"model": model.state_dict(), "config": cfg.to_dict()}, out / "model.pt")
     record = {"settings": settings, "config": cfg.to_dict(), "held_out_ppl": ppl, "steps": step,
-              "train_seconds": round(seconds, 1), "eval_windows": EVAL_WINDOWS, **describe(train, held)}
+              "train_seconds": round(seconds, 1), "eval_windows": args.eval_windows, **describe(train, held)}
     record_path.write_text(json.dumps(record, indent=2) + "\n")
     print(json.dumps(record, indent=2))
 
