@@ -217,3 +217,9 @@ def test_the_readme_example_runs(tmp_path, monkeypatch, capsys):
     bpw, down_bits = capsys.readouterr().out.split(" bits per weight ")
     assert float(bpw) <= 3.5 and down_bits.strip() == "4"
     assert len(list((tmp_path / "measurements").glob("*.json"))) == 1
+
+
+def test_every_layer_pinned_needs_no_choice():
+    costs = {"a": {2: 10, 4: 20}, "b": {2: 10, 4: 20}}
+    for method in ("ilp", "greedy", "uniform", "random"):
+        assert allocate_module.allocate(method, {}, costs, 40, {"a": 4, "b": 2}) == {"a": 4, "b": 2}

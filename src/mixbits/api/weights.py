@@ -40,8 +40,8 @@ class WeightQuantResult:
     budget: str
     method: str
     quantizer: str
-    errors: dict[str, dict[int, float]] = field(default_factory=dict)  # measured score per layer and bits
-    predicted_error: float | None = None  # summed score of the chosen bits (None for uniform/random)
+    errors: dict[str, dict[int, float]] = field(default_factory=dict)  # measured score per searched layer and bits
+    predicted_error: float | None = None  # summed score of the searched layers at their bits (None: uniform, random)
     measurement_key: str | None = None
     measure_seconds: float = 0.0
     solve_seconds: float = 0.0
@@ -91,15 +91,13 @@ def quantize_weights(model: nn.Module, batches: Iterable, budget: str, method: s
         searched = {n: m for n, m in layers.items() if n not in fixed}
         measured = measure(work, searched, ids, bits, fmt, quantizer, score, cache_dir, hessians)
     errors = dict(measured.errors) if measured else {}
-    for n in fixed:
-        errors[n] = {fixed[n]: 0.0}  # pinned: its error is the same in every allocation
     start = time.perf_counter()
     chosen = allocate(method, errors, costs, weight_budget.limit_bits(shapes), fixed, seed)
     solve_seconds = time.perf_counter() - start
     packed = _apply(layers, chosen, fmt, quantizer, hessians)
     stored = sum(costs[n][chosen[n]] for n in layers)
     total = sum(r * c for r, c in shapes.values())
-    predicted = sum(errors[n][chosen[n]] for n in layers) if measured else None
+    predicted = sum(errors[n][chosen[n]] for n in errors) if measured else None  # pinned layers not included
     return WeightQuantResult(work, chosen, stored / total, stored / 8, weight_budget.text, method, quantizer,
                              errors if measured else {}, predicted, measured.key if measured else None,
                              measured.seconds if measured else 0.0, solve_seconds, packed)

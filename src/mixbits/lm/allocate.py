@@ -26,6 +26,7 @@ def allocate(method: str, errors: dict[str, dict[int, float]], costs: dict[str, 
     measured scores (only ``ilp`` and ``greedy`` read them); ``fixed`` pins layers to bits."""
     names = list(costs)
     options = {n: ([fixed[n]] if n in fixed else sorted(costs[n])) for n in names}
+    errors = {**errors, **{n: {fixed[n]: 0.0} for n in fixed}}  # pinned: the same error in every allocation
     cheapest = sum(costs[n][min(options[n])] for n in names)
     if cheapest > limit * (1 + 1e-12):
         raise MixbitsError(f"the budget allows {limit / 8e3:.4g} KB of weights but the fewest bits allowed "
@@ -85,6 +86,8 @@ def _random(names, options, costs, limit, rng):
 
 def _uniform(names, options, costs, limit, fixed):
     free = [n for n in names if n not in fixed]
+    if not free:  # every layer pinned by an override: nothing to choose
+        return {n: fixed[n] for n in names}
     pinned = sum(costs[n][options[n][0]] for n in names if n not in free)
     for b in sorted({b for n in free for b in options[n]}, reverse=True):
         if pinned + sum(costs[n][b] for n in free) <= limit:
