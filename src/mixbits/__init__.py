@@ -14,7 +14,7 @@ from .space import Policy, SearchSpace, parse_policy
 
 __version__ = "0.1.0"
 
-from .api import FINETUNE_LR, evaluate, export, finetune, quantize, search, subnet  # noqa: E402
+from .api import FINETUNE_LR, evaluate, export, finetune, quantize, quantize_weights, search, subnet  # noqa: E402
 
 _LAZY = {"SearchResult": "search.base", "Budget": "budget", "parse_budget": "budget", "parse_budgets": "budget",
          "profile": "cost", "bitops": "cost", "size_bytes": "cost"}
@@ -38,4 +38,4 @@ def list_methods() -> list[str]:
 
 
 __all__ = ["FINETUNE_LR", "MixbitsError", "Policy", "SearchSpace", "__version__", "evaluate", "export", "finetune",
-           "list_methods", "parse_policy", "quantize", "search", "subnet", *_LAZY]
+           "list_methods", "parse_policy", "quantize", "quantize_weights", "search", "subnet", *_LAZY]
