@@ -223,3 +223,14 @@ def test_every_layer_pinned_needs_no_choice():
     costs = {"a": {2: 10, 4: 20}, "b": {2: 10, 4: 20}}
     for method in ("ilp", "greedy", "uniform", "random"):
         assert allocate_module.allocate(method, {}, costs, 40, {"a": 4, "b": 2}) == {"a": 4, "b": 2}
+
+
+def test_the_classifier_workflow_does_not_load_the_language_model_code():
+    import subprocess
+    import sys
+
+    probe = ("import sys, mixbits, mixbits.search; "
+             "print(sorted(m for m in sys.modules if m.startswith('mixbits.lm') or m == 'mixbits.api.weights')); "
+             "mixbits.quantize_weights; print('mixbits.lm.allocate' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout.split("\n")
+    assert out[0] == "[]" and out[1] == "True"  # loaded on first use of the verb, not before

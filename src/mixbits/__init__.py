@@ -6,7 +6,8 @@
     mixbits.evaluate(qmodel, test_loader); mixbits.export(qmodel, "out/", example_input)
 
 The verbs are imported here, not lazily: ``mixbits.search`` and ``mixbits.export`` are also packages, and a
-lazy name would be shadowed by the package once anything imported it.
+lazy name would be shadowed by the package once anything imported it. ``quantize_weights`` (language models)
+is the exception: no package shares its name, and the classifier workflow need not load the LM code.
 """
 
 from .errors import MixbitsError
@@ -14,9 +15,10 @@ from .space import Policy, SearchSpace, parse_policy
 
 __version__ = "0.1.0"
 
-from .api import FINETUNE_LR, evaluate, export, finetune, quantize, quantize_weights, search, subnet  # noqa: E402
+from .api import FINETUNE_LR, evaluate, export, finetune, quantize, search, subnet  # noqa: E402
 
-_LAZY = {"SearchResult": "search.base", "Budget": "budget", "parse_budget": "budget", "parse_budgets": "budget",
+_LAZY = {"quantize_weights": "api.weights", "WeightQuantResult": "api.weights",
+         "SearchResult": "search.base", "Budget": "budget", "parse_budget": "budget", "parse_budgets": "budget",
          "profile": "cost", "bitops": "cost", "size_bytes": "cost"}
 
 
@@ -38,4 +40,4 @@ def list_methods() -> list[str]:
 
 
 __all__ = ["FINETUNE_LR", "MixbitsError", "Policy", "SearchSpace", "__version__", "evaluate", "export", "finetune",
-           "list_methods", "parse_policy", "quantize", "quantize_weights", "search", "subnet", *_LAZY]
+           "list_methods", "parse_policy", "quantize", "search", "subnet", *_LAZY]

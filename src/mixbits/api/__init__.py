@@ -1,5 +1,6 @@
 """The library verbs: search, finetune, quantize, evaluate, export and subnet, on any nn.Module and data; and
-quantize_weights, weight-only post-training quantization of a causal LM under a bits-per-weight budget.
+(in .weights, loaded on first use as ``mixbits.quantize_weights``) weight-only post-training quantization of a
+causal LM under a bits-per-weight budget.
 
 The command line wraps exactly these; the zoo, the shipped datasets and the YAML configs are
 conveniences on top.
@@ -9,7 +10,5 @@ from ..data.batches import Batches
 from .finetuning import FINETUNE_LR, finetune
 from .model import evaluate, export, quantize, subnet
 from .searching import search
-from .weights import WeightQuantResult, quantize_weights
 
-__all__ = ["FINETUNE_LR", "Batches", "WeightQuantResult", "evaluate", "export", "finetune", "quantize",
-           "quantize_weights", "search", "subnet"]
+__all__ = ["FINETUNE_LR", "Batches", "evaluate", "export", "finetune", "quantize", "search", "subnet"]
