@@ -1,0 +1,41 @@
+"""benchmarks/deploy_finetuned.py: a fine-tuned model is kept in its cache and comes back from it unchanged,
+without training again."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("onnxruntime")
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path[:0] = [str(BENCHMARKS)]
+import deploy_finetuned  # noqa: E402
+
+from mixbits import SearchSpace  # noqa: E402
+from mixbits.models import create  # noqa: E402
+
+
+def test_a_cached_fine_tune_loads_the_same_model_without_training(tmp_path, monkeypatch):
+    monkeypatch.setattr(deploy_finetuned, "CACHE", tmp_path)
+    monkeypatch.setattr(deploy_finetuned, "MEDIUM", {**deploy_finetuned.MEDIUM, "finetune_epochs": 1})
+    torch.manual_seed(0)
+    float_model = create("resnet20", num_classes=10, in_chans=1, width=0.25).eval()
+    train = [(torch.randn(16, 1, 28, 28), torch.randint(0, 10, (16,))) for _ in range(2)]
+    space = SearchSpace.from_model(float_model, range(2, 9), range(2, 9))
+    policy = deploy_finetuned.policies(space)["mixed 2/2,4/4,3/8"]
+    trained = deploy_finetuned.finetuned("resnet20", float_model, space, policy, train)
+    assert list(tmp_path.glob("resnet20-*/model.pt"))
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a cached fine-tune was trained again")
+
+    monkeypatch.setattr(deploy_finetuned.mixbits, "finetune", no_training)
+    loaded = deploy_finetuned.finetuned("resnet20", float_model, space, policy, train)
+    x = torch.randn(8, 1, 28, 28)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), trained(x))
+    for layer, name in ((loaded, "loaded"), (trained, "trained")):
+        assert not layer.training, f"the {name} model is returned in training mode"
