@@ -14,7 +14,8 @@ labelled ``fine-tuned`` or ``PTQ`` (the policy calibrated as ``deploy.py`` does,
 images, and checked on the same test images):
 
 - PyTorch's top-1, and each form's top-1 and top-1 agreement with PyTorch (under onnxruntime's default graph
-  optimisations; the unoptimised session's too in the JSON);
+  optimisations; the unoptimised session's too in the JSON); for the fast form, the images it and PyTorch
+  classify differently right and wrong, and the exact McNemar p-value of that split (is its top-1 loss measurable);
 - each layer alone on PyTorch's own input: its largest difference in levels of its 8-bit output (1/127 of its
   largest value) and the layer where it is largest;
 - the fast form's own check with its default limits (``CHECK_LIMITS``) on the first ``--check-samples`` test images,
@@ -22,7 +23,7 @@ images, and checked on the same test images):
 
 Fine-tuned weights are cached in benchmarks/cache/deploy-finetuned/ (per model, policy and recipe; the epoch
 checkpoints there let an interrupted fine-tune resume), so a rerun only exports. Writes
-benchmarks/results/deploy-finetuned.json and .md, the command that made them in both, after each model.
+benchmarks/results/deploy-finetuned-<model>.json and .md as each model finishes, with the command that made them.
 No timing: the kernels and so the speed are ``deploy.py``'s, whatever the weights.
 """
 
@@ -30,6 +31,8 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
+import math
 import os
 import sys
 import tempfile
@@ -41,7 +44,7 @@ import onnxruntime as ort
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import RESULTS, front_float_model, markdown_table, metadata, write_result  # noqa: E402
+from common import RESULTS, front_float_model, markdown_table, write_result  # noqa: E402
 from deploy import policies  # noqa: E402
 from export import SHAPE, _take  # noqa: E402
 from front import MODEL_RECIPE, PRESETS, RECIPE, finetune_dir  # noqa: E402
@@ -58,8 +61,11 @@ MODELS = ("resnet20", "mobilenetv2")
 POLICIES = ("W4A4", "mixed", "W8A8")  # the first word of deploy.py's policy labels
 CACHE = Path(__file__).parent / "cache" / "deploy-finetuned"  # not committed: fine-tuned weights, checkpoints
 MEDIUM = PRESETS["medium"]  # the front's fine-tune: its training subset and epochs
-COLUMNS = ["model", "policy", "weights", "top1_torch", "exact_top1", "fast_top1", "exact_agreement_%",
-           "fast_agreement_%", "exact_layer_levels", "fast_layer_levels", "fast_worst_layer", "default_check"]
+TWO_DECIMALS = ("top1_torch", "exact_top1", "fast_top1", "fast_minus_torch", "exact_agreement_%", "fast_agreement_%")
+# fast_lost/gained and fast_mcnemar_p are empty in rows measured before they were added
+COLUMNS = ["model", "policy", "weights", "top1_torch", "exact_top1", "fast_top1", "fast_minus_torch",
+           "fast_lost/gained", "fast_mcnemar_p", "exact_agreement_%", "fast_agreement_%", "exact_layer_levels",
+           "fast_layer_levels", "fast_worst_layer", "default_check"]
 
 
 def finetuned(name: str, float_model, space: SearchSpace, policy, train) -> torch.nn.Module:
@@ -100,7 +106,29 @@ def both_forms(model, batches, calib: torch.Tensor, tmp: Path) -> dict:
                     f"{form}_differing": f"{c['differing_samples']}/{c['samples']}",
                     f"{form}_layer_levels": round(c["layer_max_levels"], 3), f"{form}_worst_layer": c["worst_layer"]})
         out["top1_torch"] = round(c["top1_torch"], 2)
+    lost, gained = changed_answers(model, tmp / "fast.onnx", batches)
+    out.update({"fast_lost/gained": f"{lost}/{gained}", "fast_mcnemar_p": round(mcnemar_p(lost, gained), 3)})
     return out
+
+
+@torch.no_grad()
+def changed_answers(model, path: Path, batches) -> tuple[int, int]:
+    """(images PyTorch classifies right and the file, in a default onnxruntime session, wrong; the reverse)."""
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    lost = gained = 0
+    for x, y in batches:
+        right_torch = model(x).argmax(1) == y
+        right_file = torch.from_numpy(session.run(None, {"input": x.numpy()})[0]).argmax(1) == y
+        lost += int((right_torch & ~right_file).sum())
+        gained += int((right_file & ~right_torch).sum())
+    return lost, gained
+
+
+def mcnemar_p(lost: int, gained: int) -> float:
+    """Two-sided exact McNemar p-value: how likely so uneven a split of the changed answers is if the file and
+    PyTorch were equally accurate (each changed answer a fair coin); a top-1 difference is measurable when small."""
+    n, k = lost + gained, min(lost, gained)
+    return min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n) if n else 1.0
 
 
 def default_check(model, batches, calib: torch.Tensor, tmp: Path) -> str:
@@ -148,17 +176,23 @@ def measure_model(name: str, args, loaders, tmp: Path) -> list[dict]:
     return rows
 
 
-def markdown(rows: list[dict], meta: dict, args) -> str:
+def markdown(result: dict) -> str:
+    """The table of one model's results file (deploy-finetuned-<model>.json), top-1 to the image (two decimals)."""
+    meta, load = result["meta"], result["loadavg"]
+    rows = [{**r, "fast_minus_torch": r["fast_top1"] - r["top1_torch"]} for r in result["rows"]]
+    rows = [{k: f"{v:.2f}" if k in TWO_DECIMALS else v for k, v in r.items()} for r in rows]
     lines = ["# Deployment agreement on fine-tuned models", "",
-             f"`{' '.join(['python benchmarks/deploy_finetuned.py', *sys.argv[1:]])}` at {meta['commit']} "
-             f"({meta['date']}), onnxruntime {ort.__version__}, {args.samples} Fashion-MNIST test images, load "
-             f"average {meta['loadavg_before']} before and {meta['loadavg_after']} after. `fine-tuned`: "
-             "`mixbits.finetune` from the front's float model with its recipe (fitted steps, kd_alpha 0.5, 2 epochs "
-             "on 8,000 training images); `PTQ`: calibrated steps, no training, as `deploy.py`. `*_top1`: top-1 on "
-             "the test images (`top1_torch`: the PyTorch model); `*_agreement_%`: top-1 agreement of that form, "
-             "as deployed (default optimisations), with PyTorch; `*_layer_levels`: each layer alone on PyTorch's "
-             "input, its largest difference in levels of its 8-bit output; `default_check`: the fast form's check "
-             f"with its default limits on the first {args.check_samples} test images.", "",
+             f"`{result['command']}` at {meta['commit']} ({meta['date']}), onnxruntime {result['onnxruntime']}, "
+             f"{result['samples']} Fashion-MNIST test images, load average {load['before']} before and "
+             f"{load['after']} after. `fine-tuned`: `mixbits.finetune` from the front's float model with its recipe "
+             "(fitted steps, kd_alpha 0.5, 2 epochs on 8,000 training images); `PTQ`: calibrated steps, no training, "
+             "as `deploy.py`. `*_top1`: top-1 (%) on the test images (`top1_torch`: the PyTorch model; "
+             "`fast_minus_torch`: the fast form's top-1 less PyTorch's, in points; `fast_lost/gained`: images PyTorch "
+             "classifies right and the fast form wrong / the reverse; `fast_mcnemar_p`: exact McNemar p-value of "
+             "that split); `*_agreement_%`: top-1 agreement "
+             "of that form, as deployed (default optimisations), with PyTorch; `*_layer_levels`: each layer alone "
+             "on PyTorch's input, its largest difference in levels of its 8-bit output; `default_check`: the fast "
+             f"form's check with its default limits on the first {result['check_samples']} test images.", "",
              markdown_table(rows, COLUMNS), ""]
     return "\n".join(lines)
 
@@ -172,33 +206,40 @@ def main() -> None:
     parser.add_argument("--policies", type=lambda v: v.split(","), default=list(POLICIES),
                         help="of W4A4, mixed, W8A8 (default all)")
     parser.add_argument("--data-dir", help="Fashion-MNIST directory (default: the Debian package's)")
+    parser.add_argument("--report-only", action="store_true",
+                        help="only write the Markdown tables again from the --models' results files")
     args = parser.parse_args()
     unknown = sorted(set(args.policies) - set(POLICIES)) + sorted(set(args.models) - set(MODELS))
     if unknown:
         parser.error(f"unknown {unknown}: --models takes {','.join(MODELS)}, --policies {','.join(POLICIES)}")
+    if args.report_only:
+        for name in args.models:
+            report(RESULTS / f"deploy-finetuned-{name}.json")
+        return
     before = [round(v, 2) for v in os.getloadavg()]
     data = DataConfig(root=args.data_dir, max_train_samples=MEDIUM["train_samples"], split_seed=0,
                       eval_batch_size=500)  # the front's training subset at seed 0
     train, _, test = build_loaders(data, 0)[:3]
-    rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for name in args.models:
-            rows += measure_model(name, args, (train, test), Path(tmp))
-            write(rows, before, args)  # after each model: an interrupted run keeps the models it finished
+        for name in args.models:  # each model's own files: an interrupted run keeps the models it finished
+            write(name, measure_model(name, args, (train, test), Path(tmp)), before, args)
 
 
-def write(rows: list[dict], before: list[float], args) -> None:
-    meta = {**metadata(), "loadavg_before": before, "loadavg_after": [round(v, 2) for v in os.getloadavg()]}
-    text = markdown(rows, meta, args)
+def write(name: str, rows: list[dict], before: list[float], args) -> None:
+    command = " ".join(["python benchmarks/deploy_finetuned.py", *sys.argv[1:]])
+    path = write_result(f"deploy-finetuned-{name}", {
+        "command": command, "samples": args.samples, "check_samples": args.check_samples,
+        "onnxruntime": ort.__version__, "loadavg": {"before": before, "after": [round(v, 2) for v in os.getloadavg()]},
+        "rows": rows})
+    report(path)
+
+
+def report(path: Path) -> None:
+    """Write (and print) the Markdown table beside a results file."""
+    text = markdown(json.loads(path.read_text()))
     print(text)
-    (RESULTS / "deploy-finetuned.md").write_text(text)
-    path = write_result("deploy-finetuned", {"samples": args.samples, "check_samples": args.check_samples,
-                                             "onnxruntime": ort.__version__, "loadavg": {"before": before,
-                                                                                        "after": meta["loadavg_after"]},
-                                             "command": " ".join(["python benchmarks/deploy_finetuned.py",
-                                                                  *sys.argv[1:]]), "rows": rows})
-    print(f"wrote {path}")
-
+    path.with_suffix(".md").write_text(text)
+    print(f"wrote {path} and {path.with_suffix('.md').name}")
 
 if __name__ == "__main__":
     main()

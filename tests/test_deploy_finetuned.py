@@ -39,3 +39,10 @@ def test_a_cached_fine_tune_loads_the_same_model_without_training(tmp_path, monk
         assert torch.equal(loaded(x), trained(x))
     for layer, name in ((loaded, "loaded"), (trained, "trained")):
         assert not layer.training, f"the {name} model is returned in training mode"
+
+
+def test_mcnemar_p_is_one_for_an_even_split_and_small_for_a_one_sided_one():
+    assert deploy_finetuned.mcnemar_p(0, 0) == 1.0
+    assert deploy_finetuned.mcnemar_p(7, 7) == 1.0
+    assert deploy_finetuned.mcnemar_p(10, 0) == pytest.approx(2 / 1024)  # ten fair coins all one way, both tails
+    assert deploy_finetuned.mcnemar_p(3, 9) == deploy_finetuned.mcnemar_p(9, 3) == pytest.approx(2 * 299 / 4096)
