@@ -77,8 +77,9 @@ def finetuned(name: str, float_model, space: SearchSpace, policy, train) -> torc
         model = mixbits.quantize(float_model, policy, _take(train, 256)[0], space=space)
         model.load_state_dict(torch.load(weights, map_location="cpu"))
         return model.eval()
+    resume = (run_dir / "checkpoint.pt").is_file()  # else a run stopped before its first epoch: start it anew
     model = mixbits.finetune(float_model, policy, train, epochs=MEDIUM["finetune_epochs"], space=space, seed=0,
-                             run_dir=run_dir, resume=(run_dir / "checkpoint.pt").is_file(), **recipe)
+                             run_dir=run_dir, resume=resume, force=not resume, **recipe)
     torch.save(model.state_dict(), weights)
     return model.eval()
 
