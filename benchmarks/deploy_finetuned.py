@@ -45,7 +45,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import RESULTS, front_float_model, markdown_table, write_result  # noqa: E402
-from deploy import policies  # noqa: E402
+from deploy import default_session, policies  # noqa: E402
 from export import SHAPE, _take  # noqa: E402
 from front import MODEL_RECIPE, PRESETS, RECIPE, finetune_dir  # noqa: E402
 
@@ -115,7 +115,7 @@ def both_forms(model, batches, calib: torch.Tensor, tmp: Path) -> dict:
 @torch.no_grad()
 def changed_answers(model, path: Path, batches) -> tuple[int, int]:
     """(images PyTorch classifies right and the file, in a default onnxruntime session, wrong; the reverse)."""
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    session = default_session(path)
     lost = gained = 0
     for x, y in batches:
         right_torch = model(x).argmax(1) == y
