@@ -173,6 +173,7 @@ def test_fast_form_mismatch_names_the_layer_whose_input_differs(tmp_path):
         export_onnx(model, SHAPE, tmp_path / "m.onnx", check_inputs=torch.randn(200, *SHAPE), form="fast")
     message = str(caught.value)
     assert "first node that differs from PyTorch" in message and "of the input of layer 'second'" in message
+    assert "its own rounding" in message and "try form='exact'" in message  # the fast form's known cause, and the fix
     assert not (tmp_path / "m.onnx").exists()
 
 
