@@ -69,22 +69,27 @@ class Rows:
         self.path.write_text("".join(json.dumps(r) + "\n" for r in self.rows.values()))
 
 
+def finetuned_fields(bench: Bench, label: str, policy, seed: int, name: str) -> dict:
+    """``policy`` fine-tuned from the float model with recipe ``label``: its row's fields (top-1 None: diverged)."""
+    epochs, settings = recipe_settings(label)
+    bench.preset["finetune_epochs"] = epochs
+    bench.recipe = {**bench.recipe, **settings}
+    model, seconds = bench.finetuned(policy, None, seed, name)
+    top1 = None if model is None else bench.test(model, bench.loaders(seed)[2])
+    return {"test_top1": top1, "epochs": epochs, **settings, **seconds, "commit": metadata()["commit"]}
+
+
 def run(bench: Bench, rows: Rows, recipes: list[str], seeds: list[int]) -> None:
     for label in recipes:
-        epochs, settings = recipe_settings(label)
         for seed in seeds:
             for policy in REFERENCES:
                 key = f"{label}|{policy}|{seed}"
                 if key in rows.rows:
                     continue
-                bench.preset["finetune_epochs"] = epochs
-                bench.recipe = {**bench.recipe, **settings}
-                model, seconds = bench.finetuned(policy, None, seed, f"recipe-{label}-{policy[8:]}-s{seed}")
-                top1 = None if model is None else bench.test(model, bench.loaders(seed)[2])
-                rows.put({"key": key, "recipe": label, "policy": policy, "seed": seed, "test_top1": top1,
-                          "epochs": epochs, **settings, **seconds, "commit": metadata()["commit"]})
-                print(f"{label:>14} {policy:<10} seed {seed}: {top1} % ({seconds['finetune_seconds']:.0f} s)",
-                      flush=True)
+                fields = finetuned_fields(bench, label, policy, seed, f"recipe-{label}-{policy[8:]}-s{seed}")
+                rows.put({"key": key, "recipe": label, "policy": policy, "seed": seed, **fields})
+                print(f"{label:>14} {policy:<10} seed {seed}: {fields['test_top1']} % "
+                      f"({fields['finetune_seconds']:.0f} s)", flush=True)
 
 
 def oneshot(bench: Bench, rows: Rows, recipes: list[str], seeds: list[int]) -> None:
@@ -100,19 +105,14 @@ def oneshot(bench: Bench, rows: Rows, recipes: list[str], seeds: list[int]) -> N
                           "test_top1": bench.test(net, bench.loaders(seed)[2]), "bits": policy.to_dict(),
                           **compute, "commit": metadata()["commit"]})
         for label in recipes:
-            epochs, settings = recipe_settings(label)
             for i, budget in enumerate(budgets):
                 key = f"oneshot-{label}|{budget}|{seed}"
                 if key in rows.rows:
                     continue
-                bench.preset["finetune_epochs"] = epochs
-                bench.recipe = {**bench.recipe, **settings}
                 policy = mixbits.Policy.from_dict(rows.rows[keys[i]]["bits"])
-                model, seconds = bench.finetuned(policy, None, seed, f"recipe-oneshot-{label}-b{i}-s{seed}")
-                top1 = None if model is None else bench.test(model, bench.loaders(seed)[2])
-                rows.put({"key": key, "recipe": f"oneshot-{label}", "policy": budget, "seed": seed,
-                          "test_top1": top1, "epochs": epochs, **settings, **seconds, "commit": metadata()["commit"]})
-                print(f"oneshot {label:>14} {budget} seed {seed}: {top1} % "
+                fields = finetuned_fields(bench, label, policy, seed, f"recipe-oneshot-{label}-b{i}-s{seed}")
+                rows.put({"key": key, "recipe": f"oneshot-{label}", "policy": budget, "seed": seed, **fields})
+                print(f"oneshot {label:>14} {budget} seed {seed}: {fields['test_top1']} % "
                       f"(retraining-free {rows.rows[keys[i]]['test_top1']} %)", flush=True)
 
 
